@@ -1,0 +1,415 @@
+//! `wkvc`: the command-line tool (run, eval, bench, inspect).
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Instant;
+use wkvc_runtime::{Message, Model, Sampler, StreamDecoder, eval, generate, peak_rss_bytes};
+
+#[derive(Parser)]
+#[command(
+    name = "wkvc",
+    version,
+    about = "A compiler and runtime for quantized LLM inference (WKVQuant)"
+)]
+struct Cli {
+    /// More logging (-v info, -vv debug).
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Generate text from a prompt, streaming tokens as they are produced.
+    Run {
+        /// A .gguf file or a Hugging Face model directory.
+        model: PathBuf,
+        /// The prompt text.
+        #[arg(short, long)]
+        prompt: String,
+        /// Maximum new tokens.
+        #[arg(short = 'n', long, default_value_t = 64)]
+        max_tokens: usize,
+        /// Sampling temperature; 0 is greedy.
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f32,
+        /// Nucleus sampling: keep the smallest set of tokens whose probability reaches P.
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f32,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Wrap the prompt in the model's chat template as a user message.
+        #[arg(long)]
+        chat: bool,
+        /// Context length of the session.
+        #[arg(long, default_value_t = 2048)]
+        ctx: usize,
+        /// Never sample end-of-generation tokens: always produce -n tokens.
+        #[arg(long)]
+        ignore_eos: bool,
+        #[arg(long)]
+        threads: Option<usize>,
+    },
+    /// Measure perplexity on a text file.
+    Eval {
+        model: PathBuf,
+        /// Text file to score (read as UTF-8, tokenized whole, no special tokens).
+        #[arg(long)]
+        ppl: PathBuf,
+        /// Tokens per window.
+        #[arg(long, default_value_t = 512)]
+        ctx: usize,
+        /// Score at most this many windows.
+        #[arg(long)]
+        windows: Option<usize>,
+        /// Print one JSON object on stdout.
+        #[arg(long)]
+        json: bool,
+        #[arg(long)]
+        threads: Option<usize>,
+    },
+    /// Measure prefill and decode speed.
+    Bench {
+        model: PathBuf,
+        /// Prompt tokens to prefill.
+        #[arg(long, default_value_t = 512)]
+        prompt: usize,
+        /// Tokens to decode after the prompt.
+        #[arg(long = "gen", default_value_t = 128)]
+        gen_tokens: usize,
+        /// Timed runs after one warm-up run; the median is reported.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        #[arg(long)]
+        threads: Option<usize>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a model's architecture, sizes and (with --graph) its graph.
+    Inspect {
+        model: PathBuf,
+        /// Print the graph in text form.
+        #[arg(long)]
+        graph: bool,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn threads(t: Option<usize>) -> usize {
+    t.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+fn open(path: &PathBuf) -> Result<Model> {
+    let t0 = Instant::now();
+    let m = Model::open(path).with_context(|| format!("cannot open model {}", path.display()))?;
+    tracing::info!(
+        "opened {} in {:.2}s",
+        path.display(),
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(m)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    let n = v.len();
+    if n == 0 {
+        0.0
+    } else if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let level = match cli.verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level)),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = real_main(cli) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn real_main(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Run {
+            model,
+            prompt,
+            max_tokens,
+            temperature,
+            top_p,
+            seed,
+            chat,
+            ctx,
+            ignore_eos,
+            threads: t,
+        } => {
+            if !(0.0..=1.0).contains(&top_p) || top_p == 0.0 {
+                bail!("--top-p must be in (0, 1], got {top_p}");
+            }
+            if temperature < 0.0 || !temperature.is_finite() {
+                bail!("--temperature must be >= 0, got {temperature}");
+            }
+            let m = open(&model)?;
+            let tok = m.tokenizer()?;
+            let text = if chat {
+                tok.apply_chat_template(&[Message {
+                    role: "user".into(),
+                    content: prompt.clone(),
+                }])?
+            } else {
+                prompt.clone()
+            };
+            let ids = tok.encode(&text, true)?;
+            let engine = m.engine(threads(t))?;
+            let mut session = engine.session(ctx);
+            let mut sampler = Sampler::new(temperature, top_p, seed);
+            let mut dec = StreamDecoder::new();
+            let mut out = std::io::stdout().lock();
+            if !chat {
+                write!(out, "{prompt}")?;
+                out.flush()?;
+            }
+            let stats = generate(
+                &mut session,
+                &ids,
+                max_tokens,
+                &mut sampler,
+                &|id| tok.is_eos(id),
+                if ignore_eos { &tok.spec.eos_ids } else { &[] },
+                &mut |id| {
+                    let piece = dec.push(tok, id)?;
+                    write!(out, "{piece}")
+                        .and_then(|_| out.flush())
+                        .map_err(|e| wkvc_runtime::RuntimeError::Invalid(format!("stdout: {e}")))
+                },
+            )?;
+            writeln!(out)?;
+            eprintln!(
+                "[{} prompt tokens in {:.2}s, {} new tokens at {:.1} tokens/s]",
+                stats.prompt_tokens,
+                stats.prefill_seconds,
+                stats.new_tokens,
+                stats.new_tokens as f64 / stats.decode_seconds.max(1e-9)
+            );
+        }
+        Cmd::Eval {
+            model,
+            ppl,
+            ctx,
+            windows,
+            json,
+            threads: t,
+        } => {
+            let text = std::fs::read_to_string(&ppl)
+                .with_context(|| format!("cannot read {}", ppl.display()))?;
+            let m = open(&model)?;
+            let ids = m.tokenizer()?.encode(&text, false)?;
+            let engine = m.engine(threads(t))?;
+            let total = windows.map_or(ids.len() / ctx.max(1), |w| w.min(ids.len() / ctx.max(1)));
+            let pb = ProgressBar::new(total as u64);
+            pb.set_style(
+                ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} windows, eta {eta}")
+                    .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            );
+            pb.set_message("perplexity");
+            let r = eval::perplexity(&engine, &ids, ctx, windows, &mut |d, _| {
+                pb.set_position(d as u64)
+            })?;
+            pb.finish_and_clear();
+            if json {
+                let mut v = serde_json::to_value(&r)?;
+                v["model"] = serde_json::json!(model.display().to_string());
+                v["text"] = serde_json::json!(ppl.display().to_string());
+                println!("{v}");
+            } else {
+                println!(
+                    "perplexity {:.4} over {} tokens ({} windows of {}), {:.1}s, {:.1} tokens/s",
+                    r.perplexity, r.tokens, r.windows, r.ctx, r.seconds, r.tokens_per_s
+                );
+            }
+        }
+        Cmd::Bench {
+            model,
+            prompt,
+            gen_tokens: ngen,
+            runs,
+            threads: t,
+            json,
+        } => {
+            if prompt == 0 {
+                bail!("--prompt must be at least 1");
+            }
+            let m = open(&model)?;
+            let th = threads(t);
+            let engine = m.engine(th)?;
+            let vocab = engine.vocab_size();
+            // A fixed, deterministic prompt of ordinary token ids.
+            let ids: Vec<u32> = (0..prompt)
+                .map(|i| (1000 + (i * 7919) % 20000) as u32 % vocab as u32)
+                .collect();
+            let mut pre = Vec::new();
+            let mut dec = Vec::new();
+            for r in 0..runs.max(1) + 1 {
+                let mut s = engine.session(prompt + ngen);
+                if s.max_ctx() < prompt + ngen {
+                    bail!(
+                        "--prompt + --gen exceed the model's context of {}",
+                        s.max_ctx()
+                    );
+                }
+                let t0 = Instant::now();
+                let mut logits = s.prefill(&ids)?;
+                let tp = t0.elapsed().as_secs_f64();
+                let t1 = Instant::now();
+                for _ in 0..ngen {
+                    let id = wkvc_runtime::sample::argmax(&logits) as u32;
+                    logits = s.prefill(&[id])?;
+                }
+                let td = t1.elapsed().as_secs_f64();
+                if r > 0 {
+                    pre.push(prompt as f64 / tp);
+                    if ngen > 0 {
+                        dec.push(ngen as f64 / td);
+                    }
+                }
+                tracing::info!(
+                    "run {r}: prefill {:.1} tok/s, decode {:.1} tok/s",
+                    prompt as f64 / tp,
+                    ngen as f64 / td
+                );
+            }
+            let weight_bytes: usize = m
+                .module
+                .weights
+                .iter()
+                .map(|(_, w)| w.storage_bytes())
+                .sum();
+            let out = serde_json::json!({
+                "model": model.display().to_string(),
+                "engine": "interp",
+                "threads": th,
+                "prompt_tokens": prompt,
+                "gen_tokens": ngen,
+                "runs": runs.max(1),
+                "prefill_tokens_per_s": median(pre),
+                "decode_tokens_per_s": median(dec),
+                "peak_rss_bytes": peak_rss_bytes(),
+                "model_file_bytes": m.source.file_bytes,
+                "weight_bytes": weight_bytes,
+            });
+            if json {
+                println!("{out}");
+            } else {
+                println!(
+                    "prefill {:.1} tokens/s ({prompt} tokens), decode {:.2} tokens/s ({ngen} tokens), \
+                     {th} threads, peak RSS {:.0} MiB, weights {:.0} MiB in memory",
+                    out["prefill_tokens_per_s"].as_f64().unwrap_or(0.0),
+                    out["decode_tokens_per_s"].as_f64().unwrap_or(0.0),
+                    out["peak_rss_bytes"].as_f64().unwrap_or(0.0) / 1048576.0,
+                    weight_bytes as f64 / 1048576.0
+                );
+            }
+        }
+        Cmd::Inspect { model, graph, json } => {
+            let m = open(&model)?;
+            let c = &m.config;
+            let mut groups: std::collections::BTreeMap<&str, (usize, usize)> = Default::default();
+            for (name, w) in m.module.weights.iter() {
+                let g = if name.contains("embed_tokens") {
+                    "embedding"
+                } else if name.starts_with("lm_head") {
+                    "lm_head"
+                } else if name.contains("norm") {
+                    "norms"
+                } else if name.contains("self_attn") {
+                    "attention"
+                } else if name.contains("mlp") {
+                    "mlp"
+                } else {
+                    "other"
+                };
+                let e = groups.entry(g).or_default();
+                e.0 += w.numel();
+                e.1 += w.storage_bytes();
+            }
+            let params = m.module.weights.total_params();
+            if json {
+                let v = serde_json::json!({
+                    "source": m.source, "config": c, "parameters": params,
+                    "groups": groups.iter().map(|(k, (n, b))| (k.to_string(), serde_json::json!({"parameters": n, "bytes": b}))).collect::<serde_json::Map<_, _>>(),
+                    "ops": m.module.graph.op_histogram(),
+                });
+                println!("{v}");
+            } else {
+                println!(
+                    "model        {} ({} from {})",
+                    m.source.name,
+                    m.source.format,
+                    m.source.path.display()
+                );
+                println!(
+                    "architecture {} : {} layers, hidden {}, ffn {}, vocab {}",
+                    c.arch, c.num_layers, c.hidden_size, c.intermediate_size, c.vocab_size
+                );
+                println!(
+                    "attention    {} heads, {} kv heads, head dim {}, rope theta {}, scaling {:?}",
+                    c.num_heads, c.num_kv_heads, c.head_dim, c.rope_theta, c.rope_scaling
+                );
+                println!(
+                    "norm eps     {}, tied lm_head {}, qkv bias {}, max context {}",
+                    c.rms_norm_eps, c.tie_word_embeddings, c.qkv_bias, c.max_position_embeddings
+                );
+                println!("parameters   {params} ({:.1} M)", params as f64 / 1e6);
+                println!("file bytes   {}", m.source.file_bytes);
+                println!("by group     (parameters, bytes in memory)");
+                for (g, (n, b)) in &groups {
+                    println!("  {g:<10} {n:>12} {b:>14}");
+                }
+                let h = m.module.graph.op_histogram();
+                println!(
+                    "graph        {} nodes: {}",
+                    m.module.graph.nodes.len(),
+                    h.iter()
+                        .map(|(k, v)| format!("{k} {v}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+                if let Some(t) = &m.tokenizer {
+                    println!(
+                        "tokenizer    {} tokens, bos {:?}, eos {:?}, chat template {}",
+                        t.vocab_size(),
+                        t.spec.bos_token,
+                        t.spec.eos_ids,
+                        if t.spec.chat_template.is_some() {
+                            "yes"
+                        } else {
+                            "no"
+                        }
+                    );
+                }
+            }
+            if graph {
+                print!("{}", wkvc_ir::text::print(&m.module.graph));
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,761 @@
+//! The reference interpreter: executes any graph in f32 and so defines what every op means.
+//! Matmuls go through the `gemm` crate (multi-threaded); attention keeps a KV cache per layer
+//! for incremental decoding.
+
+use crate::graph::{Attr, Graph, Node, OpKind, Operand};
+use crate::types::DType;
+use crate::{Error, Module};
+use rayon::prelude::*;
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap};
+
+/// Tensor data held by the interpreter.
+#[derive(Clone, Debug, PartialEq)]
+pub enum TensorData {
+    F32(Vec<f32>),
+    I32(Vec<i32>),
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Tensor {
+    pub shape: Vec<usize>,
+    pub data: TensorData,
+}
+
+impl Tensor {
+    pub fn f32(shape: Vec<usize>, data: Vec<f32>) -> Tensor {
+        Tensor {
+            shape,
+            data: TensorData::F32(data),
+        }
+    }
+
+    pub fn i32(shape: Vec<usize>, data: Vec<i32>) -> Tensor {
+        Tensor {
+            shape,
+            data: TensorData::I32(data),
+        }
+    }
+
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    pub fn as_f32(&self) -> Option<&[f32]> {
+        match &self.data {
+            TensorData::F32(v) => Some(v),
+            TensorData::I32(_) => None,
+        }
+    }
+
+    pub fn into_f32(self) -> Option<Vec<f32>> {
+        match self.data {
+            TensorData::F32(v) => Some(v),
+            TensorData::I32(_) => None,
+        }
+    }
+
+    pub fn dtype(&self) -> DType {
+        match self.data {
+            TensorData::F32(_) => DType::F32,
+            TensorData::I32(_) => DType::I32,
+        }
+    }
+}
+
+/// K and V of one attention layer: `len` rows of `width` floats each.
+#[derive(Clone, Debug, Default)]
+struct LayerKv {
+    k: Vec<f32>,
+    v: Vec<f32>,
+    /// floats per row (kv_heads * head_dim)
+    width: usize,
+}
+
+/// Full-precision KV cache for the `attention` op, one slot per `layer` attribute.
+#[derive(Clone, Debug)]
+pub struct KvCache {
+    layers: BTreeMap<i64, LayerKv>,
+    len: usize,
+    max_len: usize,
+}
+
+impl KvCache {
+    pub fn new(max_len: usize) -> Self {
+        KvCache {
+            layers: BTreeMap::new(),
+            len: 0,
+            max_len,
+        }
+    }
+
+    /// Tokens held (the `past` length).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn max_len(&self) -> usize {
+        self.max_len
+    }
+
+    /// Forget everything after the first `n` tokens.
+    pub fn truncate(&mut self, n: usize) {
+        for l in self.layers.values_mut() {
+            l.k.truncate(n * l.width);
+            l.v.truncate(n * l.width);
+        }
+        self.len = self.len.min(n);
+    }
+
+    pub fn clear(&mut self) {
+        self.truncate(0);
+    }
+
+    /// Bytes held by the cache now.
+    pub fn bytes(&self) -> usize {
+        self.layers
+            .values()
+            .map(|l| 4 * (l.k.len() + l.v.len()))
+            .sum()
+    }
+}
+
+fn ierr(node: &Node, msg: impl std::fmt::Display) -> Error {
+    Error::Interp(format!("{}: {msg}", crate::text::print_node(node)))
+}
+
+/// Executes a module's graph.
+pub struct Interpreter<'a> {
+    graph: &'a Graph,
+    params: HashMap<&'a str, Cow<'a, [f32]>>,
+    /// Index of the last node that reads each value (usize::MAX: a graph output).
+    last_use: Vec<usize>,
+    pool: rayon::ThreadPool,
+    threads: usize,
+}
+
+impl<'a> Interpreter<'a> {
+    /// Resolve every param (f32 views of the store) and build a pool of `threads` workers.
+    pub fn new(module: &'a Module, threads: usize) -> Result<Self, Error> {
+        let graph = &module.graph;
+        let mut params = HashMap::new();
+        for p in &graph.params {
+            let w = module.weights.get(&p.name).ok_or_else(|| {
+                Error::Interp(format!("param @{} is not in the weight store", p.name))
+            })?;
+            if w.ty() != p.ty {
+                return Err(Error::Interp(format!(
+                    "param @{} is declared {} but the store holds {}",
+                    p.name,
+                    p.ty,
+                    w.ty()
+                )));
+            }
+            params.insert(p.name.as_str(), w.f32());
+        }
+        let mut last_use = vec![0usize; graph.value_bound() as usize];
+        for (i, n) in graph.nodes.iter().enumerate() {
+            for v in n.value_args() {
+                last_use[v.0 as usize] = i;
+            }
+        }
+        for o in &graph.outputs {
+            last_use[o.value.0 as usize] = usize::MAX;
+        }
+        let threads = threads.max(1);
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .map_err(|e| Error::Interp(format!("cannot start {threads} threads: {e}")))?;
+        Ok(Interpreter {
+            graph,
+            params,
+            last_use,
+            pool,
+            threads,
+        })
+    }
+
+    pub fn graph(&self) -> &Graph {
+        self.graph
+    }
+
+    /// Run the graph on named inputs. The cache grows by the input's `seq` tokens; on any
+    /// error it is left exactly as it was.
+    pub fn run(
+        &self,
+        inputs: &[(&str, Tensor)],
+        cache: &mut KvCache,
+    ) -> Result<BTreeMap<String, Tensor>, Error> {
+        let before = cache.len;
+        let r = self.pool.install(|| self.run_inner(inputs, cache));
+        match r {
+            Ok((out, seq)) => {
+                cache.len = before + seq;
+                Ok(out)
+            }
+            Err(e) => {
+                // Layers already run appended this chunk: cut every slot back.
+                cache.len = before;
+                cache.truncate(before);
+                Err(e)
+            }
+        }
+    }
+
+    fn run_inner(
+        &self,
+        inputs: &[(&str, Tensor)],
+        cache: &mut KvCache,
+    ) -> Result<(BTreeMap<String, Tensor>, usize), Error> {
+        let g = self.graph;
+        let mut binds: HashMap<String, usize> = HashMap::new();
+        binds.insert("past".into(), cache.len);
+        let mut vals: Vec<Option<Tensor>> = vec![None; g.value_bound() as usize];
+        for inp in &g.inputs {
+            let t = inputs
+                .iter()
+                .find(|(n, _)| *n == inp.name)
+                .map(|(_, t)| t)
+                .ok_or_else(|| Error::Interp(format!("input \"{}\" was not given", inp.name)))?;
+            if t.dtype() != inp.ty.dtype || t.shape.len() != inp.ty.rank() {
+                return Err(Error::Interp(format!(
+                    "input \"{}\" must be {}, given {}{:?}",
+                    inp.name,
+                    inp.ty,
+                    t.dtype(),
+                    t.shape
+                )));
+            }
+            if t.numel() != t.data_len() {
+                return Err(Error::Interp(format!(
+                    "input \"{}\": shape {:?} does not match its {} elements",
+                    inp.name,
+                    t.shape,
+                    t.data_len()
+                )));
+            }
+            for (d, &n) in inp.ty.shape.iter().zip(&t.shape) {
+                match d {
+                    crate::Dim::Const(c) if *c != n => {
+                        return Err(Error::Interp(format!(
+                            "input \"{}\" must be {}, given shape {:?}",
+                            inp.name, inp.ty, t.shape
+                        )));
+                    }
+                    crate::Dim::Sym(s) => {
+                        if let Some(&b) = binds.get(s)
+                            && b != n
+                        {
+                            return Err(Error::Interp(format!(
+                                "input \"{}\": symbol {s} is {b} elsewhere but {n} here",
+                                inp.name
+                            )));
+                        }
+                        binds.insert(s.clone(), n);
+                    }
+                    _ => {}
+                }
+            }
+            vals[inp.value.0 as usize] = Some(t.clone());
+        }
+        let seq = binds.get("seq").copied().unwrap_or(0);
+        if cache.len + seq > cache.max_len {
+            return Err(Error::ContextOverflow {
+                have: cache.len,
+                adding: seq,
+                max: cache.max_len,
+            });
+        }
+        for (i, node) in g.nodes.iter().enumerate() {
+            let shape = node
+                .ty
+                .concrete(&|s| binds.get(s).copied())
+                .ok_or_else(|| ierr(node, "a symbol of the result type is unbound"))?;
+            let out = self.eval(node, &vals, shape, cache)?;
+            for v in node.value_args() {
+                if self.last_use[v.0 as usize] == i {
+                    vals[v.0 as usize] = None;
+                }
+            }
+            vals[node.out.0 as usize] = Some(out);
+        }
+        let mut outs = BTreeMap::new();
+        for o in &g.outputs {
+            let t = vals[o.value.0 as usize]
+                .clone()
+                .ok_or_else(|| Error::Interp(format!("output \"{}\" was not computed", o.name)))?;
+            outs.insert(o.name.clone(), t);
+        }
+        Ok((outs, seq))
+    }
+
+    fn arg_f32<'b>(
+        &'b self,
+        node: &Node,
+        vals: &'b [Option<Tensor>],
+        i: usize,
+    ) -> Result<&'b [f32], Error> {
+        match node.args.get(i) {
+            Some(Operand::Value(v)) => vals[v.0 as usize]
+                .as_ref()
+                .and_then(Tensor::as_f32)
+                .ok_or_else(|| ierr(node, format!("operand {i} is not an f32 value"))),
+            Some(Operand::Param(p)) => self
+                .params
+                .get(p.as_str())
+                .map(|c| &c[..])
+                .ok_or_else(|| ierr(node, format!("param @{p} is not resolved"))),
+            None => Err(ierr(node, format!("missing operand {i}"))),
+        }
+    }
+
+    fn arg_shape<'b>(&'b self, node: &Node, vals: &'b [Option<Tensor>], i: usize) -> Vec<usize> {
+        match node.args.get(i) {
+            Some(Operand::Value(v)) => vals[v.0 as usize]
+                .as_ref()
+                .map(|t| t.shape.clone())
+                .unwrap_or_default(),
+            Some(Operand::Param(p)) => self
+                .graph
+                .param(p)
+                .and_then(|d| d.ty.concrete(&|_| None))
+                .unwrap_or_default(),
+            None => vec![],
+        }
+    }
+
+    fn arg_i32<'b>(
+        &self,
+        node: &Node,
+        vals: &'b [Option<Tensor>],
+        i: usize,
+    ) -> Result<&'b [i32], Error> {
+        match node.args.get(i) {
+            Some(Operand::Value(v)) => match vals[v.0 as usize].as_ref().map(|t| &t.data) {
+                Some(TensorData::I32(d)) => Ok(d),
+                _ => Err(ierr(node, format!("operand {i} is not an i32 value"))),
+            },
+            _ => Err(ierr(node, format!("operand {i} must be an i32 value"))),
+        }
+    }
+
+    fn eval(
+        &self,
+        node: &Node,
+        vals: &[Option<Tensor>],
+        shape: Vec<usize>,
+        cache: &mut KvCache,
+    ) -> Result<Tensor, Error> {
+        let numel: usize = shape.iter().product();
+        let last = shape.last().copied().unwrap_or(1).max(1);
+        let out = match node.op {
+            OpKind::Embedding => {
+                let ids = self.arg_i32(node, vals, 0)?;
+                let table = self.arg_f32(node, vals, 1)?;
+                let d = last;
+                let vocab = table.len() / d;
+                let mut y = vec![0f32; numel];
+                for (r, &id) in ids.iter().enumerate() {
+                    if id < 0 || id as usize >= vocab {
+                        return Err(Error::TokenOutOfRange {
+                            id: id as i64,
+                            vocab,
+                        });
+                    }
+                    let id = id as usize;
+                    y[r * d..(r + 1) * d].copy_from_slice(&table[id * d..(id + 1) * d]);
+                }
+                y
+            }
+            OpKind::RmsNorm => {
+                let x = self.arg_f32(node, vals, 0)?;
+                let w = self.arg_f32(node, vals, 1)?;
+                let eps = node.float_attr("eps").unwrap_or(1e-6);
+                let mut y = vec![0f32; numel];
+                y.par_chunks_mut(last)
+                    .zip(x.par_chunks(last))
+                    .for_each(|(yr, xr)| rms_norm_row(xr, w, eps, yr));
+                y
+            }
+            OpKind::Linear => {
+                let x = self.arg_f32(node, vals, 0)?;
+                let w = self.arg_f32(node, vals, 1)?;
+                let k = *self.arg_shape(node, vals, 0).last().unwrap_or(&1);
+                let n = last;
+                let m = numel / n.max(1);
+                let mut y = vec![0f32; numel];
+                linear(x, w, &mut y, m, n, k, self.threads);
+                if node.args.len() > 2 {
+                    let b = self.arg_f32(node, vals, 2)?;
+                    for row in y.chunks_mut(n) {
+                        for (o, bb) in row.iter_mut().zip(b) {
+                            *o += bb;
+                        }
+                    }
+                }
+                y
+            }
+            OpKind::Rope => {
+                let x = self.arg_f32(node, vals, 0)?;
+                let pos = self.arg_i32(node, vals, 1)?;
+                let factors = if node.args.len() > 2 {
+                    Some(self.arg_f32(node, vals, 2)?)
+                } else {
+                    None
+                };
+                let heads = node.int_attr("heads").unwrap_or(1) as usize;
+                let hd = node.int_attr("head_dim").unwrap_or(2) as usize;
+                let rd = node.int_attr("rope_dim").map(|r| r as usize).unwrap_or(hd);
+                let inv = rope_inv_freq(node, rd, factors);
+                let mut y = x.to_vec();
+                for (r, row) in y.chunks_mut(heads * hd).enumerate() {
+                    let p = pos[r];
+                    if p < 0 {
+                        return Err(ierr(node, format!("negative position {p}")));
+                    }
+                    let (cos, sin): (Vec<f32>, Vec<f32>) = inv
+                        .iter()
+                        .map(|&f| {
+                            let a = (p as f32 * f) as f64;
+                            (a.cos() as f32, a.sin() as f32)
+                        })
+                        .unzip();
+                    for h in row.chunks_mut(hd) {
+                        rope_rotate(&mut h[..rd], &cos, &sin);
+                    }
+                }
+                y
+            }
+            OpKind::Attention => self.attention(node, vals, cache)?,
+            OpKind::Silu => {
+                let x = self.arg_f32(node, vals, 0)?;
+                x.iter().map(|&v| v / (1.0 + (-v).exp())).collect()
+            }
+            OpKind::Mul | OpKind::Add => {
+                let a = self.arg_f32(node, vals, 0)?;
+                let b = self.arg_f32(node, vals, 1)?;
+                if node.op == OpKind::Mul {
+                    a.iter().zip(b).map(|(x, y)| x * y).collect()
+                } else {
+                    a.iter().zip(b).map(|(x, y)| x + y).collect()
+                }
+            }
+            OpKind::Softmax => {
+                let x = self.arg_f32(node, vals, 0)?;
+                let mut y = x.to_vec();
+                for row in y.chunks_mut(last) {
+                    softmax_in_place(row);
+                }
+                y
+            }
+            OpKind::Reshape => {
+                return match node.args.first() {
+                    Some(Operand::Value(v)) => {
+                        let t = vals[v.0 as usize]
+                            .as_ref()
+                            .ok_or_else(|| ierr(node, "operand not computed"))?;
+                        if t.numel() != numel {
+                            return Err(ierr(
+                                node,
+                                format!("cannot reshape {:?} to {shape:?}", t.shape),
+                            ));
+                        }
+                        Ok(Tensor {
+                            shape,
+                            data: t.data.clone(),
+                        })
+                    }
+                    _ => Ok(Tensor::f32(shape, self.arg_f32(node, vals, 0)?.to_vec())),
+                };
+            }
+            OpKind::Transpose => {
+                let x = self.arg_f32(node, vals, 0)?;
+                let xs = self.arg_shape(node, vals, 0);
+                let Some(Attr::Ints(perm)) = node.attr("perm") else {
+                    return Err(ierr(node, "missing perm"));
+                };
+                let perm: Vec<usize> = perm.iter().map(|&p| p as usize).collect();
+                transpose(x, &xs, &perm)
+            }
+            OpKind::Concat => {
+                let axis = node.int_attr("axis").unwrap_or(0) as usize;
+                let outer: usize = shape[..axis].iter().product();
+                let inner: usize = shape[axis + 1..].iter().product();
+                let mut y = Vec::with_capacity(numel);
+                let parts: Vec<(&[f32], usize)> = (0..node.args.len())
+                    .map(|i| {
+                        Ok((
+                            self.arg_f32(node, vals, i)?,
+                            self.arg_shape(node, vals, i)[axis],
+                        ))
+                    })
+                    .collect::<Result<_, Error>>()?;
+                for o in 0..outer {
+                    for (p, d) in &parts {
+                        y.extend_from_slice(&p[o * d * inner..(o + 1) * d * inner]);
+                    }
+                }
+                y
+            }
+        };
+        if out.len() != numel {
+            return Err(ierr(
+                node,
+                format!("produced {} elements for shape {shape:?}", out.len()),
+            ));
+        }
+        Ok(Tensor::f32(shape, out))
+    }
+
+    fn attention(
+        &self,
+        node: &Node,
+        vals: &[Option<Tensor>],
+        cache: &mut KvCache,
+    ) -> Result<Vec<f32>, Error> {
+        let q = self.arg_f32(node, vals, 0)?;
+        let k = self.arg_f32(node, vals, 1)?;
+        let v = self.arg_f32(node, vals, 2)?;
+        let h = node.int_attr("heads").unwrap_or(1) as usize;
+        let kvh = node.int_attr("kv_heads").unwrap_or(1) as usize;
+        let hd = node.int_attr("head_dim").unwrap_or(1) as usize;
+        let causal = node.bool_attr("causal").unwrap_or(true);
+        let layer = node.int_attr("layer").unwrap_or(0);
+        let kvw = kvh * hd;
+        let s = q.len() / (h * hd);
+        let past = cache.len;
+        let slot = cache.layers.entry(layer).or_default();
+        if slot.k.is_empty() {
+            slot.width = kvw;
+        }
+        if slot.width != kvw || slot.k.len() != past * kvw {
+            return Err(ierr(
+                node,
+                format!(
+                    "KV cache slot holds {} rows, expected {past}",
+                    slot.k.len() / kvw.max(1)
+                ),
+            ));
+        }
+        slot.k.extend_from_slice(k);
+        slot.v.extend_from_slice(v);
+        let (kall, vall) = (&slot.k[..], &slot.v[..]);
+        let total = past + s;
+        let group = h / kvh;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let mut out = vec![0f32; s * h * hd];
+        // One task per (query row, head).
+        out.par_chunks_mut(hd).enumerate().for_each(|(idx, o)| {
+            let (i, head) = (idx / h, idx % h);
+            let kh = head / group;
+            let qr = &q[i * h * hd + head * hd..][..hd];
+            let n = if causal { past + i + 1 } else { total };
+            let mut sc: Vec<f32> = (0..n)
+                .map(|j| dot(qr, &kall[j * kvw + kh * hd..][..hd]) * scale)
+                .collect();
+            softmax_in_place(&mut sc);
+            for (j, &p) in sc.iter().enumerate() {
+                let vr = &vall[j * kvw + kh * hd..][..hd];
+                for (a, &b) in o.iter_mut().zip(vr) {
+                    *a += p * b;
+                }
+            }
+        });
+        Ok(out)
+    }
+}
+
+impl Tensor {
+    fn data_len(&self) -> usize {
+        match &self.data {
+            TensorData::F32(v) => v.len(),
+            TensorData::I32(v) => v.len(),
+        }
+    }
+}
+
+/// x / sqrt(mean(x^2) + eps) * w, accumulating in f64.
+pub fn rms_norm_row(x: &[f32], w: &[f32], eps: f64, y: &mut [f32]) {
+    let ss: f64 = x.iter().map(|&v| (v as f64) * (v as f64)).sum();
+    let r = (1.0 / (ss / x.len() as f64 + eps).sqrt()) as f32;
+    for ((o, &a), &b) in y.iter_mut().zip(x).zip(w) {
+        *o = a * r * b;
+    }
+}
+
+/// Numerically stable softmax in place.
+pub fn softmax_in_place(x: &mut [f32]) {
+    let m = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut s = 0f32;
+    for v in x.iter_mut() {
+        *v = (*v - m).exp();
+        s += *v;
+    }
+    for v in x.iter_mut() {
+        *v /= s;
+    }
+}
+
+/// Dot product with 8 independent accumulators (vectorisable).
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let ca = a.chunks_exact(8);
+    let cb = b.chunks_exact(8);
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    let mut s = (acc[0] + acc[4]) + (acc[1] + acc[5]) + (acc[2] + acc[6]) + (acc[3] + acc[7]);
+    for (x, y) in ra.iter().zip(rb) {
+        s += x * y;
+    }
+    s
+}
+
+/// y[m,n] = x[m,k] * w[n,k]^T. Small m (decode) runs as parallel dot products over rows of w;
+/// larger m through the gemm crate.
+pub fn linear(x: &[f32], w: &[f32], y: &mut [f32], m: usize, n: usize, k: usize, threads: usize) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        y.fill(0.0);
+        return;
+    }
+    if m <= 4 {
+        // y^T[n, m]: each task takes a block of w rows, reads them once for all m rows of x.
+        let block = 64;
+        let mut yt = vec![0f32; n * m];
+        yt.par_chunks_mut(block * m)
+            .enumerate()
+            .for_each(|(bi, out)| {
+                let r0 = bi * block;
+                for (ri, o) in out.chunks_mut(m).enumerate() {
+                    let wr = &w[(r0 + ri) * k..(r0 + ri + 1) * k];
+                    for (mi, oo) in o.iter_mut().enumerate() {
+                        *oo = dot(&x[mi * k..(mi + 1) * k], wr);
+                    }
+                }
+            });
+        for mi in 0..m {
+            for ni in 0..n {
+                y[mi * n + ni] = yt[ni * m + mi];
+            }
+        }
+        return;
+    }
+    // SAFETY: the pointers cover m*k, n*k and m*n elements with the strides given; y does not
+    // alias x or w (distinct borrows).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            y.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            x.as_ptr(),
+            1,
+            k as isize,
+            w.as_ptr(),
+            k as isize,
+            1,
+            0.0f32,
+            1.0f32,
+            false,
+            false,
+            false,
+            if threads > 1 {
+                gemm::Parallelism::Rayon(threads)
+            } else {
+                gemm::Parallelism::None
+            },
+        );
+    }
+}
+
+/// Inverse frequencies of the rotated pairs, with the node's scaling applied.
+pub fn rope_inv_freq(node: &Node, rd: usize, factors: Option<&[f32]>) -> Vec<f32> {
+    let theta = node.float_attr("theta").unwrap_or(10000.0);
+    let mut inv: Vec<f32> = (0..rd / 2)
+        .map(|i| (1.0 / theta.powf((2 * i) as f64 / rd as f64)) as f32)
+        .collect();
+    match node.attr("scaling") {
+        Some(Attr::Str(s)) if s == "linear" => {
+            let f = node.float_attr("factor").unwrap_or(1.0) as f32;
+            for v in inv.iter_mut() {
+                *v /= f;
+            }
+        }
+        Some(Attr::Str(s)) if s == "llama3" => {
+            let factor = node.float_attr("factor").unwrap_or(1.0);
+            let lo = node.float_attr("low_freq_factor").unwrap_or(1.0);
+            let hi = node.float_attr("high_freq_factor").unwrap_or(4.0);
+            let old = node.float_attr("original_max_pos").unwrap_or(8192.0);
+            let lo_wl = old / lo;
+            let hi_wl = old / hi;
+            for v in inv.iter_mut() {
+                let f = *v as f64;
+                let wl = 2.0 * std::f64::consts::PI / f;
+                let nf = if wl < hi_wl {
+                    f
+                } else if wl > lo_wl {
+                    f / factor
+                } else {
+                    let smooth = (old / wl - lo) / (hi - lo);
+                    (1.0 - smooth) * f / factor + smooth * f
+                };
+                *v = nf as f32;
+            }
+        }
+        _ => {}
+    }
+    if let Some(fs) = factors {
+        for (v, f) in inv.iter_mut().zip(fs) {
+            *v /= f;
+        }
+    }
+    inv
+}
+
+/// Rotate-half RoPE on one head: pairs (i, i + d/2).
+pub fn rope_rotate(h: &mut [f32], cos: &[f32], sin: &[f32]) {
+    let half = h.len() / 2;
+    for i in 0..half {
+        let (a, b) = (h[i], h[i + half]);
+        h[i] = a * cos[i] - b * sin[i];
+        h[i + half] = b * cos[i] + a * sin[i];
+    }
+}
+
+fn transpose(x: &[f32], shape: &[usize], perm: &[usize]) -> Vec<f32> {
+    let r = shape.len();
+    let out_shape: Vec<usize> = perm.iter().map(|&p| shape[p]).collect();
+    let mut in_strides = vec![1usize; r];
+    for i in (0..r.saturating_sub(1)).rev() {
+        in_strides[i] = in_strides[i + 1] * shape[i + 1];
+    }
+    let n: usize = shape.iter().product();
+    let mut y = vec![0f32; n];
+    let mut idx = vec![0usize; r];
+    for o in y.iter_mut() {
+        let src: usize = (0..r).map(|d| idx[d] * in_strides[perm[d]]).sum();
+        *o = x[src];
+        for d in (0..r).rev() {
+            idx[d] += 1;
+            if idx[d] < out_shape[d] {
+                break;
+            }
+            idx[d] = 0;
+        }
+    }
+    y
+}

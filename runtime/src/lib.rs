@@ -1,0 +1,223 @@
+//! wkvc-runtime owns execution: opening a model, engines (the reference interpreter for now),
+//! sessions with a KV cache (prefill, decode), sampling, the tokenizer and chat template, and
+//! perplexity evaluation and benchmarking.
+
+pub mod eval;
+pub mod sample;
+pub mod tokenizer;
+
+use std::path::Path;
+use wkvc_ir::import::{self, Source};
+use wkvc_ir::{Interpreter, KvCache, ModelConfig, Module, Tensor};
+
+pub use sample::Sampler;
+pub use tokenizer::{Message, StreamDecoder, Tokenizer};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error(transparent)]
+    Ir(#[from] wkvc_ir::Error),
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    #[error("chat template: {0}")]
+    Template(String),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// A model ready to run: module, config, tokenizer, provenance.
+pub struct Model {
+    pub module: Module,
+    pub config: ModelConfig,
+    pub tokenizer: Option<Tokenizer>,
+    pub source: Source,
+}
+
+impl Model {
+    /// Open a GGUF file or a Hugging Face directory.
+    pub fn open(path: &Path) -> Result<Model, RuntimeError> {
+        let imp = import::import(path)?;
+        let tokenizer = match imp.tokenizer {
+            Some(spec) => Some(Tokenizer::from_spec(spec)?),
+            None => None,
+        };
+        Ok(Model {
+            module: imp.module,
+            config: imp.config,
+            tokenizer,
+            source: imp.source,
+        })
+    }
+
+    pub fn tokenizer(&self) -> Result<&Tokenizer, RuntimeError> {
+        self.tokenizer.as_ref().ok_or_else(|| {
+            RuntimeError::Invalid(format!(
+                "{} has no tokenizer (no tokenizer.json / tokenizer metadata)",
+                self.source.path.display()
+            ))
+        })
+    }
+
+    /// An engine on `threads` worker threads.
+    pub fn engine(&self, threads: usize) -> Result<Engine<'_>, RuntimeError> {
+        Ok(Engine {
+            model: self,
+            interp: Interpreter::new(&self.module, threads)?,
+        })
+    }
+}
+
+/// Executes a model (the reference interpreter).
+pub struct Engine<'m> {
+    model: &'m Model,
+    interp: Interpreter<'m>,
+}
+
+impl<'m> Engine<'m> {
+    pub fn model(&self) -> &'m Model {
+        self.model
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.model.config.vocab_size
+    }
+
+    /// A session whose cache holds at most `max_ctx` tokens (the model's maximum if larger).
+    pub fn session(&self, max_ctx: usize) -> Session<'_, 'm> {
+        let max = max_ctx
+            .min(self.model.config.max_position_embeddings)
+            .max(1);
+        Session {
+            engine: self,
+            cache: KvCache::new(max),
+        }
+    }
+}
+
+/// One sequence being generated: its KV cache and position.
+pub struct Session<'e, 'm> {
+    engine: &'e Engine<'m>,
+    cache: KvCache,
+}
+
+impl Session<'_, '_> {
+    /// Tokens in the cache.
+    pub fn len(&self) -> usize {
+        self.cache.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.cache.is_empty()
+    }
+
+    pub fn max_ctx(&self) -> usize {
+        self.cache.max_len()
+    }
+
+    pub fn reset(&mut self) {
+        self.cache.clear();
+    }
+
+    /// Run `ids` after what the cache holds; returns logits `[ids.len(), vocab]` row-major.
+    /// Out-of-range ids or a context overflow are errors that leave the session unchanged.
+    pub fn forward(&mut self, ids: &[u32]) -> Result<Vec<f32>, RuntimeError> {
+        if ids.is_empty() {
+            return Err(RuntimeError::Invalid("no tokens to run".into()));
+        }
+        let vocab = self.engine.vocab_size();
+        if let Some(&bad) = ids.iter().find(|&&t| t as usize >= vocab) {
+            return Err(wkvc_ir::Error::TokenOutOfRange {
+                id: bad as i64,
+                vocab,
+            }
+            .into());
+        }
+        let past = self.cache.len();
+        let toks: Vec<i32> = ids.iter().map(|&t| t as i32).collect();
+        let pos: Vec<i32> = (0..ids.len()).map(|i| (past + i) as i32).collect();
+        let n = ids.len();
+        let mut out = self.engine.interp.run(
+            &[
+                ("tokens", Tensor::i32(vec![n], toks)),
+                ("positions", Tensor::i32(vec![n], pos)),
+            ],
+            &mut self.cache,
+        )?;
+        out.remove("logits")
+            .and_then(Tensor::into_f32)
+            .ok_or_else(|| RuntimeError::Invalid("the graph has no f32 output \"logits\"".into()))
+    }
+
+    /// Run `ids` and return the logits of the last one.
+    pub fn prefill(&mut self, ids: &[u32]) -> Result<Vec<f32>, RuntimeError> {
+        let v = self.engine.vocab_size();
+        let all = self.forward(ids)?;
+        Ok(all[all.len() - v..].to_vec())
+    }
+}
+
+/// Timings of one generation.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct GenStats {
+    pub prompt_tokens: usize,
+    pub new_tokens: usize,
+    pub prefill_seconds: f64,
+    pub decode_seconds: f64,
+}
+
+/// Prefill `prompt`, then sample up to `max_new` tokens, calling `on_token` for each; stops
+/// early at an end-of-generation id (which is not passed on). Ids in `suppress` are never
+/// sampled (e.g. eos, to run the full length).
+pub fn generate(
+    session: &mut Session<'_, '_>,
+    prompt: &[u32],
+    max_new: usize,
+    sampler: &mut Sampler,
+    is_stop: &dyn Fn(u32) -> bool,
+    suppress: &[u32],
+    on_token: &mut dyn FnMut(u32) -> Result<(), RuntimeError>,
+) -> Result<GenStats, RuntimeError> {
+    let need = session.len() + prompt.len() + max_new;
+    if need > session.max_ctx() {
+        return Err(RuntimeError::Invalid(format!(
+            "the prompt ({} tokens) plus {max_new} new tokens exceed the context of {} tokens; \
+             generate fewer tokens or raise the context",
+            prompt.len(),
+            session.max_ctx()
+        )));
+    }
+    let t0 = std::time::Instant::now();
+    let mut logits = session.prefill(prompt)?;
+    let mut stats = GenStats {
+        prompt_tokens: prompt.len(),
+        prefill_seconds: t0.elapsed().as_secs_f64(),
+        ..Default::default()
+    };
+    let t1 = std::time::Instant::now();
+    for i in 0..max_new {
+        for &s in suppress {
+            if let Some(l) = logits.get_mut(s as usize) {
+                *l = f32::NEG_INFINITY;
+            }
+        }
+        let id = sampler.sample(&logits);
+        if is_stop(id) {
+            break;
+        }
+        on_token(id)?;
+        stats.new_tokens += 1;
+        if i + 1 < max_new {
+            logits = session.prefill(&[id])?;
+        }
+    }
+    stats.decode_seconds = t1.elapsed().as_secs_f64();
+    Ok(stats)
+}
+
+/// Peak resident set size of this process (VmHWM), when the OS reports it.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
