@@ -60,9 +60,25 @@ impl ModelConfig {
             ("head_dim", self.head_dim),
             ("max_position_embeddings", self.max_position_embeddings),
         ];
+        // Upper bounds far beyond any real checkpoint: a corrupted count must not make the
+        // graph builder loop for hours.
+        let limits = [
+            ("vocab_size", self.vocab_size, 1 << 22),
+            ("hidden_size", self.hidden_size, 1 << 17),
+            ("intermediate_size", self.intermediate_size, 1 << 19),
+            ("num_hidden_layers", self.num_layers, 1 << 12),
+            ("num_attention_heads", self.num_heads, 1 << 12),
+            ("num_key_value_heads", self.num_kv_heads, 1 << 12),
+            ("head_dim", self.head_dim, 1 << 12),
+        ];
         for (k, v) in pos {
             if v == 0 {
                 return Err(format!("{k} must be positive"));
+            }
+        }
+        for (k, v, max) in limits {
+            if v > max {
+                return Err(format!("{k} = {v} is implausibly large (limit {max})"));
             }
         }
         if self.num_heads % self.num_kv_heads != 0 {

@@ -271,6 +271,16 @@ fn finish(
 ) -> Result<Imported, Error> {
     cfg.validate()
         .map_err(|e| fmt_err(path, format!("bad model config: {e}")))?;
+    let last = format!("model.layers.{}.input_layernorm.weight", cfg.num_layers - 1);
+    if !weights.contains(&last) {
+        return Err(fmt_err(
+            path,
+            format!(
+                "the config says {} layers but tensor `{last}` is missing",
+                cfg.num_layers
+            ),
+        ));
+    }
     let graph = build_graph(&cfg, &name);
     let st = |n: &str| weights.type_of(n);
     verify_with(&graph, Some(&st)).map_err(|e| fmt_err(path, e.to_string()))?;
