@@ -104,7 +104,7 @@ fn threads(t: Option<usize>) -> usize {
     t.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
-fn open(path: &PathBuf) -> Result<Model> {
+fn open(path: &std::path::Path) -> Result<Model> {
     let t0 = Instant::now();
     let m = Model::open(path).with_context(|| format!("cannot open model {}", path.display()))?;
     tracing::info!(

@@ -672,10 +672,10 @@ pub fn gguf_tokenizer(g: &GgufFile) -> Result<TokenizerSpec, String> {
     };
     let mut eos_ids: Vec<u32> = eos_id.into_iter().collect();
     for extra in ["<|im_end|>", "<|eot_id|>", "<|end|>"] {
-        if let Some(i) = tokens.iter().position(|t| *t == extra) {
-            if !eos_ids.contains(&(i as u32)) {
-                eos_ids.push(i as u32);
-            }
+        if let Some(i) = tokens.iter().position(|t| *t == extra)
+            && !eos_ids.contains(&(i as u32))
+        {
+            eos_ids.push(i as u32);
         }
     }
     if let Some(i) = id_of("tokenizer.ggml.eot_token_id")

@@ -17,16 +17,16 @@ pub enum VerifyError {
     },
 }
 
+/// Looks up the type of a param in a weight store.
+pub type StoreTypes<'a> = &'a dyn Fn(&str) -> Option<TensorType>;
+
 /// Verify the graph on its own (declared params stand in for the weight store).
 pub fn verify(g: &Graph) -> Result<(), VerifyError> {
     verify_with(g, None)
 }
 
 /// Verify, and check every declared param against the store's types.
-pub fn verify_with(
-    g: &Graph,
-    store_type: Option<&dyn Fn(&str) -> Option<TensorType>>,
-) -> Result<(), VerifyError> {
+pub fn verify_with(g: &Graph, store_type: Option<StoreTypes<'_>>) -> Result<(), VerifyError> {
     let gerr = |msg: String| VerifyError::Graph {
         graph: g.name.clone(),
         msg,

@@ -248,7 +248,8 @@ fn tiny() -> Graph {
 #[test]
 fn verifier_rejects_broken_graphs() {
     verify(&tiny()).expect("the base graph is valid");
-    let cases: Vec<(&str, Box<dyn Fn(&mut Graph)>)> = vec![
+    type Mutation = Box<dyn Fn(&mut Graph)>;
+    let cases: Vec<(&str, Mutation)> = vec![
         (
             "declared type f32[seq,5] but the op gives f32[seq,4]",
             Box::new(|g| g.nodes[0].ty = seq(5)),

@@ -51,7 +51,7 @@ impl PassManager {
         Self::default()
     }
 
-    pub fn add(mut self, p: impl Pass + 'static) -> Self {
+    pub fn with(mut self, p: impl Pass + 'static) -> Self {
         self.passes.push(Box::new(p));
         self
     }

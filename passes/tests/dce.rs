@@ -34,7 +34,7 @@ fn dce_removes_dead_nodes_inputs_and_params() {
     let mut m = module();
     insta::assert_snapshot!("dce_before", print(&m.graph));
     let reports = PassManager::new()
-        .add(Dce {
+        .with(Dce {
             prune_weights: true,
         })
         .run(&mut m)
@@ -49,7 +49,7 @@ fn dce_removes_dead_nodes_inputs_and_params() {
     assert!(!m.weights.contains("unused") && m.weights.contains("w"));
     // idempotent
     let again = PassManager::new()
-        .add(Dce::default())
+        .with(Dce::default())
         .run(&mut m)
         .expect("run");
     assert_eq!(again[0].stats["nodes_removed"], 0.0);
@@ -77,8 +77,8 @@ impl Pass for Breaker {
 fn the_manager_verifies_after_every_pass() {
     let mut m = module();
     let e = PassManager::new()
-        .add(Dce::default())
-        .add(Breaker)
+        .with(Dce::default())
+        .with(Breaker)
         .run(&mut m)
         .expect_err("caught");
     let s = e.to_string();
@@ -91,7 +91,7 @@ fn the_manager_verifies_after_every_pass() {
     let mut bad = module();
     bad.weights.remove("w");
     let e = PassManager::new()
-        .add(Dce::default())
+        .with(Dce::default())
         .run(&mut bad)
         .expect_err("input");
     assert!(

@@ -36,10 +36,11 @@ impl Tokenizer {
             .encode(text, false)
             .map_err(|e| RuntimeError::Tokenizer(format!("cannot encode text: {e}")))?;
         let mut ids = Vec::with_capacity(enc.len() + 1);
-        if add_special && self.spec.add_bos {
-            if let Some(b) = self.spec.bos_id {
-                ids.push(b);
-            }
+        if add_special
+            && self.spec.add_bos
+            && let Some(b) = self.spec.bos_id
+        {
+            ids.push(b);
         }
         ids.extend_from_slice(enc.get_ids());
         Ok(ids)

@@ -625,7 +625,7 @@ pub fn write_gguf(
         } else {
             (0, vals.iter().flat_map(|x| x.to_le_bytes()).collect())
         };
-        while data.len() % 32 != 0 {
+        while !data.len().is_multiple_of(32) {
             data.push(0);
         }
         put_str(&mut head, &gname);
@@ -637,7 +637,7 @@ pub fn write_gguf(
         head.extend_from_slice(&(data.len() as u64).to_le_bytes());
         data.extend_from_slice(&bytes);
     }
-    while head.len() % 32 != 0 {
+    while !head.len().is_multiple_of(32) {
         head.push(0);
     }
     head.extend_from_slice(&data);

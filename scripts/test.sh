@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Run every test in release mode. Fetches the demo model first (tests then require it), and
+# requires the shared reference figures when ../shared is present beside the repository.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+WKVC_DEMO_MODEL=$(scripts/fetch-demo-model.sh)
+export WKVC_DEMO_MODEL WKVC_REQUIRE_DEMO=1
+if [ -f ../shared/reference/smollm2.json ] && [ -f ../shared/data/wikitext2-eval.txt ]; then
+  export WKVC_REQUIRE_REFERENCE=1
+else
+  echo "NOTE: ../shared/reference or ../shared/data is absent: tests comparing with the reference figures are skipped" >&2
+fi
+export INSTA_UPDATE=no
+cargo test --release --workspace "$@"
