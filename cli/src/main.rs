@@ -6,7 +6,132 @@ use indicatif::{ProgressBar, ProgressStyle};
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
+use wkvc_runtime::compile::{self, CompileOptions};
 use wkvc_runtime::{Message, Model, Sampler, StreamDecoder, eval, generate, peak_rss_bytes};
+
+fn spinner() -> ProgressBar {
+    let sp = ProgressBar::new_spinner();
+    sp.set_style(
+        ProgressStyle::with_template("{spinner} [{elapsed}] {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+    );
+    sp.enable_steady_tick(std::time::Duration::from_millis(200));
+    sp
+}
+
+fn compile_options(
+    q: &QuantArgs,
+    calib: Option<PathBuf>,
+    calib_tokens: Option<usize>,
+    seed: u64,
+    threads: usize,
+) -> CompileOptions {
+    CompileOptions {
+        wbits: q.wbits,
+        wgroup: q.wgroup,
+        kvbits: q.kvbits,
+        past_only: !q.no_poq,
+        smooth: !q.no_smooth,
+        method: q.method.clone(),
+        calib,
+        calib_tokens,
+        calib_window: 512,
+        threads,
+        seed,
+    }
+}
+
+/// The standard configurations, compiled in memory and evaluated on the same windows.
+fn quality_table(
+    fp: &Model,
+    ids: &[u32],
+    ctx: usize,
+    windows: Option<usize>,
+    calib: Option<PathBuf>,
+    threads: usize,
+    json: bool,
+) -> Result<()> {
+    // (name, wbits, wgroup, kvbits, poq, smooth)
+    let configs: [(&str, u32, i64, u32, bool, bool); 12] = [
+        ("FP32", 16, 128, 16, false, false),
+        ("W4 RTN g128", 4, 128, 16, false, false),
+        ("W4 RTN per-channel", 4, -1, 16, false, false),
+        ("KV4 without POQ", 16, 128, 4, false, false),
+        ("KV4 with POQ", 16, 128, 4, true, false),
+        ("KV4 POQ + smoothing init", 16, 128, 4, true, true),
+        ("W4KV4 RTN without POQ", 4, 128, 4, false, false),
+        ("W4KV4 RTN with POQ", 4, 128, 4, true, false),
+        ("W4KV4 RTN POQ + smoothing init", 4, 128, 4, true, true),
+        ("KV8 with POQ", 16, 128, 8, true, false),
+        ("KV3 with POQ", 16, 128, 3, true, false),
+        ("KV2 with POQ", 16, 128, 2, true, false),
+    ];
+    let base = CompileOptions {
+        calib: calib.clone(),
+        threads,
+        ..Default::default()
+    };
+    let sp = spinner();
+    let mut say = |s: &str| sp.set_message(s.to_string());
+    let data = compile::calibration_data(fp, &base, &mut say)?;
+    let fpe = fp.engine(threads)?;
+    let mut rows = Vec::new();
+    for (name, wbits, wgroup, kvbits, poq, smooth) in configs {
+        let opts = CompileOptions {
+            wbits,
+            wgroup,
+            kvbits,
+            past_only: poq,
+            smooth,
+            ..base.clone()
+        };
+        let c = compile::quantize(fp, &opts, Some(&data), &mut say)?;
+        let m = fp.with_module(c.module, None);
+        let e = m.engine(threads)?;
+        say(&format!("evaluating {name}"));
+        let r = eval::evaluate(
+            &e,
+            Some(&fpe),
+            ids,
+            ctx,
+            windows,
+            wkvc_runtime::RunMode::DecodeEquivalent,
+            &mut |d, t| sp.set_message(format!("evaluating {name}: window {d}/{t}")),
+        )?;
+        let mem = compile::memory_plan(&m.module, m.config.max_position_embeddings);
+        sp.println(format!(
+            "{name}: ppl {:.4}, KLD {:.5}",
+            r.perplexity,
+            r.kld.unwrap_or(0.0)
+        ));
+        rows.push(serde_json::json!({"config": name, "perplexity": r.perplexity, "kld": r.kld, "weight_bytes": mem.weight_bytes, "kv_bytes_per_token": mem.kv_bytes_per_token, "tokens": r.tokens, "windows": r.windows}));
+    }
+    sp.finish_and_clear();
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"ctx": ctx, "calibration": data.source, "rows": rows})
+        );
+        return Ok(());
+    }
+    println!(
+        "Calibration for the smoothing rows: {}. Protocol: decode-equivalent, ctx {ctx}.\n",
+        data.source
+    );
+    println!("| config | perplexity | KLD vs FP | weight bytes | KV bytes/token |");
+    println!("|---|---:|---:|---:|---:|");
+    for r in &rows {
+        println!(
+            "| {} | {:.4} | {:.5} | {} | {} |",
+            r["config"].as_str().unwrap_or(""),
+            r["perplexity"].as_f64().unwrap_or(f64::NAN),
+            r["kld"].as_f64().unwrap_or(f64::NAN),
+            r["weight_bytes"],
+            r["kv_bytes_per_token"]
+        );
+    }
+    Ok(())
+}
 
 #[derive(Parser)]
 #[command(
@@ -20,6 +145,28 @@ struct Cli {
     verbose: u8,
     #[command(subcommand)]
     cmd: Cmd,
+}
+
+#[derive(clap::Args, Clone, Debug)]
+struct QuantArgs {
+    /// Weight bits (2..8); 16 keeps weights in full precision.
+    #[arg(long, default_value_t = 4)]
+    wbits: u32,
+    /// Input channels per weight group; -1 for one group per output channel.
+    #[arg(long, default_value_t = 128, allow_negative_numbers = true)]
+    wgroup: i64,
+    /// KV cache bits (2..8); 16 keeps the cache in full precision.
+    #[arg(long, default_value_t = 4)]
+    kvbits: u32,
+    /// Let every position read quantized K/V of itself too (the "without POQ" baseline).
+    #[arg(long)]
+    no_poq: bool,
+    /// No K/V channel smoothing.
+    #[arg(long)]
+    no_smooth: bool,
+    /// Weight quantization method.
+    #[arg(long, default_value = "rtn", value_parser = ["rtn"])]
+    method: String,
 }
 
 #[derive(Subcommand)]
@@ -54,12 +201,44 @@ enum Cmd {
         #[arg(long)]
         threads: Option<usize>,
     },
-    /// Measure perplexity on a text file.
+    /// Quantize a model (WKVQuant passes) into a self-contained plan file.
+    Compile {
+        /// A .gguf file or a Hugging Face model directory.
+        model: PathBuf,
+        /// The plan to write (written atomically).
+        #[arg(short, long)]
+        output: PathBuf,
+        #[command(flatten)]
+        q: QuantArgs,
+        /// Calibration text; without it, text is sampled from the FP model (data-free).
+        #[arg(long)]
+        calib: Option<PathBuf>,
+        /// Calibration tokens (default 8192 from --calib, 512 when sampling).
+        #[arg(long)]
+        calib_tokens: Option<usize>,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long)]
+        threads: Option<usize>,
+    },
+    /// Measure perplexity (and KL divergence) on a text file.
     Eval {
         model: PathBuf,
         /// Text file to score (read as UTF-8, tokenized whole, no special tokens).
         #[arg(long)]
         ppl: PathBuf,
+        /// Also report the mean KL divergence from this (FP) model's next-token distribution.
+        #[arg(long)]
+        kld_vs: Option<PathBuf>,
+        /// Compile the standard configurations of MODEL in memory and print a Markdown table.
+        #[arg(long)]
+        table: bool,
+        /// Calibration text for --table's smoothing rows (default: sampled from the model).
+        #[arg(long)]
+        calib: Option<PathBuf>,
+        /// KV protocol: decode (decode-equivalent, default) or prefill (own window in FP).
+        #[arg(long, default_value = "decode")]
+        protocol: String,
         /// Tokens per window.
         #[arg(long, default_value_t = 512)]
         ctx: usize,
@@ -210,19 +389,108 @@ fn real_main(cli: Cli) -> Result<()> {
                 stats.new_tokens as f64 / stats.decode_seconds.max(1e-9)
             );
         }
+        Cmd::Compile {
+            model,
+            output,
+            q,
+            calib,
+            calib_tokens,
+            seed,
+            threads: t,
+        } => {
+            let t0 = Instant::now();
+            let fp = open(&model)?;
+            let opts = compile_options(&q, calib, calib_tokens, seed, threads(t));
+            opts.validate()?;
+            let sp = spinner();
+            let mut say = |s: &str| sp.set_message(s.to_string());
+            let data = compile::calibration_data(&fp, &opts, &mut say)?;
+            if opts.calib.is_none() {
+                sp.println(format!(
+                    "calibration: no --calib given, using text {}",
+                    data.source
+                ));
+            }
+            let c = compile::quantize(&fp, &opts, Some(&data), &mut say)?;
+            say("measuring quality on held-out text");
+            let qm = fp.with_module(c.module.clone(), None);
+            let quality = compile::measure_quality(&fp, &qm, &data.held_out, opts.threads)?;
+            say("hashing the source model");
+            let sha = if model.is_file() {
+                wkvc_runtime::plan::file_sha256(&model)
+                    .with_context(|| format!("cannot read {}", model.display()))?
+            } else {
+                String::new()
+            };
+            let manifest = compile::manifest(&fp, &c, quality.clone(), sha);
+            let mem = manifest.memory.clone();
+            say("writing the plan");
+            let size = wkvc_runtime::plan::write(&output, &c.module, manifest)?;
+            sp.finish_and_clear();
+            let fp_mem = compile::memory_plan(&fp.module, fp.config.max_position_embeddings);
+            println!(
+                "wrote {} ({:.1} MiB) in {:.1}s",
+                output.display(),
+                size as f64 / 1048576.0,
+                t0.elapsed().as_secs_f64()
+            );
+            println!(
+                "  quantization  W{} (group {}) KV{} past-only {} smoothing {} method {}",
+                opts.wbits,
+                opts.wgroup,
+                opts.kvbits,
+                c.quant.past_only,
+                c.quant.smooth,
+                opts.method
+            );
+            println!("  calibration   {}", c.quant.calibration);
+            println!(
+                "  weights       {:.1} MiB -> {:.1} MiB",
+                fp_mem.weight_bytes as f64 / 1048576.0,
+                mem.weight_bytes as f64 / 1048576.0
+            );
+            println!(
+                "  KV cache      {} -> {} bytes/token ({:.1} MiB at {} tokens)",
+                fp_mem.kv_bytes_per_token,
+                mem.kv_bytes_per_token,
+                mem.kv_bytes_at_max_context as f64 / 1048576.0,
+                mem.max_context
+            );
+            println!(
+                "  quality       held-out ppl {:.3} (FP {:.3}), KLD vs FP {:.4} ({} tokens, decode-equivalent)",
+                quality["perplexity"].as_f64().unwrap_or(f64::NAN),
+                quality["perplexity_fp"].as_f64().unwrap_or(f64::NAN),
+                quality["kld_vs_fp"].as_f64().unwrap_or(f64::NAN),
+                quality["held_out_tokens"]
+            );
+        }
         Cmd::Eval {
             model,
             ppl,
+            kld_vs,
+            table,
+            calib,
+            protocol,
             ctx,
             windows,
             json,
             threads: t,
         } => {
+            let mode = match protocol.as_str() {
+                "decode" => wkvc_runtime::RunMode::DecodeEquivalent,
+                "prefill" => wkvc_runtime::RunMode::Prefill,
+                other => bail!("--protocol must be decode or prefill, got {other}"),
+            };
             let text = std::fs::read_to_string(&ppl)
                 .with_context(|| format!("cannot read {}", ppl.display()))?;
             let m = open(&model)?;
             let ids = m.tokenizer()?.encode(&text, false)?;
+            if table {
+                return quality_table(&m, &ids, ctx, windows, calib, threads(t), json);
+            }
             let engine = m.engine(threads(t))?;
+            let refm = kld_vs.as_ref().map(|p| open(p)).transpose()?;
+            let refe = refm.as_ref().map(|r| r.engine(threads(t))).transpose()?;
             let total = windows.map_or(ids.len() / ctx.max(1), |w| w.min(ids.len() / ctx.max(1)));
             let pb = ProgressBar::new(total as u64);
             pb.set_style(
@@ -230,9 +498,15 @@ fn real_main(cli: Cli) -> Result<()> {
                     .unwrap_or_else(|_| ProgressStyle::default_bar()),
             );
             pb.set_message("perplexity");
-            let r = eval::perplexity(&engine, &ids, ctx, windows, &mut |d, _| {
-                pb.set_position(d as u64)
-            })?;
+            let r = eval::evaluate(
+                &engine,
+                refe.as_ref(),
+                &ids,
+                ctx,
+                windows,
+                mode,
+                &mut |d, _| pb.set_position(d as u64),
+            )?;
             pb.finish_and_clear();
             if json {
                 let mut v = serde_json::to_value(&r)?;
@@ -241,9 +515,18 @@ fn real_main(cli: Cli) -> Result<()> {
                 println!("{v}");
             } else {
                 println!(
-                    "perplexity {:.4} over {} tokens ({} windows of {}), {:.1}s, {:.1} tokens/s",
-                    r.perplexity, r.tokens, r.windows, r.ctx, r.seconds, r.tokens_per_s
+                    "perplexity {:.4} over {} tokens ({} windows of {}, {}), {:.1}s, {:.1} tokens/s",
+                    r.perplexity, r.tokens, r.windows, r.ctx, r.protocol, r.seconds, r.tokens_per_s
                 );
+                if let Some(k) = r.kld {
+                    println!(
+                        "KL divergence from {}: {k:.5}",
+                        kld_vs
+                            .as_ref()
+                            .map(|p| p.display().to_string())
+                            .unwrap_or_default()
+                    );
+                }
             }
         }
         Cmd::Bench {

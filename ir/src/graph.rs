@@ -38,10 +38,17 @@ pub enum OpKind {
     Transpose,
     /// `concat(a, b, ..) {axis}`
     Concat,
+    /// `fake_quant(@w: f32[N,K], @gamma: f32[N,G], @beta: f32[N,G]) {bits, group}`: asymmetric
+    /// uniform quantize-dequantize per group of `group` input channels (-1: the whole row),
+    /// clipping range [beta*min, gamma*max], scale and zero rounded to f16 as stored.
+    FakeQuant,
+    /// `qlinear(x: f32[s,K], @codes: u4[N,K], @scales: f16[N,G], @zeros: f16[N,G] [, @b])
+    /// {bits, group}`: linear with packed weights, dequantized as (code - zero) * scale.
+    QLinear,
 }
 
 impl OpKind {
-    pub const ALL: [OpKind; 12] = [
+    pub const ALL: [OpKind; 14] = [
         OpKind::Embedding,
         OpKind::RmsNorm,
         OpKind::Linear,
@@ -54,6 +61,8 @@ impl OpKind {
         OpKind::Reshape,
         OpKind::Transpose,
         OpKind::Concat,
+        OpKind::FakeQuant,
+        OpKind::QLinear,
     ];
 
     pub fn name(self) -> &'static str {
@@ -70,6 +79,8 @@ impl OpKind {
             OpKind::Reshape => "reshape",
             OpKind::Transpose => "transpose",
             OpKind::Concat => "concat",
+            OpKind::FakeQuant => "fake_quant",
+            OpKind::QLinear => "qlinear",
         }
     }
 

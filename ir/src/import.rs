@@ -12,7 +12,6 @@ use crate::{Error, Module};
 use memmap2::Mmap;
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, HashMap};
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -62,11 +61,7 @@ fn io_err(path: &Path, e: std::io::Error) -> Error {
 }
 
 fn map_file(path: &Path) -> Result<Arc<Mmap>, Error> {
-    let f = File::open(path).map_err(|e| io_err(path, e))?;
-    // SAFETY: the file is opened read-only; wkvc never writes to a model it imports. A file
-    // modified by another process while mapped is outside what any mmap reader can defend.
-    let m = unsafe { Mmap::map(&f) }.map_err(|e| io_err(path, e))?;
-    Ok(Arc::new(m))
+    crate::weights::map_file(path).map_err(|e| io_err(path, e))
 }
 
 /// Import a model from a GGUF file or a Hugging Face directory.
@@ -856,7 +851,10 @@ fn load_safetensors(path: &Path, store: &mut WeightStore) -> Result<(), Error> {
         };
         let offset = view.data().as_ptr() as usize - base;
         let shape = view.shape().to_vec();
-        store.insert(name, Weight::mapped(shape, map.clone(), offset, dtype));
+        store.insert(
+            name,
+            Weight::mapped(shape, map.clone(), offset, dtype, DType::F32),
+        );
     }
     Ok(())
 }

@@ -5,6 +5,7 @@
 use crate::graph::{Attr, Graph, Node, OpKind, Operand};
 use crate::types::DType;
 use crate::{Error, Module};
+use half::f16;
 use rayon::prelude::*;
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
@@ -66,10 +67,43 @@ impl Tensor {
 /// K and V of one attention layer: `len` rows of `width` floats each.
 #[derive(Clone, Debug, Default)]
 struct LayerKv {
+    /// FP rows (a layer without KV quantization), `width` floats each
     k: Vec<f32>,
     v: Vec<f32>,
     /// floats per row (kv_heads * head_dim)
     width: usize,
+    /// bytes per row of packed codes; 0 for an FP layer
+    row_bytes: usize,
+    /// packed codes of the smoothed K/V (two per byte for <= 4 bits)
+    kc: Vec<u8>,
+    vc: Vec<u8>,
+    /// per (token, kv head): scale and zero, f16
+    kp: Vec<(f16, f16)>,
+    vp: Vec<(f16, f16)>,
+    heads: usize,
+}
+
+impl LayerKv {
+    fn rows(&self) -> usize {
+        if self.row_bytes > 0 {
+            self.kc.len() / self.row_bytes
+        } else if self.width > 0 {
+            self.k.len() / self.width
+        } else {
+            0
+        }
+    }
+}
+
+/// How a run treats the KV of the chunk it processes (DESIGN.md, runtime semantics).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunMode {
+    /// Prefill/decode: with past-only attention the chunk's own K/V are used in full precision
+    /// by the whole chunk; past tokens come from the (quantized) cache.
+    Prefill,
+    /// Parallel simulation of token-by-token decoding: position i reads quantized K/V of every
+    /// earlier position (also inside the chunk) and, with past-only, FP K/V of itself only.
+    DecodeEquivalent,
 }
 
 /// Full-precision KV cache for the `attention` op, one slot per `layer` attribute.
@@ -107,6 +141,10 @@ impl KvCache {
         for l in self.layers.values_mut() {
             l.k.truncate(n * l.width);
             l.v.truncate(n * l.width);
+            l.kc.truncate(n * l.row_bytes);
+            l.vc.truncate(n * l.row_bytes);
+            l.kp.truncate(n * l.heads);
+            l.vp.truncate(n * l.heads);
         }
         self.len = self.len.min(n);
     }
@@ -119,7 +157,12 @@ impl KvCache {
     pub fn bytes(&self) -> usize {
         self.layers
             .values()
-            .map(|l| 4 * (l.k.len() + l.v.len()))
+            .map(|l| {
+                4 * (l.k.len() + l.v.len())
+                    + l.kc.len()
+                    + l.vc.len()
+                    + 4 * (l.kp.len() + l.vp.len())
+            })
             .sum()
     }
 }
@@ -136,6 +179,10 @@ pub struct Interpreter<'a> {
     last_use: Vec<usize>,
     pool: rayon::ThreadPool,
     threads: usize,
+    /// Values of param-only nodes (fake-quantized weights), computed once.
+    consts: HashMap<u32, Vec<f32>>,
+    /// Dequantized weights of `qlinear` nodes, by node index.
+    qweights: HashMap<usize, Vec<f32>>,
 }
 
 impl<'a> Interpreter<'a> {
@@ -171,12 +218,50 @@ impl<'a> Interpreter<'a> {
             .num_threads(threads)
             .build()
             .map_err(|e| Error::Interp(format!("cannot start {threads} threads: {e}")))?;
+        let mut consts = HashMap::new();
+        let mut qweights = HashMap::new();
+        let p = |name: &Operand| -> Option<&[f32]> {
+            match name {
+                Operand::Param(n) => params.get(n.as_str()).map(|c| &c[..]),
+                Operand::Value(_) => None,
+            }
+        };
+        for (i, n) in graph.nodes.iter().enumerate() {
+            match n.op {
+                OpKind::FakeQuant => {
+                    if let (Some(w), Some(g), Some(b)) =
+                        (p(&n.args[0]), p(&n.args[1]), p(&n.args[2]))
+                    {
+                        let cols = n.ty.shape.last().and_then(|d| d.as_const()).unwrap_or(1);
+                        consts.insert(n.out.0, fake_quant_node(n, w, cols, g, b));
+                    }
+                }
+                OpKind::QLinear => {
+                    let (Some(c), Some(s), Some(z)) = (p(&n.args[1]), p(&n.args[2]), p(&n.args[3]))
+                    else {
+                        return Err(ierr(n, "qlinear operands 1..3 must be params"));
+                    };
+                    let cols = match &n.args[1] {
+                        Operand::Param(name) => graph
+                            .param(name)
+                            .and_then(|d| d.ty.shape.last().and_then(|x| x.as_const()))
+                            .unwrap_or(1),
+                        Operand::Value(_) => 1,
+                    };
+                    let group = n.int_attr("group").unwrap_or(-1);
+                    qweights.insert(i, crate::quant::dequantize_rows(c, cols, group, s, z));
+                }
+                _ => {}
+            }
+        }
         Ok(Interpreter {
             graph,
             params,
             last_use,
             pool,
             threads,
+            consts,
+            qweights,
         })
     }
 
@@ -191,8 +276,18 @@ impl<'a> Interpreter<'a> {
         inputs: &[(&str, Tensor)],
         cache: &mut KvCache,
     ) -> Result<BTreeMap<String, Tensor>, Error> {
+        self.run_mode(inputs, cache, RunMode::Prefill)
+    }
+
+    /// `run` with an explicit treatment of the chunk's own K/V.
+    pub fn run_mode(
+        &self,
+        inputs: &[(&str, Tensor)],
+        cache: &mut KvCache,
+        mode: RunMode,
+    ) -> Result<BTreeMap<String, Tensor>, Error> {
         let before = cache.len;
-        let r = self.pool.install(|| self.run_inner(inputs, cache));
+        let r = self.pool.install(|| self.run_inner(inputs, cache, mode));
         match r {
             Ok((out, seq)) => {
                 cache.len = before + seq;
@@ -211,6 +306,7 @@ impl<'a> Interpreter<'a> {
         &self,
         inputs: &[(&str, Tensor)],
         cache: &mut KvCache,
+        mode: RunMode,
     ) -> Result<(BTreeMap<String, Tensor>, usize), Error> {
         let g = self.graph;
         let mut binds: HashMap<String, usize> = HashMap::new();
@@ -272,11 +368,14 @@ impl<'a> Interpreter<'a> {
             });
         }
         for (i, node) in g.nodes.iter().enumerate() {
+            if self.consts.contains_key(&node.out.0) {
+                continue;
+            }
             let shape = node
                 .ty
                 .concrete(&|s| binds.get(s).copied())
                 .ok_or_else(|| ierr(node, "a symbol of the result type is unbound"))?;
-            let out = self.eval(node, &vals, shape, cache)?;
+            let out = self.eval(i, node, &vals, shape, cache, mode)?;
             for v in node.value_args() {
                 if self.last_use[v.0 as usize] == i {
                     vals[v.0 as usize] = None;
@@ -301,6 +400,7 @@ impl<'a> Interpreter<'a> {
         i: usize,
     ) -> Result<&'b [f32], Error> {
         match node.args.get(i) {
+            Some(Operand::Value(v)) if self.consts.contains_key(&v.0) => Ok(&self.consts[&v.0][..]),
             Some(Operand::Value(v)) => vals[v.0 as usize]
                 .as_ref()
                 .and_then(Tensor::as_f32)
@@ -316,10 +416,16 @@ impl<'a> Interpreter<'a> {
 
     fn arg_shape<'b>(&'b self, node: &Node, vals: &'b [Option<Tensor>], i: usize) -> Vec<usize> {
         match node.args.get(i) {
-            Some(Operand::Value(v)) => vals[v.0 as usize]
-                .as_ref()
-                .map(|t| t.shape.clone())
-                .unwrap_or_default(),
+            Some(Operand::Value(v)) => match vals[v.0 as usize].as_ref() {
+                Some(t) => t.shape.clone(),
+                None => self
+                    .graph
+                    .nodes
+                    .iter()
+                    .find(|n| n.out == *v)
+                    .and_then(|n| n.ty.concrete(&|_| None))
+                    .unwrap_or_default(),
+            },
             Some(Operand::Param(p)) => self
                 .graph
                 .param(p)
@@ -346,10 +452,12 @@ impl<'a> Interpreter<'a> {
 
     fn eval(
         &self,
+        index: usize,
         node: &Node,
         vals: &[Option<Tensor>],
         shape: Vec<usize>,
         cache: &mut KvCache,
+        mode: RunMode,
     ) -> Result<Tensor, Error> {
         let numel: usize = shape.iter().product();
         let last = shape.last().copied().unwrap_or(1).max(1);
@@ -431,7 +539,35 @@ impl<'a> Interpreter<'a> {
                 }
                 y
             }
-            OpKind::Attention => self.attention(node, vals, cache)?,
+            OpKind::Attention => self.attention(node, vals, cache, mode)?,
+            OpKind::FakeQuant => {
+                // Param-only: evaluated once at construction (consts); here only if some
+                // operand is a value.
+                let w = self.arg_f32(node, vals, 0)?;
+                let (g, b) = (self.arg_f32(node, vals, 1)?, self.arg_f32(node, vals, 2)?);
+                fake_quant_node(node, w, last, g, b)
+            }
+            OpKind::QLinear => {
+                let x = self.arg_f32(node, vals, 0)?;
+                let w = self
+                    .qweights
+                    .get(&index)
+                    .ok_or_else(|| ierr(node, "packed weights were not prepared"))?;
+                let k = *self.arg_shape(node, vals, 0).last().unwrap_or(&1);
+                let n = last;
+                let m = numel / n.max(1);
+                let mut y = vec![0f32; numel];
+                linear(x, w, &mut y, m, n, k, self.threads);
+                if node.args.len() > 4 {
+                    let b = self.arg_f32(node, vals, 4)?;
+                    for row in y.chunks_mut(n) {
+                        for (o, bb) in row.iter_mut().zip(b) {
+                            *o += bb;
+                        }
+                    }
+                }
+                y
+            }
             OpKind::Silu => {
                 let x = self.arg_f32(node, vals, 0)?;
                 x.iter().map(|&v| v / (1.0 + (-v).exp())).collect()
@@ -517,6 +653,7 @@ impl<'a> Interpreter<'a> {
         node: &Node,
         vals: &[Option<Tensor>],
         cache: &mut KvCache,
+        mode: RunMode,
     ) -> Result<Vec<f32>, Error> {
         let q = self.arg_f32(node, vals, 0)?;
         let k = self.arg_f32(node, vals, 1)?;
@@ -526,41 +663,110 @@ impl<'a> Interpreter<'a> {
         let hd = node.int_attr("head_dim").unwrap_or(1) as usize;
         let causal = node.bool_attr("causal").unwrap_or(true);
         let layer = node.int_attr("layer").unwrap_or(0);
+        let bits = node.int_attr("kv_bits").map(|b| b as u32);
+        let past_only = node.bool_attr("past_only").unwrap_or(false);
+        let smooth = if node.args.len() == 7 {
+            Some([
+                self.arg_f32(node, vals, 3)?,
+                self.arg_f32(node, vals, 4)?,
+                self.arg_f32(node, vals, 5)?,
+                self.arg_f32(node, vals, 6)?,
+            ])
+        } else {
+            None
+        };
         let kvw = kvh * hd;
         let s = q.len() / (h * hd);
         let past = cache.len;
+        let row_bytes = match bits {
+            Some(b) if b <= 4 => kvw.div_ceil(2),
+            Some(_) => kvw,
+            None => 0,
+        };
         let slot = cache.layers.entry(layer).or_default();
-        if slot.k.is_empty() {
+        if slot.rows() == 0 && slot.width == 0 {
             slot.width = kvw;
+            slot.row_bytes = row_bytes;
+            slot.heads = kvh;
         }
-        if slot.width != kvw || slot.k.len() != past * kvw {
+        if slot.width != kvw || slot.row_bytes != row_bytes || slot.rows() != past {
             return Err(ierr(
                 node,
-                format!(
-                    "KV cache slot holds {} rows, expected {past}",
-                    slot.k.len() / kvw.max(1)
-                ),
+                format!("KV cache slot holds {} rows, expected {past}", slot.rows()),
             ));
         }
-        slot.k.extend_from_slice(k);
-        slot.v.extend_from_slice(v);
-        let (kall, vall) = (&slot.k[..], &slot.v[..]);
+        // Keys/values as attention reads them: past rows from the cache, then the chunk's rows
+        // in full precision (fp) and as they come back from the cache (deq).
+        let (kall, vall, kdeq, vdeq) = match bits {
+            None => {
+                slot.k.extend_from_slice(k);
+                slot.v.extend_from_slice(v);
+                (
+                    Cow::Borrowed(&slot.k[..]),
+                    Cow::Borrowed(&slot.v[..]),
+                    None,
+                    None,
+                )
+            }
+            Some(b) => {
+                let (ks, kd) = (smooth.map(|x| (x[0], x[1])), smooth.map(|x| (x[2], x[3])));
+                let (kc, kp, kq) = quantize_kv(k, kvh, hd, b, ks);
+                let (vc, vp, vq) = quantize_kv(v, kvh, hd, b, kd);
+                let mut kall = dequantize_kv(&slot.kc, &slot.kp, kvh, hd, b, ks);
+                let mut vall = dequantize_kv(&slot.vc, &slot.vp, kvh, hd, b, kd);
+                slot.kc.extend_from_slice(&kc);
+                slot.vc.extend_from_slice(&vc);
+                slot.kp.extend_from_slice(&kp);
+                slot.vp.extend_from_slice(&vp);
+                kall.extend_from_slice(k);
+                vall.extend_from_slice(v);
+                (Cow::Owned(kall), Cow::Owned(vall), Some(kq), Some(vq))
+            }
+        };
+        // Does chunk position j (as seen by chunk query i) read the quantized value?
+        let quantized = |i: usize, j: usize| -> bool {
+            if bits.is_none() {
+                return false;
+            }
+            if j == i || mode == RunMode::Prefill {
+                !past_only
+            } else {
+                true
+            }
+        };
         let total = past + s;
         let group = h / kvh;
         let scale = 1.0 / (hd as f32).sqrt();
         let mut out = vec![0f32; s * h * hd];
-        // One task per (query row, head).
+        let (kdeq, vdeq) = (kdeq.as_deref(), vdeq.as_deref());
         out.par_chunks_mut(hd).enumerate().for_each(|(idx, o)| {
             let (i, head) = (idx / h, idx % h);
             let kh = head / group;
             let qr = &q[i * h * hd + head * hd..][..hd];
             let n = if causal { past + i + 1 } else { total };
+            fn pick<'a>(
+                all: &'a [f32],
+                deq: Option<&'a [f32]>,
+                quant: bool,
+                j: usize,
+                past: usize,
+                off: usize,
+                kvw: usize,
+                hd: usize,
+            ) -> &'a [f32] {
+                match deq {
+                    Some(d) if quant => &d[(j - past) * kvw + off..][..hd],
+                    _ => &all[j * kvw + off..][..hd],
+                }
+            }
+            let off = kh * hd;
+            let qz = |j: usize| j >= past && quantized(i, j - past);
             let mut sc: Vec<f32> = (0..n)
-                .map(|j| dot(qr, &kall[j * kvw + kh * hd..][..hd]) * scale)
+                .map(|j| dot(qr, pick(&kall, kdeq, qz(j), j, past, off, kvw, hd)) * scale)
                 .collect();
             softmax_in_place(&mut sc);
             for (j, &p) in sc.iter().enumerate() {
-                let vr = &vall[j * kvw + kh * hd..][..hd];
+                let vr = pick(&vall, vdeq, qz(j), j, past, off, kvw, hd);
                 for (a, &b) in o.iter_mut().zip(vr) {
                     *a += p * b;
                 }
@@ -568,6 +774,101 @@ impl<'a> Interpreter<'a> {
         });
         Ok(out)
     }
+}
+
+/// Smooth ((x - shift) / scale per channel), quantize per (token, head); returns packed codes,
+/// per-group (scale, zero) and the dequantized, unsmoothed values.
+fn quantize_kv(
+    x: &[f32],
+    heads: usize,
+    hd: usize,
+    bits: u32,
+    smooth: Option<(&[f32], &[f32])>,
+) -> (Vec<u8>, Vec<(f16, f16)>, Vec<f32>) {
+    let w = heads * hd;
+    let rows = x.len() / w;
+    let mut codes = vec![0u8; x.len()];
+    let mut params = Vec::with_capacity(rows * heads);
+    let mut xs = x.to_vec();
+    if let Some((sh, sc)) = smooth {
+        for r in xs.chunks_mut(w) {
+            for ((v, a), b) in r.iter_mut().zip(sh).zip(sc) {
+                *v = (*v - a) / b;
+            }
+        }
+    }
+    for (xg, cg) in xs.chunks(hd).zip(codes.chunks_mut(hd)) {
+        params.push(crate::quant::quantize_group(xg, bits, cg));
+    }
+    let packed = if bits <= 4 {
+        crate::quant::pack_u4(&codes, w)
+    } else {
+        codes.clone()
+    };
+    let deq = dequantize_codes(&codes, &params, heads, hd, smooth);
+    (packed, params, deq)
+}
+
+fn dequantize_codes(
+    codes: &[u8],
+    params: &[(f16, f16)],
+    heads: usize,
+    hd: usize,
+    smooth: Option<(&[f32], &[f32])>,
+) -> Vec<f32> {
+    let w = heads * hd;
+    let mut out: Vec<f32> = codes
+        .chunks(hd)
+        .zip(params)
+        .flat_map(|(c, (s, z))| {
+            let (s, z) = (s.to_f32(), z.to_f32());
+            c.iter().map(move |&q| (q as f32 - z) * s)
+        })
+        .collect();
+    if let Some((sh, sc)) = smooth {
+        for r in out.chunks_mut(w) {
+            for ((v, a), b) in r.iter_mut().zip(sh).zip(sc) {
+                *v = *v * b + a;
+            }
+        }
+    }
+    out
+}
+
+/// The cache's packed rows back to f32 (unsmoothed).
+fn dequantize_kv(
+    packed: &[u8],
+    params: &[(f16, f16)],
+    heads: usize,
+    hd: usize,
+    bits: u32,
+    smooth: Option<(&[f32], &[f32])>,
+) -> Vec<f32> {
+    let w = heads * hd;
+    let codes: Vec<u8> = if bits <= 4 {
+        let rb = w.div_ceil(2);
+        packed
+            .chunks(rb)
+            .flat_map(|r| {
+                (0..w).map(move |c| {
+                    if c % 2 == 0 {
+                        r[c / 2] & 0x0F
+                    } else {
+                        r[c / 2] >> 4
+                    }
+                })
+            })
+            .collect()
+    } else {
+        packed.to_vec()
+    };
+    dequantize_codes(&codes, params, heads, hd, smooth)
+}
+
+fn fake_quant_node(node: &Node, w: &[f32], cols: usize, gamma: &[f32], beta: &[f32]) -> Vec<f32> {
+    let bits = node.int_attr("bits").unwrap_or(4) as u32;
+    let group = node.int_attr("group").unwrap_or(-1);
+    crate::quant::fake_quant_rows(w, cols, bits, group, gamma, beta)
 }
 
 impl Tensor {

@@ -8,6 +8,7 @@ pub mod gguf;
 pub mod graph;
 pub mod import;
 pub mod interp;
+pub mod quant;
 pub mod text;
 pub mod types;
 pub mod verify;
@@ -15,7 +16,7 @@ pub mod weights;
 
 pub use config::{ModelConfig, RopeScaling};
 pub use graph::{Attr, Attrs, Builder, Graph, Node, OpKind, Operand, ValueId};
-pub use interp::{Interpreter, KvCache, Tensor, TensorData};
+pub use interp::{Interpreter, KvCache, RunMode, Tensor, TensorData};
 pub use types::{DType, Dim, TensorType};
 pub use weights::{Weight, WeightStore};
 

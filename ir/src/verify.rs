@@ -185,6 +185,23 @@ fn numel_key(shape: &[Dim]) -> (usize, Vec<String>) {
     (c, syms)
 }
 
+/// Number of quantization groups per row of `cols` input channels (`bits`, `group` attrs).
+fn quant_groups(n: &Node, cols: &Dim) -> Result<usize, String> {
+    let bits = need_int(n, "bits")?;
+    if !(2..=8).contains(&bits) {
+        return Err(format!("bits must be in 2..=8, found {bits}"));
+    }
+    let group = need_int(n, "group")?;
+    let cols = cols
+        .as_const()
+        .ok_or("quantized weights need constant columns")?;
+    match group {
+        -1 => Ok(1),
+        g if g > 0 => Ok(cols.div_ceil(g as usize)),
+        g => Err(format!("group must be positive or -1, found {g}")),
+    }
+}
+
 /// The result type of a node from its operand types and attributes.
 pub fn infer(n: &Node, a: &[TensorType]) -> Result<TensorType, String> {
     match n.op {
@@ -280,10 +297,23 @@ pub fn infer(n: &Node, a: &[TensorType]) -> Result<TensorType, String> {
             Ok(a[0].clone())
         }
         OpKind::Attention => {
-            arity(a, 3, 3)?;
+            if a.len() != 3 && a.len() != 7 {
+                return Err(format!(
+                    "takes 3 operands (q, k, v) or 7 (with K/V smoothing shift and scale), found {}",
+                    a.len()
+                ));
+            }
             for (t, w) in a.iter().zip(["q", "k", "v"]) {
                 f32_arg(t, w)?;
                 rank(t, 2, w)?;
+            }
+            if let Some(b) = n.int_attr("kv_bits")
+                && !(2..=8).contains(&b)
+            {
+                return Err(format!("kv_bits must be in 2..=8, found {b}"));
+            }
+            if n.attr("past_only").is_some() && n.bool_attr("past_only").is_none() {
+                return Err("attribute `past_only` must be a bool".into());
             }
             let h = need_pos(n, "heads")?;
             let kvh = need_pos(n, "kv_heads")?;
@@ -307,6 +337,15 @@ pub fn infer(n: &Node, a: &[TensorType]) -> Result<TensorType, String> {
             )?;
             dim_eq(&a[1].shape[1], &Dim::Const(kvh * hd), "k columns")?;
             dim_eq(&a[2].shape[1], &Dim::Const(kvh * hd), "v columns")?;
+            for (t, w) in a
+                .iter()
+                .skip(3)
+                .zip(["k_shift", "k_scale", "v_shift", "v_scale"])
+            {
+                f32_arg(t, w)?;
+                rank(t, 1, w)?;
+                dim_eq(&t.shape[0], &Dim::Const(kvh * hd), w)?;
+            }
             if n.bool_attr("causal").is_none() {
                 return Err("missing bool attribute `causal`".into());
             }
@@ -356,6 +395,51 @@ pub fn infer(n: &Node, a: &[TensorType]) -> Result<TensorType, String> {
                 .map(|&p| a[0].shape[p as usize].clone())
                 .collect();
             Ok(TensorType::new(a[0].dtype, shape))
+        }
+        OpKind::FakeQuant => {
+            arity(a, 3, 3)?;
+            for (t, w) in a.iter().zip(["weight", "gamma", "beta"]) {
+                f32_arg(t, w)?;
+                rank(t, 2, w)?;
+            }
+            let (rows, cols) = (&a[0].shape[0], &a[0].shape[1]);
+            let g = quant_groups(n, cols)?;
+            for t in &a[1..] {
+                dim_eq(&t.shape[0], rows, "clipping rows vs weight rows")?;
+                dim_eq(&t.shape[1], &Dim::Const(g), "clipping groups")?;
+            }
+            Ok(a[0].clone())
+        }
+        OpKind::QLinear => {
+            arity(a, 4, 5)?;
+            f32_arg(&a[0], "x")?;
+            if a[1].dtype != DType::U4 {
+                return Err(format!("codes must be u4, found {}", a[1]));
+            }
+            rank(&a[1], 2, "codes")?;
+            let k = a[0].last_dim().ok_or("x must have rank >= 1")?;
+            dim_eq(k, &a[1].shape[1], "x last dim vs codes columns")?;
+            let g = quant_groups(n, &a[1].shape[1])?;
+            for (t, w) in a[2..4].iter().zip(["scales", "zeros"]) {
+                if t.dtype != DType::F16 {
+                    return Err(format!("{w} must be f16, found {t}"));
+                }
+                rank(t, 2, w)?;
+                dim_eq(&t.shape[0], &a[1].shape[0], w)?;
+                dim_eq(&t.shape[1], &Dim::Const(g), w)?;
+            }
+            if need_int(n, "bits")? > 4 {
+                return Err("packed u4 codes hold at most 4 bits".into());
+            }
+            if a.len() == 5 {
+                f32_arg(&a[4], "bias")?;
+                rank(&a[4], 1, "bias")?;
+                dim_eq(&a[4].shape[0], &a[1].shape[0], "bias vs rows")?;
+            }
+            let mut shape = a[0].shape.clone();
+            let last = shape.len() - 1;
+            shape[last] = a[1].shape[0].clone();
+            Ok(TensorType::f32(shape))
         }
         OpKind::Concat => {
             if a.is_empty() {

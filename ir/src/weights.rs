@@ -1,4 +1,6 @@
-//! Named parameters: owned f32 (dequantized GGUF) or memory-mapped safetensors data.
+//! Named parameters: owned or memory-mapped, in f32 or a storage dtype (f16 scales, packed u4
+//! codes). Checkpoint floats (f16/bf16 safetensors) are widened to f32 on read, so the graph
+//! sees them as f32.
 
 use crate::types::{DType, Dim, TensorType};
 use half::{bf16, f16};
@@ -9,12 +11,13 @@ use std::sync::Arc;
 
 #[derive(Clone, Debug)]
 enum Data {
-    Owned(Arc<Vec<f32>>),
-    /// `len` elements of `dtype` at `offset` in the map, little endian.
+    F32(Arc<Vec<f32>>),
+    /// Raw little-endian bytes in `stored` dtype.
+    Bytes(Arc<Vec<u8>>),
+    /// Bytes at `offset` in a mapped file.
     Mapped {
         map: Arc<Mmap>,
         offset: usize,
-        dtype: DType,
     },
 }
 
@@ -22,6 +25,10 @@ enum Data {
 #[derive(Clone, Debug)]
 pub struct Weight {
     pub shape: Vec<usize>,
+    /// The dtype the graph sees.
+    dtype: DType,
+    /// The dtype of the stored bytes (f16/bf16 checkpoint data is seen as f32).
+    stored: DType,
     data: Data,
 }
 
@@ -30,15 +37,48 @@ impl Weight {
         debug_assert_eq!(shape.iter().product::<usize>(), data.len());
         Weight {
             shape,
-            data: Data::Owned(Arc::new(data)),
+            dtype: DType::F32,
+            stored: DType::F32,
+            data: Data::F32(Arc::new(data)),
+        }
+    }
+
+    /// f16 values, stored as f16 and seen as f16 by the graph (quantization scales).
+    pub fn from_f16(shape: Vec<usize>, data: &[f16]) -> Weight {
+        Weight {
+            shape,
+            dtype: DType::F16,
+            stored: DType::F16,
+            data: Data::Bytes(Arc::new(
+                data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            )),
+        }
+    }
+
+    /// Raw bytes of `dtype` (u4: two codes per byte, low nibble first, rows padded to bytes).
+    pub fn from_bytes(shape: Vec<usize>, dtype: DType, bytes: Vec<u8>) -> Weight {
+        Weight {
+            shape,
+            dtype,
+            stored: dtype,
+            data: Data::Bytes(Arc::new(bytes)),
         }
     }
 
     /// A view into a mapped file; the caller has checked that the byte range is in bounds.
-    pub(crate) fn mapped(shape: Vec<usize>, map: Arc<Mmap>, offset: usize, dtype: DType) -> Weight {
+    /// `seen_as` is the graph dtype (f32 for checkpoint floats, else `stored`).
+    pub(crate) fn mapped(
+        shape: Vec<usize>,
+        map: Arc<Mmap>,
+        offset: usize,
+        stored: DType,
+        seen_as: DType,
+    ) -> Weight {
         Weight {
             shape,
-            data: Data::Mapped { map, offset, dtype },
+            dtype: seen_as,
+            stored,
+            data: Data::Mapped { map, offset },
         }
     }
 
@@ -46,67 +86,108 @@ impl Weight {
         self.shape.iter().product()
     }
 
-    /// The dtype the graph sees (always f32 for now: f16/bf16 are widened on read).
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
     pub fn ty(&self) -> TensorType {
         TensorType::new(
-            DType::F32,
+            self.dtype,
             self.shape.iter().map(|&d| Dim::Const(d)).collect(),
         )
     }
 
-    /// Storage dtype of the data (f16/bf16 for mapped half-precision checkpoints).
+    /// Storage dtype of the data.
     pub fn storage_dtype(&self) -> DType {
-        match &self.data {
-            Data::Owned(_) => DType::F32,
-            Data::Mapped { dtype, .. } => *dtype,
-        }
+        self.stored
     }
 
-    /// Bytes the data occupies where it is stored.
+    /// Bytes of storage: u4 rows are padded to whole bytes.
     pub fn storage_bytes(&self) -> usize {
-        self.storage_dtype().bytes_for(self.numel())
+        storage_bytes(self.stored, &self.shape)
     }
 
-    /// The values as f32: borrowed when stored as aligned f32, converted otherwise.
-    pub fn f32(&self) -> Cow<'_, [f32]> {
-        let n = self.numel();
+    /// The stored bytes (f32 weights as little-endian bytes).
+    pub fn bytes(&self) -> Cow<'_, [u8]> {
         match &self.data {
-            Data::Owned(v) => Cow::Borrowed(&v[..]),
-            Data::Mapped { map, offset, dtype } => {
-                let bytes = &map[*offset..*offset + dtype.bytes_for(n)];
-                match dtype {
-                    DType::F32 => {
-                        // SAFETY: f32 has no invalid bit patterns; align_to only yields the
-                        // aligned middle, which is the whole slice when the data is aligned.
-                        let (pre, mid, post) = unsafe { bytes.align_to::<f32>() };
-                        if pre.is_empty() && post.is_empty() && cfg!(target_endian = "little") {
-                            Cow::Borrowed(mid)
-                        } else {
-                            Cow::Owned(
-                                bytes
-                                    .chunks_exact(4)
-                                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                                    .collect(),
-                            )
-                        }
-                    }
-                    DType::F16 => Cow::Owned(
-                        bytes
-                            .chunks_exact(2)
-                            .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
-                            .collect(),
-                    ),
-                    DType::BF16 => Cow::Owned(
-                        bytes
-                            .chunks_exact(2)
-                            .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
-                            .collect(),
-                    ),
-                    // Import only creates mapped weights of float dtypes.
-                    _ => Cow::Owned(vec![0.0; 0]),
-                }
+            Data::F32(v) => Cow::Owned(v.iter().flat_map(|x| x.to_le_bytes()).collect()),
+            Data::Bytes(b) => Cow::Borrowed(&b[..]),
+            Data::Mapped { map, offset } => {
+                Cow::Borrowed(&map[*offset..*offset + self.storage_bytes()])
             }
         }
+    }
+
+    /// The values as f32: borrowed when stored as aligned f32, converted otherwise. Packed
+    /// u4 codes come back as their integer values 0..15.
+    pub fn f32(&self) -> Cow<'_, [f32]> {
+        if let Data::F32(v) = &self.data {
+            return Cow::Borrowed(&v[..]);
+        }
+        let bytes: &[u8] = match &self.data {
+            Data::Bytes(b) => b,
+            Data::Mapped { map, offset } => &map[*offset..*offset + self.storage_bytes()],
+            Data::F32(_) => &[],
+        };
+        match self.stored {
+            DType::F32 => {
+                // SAFETY: f32 has no invalid bit patterns; align_to yields the aligned middle.
+                let (pre, mid, post) = unsafe { bytes.align_to::<f32>() };
+                if pre.is_empty() && post.is_empty() && cfg!(target_endian = "little") {
+                    Cow::Borrowed(mid)
+                } else {
+                    Cow::Owned(
+                        bytes
+                            .chunks_exact(4)
+                            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                            .collect(),
+                    )
+                }
+            }
+            DType::F16 => Cow::Owned(
+                bytes
+                    .chunks_exact(2)
+                    .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
+                    .collect(),
+            ),
+            DType::BF16 => Cow::Owned(
+                bytes
+                    .chunks_exact(2)
+                    .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                    .collect(),
+            ),
+            DType::I32 => Cow::Owned(
+                bytes
+                    .chunks_exact(4)
+                    .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f32)
+                    .collect(),
+            ),
+            DType::I8 => Cow::Owned(bytes.iter().map(|&b| b as i8 as f32).collect()),
+            DType::U4 => {
+                let cols = self.shape.last().copied().unwrap_or(1);
+                let row_bytes = cols.div_ceil(2);
+                let mut out = Vec::with_capacity(self.numel());
+                for row in bytes.chunks(row_bytes.max(1)) {
+                    for c in 0..cols {
+                        let b = row[c / 2];
+                        out.push(if c % 2 == 0 { b & 0x0F } else { b >> 4 } as f32);
+                    }
+                }
+                Cow::Owned(out)
+            }
+        }
+    }
+}
+
+/// Storage bytes of a tensor: u4 rows (last dim) are padded to whole bytes.
+pub fn storage_bytes(dtype: DType, shape: &[usize]) -> usize {
+    match dtype {
+        DType::U4 => {
+            let cols = shape.last().copied().unwrap_or(1);
+            let rows: usize = shape[..shape.len().saturating_sub(1)].iter().product();
+            rows * cols.div_ceil(2)
+        }
+        d => d.bytes_for(shape.iter().product()),
     }
 }
 
@@ -156,4 +237,23 @@ impl WeightStore {
     pub fn total_params(&self) -> usize {
         self.map.values().map(Weight::numel).sum()
     }
+
+    pub fn total_storage_bytes(&self) -> usize {
+        self.map.values().map(Weight::storage_bytes).sum()
+    }
+}
+
+/// Memory-map a file read-only.
+pub fn map_file(path: &std::path::Path) -> std::io::Result<Arc<Mmap>> {
+    let f = std::fs::File::open(path)?;
+    // SAFETY: the file is opened read-only; wkvc never writes to a file it maps. A file
+    // modified by another process while mapped is outside what any mmap reader can defend.
+    let m = unsafe { Mmap::map(&f) }?;
+    Ok(Arc::new(m))
+}
+
+/// A weight viewing its bytes at `offset` of a mapped file, seen as `stored` (the caller
+/// has checked that the byte range is in bounds).
+pub fn mapped_weight(shape: Vec<usize>, map: Arc<Mmap>, offset: usize, stored: DType) -> Weight {
+    Weight::mapped(shape, map, offset, stored, stored)
 }

@@ -1,8 +1,9 @@
 //! wkvc-passes owns IR-to-IR transformation: the `Pass` trait, the pass manager (which runs
 //! the verifier after every pass and records a report per pass), and the passes themselves.
-//! For now: dead-code elimination (unused nodes, inputs and params). The quantization passes
-//! of DESIGN.md (weight quant, KV smoothing/quant, past-only, calibration, lowering) build on
-//! this manager.
+//! Passes: dead-code elimination, and the WKVQuant rewrites in `quant` (weight fake
+//! quantization, KV smoothing, KV quantization, past-only attention, int4 packing).
+
+pub mod quant;
 
 use std::collections::{BTreeMap, HashSet};
 use std::time::Instant;

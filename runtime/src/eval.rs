@@ -1,11 +1,17 @@
-//! Perplexity evaluation: consecutive non-overlapping windows, each an independent sequence.
+//! Perplexity and KL divergence: consecutive non-overlapping windows of `ctx` tokens, each an
+//! independent sequence; tokens 1..ctx-1 of each window are scored. By default the model runs
+//! the decode-equivalent protocol (DESIGN.md): every position attends to quantized K/V of all
+//! earlier positions and (with past-only) FP K/V of itself, exactly as token-by-token decoding.
 
 use crate::{Engine, RuntimeError};
+use wkvc_ir::RunMode;
 
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct PplReport {
     pub perplexity: f64,
     pub mean_nll: f64,
+    /// Mean KL(P_ref || P_model) over the scored positions, when a reference model was given.
+    pub kld: Option<f64>,
     /// Predictions scored.
     pub tokens: usize,
     pub windows: usize,
@@ -13,6 +19,7 @@ pub struct PplReport {
     pub seconds: f64,
     /// Tokens run through the model per second.
     pub tokens_per_s: f64,
+    pub protocol: String,
 }
 
 /// -log softmax(logits)[target], in f64.
@@ -22,13 +29,32 @@ pub fn nll(logits: &[f32], target: usize) -> f64 {
     m + s.ln() - logits[target] as f64
 }
 
+fn log_softmax(x: &[f32]) -> Vec<f64> {
+    let m = x.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let lse = m + x.iter().map(|&l| (l as f64 - m).exp()).sum::<f64>().ln();
+    x.iter().map(|&l| l as f64 - lse).collect()
+}
+
+/// KL(P || Q) of two next-token distributions given as logits.
+pub fn kl_divergence(p_logits: &[f32], q_logits: &[f32]) -> f64 {
+    let lp = log_softmax(p_logits);
+    let lq = log_softmax(q_logits);
+    lp.iter()
+        .zip(&lq)
+        .map(|(a, b)| a.exp() * (a - b))
+        .sum::<f64>()
+        .max(0.0)
+}
+
 /// Score tokens 1..ctx-1 of each window of `ctx` tokens of `ids` (at most `max_windows`
-/// windows); `progress(done, total)` is called after each window.
-pub fn perplexity(
+/// windows); with `reference`, also the mean KL divergence from its distributions.
+pub fn evaluate(
     engine: &Engine<'_>,
+    reference: Option<&Engine<'_>>,
     ids: &[u32],
     ctx: usize,
     max_windows: Option<usize>,
+    mode: RunMode,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<PplReport, RuntimeError> {
     if ctx < 2 {
@@ -45,9 +71,16 @@ pub fn perplexity(
         )));
     }
     let vocab = engine.vocab_size();
+    if let Some(r) = reference
+        && r.vocab_size() != vocab
+    {
+        return Err(RuntimeError::Invalid(format!(
+            "the reference model has {} tokens, this model {vocab}: not the same vocabulary",
+            r.vocab_size()
+        )));
+    }
     let t0 = std::time::Instant::now();
-    let mut sum = 0f64;
-    let mut count = 0usize;
+    let (mut sum, mut kl, mut count) = (0f64, 0f64, 0usize);
     let mut session = engine.session(ctx);
     if session.max_ctx() < ctx {
         return Err(RuntimeError::Invalid(format!(
@@ -55,12 +88,24 @@ pub fn perplexity(
             session.max_ctx()
         )));
     }
+    let mut rsession = reference.map(|r| r.session(ctx));
     for w in 0..windows {
         let win = &ids[w * ctx..(w + 1) * ctx];
         session.reset();
-        let logits = session.forward(win)?;
+        let logits = session.forward_mode(win, mode)?;
+        let rlogits = match rsession.as_mut() {
+            Some(rs) => {
+                rs.reset();
+                Some(rs.forward_mode(win, RunMode::DecodeEquivalent)?)
+            }
+            None => None,
+        };
         for t in 0..ctx - 1 {
-            sum += nll(&logits[t * vocab..(t + 1) * vocab], win[t + 1] as usize);
+            let row = &logits[t * vocab..(t + 1) * vocab];
+            sum += nll(row, win[t + 1] as usize);
+            if let Some(r) = &rlogits {
+                kl += kl_divergence(&r[t * vocab..(t + 1) * vocab], row);
+            }
             count += 1;
         }
         progress(w + 1, windows);
@@ -70,10 +115,34 @@ pub fn perplexity(
     Ok(PplReport {
         perplexity: mean.exp(),
         mean_nll: mean,
+        kld: reference.map(|_| kl / count as f64),
         tokens: count,
         windows,
         ctx,
         seconds,
         tokens_per_s: (windows * ctx) as f64 / seconds.max(1e-9),
+        protocol: match mode {
+            RunMode::DecodeEquivalent => "decode-equivalent".into(),
+            RunMode::Prefill => "prefill".into(),
+        },
     })
+}
+
+/// Perplexity with the decode-equivalent protocol and no reference.
+pub fn perplexity(
+    engine: &Engine<'_>,
+    ids: &[u32],
+    ctx: usize,
+    max_windows: Option<usize>,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<PplReport, RuntimeError> {
+    evaluate(
+        engine,
+        None,
+        ids,
+        ctx,
+        max_windows,
+        RunMode::DecodeEquivalent,
+        progress,
+    )
 }

@@ -2,11 +2,14 @@
 //! sessions with a KV cache (prefill, decode), sampling, the tokenizer and chat template, and
 //! perplexity evaluation and benchmarking.
 
+pub mod compile;
 pub mod eval;
+pub mod plan;
 pub mod sample;
 pub mod tokenizer;
 
 use std::path::Path;
+pub use wkvc_ir::RunMode;
 use wkvc_ir::import::{self, Source};
 use wkvc_ir::{Interpreter, KvCache, ModelConfig, Module, Tensor};
 
@@ -21,6 +24,10 @@ pub enum RuntimeError {
     Tokenizer(String),
     #[error("chat template: {0}")]
     Template(String),
+    #[error("plan {0}")]
+    Plan(String),
+    #[error(transparent)]
+    Pass(#[from] wkvc_passes::PassError),
     #[error("{0}")]
     Invalid(String),
 }
@@ -31,11 +38,31 @@ pub struct Model {
     pub config: ModelConfig,
     pub tokenizer: Option<Tokenizer>,
     pub source: Source,
+    /// The manifest when the model is a compiled plan.
+    pub plan: Option<plan::Manifest>,
 }
 
 impl Model {
-    /// Open a GGUF file or a Hugging Face directory.
+    /// Open a compiled plan, a GGUF file or a Hugging Face directory.
     pub fn open(path: &Path) -> Result<Model, RuntimeError> {
+        if path.is_file() && plan::is_plan(path) {
+            let (module, manifest) = plan::open(path)?;
+            let tokenizer = match manifest.tokenizer.clone() {
+                Some(spec) => Some(Tokenizer::from_spec(spec)?),
+                None => None,
+            };
+            let mut source = manifest.source.clone();
+            source.path = path.to_path_buf();
+            source.format = "plan".into();
+            source.file_bytes = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+            return Ok(Model {
+                module,
+                config: manifest.config.clone(),
+                tokenizer,
+                source,
+                plan: Some(manifest),
+            });
+        }
         let imp = import::import(path)?;
         let tokenizer = match imp.tokenizer {
             Some(spec) => Some(Tokenizer::from_spec(spec)?),
@@ -46,7 +73,19 @@ impl Model {
             config: imp.config,
             tokenizer,
             source: imp.source,
+            plan: None,
         })
+    }
+
+    /// The same model with another module (a compiled variant of this one).
+    pub fn with_module(&self, module: Module, plan: Option<plan::Manifest>) -> Model {
+        Model {
+            module,
+            config: self.config.clone(),
+            tokenizer: self.tokenizer.clone(),
+            source: self.source.clone(),
+            plan,
+        }
     }
 
     pub fn tokenizer(&self) -> Result<&Tokenizer, RuntimeError> {
@@ -118,9 +157,19 @@ impl Session<'_, '_> {
         self.cache.clear();
     }
 
+    /// Bytes the KV cache holds now.
+    pub fn kv_bytes(&self) -> usize {
+        self.cache.bytes()
+    }
+
     /// Run `ids` after what the cache holds; returns logits `[ids.len(), vocab]` row-major.
     /// Out-of-range ids or a context overflow are errors that leave the session unchanged.
     pub fn forward(&mut self, ids: &[u32]) -> Result<Vec<f32>, RuntimeError> {
+        self.forward_mode(ids, RunMode::Prefill)
+    }
+
+    /// `forward` with an explicit KV protocol (decode-equivalent for evaluation).
+    pub fn forward_mode(&mut self, ids: &[u32], mode: RunMode) -> Result<Vec<f32>, RuntimeError> {
         if ids.is_empty() {
             return Err(RuntimeError::Invalid("no tokens to run".into()));
         }
@@ -136,12 +185,13 @@ impl Session<'_, '_> {
         let toks: Vec<i32> = ids.iter().map(|&t| t as i32).collect();
         let pos: Vec<i32> = (0..ids.len()).map(|i| (past + i) as i32).collect();
         let n = ids.len();
-        let mut out = self.engine.interp.run(
+        let mut out = self.engine.interp.run_mode(
             &[
                 ("tokens", Tensor::i32(vec![n], toks)),
                 ("positions", Tensor::i32(vec![n], pos)),
             ],
             &mut self.cache,
+            mode,
         )?;
         out.remove("logits")
             .and_then(Tensor::into_f32)

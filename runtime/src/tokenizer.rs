@@ -5,6 +5,7 @@ use std::str::FromStr;
 use wkvc_ir::import::TokenizerSpec;
 
 /// A loaded tokenizer plus what generation needs (special ids, chat template).
+#[derive(Clone)]
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     pub spec: TokenizerSpec,

@@ -1,0 +1,490 @@
+//! The WKVQuant rewrites: weight fake quantization, KV smoothing, KV quantization,
+//! past-only attention, and packing to real int4 storage.
+
+use crate::{Pass, PassError, PassReport};
+use half::f16;
+use std::collections::BTreeMap;
+use wkvc_ir::graph::{Attr, OpKind, Operand, ValueId, attrs};
+use wkvc_ir::interp::{Interpreter, KvCache, Tensor};
+use wkvc_ir::types::{DType, Dim, TensorType};
+use wkvc_ir::{Module, Node, Weight};
+
+fn fail(pass: &str, msg: impl Into<String>) -> PassError {
+    PassError::Failed {
+        pass: pass.into(),
+        msg: msg.into(),
+    }
+}
+
+/// Is this param a decoder linear weight (q, k, v, o, gate, up, down)? Embeddings, lm_head
+/// and norms stay full precision.
+pub fn is_decoder_linear(name: &str) -> bool {
+    name.contains(".layers.")
+        && name.ends_with(".weight")
+        && [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ]
+        .iter()
+        .any(|p| name.contains(p))
+}
+
+fn fresh(m: &Module) -> u32 {
+    m.graph.value_bound()
+}
+
+/// Asymmetric uniform fake quantization of every decoder linear: `linear(x, @W)` becomes
+/// `linear(x, fake_quant(@W, @W.wq_gamma, @W.wq_beta))`, with per-(row, group) clipping
+/// factors initialised to 1 (RTN). `bits >= 16` leaves the weights in full precision.
+#[derive(Clone, Debug)]
+pub struct WeightQuant {
+    pub bits: u32,
+    /// Input channels per group; -1 = one group per output channel.
+    pub group: i64,
+}
+
+impl Pass for WeightQuant {
+    fn name(&self) -> &str {
+        "weight_quant"
+    }
+
+    fn run(&self, m: &mut Module, report: &mut PassReport) -> Result<(), PassError> {
+        if self.bits >= 16 {
+            report.stats.insert("linears".into(), 0.0);
+            return Ok(());
+        }
+        if !(2..=8).contains(&self.bits) {
+            return Err(fail(
+                self.name(),
+                format!("bits must be 2..=8 or 16, got {}", self.bits),
+            ));
+        }
+        if self.group == 0 || self.group < -1 {
+            return Err(fail(
+                self.name(),
+                format!("group must be positive or -1, got {}", self.group),
+            ));
+        }
+        let mut next = fresh(m);
+        let mut nodes = Vec::with_capacity(m.graph.nodes.len() * 2);
+        let mut count = 0usize;
+        let old = std::mem::take(&mut m.graph.nodes);
+        for mut n in old {
+            if n.op == OpKind::Linear
+                && let Some(Operand::Param(w)) = n.args.get(1).cloned()
+                && is_decoder_linear(&w)
+            {
+                let decl = m
+                    .graph
+                    .param(&w)
+                    .ok_or_else(|| fail("weight_quant", format!("@{w} is not declared")))?
+                    .ty
+                    .clone();
+                let (rows, cols) = match (decl.shape[0].as_const(), decl.shape[1].as_const()) {
+                    (Some(r), Some(c)) => (r, c),
+                    _ => return Err(fail("weight_quant", format!("@{w} has symbolic dims"))),
+                };
+                let ng = if self.group < 0 {
+                    1
+                } else {
+                    cols.div_ceil(self.group as usize)
+                };
+                let gty = TensorType::f32(vec![Dim::Const(rows), Dim::Const(ng)]);
+                let mut clip = Vec::new();
+                for suffix in ["wq_gamma", "wq_beta"] {
+                    let name = format!("{w}.{suffix}");
+                    if m.graph.param(&name).is_none() {
+                        m.graph.params.push(wkvc_ir::graph::ParamDecl {
+                            name: name.clone(),
+                            ty: gty.clone(),
+                        });
+                    }
+                    if !m.weights.contains(&name) {
+                        m.weights.insert(
+                            name.clone(),
+                            Weight::from_f32(vec![rows, ng], vec![1.0; rows * ng]),
+                        );
+                    }
+                    clip.push(Operand::Param(name));
+                }
+                let out = ValueId(next);
+                next += 1;
+                nodes.push(Node {
+                    out,
+                    op: OpKind::FakeQuant,
+                    args: vec![Operand::Param(w.clone()), clip[0].clone(), clip[1].clone()],
+                    attrs: attrs([
+                        ("bits", Attr::Int(self.bits as i64)),
+                        ("group", Attr::Int(self.group)),
+                    ]),
+                    ty: decl,
+                });
+                n.args[1] = Operand::Value(out);
+                count += 1;
+            }
+            nodes.push(n);
+        }
+        m.graph.nodes = nodes;
+        report.stats.insert("linears".into(), count as f64);
+        Ok(())
+    }
+}
+
+/// Per-layer, per-channel min/max of post-RoPE K and of V, gathered by running the FP graph.
+#[derive(Clone, Debug, Default)]
+pub struct KvStats {
+    /// layer -> (k_min, k_max, v_min, v_max), each kv_heads * head_dim long
+    pub layers: BTreeMap<i64, [Vec<f32>; 4]>,
+    pub tokens: usize,
+}
+
+/// Run the module's graph on token windows (each from an empty cache) and record the range of
+/// every attention's K and V channels.
+pub fn collect_kv_stats(
+    m: &Module,
+    windows: &[Vec<u32>],
+    threads: usize,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<KvStats, PassError> {
+    let mut g = m.graph.clone();
+    let mut probes = Vec::new();
+    for n in g.nodes.iter().filter(|n| n.op == OpKind::Attention) {
+        let layer = n.int_attr("layer").unwrap_or(0);
+        if let (Some(Operand::Value(k)), Some(Operand::Value(v))) = (n.args.get(1), n.args.get(2)) {
+            probes.push((layer, *k, *v));
+        }
+    }
+    for (l, k, v) in &probes {
+        g.outputs.push(wkvc_ir::graph::Output {
+            name: format!("probe.k.{l}"),
+            value: *k,
+        });
+        g.outputs.push(wkvc_ir::graph::Output {
+            name: format!("probe.v.{l}"),
+            value: *v,
+        });
+    }
+    let probe = Module {
+        graph: g,
+        weights: m.weights.clone(),
+    };
+    let it = Interpreter::new(&probe, threads).map_err(|e| fail("kv_stats", e.to_string()))?;
+    let mut stats = KvStats::default();
+    for (wi, w) in windows.iter().enumerate() {
+        let n = w.len();
+        let toks = Tensor::i32(vec![n], w.iter().map(|&t| t as i32).collect());
+        let pos = Tensor::i32(vec![n], (0..n as i32).collect());
+        let mut cache = KvCache::new(n.max(1));
+        let out = it
+            .run(&[("tokens", toks), ("positions", pos)], &mut cache)
+            .map_err(|e| fail("kv_stats", e.to_string()))?;
+        for (l, _, _) in &probes {
+            for (slot, key) in [
+                (0usize, format!("probe.k.{l}")),
+                (2, format!("probe.v.{l}")),
+            ] {
+                let t = &out[&key];
+                let width = *t.shape.last().unwrap_or(&1);
+                let data = t.as_f32().unwrap_or(&[]);
+                let e = stats.layers.entry(*l).or_insert_with(|| {
+                    [
+                        vec![f32::INFINITY; width],
+                        vec![f32::NEG_INFINITY; width],
+                        vec![f32::INFINITY; width],
+                        vec![f32::NEG_INFINITY; width],
+                    ]
+                });
+                for row in data.chunks(width) {
+                    for (c, &x) in row.iter().enumerate() {
+                        e[slot][c] = e[slot][c].min(x);
+                        e[slot + 1][c] = e[slot + 1][c].max(x);
+                    }
+                }
+            }
+        }
+        stats.tokens += n;
+        progress(wi + 1, windows.len());
+    }
+    Ok(stats)
+}
+
+/// Smoothing factors from channel ranges (WKVQUANT.md section 2): shift = (max+min)/2,
+/// scale = ((max-min)/2)^0.5 normalised to geometric mean 1 within each head, >= 1e-2.
+pub fn smoothing_from_range(min: &[f32], max: &[f32], head_dim: usize) -> (Vec<f32>, Vec<f32>) {
+    let shift: Vec<f32> = min.iter().zip(max).map(|(a, b)| (a + b) / 2.0).collect();
+    let mut scale: Vec<f32> = min
+        .iter()
+        .zip(max)
+        .map(|(a, b)| (((b - a) / 2.0).max(0.0) as f64).sqrt().max(1e-12) as f32)
+        .collect();
+    for h in scale.chunks_mut(head_dim) {
+        let gm = (h.iter().map(|&x| (x as f64).ln()).sum::<f64>() / h.len() as f64).exp();
+        for x in h.iter_mut() {
+            *x = ((*x as f64 / gm) as f32).max(1e-2);
+        }
+    }
+    (shift, scale)
+}
+
+/// Static per-channel smoothing of K (after RoPE) and V: attention gains the operands
+/// `@...k_shift, @...k_scale, @...v_shift, @...v_scale`. With `stats` the factors come from
+/// the FP model's ranges; without, identity (shift 0, scale 1).
+#[derive(Clone, Debug, Default)]
+pub struct KvSmooth {
+    pub stats: Option<KvStats>,
+}
+
+impl Pass for KvSmooth {
+    fn name(&self) -> &str {
+        "kv_smooth"
+    }
+
+    fn run(&self, m: &mut Module, report: &mut PassReport) -> Result<(), PassError> {
+        let mut count = 0;
+        let nodes = std::mem::take(&mut m.graph.nodes);
+        let mut out = Vec::with_capacity(nodes.len());
+        for mut n in nodes {
+            if n.op == OpKind::Attention && n.args.len() == 3 {
+                let layer = n.int_attr("layer").unwrap_or(0);
+                let kvh = n.int_attr("kv_heads").unwrap_or(1) as usize;
+                let hd = n.int_attr("head_dim").unwrap_or(1) as usize;
+                let w = kvh * hd;
+                let (ks, kc, vs, vc) = match self.stats.as_ref().and_then(|s| s.layers.get(&layer))
+                {
+                    Some([kmin, kmax, vmin, vmax]) => {
+                        if kmin.len() != w {
+                            return Err(fail(
+                                self.name(),
+                                format!(
+                                    "statistics of layer {layer} have {} channels, expected {w}",
+                                    kmin.len()
+                                ),
+                            ));
+                        }
+                        let (a, b) = smoothing_from_range(kmin, kmax, hd);
+                        let (c, d) = smoothing_from_range(vmin, vmax, hd);
+                        (a, b, c, d)
+                    }
+                    None if self.stats.is_some() => {
+                        return Err(fail(
+                            self.name(),
+                            format!("no statistics for layer {layer}"),
+                        ));
+                    }
+                    None => (vec![0.0; w], vec![1.0; w], vec![0.0; w], vec![1.0; w]),
+                };
+                let prefix = format!("model.layers.{layer}.self_attn.kv_smooth");
+                for (suffix, data) in [
+                    ("k_shift", ks),
+                    ("k_scale", kc),
+                    ("v_shift", vs),
+                    ("v_scale", vc),
+                ] {
+                    let name = format!("{prefix}.{suffix}");
+                    if m.graph.param(&name).is_none() {
+                        m.graph.params.push(wkvc_ir::graph::ParamDecl {
+                            name: name.clone(),
+                            ty: TensorType::f32(vec![Dim::Const(w)]),
+                        });
+                    }
+                    m.weights
+                        .insert(name.clone(), Weight::from_f32(vec![w], data));
+                    n.args.push(Operand::Param(name));
+                }
+                count += 1;
+            }
+            out.push(n);
+        }
+        m.graph.nodes = out;
+        report.stats.insert("attentions".into(), count as f64);
+        report.stats.insert(
+            "calibration_tokens".into(),
+            self.stats.as_ref().map_or(0, |s| s.tokens) as f64,
+        );
+        Ok(())
+    }
+}
+
+/// Per-(token, kv head) dynamic asymmetric quantization of the (smoothed) K/V written to the
+/// cache: sets `kv_bits` on every attention. `bits >= 16` keeps the cache in full precision.
+#[derive(Clone, Debug)]
+pub struct KvQuant {
+    pub bits: u32,
+}
+
+impl Pass for KvQuant {
+    fn name(&self) -> &str {
+        "kv_quant"
+    }
+
+    fn run(&self, m: &mut Module, report: &mut PassReport) -> Result<(), PassError> {
+        if self.bits >= 16 {
+            return Ok(());
+        }
+        if !(2..=8).contains(&self.bits) {
+            return Err(fail(
+                self.name(),
+                format!("bits must be 2..=8 or 16, got {}", self.bits),
+            ));
+        }
+        let mut count = 0;
+        for n in m
+            .graph
+            .nodes
+            .iter_mut()
+            .filter(|n| n.op == OpKind::Attention)
+        {
+            n.attrs
+                .insert("kv_bits".into(), Attr::Int(self.bits as i64));
+            count += 1;
+        }
+        report.stats.insert("attentions".into(), count as f64);
+        Ok(())
+    }
+}
+
+/// Past-only quantization: a position attends to its own (and, in prefill, its chunk's) K/V
+/// in full precision and to the quantized cache for the past.
+#[derive(Clone, Debug, Default)]
+pub struct PastOnly;
+
+impl Pass for PastOnly {
+    fn name(&self) -> &str {
+        "past_only"
+    }
+
+    fn run(&self, m: &mut Module, report: &mut PassReport) -> Result<(), PassError> {
+        let mut count = 0;
+        for n in m
+            .graph
+            .nodes
+            .iter_mut()
+            .filter(|n| n.op == OpKind::Attention)
+        {
+            n.attrs.insert("past_only".into(), Attr::Bool(true));
+            count += 1;
+        }
+        report.stats.insert("attentions".into(), count as f64);
+        Ok(())
+    }
+}
+
+/// Real storage: `linear(x, fake_quant(@W, @g, @b))` becomes `qlinear(x, @W.codes, @W.scales,
+/// @W.zeros)` with codes packed two per byte and f16 scales/zeros; the FP weight and the
+/// clipping factors leave the store. Only 2..4-bit weights are packed.
+#[derive(Clone, Debug, Default)]
+pub struct Pack;
+
+impl Pass for Pack {
+    fn name(&self) -> &str {
+        "pack"
+    }
+
+    fn run(&self, m: &mut Module, report: &mut PassReport) -> Result<(), PassError> {
+        let fq: BTreeMap<ValueId, Node> = m
+            .graph
+            .nodes
+            .iter()
+            .filter(|n| n.op == OpKind::FakeQuant)
+            .map(|n| (n.out, n.clone()))
+            .collect();
+        let uses = m.graph.use_counts();
+        let mut packed = 0usize;
+        let mut bytes_before = 0usize;
+        let mut bytes_after = 0usize;
+        let mut removed: Vec<ValueId> = Vec::new();
+        for n in m.graph.nodes.iter_mut() {
+            let Some(Operand::Value(v)) = n.args.get(1) else {
+                continue;
+            };
+            let Some(q) = fq.get(v) else { continue };
+            let bits = q.int_attr("bits").unwrap_or(4);
+            if n.op != OpKind::Linear || bits > 4 || uses[v.0 as usize] != 1 {
+                continue;
+            }
+            let names: Vec<String> = q
+                .args
+                .iter()
+                .map(|a| match a {
+                    Operand::Param(p) => Ok(p.clone()),
+                    Operand::Value(_) => Err(fail("pack", "fake_quant operands must be params")),
+                })
+                .collect::<Result<_, _>>()?;
+            let get = |k: &str| {
+                m.weights
+                    .get(k)
+                    .map(|w| w.f32().into_owned())
+                    .ok_or_else(|| fail("pack", format!("@{k} missing")))
+            };
+            let (w, g, b) = (get(&names[0])?, get(&names[1])?, get(&names[2])?);
+            let shape = m
+                .weights
+                .get(&names[0])
+                .map(|w| w.shape.clone())
+                .unwrap_or_default();
+            let (rows, cols) = (shape[0], shape[1]);
+            let group = q.int_attr("group").unwrap_or(-1);
+            let (codes, scales, zeros) =
+                wkvc_ir::quant::quantize_rows(&w, cols, bits as u32, group, &g, &b);
+            let ng = scales.len() / rows;
+            bytes_before += 4 * w.len();
+            let base = names[0].trim_end_matches(".weight");
+            let (cn, sn, zn) = (
+                format!("{base}.qweight"),
+                format!("{base}.scales"),
+                format!("{base}.zeros"),
+            );
+            let cw = Weight::from_bytes(
+                vec![rows, cols],
+                DType::U4,
+                wkvc_ir::quant::pack_u4(&codes, cols),
+            );
+            let sw = Weight::from_f16(vec![rows, ng], &scales);
+            let zw = Weight::from_f16(vec![rows, ng], &zeros);
+            bytes_after += cw.storage_bytes() + sw.storage_bytes() + zw.storage_bytes();
+            for (name, wt) in [(&cn, cw), (&sn, sw), (&zn, zw)] {
+                m.graph.params.push(wkvc_ir::graph::ParamDecl {
+                    name: name.clone(),
+                    ty: wt.ty(),
+                });
+                m.weights.insert(name.clone(), wt);
+            }
+            let mut args = vec![
+                n.args[0].clone(),
+                Operand::Param(cn),
+                Operand::Param(sn),
+                Operand::Param(zn),
+            ];
+            if let Some(bias) = n.args.get(2) {
+                args.push(bias.clone());
+            }
+            n.op = OpKind::QLinear;
+            n.args = args;
+            n.attrs = attrs([("bits", Attr::Int(bits)), ("group", Attr::Int(group))]);
+            removed.push(q.out);
+            packed += 1;
+        }
+        let gone: std::collections::HashSet<ValueId> = removed.into_iter().collect();
+        m.graph.nodes.retain(|n| !gone.contains(&n.out));
+        // Params nothing reads any more (FP weights, clipping factors) leave graph and store.
+        let mut r = PassReport::default();
+        crate::Dce {
+            prune_weights: true,
+        }
+        .run(m, &mut r)?;
+        let _ = f16::ZERO;
+        report.stats.insert("linears".into(), packed as f64);
+        report
+            .stats
+            .insert("bytes_before".into(), bytes_before as f64);
+        report
+            .stats
+            .insert("bytes_after".into(), bytes_after as f64);
+        Ok(())
+    }
+}

@@ -1,0 +1,333 @@
+//! `wkvc compile`: calibration text (a file, or text sampled from the FP model when none is
+//! given), the WKVQuant pass pipeline, the memory plan and the quality check on held-out
+//! text, ready to be written as a plan.
+
+use crate::plan::{self, Manifest, MemoryPlan, QuantConfig};
+use crate::{Model, RuntimeError, Sampler, eval};
+use std::path::PathBuf;
+use wkvc_ir::{Module, RunMode};
+use wkvc_passes::quant::{
+    KvQuant, KvSmooth, KvStats, Pack, PastOnly, WeightQuant, collect_kv_stats,
+};
+use wkvc_passes::{Dce, PassManager, PassReport};
+
+#[derive(Clone, Debug)]
+pub struct CompileOptions {
+    /// 2..8, or 16 for full-precision weights
+    pub wbits: u32,
+    /// input channels per group; -1 per output channel
+    pub wgroup: i64,
+    /// 2..8, or 16 for a full-precision KV cache
+    pub kvbits: u32,
+    pub past_only: bool,
+    pub smooth: bool,
+    /// "rtn"
+    pub method: String,
+    pub calib: Option<PathBuf>,
+    /// calibration tokens; None: 8192 from a file, 512 when sampling
+    pub calib_tokens: Option<usize>,
+    pub calib_window: usize,
+    pub threads: usize,
+    pub seed: u64,
+}
+
+impl Default for CompileOptions {
+    fn default() -> Self {
+        CompileOptions {
+            wbits: 4,
+            wgroup: 128,
+            kvbits: 4,
+            past_only: true,
+            smooth: true,
+            method: "rtn".into(),
+            calib: None,
+            calib_tokens: None,
+            calib_window: 512,
+            threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            seed: 0,
+        }
+    }
+}
+
+impl CompileOptions {
+    pub fn needs_calibration(&self) -> bool {
+        self.smooth && self.kvbits < 16
+    }
+
+    pub fn validate(&self) -> Result<(), RuntimeError> {
+        let ok_bits = |b: u32| (2..=8).contains(&b) || b == 16;
+        if !ok_bits(self.wbits) {
+            return Err(RuntimeError::Invalid(format!(
+                "--wbits must be 2..8 or 16, got {}",
+                self.wbits
+            )));
+        }
+        if !ok_bits(self.kvbits) {
+            return Err(RuntimeError::Invalid(format!(
+                "--kvbits must be 2..8 or 16, got {}",
+                self.kvbits
+            )));
+        }
+        if self.wgroup == 0 || self.wgroup < -1 {
+            return Err(RuntimeError::Invalid(format!(
+                "--wgroup must be positive or -1, got {}",
+                self.wgroup
+            )));
+        }
+        if self.method != "rtn" {
+            return Err(RuntimeError::Invalid(format!(
+                "--method `{}` is not available (rtn)",
+                self.method
+            )));
+        }
+        if self.calib_window < 2 {
+            return Err(RuntimeError::Invalid(
+                "the calibration window must hold at least 2 tokens".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Token windows for calibration and for the held-out quality check, and a description of
+/// where they came from.
+pub struct CalibData {
+    pub windows: Vec<Vec<u32>>,
+    pub held_out: Vec<u32>,
+    pub source: String,
+}
+
+/// Sample `n` tokens from the FP model, starting from its BOS (or first) token.
+pub fn sample_text(
+    model: &Model,
+    n: usize,
+    seed: u64,
+    threads: usize,
+) -> Result<Vec<u32>, RuntimeError> {
+    let tok = model.tokenizer()?;
+    let start = tok.spec.bos_id.unwrap_or(0);
+    let engine = model.engine(threads)?;
+    let mut s = engine.session(n + 1);
+    let mut sampler = Sampler::new(1.0, 1.0, seed);
+    let mut out = vec![start];
+    let mut logits = s.prefill(&[start])?;
+    while out.len() < n {
+        for &e in &tok.spec.eos_ids {
+            if let Some(l) = logits.get_mut(e as usize) {
+                *l = f32::NEG_INFINITY;
+            }
+        }
+        let id = sampler.sample(&logits);
+        out.push(id);
+        if out.len() < n {
+            logits = s.prefill(&[id])?;
+        }
+    }
+    Ok(out)
+}
+
+/// Calibration windows from `opts.calib`, or sampled from the FP model (data-free).
+pub fn calibration_data(
+    model: &Model,
+    opts: &CompileOptions,
+    progress: &mut dyn FnMut(&str),
+) -> Result<CalibData, RuntimeError> {
+    let w = opts.calib_window;
+    match &opts.calib {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                RuntimeError::Invalid(format!(
+                    "cannot read calibration text {}: {e}",
+                    path.display()
+                ))
+            })?;
+            let ids = model.tokenizer()?.encode(&text, false)?;
+            let want = opts.calib_tokens.unwrap_or(8192).max(w);
+            let n = (want / w).min(ids.len() / w);
+            if n == 0 {
+                return Err(RuntimeError::Invalid(format!(
+                    "calibration text {} has {} tokens: fewer than one window of {w}",
+                    path.display(),
+                    ids.len()
+                )));
+            }
+            let windows = (0..n).map(|i| ids[i * w..(i + 1) * w].to_vec()).collect();
+            let rest = &ids[n * w..];
+            let held_out = if rest.len() >= w {
+                rest[..w].to_vec()
+            } else {
+                progress("sampling held-out text from the FP model");
+                sample_text(model, w, opts.seed ^ 0x5eed, opts.threads)?
+            };
+            Ok(CalibData {
+                windows,
+                held_out,
+                source: format!("file {} ({} tokens)", path.display(), n * w),
+            })
+        }
+        None => {
+            let want = opts.calib_tokens.unwrap_or(512);
+            let win = w.min(want.max(2));
+            let n = want.div_ceil(win).max(1);
+            let mut windows = Vec::new();
+            for i in 0..n {
+                progress(&format!(
+                    "sampling calibration text from the FP model ({}/{n})",
+                    i + 1
+                ));
+                windows.push(sample_text(model, win, opts.seed + i as u64, opts.threads)?);
+            }
+            progress("sampling held-out text from the FP model");
+            let held_out = sample_text(model, win, opts.seed ^ 0x5eed, opts.threads)?;
+            Ok(CalibData {
+                windows,
+                held_out,
+                source: format!(
+                    "sampled from the FP model (data-free, {} tokens, temperature 1, seed {})",
+                    n * win,
+                    opts.seed
+                ),
+            })
+        }
+    }
+}
+
+/// The quantized module and what the passes did.
+pub struct Compiled {
+    pub module: Module,
+    pub quant: QuantConfig,
+    pub reports: Vec<PassReport>,
+}
+
+/// Run the pass pipeline on a copy of the model's module: weight_quant, kv_smooth (with
+/// statistics from `calib`), kv_quant, past_only, pack, dce.
+pub fn quantize(
+    model: &Model,
+    opts: &CompileOptions,
+    calib: Option<&CalibData>,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Compiled, RuntimeError> {
+    opts.validate()?;
+    let mut module = model.module.clone();
+    let stats: Option<KvStats> = if opts.needs_calibration() {
+        let c = calib
+            .ok_or_else(|| RuntimeError::Invalid("KV smoothing needs calibration text".into()))?;
+        let mut p = |d: usize, t: usize| progress(&format!("smoothing statistics: window {d}/{t}"));
+        Some(collect_kv_stats(&module, &c.windows, opts.threads, &mut p)?)
+    } else {
+        None
+    };
+    let mut pm = PassManager::new().with(WeightQuant {
+        bits: opts.wbits,
+        group: opts.wgroup,
+    });
+    if opts.needs_calibration() {
+        pm = pm.with(KvSmooth { stats });
+    }
+    pm = pm.with(KvQuant { bits: opts.kvbits });
+    if opts.past_only && opts.kvbits < 16 {
+        pm = pm.with(PastOnly);
+    }
+    if opts.wbits <= 4 {
+        pm = pm.with(Pack);
+    }
+    pm = pm.with(Dce {
+        prune_weights: true,
+    });
+    progress("running passes");
+    let reports = pm.run(&mut module)?;
+    let calib_tokens = calib.map_or(0, |c| c.windows.iter().map(Vec::len).sum());
+    Ok(Compiled {
+        module,
+        quant: QuantConfig {
+            wbits: opts.wbits,
+            wgroup: opts.wgroup,
+            kvbits: opts.kvbits,
+            past_only: opts.past_only && opts.kvbits < 16,
+            smooth: opts.needs_calibration(),
+            method: opts.method.clone(),
+            calibration: if opts.needs_calibration() {
+                calib.map_or("none".into(), |c| c.source.clone())
+            } else {
+                "none".into()
+            },
+            calib_tokens: if opts.needs_calibration() {
+                calib_tokens
+            } else {
+                0
+            },
+        },
+        reports,
+    })
+}
+
+pub fn memory_plan(m: &Module, max_context: usize) -> MemoryPlan {
+    let kv = plan::kv_bytes_per_token(m);
+    MemoryPlan {
+        weight_bytes: m.weights.total_storage_bytes(),
+        kv_bytes_per_token: kv,
+        max_context,
+        kv_bytes_at_max_context: kv * max_context,
+    }
+}
+
+/// Perplexity and KLD of the compiled model against the FP model on held-out tokens.
+pub fn measure_quality(
+    fp: &Model,
+    q: &Model,
+    held_out: &[u32],
+    threads: usize,
+) -> Result<serde_json::Value, RuntimeError> {
+    let ctx = held_out.len();
+    let fe = fp.engine(threads)?;
+    let qe = q.engine(threads)?;
+    let rf = eval::evaluate(
+        &fe,
+        None,
+        held_out,
+        ctx,
+        Some(1),
+        RunMode::DecodeEquivalent,
+        &mut |_, _| {},
+    )?;
+    let rq = eval::evaluate(
+        &qe,
+        Some(&fe),
+        held_out,
+        ctx,
+        Some(1),
+        RunMode::DecodeEquivalent,
+        &mut |_, _| {},
+    )?;
+    Ok(serde_json::json!({
+        "held_out_tokens": ctx,
+        "protocol": "decode-equivalent",
+        "perplexity_fp": rf.perplexity,
+        "perplexity": rq.perplexity,
+        "kld_vs_fp": rq.kld,
+    }))
+}
+
+/// The manifest of a compiled model (tensors and graph are filled in by `plan::write`).
+pub fn manifest(
+    fp: &Model,
+    c: &Compiled,
+    quality: serde_json::Value,
+    source_sha256: String,
+) -> Manifest {
+    Manifest {
+        format: plan::FORMAT.into(),
+        version: plan::VERSION,
+        tool_version: env!("CARGO_PKG_VERSION").into(),
+        config: fp.config.clone(),
+        quant: c.quant.clone(),
+        graph: String::new(),
+        tokenizer: fp.tokenizer.as_ref().map(|t| t.spec.clone()),
+        source: fp.source.clone(),
+        source_sha256,
+        quality,
+        memory: memory_plan(&c.module, fp.config.max_position_embeddings),
+        passes: serde_json::to_value(&c.reports).unwrap_or_default(),
+        tensors: Default::default(),
+    }
+}

@@ -1,0 +1,336 @@
+//! The plan file: one safetensors container. Tensors are the module's weights (packed int4
+//! codes as bytes, f16 scales/zeros, f32 embeddings, norms and smoothing vectors);
+//! `__metadata__["wkvc.manifest"]` is a versioned JSON manifest (config, quant config, graph
+//! text, tokenizer, provenance, measured quality, memory plan, pass reports, and per-tensor
+//! dtype, shape and sha256). Written to a temp file and renamed; opened with mmap and
+//! validated field by field before use.
+
+use crate::RuntimeError;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use wkvc_ir::import::{Source, TokenizerSpec};
+use wkvc_ir::weights::{map_file, mapped_weight, storage_bytes};
+use wkvc_ir::{DType, ModelConfig, Module, WeightStore};
+
+pub const FORMAT: &str = "wkvc-plan";
+pub const VERSION: u32 = 1;
+const META_KEY: &str = "wkvc.manifest";
+
+/// How a plan was quantized.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct QuantConfig {
+    /// 16 = full precision
+    pub wbits: u32,
+    pub wgroup: i64,
+    pub kvbits: u32,
+    pub past_only: bool,
+    pub smooth: bool,
+    pub method: String,
+    /// Where calibration text came from ("file PATH", "sampled from the FP model (data-free)",
+    /// or "none").
+    pub calibration: String,
+    pub calib_tokens: usize,
+}
+
+/// Byte counts of the memory plan.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct MemoryPlan {
+    pub weight_bytes: usize,
+    pub kv_bytes_per_token: usize,
+    pub max_context: usize,
+    pub kv_bytes_at_max_context: usize,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TensorEntry {
+    /// Logical dtype the graph sees (u4 is stored as U8 bytes, two codes per byte).
+    pub dtype: String,
+    pub shape: Vec<usize>,
+    pub sha256: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format: String,
+    pub version: u32,
+    pub tool_version: String,
+    pub config: ModelConfig,
+    pub quant: QuantConfig,
+    pub graph: String,
+    pub tokenizer: Option<TokenizerSpec>,
+    pub source: Source,
+    pub source_sha256: String,
+    pub quality: serde_json::Value,
+    pub memory: MemoryPlan,
+    pub passes: serde_json::Value,
+    pub tensors: BTreeMap<String, TensorEntry>,
+}
+
+fn perr(path: &Path, msg: impl Into<String>) -> RuntimeError {
+    RuntimeError::Plan(format!("{}: {}", path.display(), msg.into()))
+}
+
+fn hex(d: &[u8]) -> String {
+    d.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// sha256 of a file, streamed.
+pub fn file_sha256(path: &Path) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path)?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(hex(&h.finalize()))
+}
+
+/// KV cache bytes per token of a graph: per attention, K and V codes plus an f16 scale and
+/// zero per kv head (or 4 bytes per value without KV quantization).
+pub fn kv_bytes_per_token(m: &Module) -> usize {
+    m.graph
+        .nodes
+        .iter()
+        .filter(|n| n.op == wkvc_ir::OpKind::Attention)
+        .map(|n| {
+            let kvh = n.int_attr("kv_heads").unwrap_or(1) as usize;
+            let hd = n.int_attr("head_dim").unwrap_or(1) as usize;
+            let w = kvh * hd;
+            2 * match n.int_attr("kv_bits") {
+                Some(b) if b <= 4 => w.div_ceil(2) + 4 * kvh,
+                Some(_) => w + 4 * kvh,
+                None => 4 * w,
+            }
+        })
+        .sum()
+}
+
+fn st_dtype(d: DType) -> safetensors::Dtype {
+    match d {
+        DType::F32 => safetensors::Dtype::F32,
+        DType::F16 => safetensors::Dtype::F16,
+        DType::BF16 => safetensors::Dtype::BF16,
+        DType::I32 => safetensors::Dtype::I32,
+        DType::I8 => safetensors::Dtype::I8,
+        DType::U4 => safetensors::Dtype::U8,
+    }
+}
+
+/// Physical shape in the container: u4 rows become bytes.
+fn physical_shape(d: DType, shape: &[usize]) -> Vec<usize> {
+    match d {
+        DType::U4 => {
+            let mut s = shape.to_vec();
+            if let Some(l) = s.last_mut() {
+                *l = l.div_ceil(2);
+            }
+            s
+        }
+        _ => shape.to_vec(),
+    }
+}
+
+/// Write `module` with `manifest` (its `tensors` and `graph` are filled in here) to `path`
+/// atomically: a temp file in the same directory, renamed at the end.
+pub fn write(path: &Path, module: &Module, mut manifest: Manifest) -> Result<u64, RuntimeError> {
+    manifest.graph = wkvc_ir::text::print(&module.graph);
+    let mut bufs: Vec<(String, DType, Vec<usize>, Vec<u8>)> = Vec::new();
+    manifest.tensors.clear();
+    for (name, w) in module.weights.iter() {
+        let bytes = w.bytes().into_owned();
+        manifest.tensors.insert(
+            name.clone(),
+            TensorEntry {
+                dtype: w.dtype().name().into(),
+                shape: w.shape.clone(),
+                sha256: hex(&Sha256::digest(&bytes)),
+            },
+        );
+        bufs.push((name.clone(), w.dtype(), w.shape.clone(), bytes));
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = bufs
+        .iter()
+        .map(|(n, d, s, b)| {
+            safetensors::tensor::TensorView::new(st_dtype(*d), physical_shape(*d, s), b)
+                .map(|v| (n.clone(), v))
+                .map_err(|e| perr(path, format!("tensor `{n}`: {e}")))
+        })
+        .collect::<Result<_, _>>()?;
+    let json = serde_json::to_string(&manifest).map_err(|e| perr(path, e.to_string()))?;
+    let meta: HashMap<String, String> = [(META_KEY.to_string(), json)].into_iter().collect();
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let fname = path
+        .file_name()
+        .map(|f| f.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp: PathBuf = dir.join(format!(".{fname}.wkvc-tmp-{}", std::process::id()));
+    let r = safetensors::serialize_to_file(views, Some(meta), &tmp)
+        .map_err(|e| perr(&tmp, format!("cannot write: {e}")))
+        .and_then(|_| {
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::PermissionsExt;
+                let _ = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644));
+            }
+            Ok(())
+        })
+        .and_then(|_| {
+            std::fs::rename(&tmp, path).map_err(|e| {
+                perr(
+                    path,
+                    format!("cannot rename the finished plan into place: {e}"),
+                )
+            })
+        });
+    if let Err(e) = r {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    Ok(std::fs::metadata(path).map(|m| m.len()).unwrap_or(0))
+}
+
+/// Does the file look like a plan (safetensors header carrying a wkvc manifest)?
+pub fn is_plan(path: &Path) -> bool {
+    use std::io::Read;
+    let Ok(mut f) = std::fs::File::open(path) else {
+        return false;
+    };
+    let mut head = [0u8; 8];
+    if f.read_exact(&mut head).is_err() {
+        return false;
+    }
+    let n = u64::from_le_bytes(head);
+    if n == 0 || n > 100 << 20 {
+        return false;
+    }
+    let mut buf = vec![0u8; (n as usize).min(1 << 16)];
+    if f.read_exact(&mut buf).is_err() || buf.first() != Some(&b'{') {
+        return false;
+    }
+    path.extension().is_some_and(|e| e == "wkv")
+        || buf
+            .windows(META_KEY.len())
+            .any(|w| w == META_KEY.as_bytes())
+}
+
+/// Open and validate a plan: container structure, manifest format and version, every
+/// tensor's dtype, shape and sha256, the graph (parsed and verified against the tensors).
+pub fn open(path: &Path) -> Result<(Module, Manifest), RuntimeError> {
+    let map = map_file(path).map_err(|e| perr(path, format!("cannot open: {e}")))?;
+    let st = safetensors::SafeTensors::deserialize(&map).map_err(|e| {
+        perr(
+            path,
+            format!("not a valid plan container (truncated or corrupt?): {e}"),
+        )
+    })?;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&map)
+        .map_err(|e| perr(path, format!("bad container header: {e}")))?;
+    let text = meta
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get(META_KEY))
+        .ok_or_else(|| perr(path, "no wkvc manifest in the header: not a wkvc plan"))?;
+    let manifest: Manifest =
+        serde_json::from_str(text).map_err(|e| perr(path, format!("manifest: {e}")))?;
+    if manifest.format != FORMAT {
+        return Err(perr(
+            path,
+            format!(
+                "manifest format is `{}`, expected `{FORMAT}`",
+                manifest.format
+            ),
+        ));
+    }
+    if manifest.version != VERSION {
+        return Err(perr(
+            path,
+            format!(
+                "plan format version {} is not supported by this wkvc (reads version {VERSION}); recompile the plan",
+                manifest.version
+            ),
+        ));
+    }
+    let base = map.as_ptr() as usize;
+    let mut weights = WeightStore::new();
+    let names: std::collections::BTreeSet<String> =
+        st.names().into_iter().map(String::from).collect();
+    for (name, e) in &manifest.tensors {
+        let view = st.tensor(name).map_err(|_| {
+            perr(
+                path,
+                format!("tensor `{name}` listed in the manifest is missing"),
+            )
+        })?;
+        let dtype = DType::from_name(&e.dtype).ok_or_else(|| {
+            perr(
+                path,
+                format!("tensor `{name}`: unknown dtype `{}`", e.dtype),
+            )
+        })?;
+        if view.dtype() != st_dtype(dtype)
+            || view.shape() != physical_shape(dtype, &e.shape).as_slice()
+        {
+            return Err(perr(
+                path,
+                format!(
+                    "tensor `{name}`: container holds {:?}{:?}, the manifest says {}{:?}",
+                    view.dtype(),
+                    view.shape(),
+                    e.dtype,
+                    e.shape
+                ),
+            ));
+        }
+        if view.data().len() != storage_bytes(dtype, &e.shape) {
+            return Err(perr(
+                path,
+                format!(
+                    "tensor `{name}`: {} bytes, expected {}",
+                    view.data().len(),
+                    storage_bytes(dtype, &e.shape)
+                ),
+            ));
+        }
+        let got = hex(&Sha256::digest(view.data()));
+        if got != e.sha256 {
+            return Err(perr(
+                path,
+                format!(
+                    "tensor `{name}`: content hash mismatch (the plan is corrupt or was modified)"
+                ),
+            ));
+        }
+        let offset = view.data().as_ptr() as usize - base;
+        weights.insert(
+            name.clone(),
+            mapped_weight(e.shape.clone(), map.clone(), offset, dtype),
+        );
+    }
+    if let Some(extra) = names.iter().find(|n| !manifest.tensors.contains_key(*n)) {
+        return Err(perr(
+            path,
+            format!("tensor `{extra}` is not listed in the manifest"),
+        ));
+    }
+    let graph = wkvc_ir::text::parse(&manifest.graph)
+        .map_err(|e| perr(path, format!("manifest graph: {e}")))?;
+    let module = Module { graph, weights };
+    module
+        .verify()
+        .map_err(|e| perr(path, format!("manifest graph: {e}")))?;
+    manifest
+        .config
+        .validate()
+        .map_err(|e| perr(path, format!("manifest config: {e}")))?;
+    Ok((module, manifest))
+}

@@ -1,0 +1,322 @@
+//! The quantization passes on a tiny model: IR snapshots before/after each pass, packed ==
+//! fake-quant, decode-equivalent evaluation == token-by-token decoding with the real
+//! quantized cache, past-only semantics, and the plan file (round trip, corruption).
+
+use std::path::Path;
+use wkvc_ir::text::print;
+use wkvc_ir::{Module, RunMode};
+use wkvc_passes::quant::{KvQuant, KvSmooth, Pack, PastOnly, WeightQuant, collect_kv_stats};
+use wkvc_passes::{Pass, PassManager, PassReport};
+use wkvc_runtime::compile::{self, CompileOptions};
+use wkvc_runtime::{Model, plan};
+use wkvc_tests::*;
+
+fn tiny_model(tag: &str) -> (Model, std::path::PathBuf) {
+    let cfg = tiny_config("llama");
+    let w = tiny_weights(&cfg, 21);
+    let dir = temp_dir(tag);
+    write_gguf(&dir.join("tiny.gguf"), &cfg, &w, false);
+    (Model::open(&dir.join("tiny.gguf")).expect("open tiny"), dir)
+}
+
+const IDS: [u32; 24] = [
+    5, 17, 290, 3, 3, 100, 42, 7, 255, 1, 0, 64, 9, 9, 120, 33, 250, 2, 77, 78, 79, 80, 8, 16,
+];
+
+fn logits(m: &Model, mode: RunMode) -> Vec<f32> {
+    let e = m.engine(2).expect("engine");
+    let mut s = e.session(64);
+    s.forward_mode(&IDS, mode).expect("forward")
+}
+
+/// Print the graph's first layer only (enough to review each rewrite).
+fn layer0(m: &Module) -> String {
+    print(&m.graph)
+        .lines()
+        .filter(|l| !l.contains("layers.1.") && !l.contains("rope_freqs"))
+        .take(60)
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn run_pass(m: &mut Module, p: impl Pass + 'static) {
+    PassManager::new()
+        .with(p)
+        .run(m)
+        .expect("pass runs and verifies");
+}
+
+#[test]
+fn pass_snapshots_on_a_tiny_model() {
+    let (fp, dir) = tiny_model("snap");
+    let mut m = fp.module.clone();
+    insta::assert_snapshot!("0_fp", layer0(&m));
+    run_pass(&mut m, WeightQuant { bits: 4, group: 16 });
+    insta::assert_snapshot!("1_weight_quant", layer0(&m));
+    let windows = vec![IDS.to_vec()];
+    let stats = collect_kv_stats(&fp.module, &windows, 1, &mut |_, _| {}).expect("stats");
+    assert_eq!(stats.tokens, IDS.len());
+    run_pass(&mut m, KvSmooth { stats: Some(stats) });
+    insta::assert_snapshot!("2_kv_smooth", layer0(&m));
+    run_pass(&mut m, KvQuant { bits: 4 });
+    run_pass(&mut m, PastOnly);
+    insta::assert_snapshot!("3_kv_quant_past_only", layer0(&m));
+    run_pass(&mut m, Pack);
+    insta::assert_snapshot!("4_pack", layer0(&m));
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn packed_equals_fake_quant() {
+    let (fp, dir) = tiny_model("pack");
+    for (bits, group) in [(4, 16), (4, -1), (3, 8), (2, 32)] {
+        let mut fq = fp.module.clone();
+        run_pass(&mut fq, WeightQuant { bits, group });
+        let mut packed = fq.clone();
+        let mut r = PassReport::default();
+        Pack.run(&mut packed, &mut r).expect("pack");
+        packed.verify().expect("verify");
+        assert_eq!(r.stats["linears"], 14.0);
+        assert!(
+            packed
+                .graph
+                .nodes
+                .iter()
+                .all(|n| n.op != wkvc_ir::OpKind::FakeQuant)
+        );
+        // 4-bit codes plus f16 scale and zero per group: at most (0.5 + 4/8) bytes per weight
+        // for the smallest group here (8), against 4 bytes in f32
+        assert!(
+            r.stats["bytes_after"] <= r.stats["bytes_before"] / 4.0,
+            "{:?}",
+            r.stats
+        );
+        let a = logits(&fp.with_module(fq, None), RunMode::Prefill);
+        let b = logits(&fp.with_module(packed, None), RunMode::Prefill);
+        // Same codes, same f16 scales and zeros, same dequantized matrix: identical arithmetic.
+        assert_eq!(a, b, "bits {bits} group {group}");
+        // and quantization did change the model
+        assert_ne!(a, logits(&fp, RunMode::Prefill));
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+fn compiled(fp: &Model, wbits: u32, kvbits: u32, poq: bool, smooth: bool) -> Model {
+    let opts = CompileOptions {
+        wbits,
+        wgroup: 16,
+        kvbits,
+        past_only: poq,
+        smooth,
+        threads: 2,
+        calib_tokens: Some(48),
+        calib_window: 24,
+        ..Default::default()
+    };
+    let data = smooth.then(|| compile::calibration_data(fp, &opts, &mut |_| {}).expect("calib"));
+    let c = compile::quantize(fp, &opts, data.as_ref(), &mut |_| {}).expect("quantize");
+    fp.with_module(c.module, None)
+}
+
+#[test]
+fn decode_equivalent_equals_token_by_token_decoding() {
+    let (fp, dir) = tiny_model("deq");
+    for (poq, smooth) in [(true, true), (false, false), (true, false)] {
+        let q = compiled(&fp, 4, 4, poq, smooth);
+        let par = logits(&q, RunMode::DecodeEquivalent);
+        let e = q.engine(2).expect("engine");
+        let mut s = e.session(64);
+        let v = fp.config.vocab_size;
+        for (t, &id) in IDS.iter().enumerate() {
+            let l = s.prefill(&[id]).expect("step");
+            let (d, scale) = max_abs_diff(&l, &par[t * v..(t + 1) * v]);
+            // The same quantized cache contents either way; only summation order differs.
+            assert!(
+                d <= 1e-4 * scale.max(1.0),
+                "poq {poq}: step {t} differs by {d}"
+            );
+        }
+        assert!(
+            s.kv_bytes() < 24 * 2 * 2 * 16 * 4 / 3,
+            "the cache holds packed codes ({} bytes)",
+            s.kv_bytes()
+        );
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn past_only_semantics() {
+    let (fp, dir) = tiny_model("poq");
+    let fpl = logits(&fp, RunMode::Prefill);
+    let v = fp.config.vocab_size;
+    // KV quantization without past-only changes even the first position (it reads its own
+    // quantized K/V); with past-only the first position sees only FP K/V, so it is exact.
+    let nopoq = logits(
+        &compiled(&fp, 16, 4, false, false),
+        RunMode::DecodeEquivalent,
+    );
+    let poq = logits(
+        &compiled(&fp, 16, 4, true, false),
+        RunMode::DecodeEquivalent,
+    );
+    assert_eq!(&poq[..v], &fpl[..v]);
+    assert_ne!(&nopoq[..v], &fpl[..v]);
+    // In prefill, past-only uses the whole chunk's FP K/V: a one-chunk prefill is exact.
+    let pre = logits(&compiled(&fp, 16, 4, true, false), RunMode::Prefill);
+    assert_eq!(pre, fpl);
+    // 8-bit KV is closer to FP than 2-bit
+    let err = |l: &[f32]| max_abs_diff(l, &fpl).0;
+    let kv8 = logits(
+        &compiled(&fp, 16, 8, true, false),
+        RunMode::DecodeEquivalent,
+    );
+    let kv2 = logits(
+        &compiled(&fp, 16, 2, true, false),
+        RunMode::DecodeEquivalent,
+    );
+    assert!(
+        err(&kv8) < err(&kv2),
+        "kv8 {} vs kv2 {}",
+        err(&kv8),
+        err(&kv2)
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+fn write_tiny_plan(fp: &Model, path: &Path) {
+    let opts = CompileOptions {
+        wgroup: 16,
+        threads: 2,
+        calib_tokens: Some(48),
+        calib_window: 24,
+        ..Default::default()
+    };
+    let data = compile::calibration_data(fp, &opts, &mut |_| {}).expect("calib");
+    let c = compile::quantize(fp, &opts, Some(&data), &mut |_| {}).expect("quantize");
+    let q = fp.with_module(c.module.clone(), None);
+    let quality = compile::measure_quality(fp, &q, &data.held_out, 2).expect("quality");
+    let man = compile::manifest(fp, &c, quality, "0".repeat(64));
+    plan::write(path, &c.module, man).expect("write plan");
+}
+
+#[test]
+fn plan_round_trip_and_corruption() {
+    let (fp, dir) = tiny_model("plan");
+    let p = dir.join("tiny.wkv");
+    write_tiny_plan(&fp, &p);
+    assert!(plan::is_plan(&p));
+    assert!(
+        !dir.read_dir().expect("dir").any(|e| e
+            .expect("e")
+            .file_name()
+            .to_string_lossy()
+            .contains("wkvc-tmp")),
+        "no temp file left"
+    );
+    let opened = Model::open(&p).expect("open plan");
+    let man = opened.plan.as_ref().expect("manifest");
+    assert_eq!(man.quant.wbits, 4);
+    assert!(
+        man.quant.calibration.contains("sampled from the FP model"),
+        "{}",
+        man.quant.calibration
+    );
+    assert!(man.quality["kld_vs_fp"].as_f64().expect("kld") > 0.0);
+    assert!(man.memory.kv_bytes_per_token > 0 && man.memory.weight_bytes > 0);
+    // the plan runs on its own and equals the in-memory compile
+    let opts = CompileOptions {
+        wgroup: 16,
+        threads: 2,
+        calib_tokens: Some(48),
+        calib_window: 24,
+        ..Default::default()
+    };
+    let data = compile::calibration_data(&fp, &opts, &mut |_| {}).expect("calib");
+    let c = compile::quantize(&fp, &opts, Some(&data), &mut |_| {}).expect("quantize");
+    let mem = fp.with_module(c.module, None);
+    assert_eq!(
+        logits(&opened, RunMode::DecodeEquivalent),
+        logits(&mem, RunMode::DecodeEquivalent)
+    );
+    assert_eq!(
+        opened
+            .tokenizer()
+            .expect("tok")
+            .encode("the 42", false)
+            .expect("e"),
+        vec![116, 257, 32, 52, 50]
+    );
+
+    let good = std::fs::read(&p).expect("read");
+    let bad = dir.join("bad.wkv");
+    let open_bad = |bytes: &[u8]| -> Result<(), String> {
+        std::fs::write(&bad, bytes).expect("write");
+        plan::open(&bad).map(|_| ()).map_err(|e| e.to_string())
+    };
+    // truncation anywhere
+    for cut in [0, 4, 8, 9, 100, good.len() / 2, good.len() - 1] {
+        let e = open_bad(&good[..cut]).expect_err("truncated");
+        assert!(e.contains("bad.wkv"), "{e}");
+    }
+    // a flipped data byte is a hash mismatch naming the tensor
+    let mut b = good.clone();
+    let last = b.len() - 3;
+    b[last] ^= 0x55;
+    let e = open_bad(&b).expect_err("tampered data");
+    assert!(e.contains("content hash mismatch"), "{e}");
+    // version and dtype tampering in the manifest (same-length edits of the header bytes)
+    let replace = |from: &str, to: &str| -> Option<Vec<u8>> {
+        let (f, t) = (from.as_bytes(), to.as_bytes());
+        let at = good.windows(f.len()).position(|w| w == f)?;
+        let mut b = good.clone();
+        b[at..at + f.len()].copy_from_slice(t);
+        Some(b)
+    };
+    for (from, to, want) in [
+        (
+            "\\\"version\\\":1",
+            "\\\"version\\\":9",
+            "version 9 is not supported",
+        ),
+        (
+            "\\\"dtype\\\":\\\"f16\\\"",
+            "\\\"dtype\\\":\\\"f32\\\"",
+            "the manifest says f32",
+        ),
+        (
+            "\\\"format\\\":\\\"wkvc-plan\\\"",
+            "\\\"format\\\":\\\"wkvc-nope\\\"",
+            "manifest format",
+        ),
+    ] {
+        let t = replace(from, to).unwrap_or_else(|| panic!("{from} not in the header"));
+        let e = open_bad(&t).expect_err(want);
+        assert!(e.contains(want), "expected `{want}` in `{e}`");
+    }
+    // every header byte and a stride of data bytes, each set to a few values: never a panic
+    let header = 8 + u64::from_le_bytes(good[..8].try_into().expect("8")) as usize;
+    let mut errors = 0usize;
+    let mut tries = 0usize;
+    for i in (0..header)
+        .step_by(5)
+        .chain((header..good.len()).step_by(251))
+    {
+        for v in [0x00u8, 0xFF, b'"', b'9'] {
+            if good[i] == v {
+                continue;
+            }
+            let mut b = good.clone();
+            b[i] = v;
+            tries += 1;
+            if open_bad(&b).is_err() {
+                errors += 1;
+            }
+        }
+    }
+    assert!(
+        errors * 10 >= tries * 9,
+        "only {errors} of {tries} corruptions detected"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
