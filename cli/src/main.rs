@@ -38,6 +38,7 @@ fn compile_options(
         calib_window: 512,
         threads,
         seed,
+        f32_params: q.f32_params,
     }
 }
 
@@ -75,6 +76,9 @@ fn quality_table(
     let mut say = |s: &str| sp.set_message(s.to_string());
     let data = compile::calibration_data(fp, &base, &mut say)?;
     let fpe = fp.engine(threads)?;
+    say("FP logits for the KL divergence");
+    let nwin = windows.map_or(ids.len() / ctx.max(1), |w| w.min(ids.len() / ctx.max(1)));
+    let fp_logits = eval::window_logits(&fpe, ids, ctx, nwin)?;
     let mut rows = Vec::new();
     for (name, wbits, wgroup, kvbits, poq, smooth) in configs {
         let opts = CompileOptions {
@@ -89,9 +93,9 @@ fn quality_table(
         let m = fp.with_module(c.module, None);
         let e = m.engine(threads)?;
         say(&format!("evaluating {name}"));
-        let r = eval::evaluate(
+        let r = eval::evaluate_with(
             &e,
-            Some(&fpe),
+            Some(eval::Reference::Logits(&fp_logits)),
             ids,
             ctx,
             windows,
@@ -167,6 +171,10 @@ struct QuantArgs {
     /// Weight quantization method.
     #[arg(long, default_value = "rtn", value_parser = ["rtn"])]
     method: String,
+    /// Keep scales and zeros in f32 (the reference definition) instead of f16; weights are
+    /// then not packed. For comparisons with fake-quant figures.
+    #[arg(long)]
+    f32_params: bool,
 }
 
 #[derive(Subcommand)]
@@ -637,6 +645,7 @@ fn real_main(cli: Cli) -> Result<()> {
             if json {
                 let v = serde_json::json!({
                     "source": m.source, "config": c, "parameters": params,
+                    "plan": m.plan.as_ref().map(|p| serde_json::json!({"quant": p.quant, "memory": p.memory, "quality": p.quality, "passes": p.passes})),
                     "groups": groups.iter().map(|(k, (n, b))| (k.to_string(), serde_json::json!({"parameters": n, "bytes": b}))).collect::<serde_json::Map<_, _>>(),
                     "ops": m.module.graph.op_histogram(),
                 });
@@ -675,6 +684,31 @@ fn real_main(cli: Cli) -> Result<()> {
                         .collect::<Vec<_>>()
                         .join(", ")
                 );
+                if let Some(p) = &m.plan {
+                    let q = &p.quant;
+                    println!(
+                        "plan         format {} v{}, wkvc {}",
+                        p.format, p.version, p.tool_version
+                    );
+                    println!(
+                        "quantization W{} (group {}) KV{} past-only {} smoothing {} method {}",
+                        q.wbits, q.wgroup, q.kvbits, q.past_only, q.smooth, q.method
+                    );
+                    println!("calibration  {}", q.calibration);
+                    println!(
+                        "memory       weights {} bytes, KV {} bytes/token, {} bytes at {} tokens",
+                        p.memory.weight_bytes,
+                        p.memory.kv_bytes_per_token,
+                        p.memory.kv_bytes_at_max_context,
+                        p.memory.max_context
+                    );
+                    println!("quality      {}", p.quality);
+                    println!(
+                        "source       {} (sha256 {})",
+                        p.source.path.display(),
+                        p.source_sha256
+                    );
+                }
                 if let Some(t) = &m.tokenizer {
                     println!(
                         "tokenizer    {} tokens, bos {:?}, eos {:?}, chat template {}",

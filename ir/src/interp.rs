@@ -5,7 +5,6 @@
 use crate::graph::{Attr, Graph, Node, OpKind, Operand};
 use crate::types::DType;
 use crate::{Error, Module};
-use half::f16;
 use rayon::prelude::*;
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
@@ -77,9 +76,11 @@ struct LayerKv {
     /// packed codes of the smoothed K/V (two per byte for <= 4 bits)
     kc: Vec<u8>,
     vc: Vec<u8>,
-    /// per (token, kv head): scale and zero, f16
-    kp: Vec<(f16, f16)>,
-    vp: Vec<(f16, f16)>,
+    /// per (token, kv head): scale and zero (f16 values unless the op asks for f32)
+    kp: Vec<(f32, f32)>,
+    vp: Vec<(f32, f32)>,
+    /// bytes per stored scale or zero
+    param_bytes: usize,
     heads: usize,
 }
 
@@ -664,6 +665,10 @@ impl<'a> Interpreter<'a> {
         let causal = node.bool_attr("causal").unwrap_or(true);
         let layer = node.int_attr("layer").unwrap_or(0);
         let bits = node.int_attr("kv_bits").map(|b| b as u32);
+        let pd = crate::quant::ParamDtype::from_attr(match node.attr("kv_param_dtype") {
+            Some(Attr::Str(s)) => Some(s.as_str()),
+            _ => None,
+        });
         let past_only = node.bool_attr("past_only").unwrap_or(false);
         let smooth = if node.args.len() == 7 {
             Some([
@@ -688,6 +693,7 @@ impl<'a> Interpreter<'a> {
             slot.width = kvw;
             slot.row_bytes = row_bytes;
             slot.heads = kvh;
+            slot.param_bytes = pd.bytes();
         }
         if slot.width != kvw || slot.row_bytes != row_bytes || slot.rows() != past {
             return Err(ierr(
@@ -710,8 +716,8 @@ impl<'a> Interpreter<'a> {
             }
             Some(b) => {
                 let (ks, kd) = (smooth.map(|x| (x[0], x[1])), smooth.map(|x| (x[2], x[3])));
-                let (kc, kp, kq) = quantize_kv(k, kvh, hd, b, ks);
-                let (vc, vp, vq) = quantize_kv(v, kvh, hd, b, kd);
+                let (kc, kp, kq) = quantize_kv(k, kvh, hd, b, pd, ks);
+                let (vc, vp, vq) = quantize_kv(v, kvh, hd, b, pd, kd);
                 let mut kall = dequantize_kv(&slot.kc, &slot.kp, kvh, hd, b, ks);
                 let mut vall = dequantize_kv(&slot.vc, &slot.vp, kvh, hd, b, kd);
                 slot.kc.extend_from_slice(&kc);
@@ -783,8 +789,9 @@ fn quantize_kv(
     heads: usize,
     hd: usize,
     bits: u32,
+    pd: crate::quant::ParamDtype,
     smooth: Option<(&[f32], &[f32])>,
-) -> (Vec<u8>, Vec<(f16, f16)>, Vec<f32>) {
+) -> (Vec<u8>, Vec<(f32, f32)>, Vec<f32>) {
     let w = heads * hd;
     let rows = x.len() / w;
     let mut codes = vec![0u8; x.len()];
@@ -798,7 +805,7 @@ fn quantize_kv(
         }
     }
     for (xg, cg) in xs.chunks(hd).zip(codes.chunks_mut(hd)) {
-        params.push(crate::quant::quantize_group(xg, bits, cg));
+        params.push(crate::quant::quantize_group(xg, bits, pd, cg));
     }
     let packed = if bits <= 4 {
         crate::quant::pack_u4(&codes, w)
@@ -811,7 +818,7 @@ fn quantize_kv(
 
 fn dequantize_codes(
     codes: &[u8],
-    params: &[(f16, f16)],
+    params: &[(f32, f32)],
     heads: usize,
     hd: usize,
     smooth: Option<(&[f32], &[f32])>,
@@ -820,10 +827,7 @@ fn dequantize_codes(
     let mut out: Vec<f32> = codes
         .chunks(hd)
         .zip(params)
-        .flat_map(|(c, (s, z))| {
-            let (s, z) = (s.to_f32(), z.to_f32());
-            c.iter().map(move |&q| (q as f32 - z) * s)
-        })
+        .flat_map(|(c, &(s, z))| c.iter().map(move |&q| (q as f32 - z) * s))
         .collect();
     if let Some((sh, sc)) = smooth {
         for r in out.chunks_mut(w) {
@@ -838,7 +842,7 @@ fn dequantize_codes(
 /// The cache's packed rows back to f32 (unsmoothed).
 fn dequantize_kv(
     packed: &[u8],
-    params: &[(f16, f16)],
+    params: &[(f32, f32)],
     heads: usize,
     hd: usize,
     bits: u32,
@@ -868,7 +872,11 @@ fn dequantize_kv(
 fn fake_quant_node(node: &Node, w: &[f32], cols: usize, gamma: &[f32], beta: &[f32]) -> Vec<f32> {
     let bits = node.int_attr("bits").unwrap_or(4) as u32;
     let group = node.int_attr("group").unwrap_or(-1);
-    crate::quant::fake_quant_rows(w, cols, bits, group, gamma, beta)
+    let pd = crate::quant::ParamDtype::from_attr(match node.attr("param_dtype") {
+        Some(Attr::Str(s)) => Some(s.as_str()),
+        _ => None,
+    });
+    crate::quant::fake_quant_rows(w, cols, bits, group, gamma, beta, pd)
 }
 
 impl Tensor {
@@ -920,8 +928,10 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
-/// y[m,n] = x[m,k] * w[n,k]^T. Small m (decode) runs as parallel dot products over rows of w;
-/// larger m through the gemm crate.
+/// y[m,n] = x[m,k] * w[n,k]^T through the gemm crate. Rows are padded to a multiple of 8:
+/// gemm's kernels then treat every row alike (checked bitwise for the demo model's shapes),
+/// so a row's result does not depend on the batch it is in and decoding one token gives
+/// exactly the numbers of the same position in a batched forward.
 pub fn linear(x: &[f32], w: &[f32], y: &mut [f32], m: usize, n: usize, k: usize, threads: usize) {
     if m == 0 || n == 0 {
         return;
@@ -930,26 +940,13 @@ pub fn linear(x: &[f32], w: &[f32], y: &mut [f32], m: usize, n: usize, k: usize,
         y.fill(0.0);
         return;
     }
-    if m <= 4 {
-        // y^T[n, m]: each task takes a block of w rows, reads them once for all m rows of x.
-        let block = 64;
-        let mut yt = vec![0f32; n * m];
-        yt.par_chunks_mut(block * m)
-            .enumerate()
-            .for_each(|(bi, out)| {
-                let r0 = bi * block;
-                for (ri, o) in out.chunks_mut(m).enumerate() {
-                    let wr = &w[(r0 + ri) * k..(r0 + ri + 1) * k];
-                    for (mi, oo) in o.iter_mut().enumerate() {
-                        *oo = dot(&x[mi * k..(mi + 1) * k], wr);
-                    }
-                }
-            });
-        for mi in 0..m {
-            for ni in 0..n {
-                y[mi * n + ni] = yt[ni * m + mi];
-            }
-        }
+    if !m.is_multiple_of(8) {
+        let mp = m.div_ceil(8) * 8;
+        let mut xp = vec![0f32; mp * k];
+        xp[..m * k].copy_from_slice(&x[..m * k]);
+        let mut yp = vec![0f32; mp * n];
+        linear(&xp, w, &mut yp, mp, n, k, threads);
+        y[..m * n].copy_from_slice(&yp[..m * n]);
         return;
     }
     // SAFETY: the pointers cover m*k, n*k and m*n elements with the strides given; y does not

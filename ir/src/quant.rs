@@ -3,27 +3,74 @@
 //!   scale = (gamma*max - beta*min) / (2^bits - 1)   (floored at 1e-8),
 //!   zero  = round(-beta*min / scale),
 //!   q     = clamp(round(x / scale) + zero, 0, 2^bits - 1),   x^ = (q - zero) * scale,
-//! rounding half to even. Scale and zero are stored as f16 and the codes are computed with the
-//! stored values, so fake quantization and packed storage give identical numbers.
+//! rounding half to even. Scale and zero are stored as f16 (the scale rounded up, so the range
+//! still fits the grid) and the codes are computed with the stored values, so fake
+//! quantization and packed storage give identical numbers.
 
 use half::f16;
 
 /// Largest integer that f16 holds exactly; zero-points are clamped to it.
 const F16_EXACT_INT: f32 = 2048.0;
 
-/// Scale and zero-point of a group with the given (clipped) range, as stored in f16.
-pub fn params(min: f32, max: f32, bits: u32, gamma: f32, beta: f32) -> (f16, f16) {
+/// Precision in which scale and zero-point are kept.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ParamDtype {
+    /// Stored as f16 (plans, the packed KV cache); the scale is rounded up to an f16.
+    F16,
+    /// Kept in f32: the reference definition, for comparisons (not packable).
+    F32,
+}
+
+impl ParamDtype {
+    pub fn from_attr(s: Option<&str>) -> ParamDtype {
+        match s {
+            Some("f32") => ParamDtype::F32,
+            _ => ParamDtype::F16,
+        }
+    }
+
+    pub fn bytes(self) -> usize {
+        match self {
+            ParamDtype::F16 => 2,
+            ParamDtype::F32 => 4,
+        }
+    }
+}
+
+/// Scale and zero-point of a group with the given (clipped) range, as stored.
+pub fn params_in(
+    min: f32,
+    max: f32,
+    bits: u32,
+    gamma: f32,
+    beta: f32,
+    pd: ParamDtype,
+) -> (f32, f32) {
     let qmax = ((1u32 << bits) - 1) as f32;
     let (hi, lo) = (gamma * max, beta * min);
     let s = ((hi - lo) / qmax).max(1e-8);
-    let mut s16 = f16::from_f32(s);
-    if s16.to_f32() == 0.0 {
-        s16 = f16::from_bits(1); // smallest positive f16
+    match pd {
+        ParamDtype::F32 => (s, (-lo / s).round_ties_even()),
+        ParamDtype::F16 => {
+            // Round the scale up to an f16: the group's range then still fits the grid and the
+            // extremes (the outliers that matter most) are not clipped by a scale rounded down.
+            let mut s16 = f16::from_f32(s);
+            if s16.to_f32() < s {
+                s16 = f16::from_bits(s16.to_bits() + 1);
+            }
+            let sf = s16.to_f32();
+            let z = (-lo / sf)
+                .round_ties_even()
+                .clamp(-F16_EXACT_INT, F16_EXACT_INT);
+            (sf, z)
+        }
     }
-    let z = (-lo / s16.to_f32())
-        .round_ties_even()
-        .clamp(-F16_EXACT_INT, F16_EXACT_INT);
-    (s16, f16::from_f32(z))
+}
+
+/// f16 scale and zero-point (the storage form of plans).
+pub fn params(min: f32, max: f32, bits: u32, gamma: f32, beta: f32) -> (f16, f16) {
+    let (s, z) = params_in(min, max, bits, gamma, beta, ParamDtype::F16);
+    (f16::from_f32(s), f16::from_f32(z))
 }
 
 #[inline]
@@ -57,6 +104,24 @@ pub fn quantize_rows(
     gamma: &[f32],
     beta: &[f32],
 ) -> (Vec<u8>, Vec<f16>, Vec<f16>) {
+    let (c, s, z) = quantize_rows_in(w, cols, bits, group, gamma, beta, ParamDtype::F16);
+    (
+        c,
+        s.iter().map(|&v| f16::from_f32(v)).collect(),
+        z.iter().map(|&v| f16::from_f32(v)).collect(),
+    )
+}
+
+/// `quantize_rows` with scales and zeros in the given precision (as f32 numbers).
+pub fn quantize_rows_in(
+    w: &[f32],
+    cols: usize,
+    bits: u32,
+    group: i64,
+    gamma: &[f32],
+    beta: &[f32],
+    pd: ParamDtype,
+) -> (Vec<u8>, Vec<f32>, Vec<f32>) {
     let gl = group_len(cols, group);
     let ng = cols.div_ceil(gl);
     let qmax = ((1u32 << bits) - 1) as f32;
@@ -69,10 +134,9 @@ pub fn quantize_rows(
             let a = r * cols + g * gl;
             let b = r * cols + ((g + 1) * gl).min(cols);
             let (mn, mx) = min_max(&w[a..b]);
-            let (s, z) = params(mn, mx, bits, gamma[r * ng + g], beta[r * ng + g]);
-            let (sf, zf) = (s.to_f32(), z.to_f32());
+            let (s, z) = params_in(mn, mx, bits, gamma[r * ng + g], beta[r * ng + g], pd);
             for i in a..b {
-                codes[i] = code(w[i], sf, zf, qmax);
+                codes[i] = code(w[i], s, z, qmax);
             }
             scales.push(s);
             zeros.push(z);
@@ -110,22 +174,20 @@ pub fn fake_quant_rows(
     group: i64,
     gamma: &[f32],
     beta: &[f32],
+    pd: ParamDtype,
 ) -> Vec<f32> {
-    let (codes, s, z) = quantize_rows(w, cols, bits, group, gamma, beta);
+    let (codes, s, z) = quantize_rows_in(w, cols, bits, group, gamma, beta, pd);
     let codes: Vec<f32> = codes.iter().map(|&c| c as f32).collect();
-    let s: Vec<f32> = s.iter().map(|v| v.to_f32()).collect();
-    let z: Vec<f32> = z.iter().map(|v| v.to_f32()).collect();
     dequantize_rows(&codes, cols, group, &s, &z)
 }
 
 /// One KV group (a token's head): codes written into `out`, returns (scale, zero).
-pub fn quantize_group(x: &[f32], bits: u32, out: &mut [u8]) -> (f16, f16) {
+pub fn quantize_group(x: &[f32], bits: u32, pd: ParamDtype, out: &mut [u8]) -> (f32, f32) {
     let (mn, mx) = min_max(x);
-    let (s, z) = params(mn, mx, bits, 1.0, 1.0);
+    let (s, z) = params_in(mn, mx, bits, 1.0, 1.0, pd);
     let qmax = ((1u32 << bits) - 1) as f32;
-    let (sf, zf) = (s.to_f32(), z.to_f32());
     for (o, &v) in out.iter_mut().zip(x) {
-        *o = code(v, sf, zf, qmax);
+        *o = code(v, s, z, qmax);
     }
     (s, z)
 }

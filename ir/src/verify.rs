@@ -185,6 +185,16 @@ fn numel_key(shape: &[Dim]) -> (usize, Vec<String>) {
     (c, syms)
 }
 
+fn check_param_dtype(n: &Node, key: &str) -> Result<(), String> {
+    match n.attr(key) {
+        None => Ok(()),
+        Some(Attr::Str(s)) if s == "f16" || s == "f32" => Ok(()),
+        Some(a) => Err(format!(
+            "attribute `{key}` must be \"f16\" or \"f32\", found {a}"
+        )),
+    }
+}
+
 /// Number of quantization groups per row of `cols` input channels (`bits`, `group` attrs).
 fn quant_groups(n: &Node, cols: &Dim) -> Result<usize, String> {
     let bits = need_int(n, "bits")?;
@@ -312,6 +322,7 @@ pub fn infer(n: &Node, a: &[TensorType]) -> Result<TensorType, String> {
             {
                 return Err(format!("kv_bits must be in 2..=8, found {b}"));
             }
+            check_param_dtype(n, "kv_param_dtype")?;
             if n.attr("past_only").is_some() && n.bool_attr("past_only").is_none() {
                 return Err("attribute `past_only` must be a bool".into());
             }
@@ -404,6 +415,7 @@ pub fn infer(n: &Node, a: &[TensorType]) -> Result<TensorType, String> {
             }
             let (rows, cols) = (&a[0].shape[0], &a[0].shape[1]);
             let g = quant_groups(n, cols)?;
+            check_param_dtype(n, "param_dtype")?;
             for t in &a[1..] {
                 dim_eq(&t.shape[0], rows, "clipping rows vs weight rows")?;
                 dim_eq(&t.shape[1], &Dim::Const(g), "clipping groups")?;

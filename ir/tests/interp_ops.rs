@@ -553,3 +553,22 @@ fn wrong_input_shape_is_an_error() {
         .expect_err("missing input");
     assert!(e.to_string().contains("was not given"), "{e}");
 }
+
+#[test]
+fn linear_rows_do_not_depend_on_the_batch() {
+    // Decoding one token must give exactly the numbers of the same row in a batch.
+    let (m, n, k) = (13usize, 70usize, 300usize);
+    let x: Vec<f32> = (0..m * k)
+        .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
+        .collect();
+    let w: Vec<f32> = (0..n * k)
+        .map(|i| ((i * 104729) % 997) as f32 / 498.5 - 1.0)
+        .collect();
+    let mut full = vec![0f32; m * n];
+    wkvc_ir::interp::linear(&x, &w, &mut full, m, n, k, 2);
+    for r in 0..m {
+        let mut one = vec![0f32; n];
+        wkvc_ir::interp::linear(&x[r * k..(r + 1) * k], &w, &mut one, 1, n, k, 2);
+        assert_eq!(one, full[r * n..(r + 1) * n].to_vec(), "row {r}");
+    }
+}

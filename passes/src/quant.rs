@@ -46,6 +46,9 @@ pub struct WeightQuant {
     pub bits: u32,
     /// Input channels per group; -1 = one group per output channel.
     pub group: i64,
+    /// Keep scale and zero in f32 (the reference definition) instead of f16; such weights
+    /// are not packed.
+    pub f32_params: bool,
 }
 
 impl Pass for WeightQuant {
@@ -118,10 +121,16 @@ impl Pass for WeightQuant {
                     out,
                     op: OpKind::FakeQuant,
                     args: vec![Operand::Param(w.clone()), clip[0].clone(), clip[1].clone()],
-                    attrs: attrs([
-                        ("bits", Attr::Int(self.bits as i64)),
-                        ("group", Attr::Int(self.group)),
-                    ]),
+                    attrs: {
+                        let mut a = attrs([
+                            ("bits", Attr::Int(self.bits as i64)),
+                            ("group", Attr::Int(self.group)),
+                        ]);
+                        if self.f32_params {
+                            a.insert("param_dtype".into(), Attr::Str("f32".into()));
+                        }
+                        a
+                    },
                     ty: decl,
                 });
                 n.args[1] = Operand::Value(out);
@@ -315,6 +324,8 @@ impl Pass for KvSmooth {
 #[derive(Clone, Debug)]
 pub struct KvQuant {
     pub bits: u32,
+    /// Keep each token's scale and zero in f32 (the reference definition) instead of f16.
+    pub f32_params: bool,
 }
 
 impl Pass for KvQuant {
@@ -341,6 +352,10 @@ impl Pass for KvQuant {
         {
             n.attrs
                 .insert("kv_bits".into(), Attr::Int(self.bits as i64));
+            if self.f32_params {
+                n.attrs
+                    .insert("kv_param_dtype".into(), Attr::Str("f32".into()));
+            }
             count += 1;
         }
         report.stats.insert("attentions".into(), count as f64);
@@ -404,7 +419,8 @@ impl Pass for Pack {
             };
             let Some(q) = fq.get(v) else { continue };
             let bits = q.int_attr("bits").unwrap_or(4);
-            if n.op != OpKind::Linear || bits > 4 || uses[v.0 as usize] != 1 {
+            let f32_params = matches!(q.attr("param_dtype"), Some(Attr::Str(s)) if s == "f32");
+            if n.op != OpKind::Linear || bits > 4 || f32_params || uses[v.0 as usize] != 1 {
                 continue;
             }
             let names: Vec<String> = q

@@ -29,6 +29,8 @@ pub struct CompileOptions {
     pub calib_window: usize,
     pub threads: usize,
     pub seed: u64,
+    /// Scales and zeros in f32 (the reference definition; weights stay unpacked).
+    pub f32_params: bool,
 }
 
 impl Default for CompileOptions {
@@ -45,6 +47,7 @@ impl Default for CompileOptions {
             calib_window: 512,
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
             seed: 0,
+            f32_params: false,
         }
     }
 }
@@ -220,11 +223,15 @@ pub fn quantize(
     let mut pm = PassManager::new().with(WeightQuant {
         bits: opts.wbits,
         group: opts.wgroup,
+        f32_params: opts.f32_params,
     });
     if opts.needs_calibration() {
         pm = pm.with(KvSmooth { stats });
     }
-    pm = pm.with(KvQuant { bits: opts.kvbits });
+    pm = pm.with(KvQuant {
+        bits: opts.kvbits,
+        f32_params: opts.f32_params,
+    });
     if opts.past_only && opts.kvbits < 16 {
         pm = pm.with(PastOnly);
     }

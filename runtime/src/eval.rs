@@ -46,11 +46,56 @@ pub fn kl_divergence(p_logits: &[f32], q_logits: &[f32]) -> f64 {
         .max(0.0)
 }
 
+/// Where KL divergence takes its reference distributions from.
+pub enum Reference<'a, 'm> {
+    /// Run this (FP) engine on each window.
+    Engine(&'a Engine<'m>),
+    /// Logits already computed, one `[ctx, vocab]` vector per window.
+    Logits(&'a [Vec<f32>]),
+}
+
+/// Logits of the first `windows` windows (for `Reference::Logits`).
+pub fn window_logits(
+    engine: &Engine<'_>,
+    ids: &[u32],
+    ctx: usize,
+    windows: usize,
+) -> Result<Vec<Vec<f32>>, RuntimeError> {
+    let mut s = engine.session(ctx);
+    (0..windows.min(ids.len() / ctx))
+        .map(|w| {
+            s.reset();
+            s.forward_mode(&ids[w * ctx..(w + 1) * ctx], RunMode::DecodeEquivalent)
+        })
+        .collect()
+}
+
 /// Score tokens 1..ctx-1 of each window of `ctx` tokens of `ids` (at most `max_windows`
 /// windows); with `reference`, also the mean KL divergence from its distributions.
 pub fn evaluate(
     engine: &Engine<'_>,
     reference: Option<&Engine<'_>>,
+    ids: &[u32],
+    ctx: usize,
+    max_windows: Option<usize>,
+    mode: RunMode,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<PplReport, RuntimeError> {
+    evaluate_with(
+        engine,
+        reference.map(Reference::Engine),
+        ids,
+        ctx,
+        max_windows,
+        mode,
+        progress,
+    )
+}
+
+/// `evaluate` with any kind of reference.
+pub fn evaluate_with(
+    engine: &Engine<'_>,
+    reference: Option<Reference<'_, '_>>,
     ids: &[u32],
     ctx: usize,
     max_windows: Option<usize>,
@@ -71,7 +116,7 @@ pub fn evaluate(
         )));
     }
     let vocab = engine.vocab_size();
-    if let Some(r) = reference
+    if let Some(Reference::Engine(r)) = &reference
         && r.vocab_size() != vocab
     {
         return Err(RuntimeError::Invalid(format!(
@@ -88,17 +133,28 @@ pub fn evaluate(
             session.max_ctx()
         )));
     }
-    let mut rsession = reference.map(|r| r.session(ctx));
+    let mut rsession = match &reference {
+        Some(Reference::Engine(r)) => Some(r.session(ctx)),
+        _ => None,
+    };
     for w in 0..windows {
         let win = &ids[w * ctx..(w + 1) * ctx];
         session.reset();
         let logits = session.forward_mode(win, mode)?;
-        let rlogits = match rsession.as_mut() {
-            Some(rs) => {
+        let rlogits = match (rsession.as_mut(), &reference) {
+            (Some(rs), _) => {
                 rs.reset();
                 Some(rs.forward_mode(win, RunMode::DecodeEquivalent)?)
             }
-            None => None,
+            (None, Some(Reference::Logits(l))) => Some(
+                l.get(w)
+                    .filter(|v| v.len() == ctx * vocab)
+                    .cloned()
+                    .ok_or_else(|| {
+                        RuntimeError::Invalid(format!("no reference logits for window {w}"))
+                    })?,
+            ),
+            _ => None,
         };
         for t in 0..ctx - 1 {
             let row = &logits[t * vocab..(t + 1) * vocab];
@@ -115,7 +171,7 @@ pub fn evaluate(
     Ok(PplReport {
         perplexity: mean.exp(),
         mean_nll: mean,
-        kld: reference.map(|_| kl / count as f64),
+        kld: reference.as_ref().map(|_| kl / count as f64),
         tokens: count,
         windows,
         ctx,

@@ -103,9 +103,13 @@ pub fn kv_bytes_per_token(m: &Module) -> usize {
             let kvh = n.int_attr("kv_heads").unwrap_or(1) as usize;
             let hd = n.int_attr("head_dim").unwrap_or(1) as usize;
             let w = kvh * hd;
+            let pb = match n.attr("kv_param_dtype") {
+                Some(wkvc_ir::Attr::Str(s)) if s == "f32" => 8,
+                _ => 4,
+            };
             2 * match n.int_attr("kv_bits") {
-                Some(b) if b <= 4 => w.div_ceil(2) + 4 * kvh,
-                Some(_) => w + 4 * kvh,
+                Some(b) if b <= 4 => w.div_ceil(2) + pb * kvh,
+                Some(_) => w + pb * kvh,
                 None => 4 * w,
             }
         })

@@ -51,14 +51,27 @@ fn pass_snapshots_on_a_tiny_model() {
     let (fp, dir) = tiny_model("snap");
     let mut m = fp.module.clone();
     insta::assert_snapshot!("0_fp", layer0(&m));
-    run_pass(&mut m, WeightQuant { bits: 4, group: 16 });
+    run_pass(
+        &mut m,
+        WeightQuant {
+            bits: 4,
+            group: 16,
+            f32_params: false,
+        },
+    );
     insta::assert_snapshot!("1_weight_quant", layer0(&m));
     let windows = vec![IDS.to_vec()];
     let stats = collect_kv_stats(&fp.module, &windows, 1, &mut |_, _| {}).expect("stats");
     assert_eq!(stats.tokens, IDS.len());
     run_pass(&mut m, KvSmooth { stats: Some(stats) });
     insta::assert_snapshot!("2_kv_smooth", layer0(&m));
-    run_pass(&mut m, KvQuant { bits: 4 });
+    run_pass(
+        &mut m,
+        KvQuant {
+            bits: 4,
+            f32_params: false,
+        },
+    );
     run_pass(&mut m, PastOnly);
     insta::assert_snapshot!("3_kv_quant_past_only", layer0(&m));
     run_pass(&mut m, Pack);
@@ -71,7 +84,14 @@ fn packed_equals_fake_quant() {
     let (fp, dir) = tiny_model("pack");
     for (bits, group) in [(4, 16), (4, -1), (3, 8), (2, 32)] {
         let mut fq = fp.module.clone();
-        run_pass(&mut fq, WeightQuant { bits, group });
+        run_pass(
+            &mut fq,
+            WeightQuant {
+                bits,
+                group,
+                f32_params: false,
+            },
+        );
         let mut packed = fq.clone();
         let mut r = PassReport::default();
         Pack.run(&mut packed, &mut r).expect("pack");
