@@ -19,6 +19,15 @@ fn spinner() -> ProgressBar {
     sp
 }
 
+/// A line above the spinner, or on stderr when there is no terminal to draw on.
+fn note(sp: &ProgressBar, msg: String) {
+    if sp.is_hidden() {
+        eprintln!("{msg}");
+    } else {
+        sp.println(msg);
+    }
+}
+
 fn compile_options(
     q: &QuantArgs,
     calib: Option<PathBuf>,
@@ -103,11 +112,14 @@ fn quality_table(
             &mut |d, t| sp.set_message(format!("evaluating {name}: window {d}/{t}")),
         )?;
         let mem = compile::memory_plan(&m.module, m.config.max_position_embeddings);
-        sp.println(format!(
-            "{name}: ppl {:.4}, KLD {:.5}",
-            r.perplexity,
-            r.kld.unwrap_or(0.0)
-        ));
+        note(
+            &sp,
+            format!(
+                "{name}: ppl {:.4}, KLD {:.5}",
+                r.perplexity,
+                r.kld.unwrap_or(0.0)
+            ),
+        );
         rows.push(serde_json::json!({"config": name, "perplexity": r.perplexity, "kld": r.kld, "weight_bytes": mem.weight_bytes, "kv_bytes_per_token": mem.kv_bytes_per_token, "tokens": r.tokens, "windows": r.windows}));
     }
     sp.finish_and_clear();
@@ -414,10 +426,10 @@ fn real_main(cli: Cli) -> Result<()> {
             let mut say = |s: &str| sp.set_message(s.to_string());
             let data = compile::calibration_data(&fp, &opts, &mut say)?;
             if opts.calib.is_none() {
-                sp.println(format!(
-                    "calibration: no --calib given, using text {}",
-                    data.source
-                ));
+                note(
+                    &sp,
+                    format!("calibration: no --calib given, using text {}", data.source),
+                );
             }
             let c = compile::quantize(&fp, &opts, Some(&data), &mut say)?;
             say("measuring quality on held-out text");
