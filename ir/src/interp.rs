@@ -86,12 +86,9 @@ struct LayerKv {
 
 impl LayerKv {
     fn rows(&self) -> usize {
-        if self.row_bytes > 0 {
-            self.kc.len() / self.row_bytes
-        } else if self.width > 0 {
-            self.k.len() / self.width
-        } else {
-            0
+        match self.kc.len().checked_div(self.row_bytes) {
+            Some(rows) => rows,
+            None => self.k.len().checked_div(self.width).unwrap_or(0),
         }
     }
 }
@@ -744,41 +741,59 @@ impl<'a> Interpreter<'a> {
         let group = h / kvh;
         let scale = 1.0 / (hd as f32).sqrt();
         let mut out = vec![0f32; s * h * hd];
-        let (kdeq, vdeq) = (kdeq.as_deref(), vdeq.as_deref());
+        let krows = Rows {
+            all: &kall,
+            deq: kdeq.as_deref(),
+            past,
+            kvw,
+            hd,
+        };
+        let vrows = Rows {
+            all: &vall,
+            deq: vdeq.as_deref(),
+            past,
+            kvw,
+            hd,
+        };
         out.par_chunks_mut(hd).enumerate().for_each(|(idx, o)| {
             let (i, head) = (idx / h, idx % h);
             let kh = head / group;
             let qr = &q[i * h * hd + head * hd..][..hd];
             let n = if causal { past + i + 1 } else { total };
-            fn pick<'a>(
-                all: &'a [f32],
-                deq: Option<&'a [f32]>,
-                quant: bool,
-                j: usize,
-                past: usize,
-                off: usize,
-                kvw: usize,
-                hd: usize,
-            ) -> &'a [f32] {
-                match deq {
-                    Some(d) if quant => &d[(j - past) * kvw + off..][..hd],
-                    _ => &all[j * kvw + off..][..hd],
-                }
-            }
             let off = kh * hd;
             let qz = |j: usize| j >= past && quantized(i, j - past);
             let mut sc: Vec<f32> = (0..n)
-                .map(|j| dot(qr, pick(&kall, kdeq, qz(j), j, past, off, kvw, hd)) * scale)
+                .map(|j| dot(qr, krows.get(j, qz(j), off)) * scale)
                 .collect();
             softmax_in_place(&mut sc);
             for (j, &p) in sc.iter().enumerate() {
-                let vr = pick(&vall, vdeq, qz(j), j, past, off, kvw, hd);
+                let vr = vrows.get(j, qz(j), off);
                 for (a, &b) in o.iter_mut().zip(vr) {
                     *a += p * b;
                 }
             }
         });
         Ok(out)
+    }
+}
+
+/// K or V rows as attention reads them: past rows (dequantized cache) and the chunk's FP rows
+/// in `all`, the chunk's dequantized rows in `deq`.
+struct Rows<'a> {
+    all: &'a [f32],
+    deq: Option<&'a [f32]>,
+    past: usize,
+    kvw: usize,
+    hd: usize,
+}
+
+impl<'a> Rows<'a> {
+    /// Row `j`, head offset `off`: the chunk's dequantized row when `quantized`.
+    fn get(&self, j: usize, quantized: bool, off: usize) -> &'a [f32] {
+        match self.deq {
+            Some(d) if quantized => &d[(j - self.past) * self.kvw + off..][..self.hd],
+            _ => &self.all[j * self.kvw + off..][..self.hd],
+        }
     }
 }
 

@@ -180,13 +180,13 @@ pub fn write(path: &Path, module: &Module, mut manifest: Manifest) -> Result<u64
     let tmp: PathBuf = dir.join(format!(".{fname}.wkvc-tmp-{}", std::process::id()));
     let r = safetensors::serialize_to_file(views, Some(meta), &tmp)
         .map_err(|e| perr(&tmp, format!("cannot write: {e}")))
-        .and_then(|_| {
+        .map(|_| {
+            // the temp file is created private; a finished plan is an ordinary file
             #[cfg(unix)]
             {
                 use std::os::unix::fs::PermissionsExt;
                 let _ = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644));
             }
-            Ok(())
         })
         .and_then(|_| {
             std::fs::rename(&tmp, path).map_err(|e| {
