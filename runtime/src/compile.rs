@@ -288,18 +288,16 @@ pub fn measure_quality(
     let ctx = held_out.len();
     let fe = fp.engine(threads)?;
     let qe = q.engine(threads)?;
-    let rf = eval::evaluate(
-        &fe,
-        None,
-        held_out,
-        ctx,
-        Some(1),
-        RunMode::DecodeEquivalent,
-        &mut |_, _| {},
-    )?;
-    let rq = eval::evaluate(
+    // The FP model runs once: its logits give its own perplexity and the KLD reference.
+    let fp_logits = eval::window_logits(&fe, held_out, ctx, 1)?;
+    let v = fp.config.vocab_size;
+    let fp_nll: f64 = (0..ctx - 1)
+        .map(|t| eval::nll(&fp_logits[0][t * v..(t + 1) * v], held_out[t + 1] as usize))
+        .sum::<f64>()
+        / (ctx - 1) as f64;
+    let rq = eval::evaluate_with(
         &qe,
-        Some(&fe),
+        Some(eval::Reference::Logits(&fp_logits)),
         held_out,
         ctx,
         Some(1),
@@ -309,7 +307,7 @@ pub fn measure_quality(
     Ok(serde_json::json!({
         "held_out_tokens": ctx,
         "protocol": "decode-equivalent",
-        "perplexity_fp": rf.perplexity,
+        "perplexity_fp": fp_nll.exp(),
         "perplexity": rq.perplexity,
         "kld_vs_fp": rq.kld,
     }))
