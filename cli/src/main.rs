@@ -6,7 +6,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
-use wkvc_runtime::compile::{self, CompileOptions};
+use wkvc_runtime::compile::{self, CalibConfig, CompileOptions};
 use wkvc_runtime::{Message, Model, Sampler, StreamDecoder, eval, generate, peak_rss_bytes};
 
 fn spinner() -> ProgressBar {
@@ -34,21 +34,41 @@ fn compile_options(
     calib_tokens: Option<usize>,
     seed: u64,
     threads: usize,
-) -> CompileOptions {
-    CompileOptions {
+) -> Result<CompileOptions> {
+    let wkv = q.method == "wkvquant";
+    let window = q.calib_len.unwrap_or(if wkv { 256 } else { 512 });
+    let calib_tokens = if wkv {
+        if calib_tokens.is_some() {
+            bail!("--method wkvquant takes --calib-samples and --calib-len, not --calib-tokens");
+        }
+        Some(q.calib_samples.max(1) * window)
+    } else {
+        calib_tokens
+    };
+    Ok(CompileOptions {
         wbits: q.wbits,
         wgroup: q.wgroup,
         kvbits: q.kvbits,
         past_only: !q.no_poq,
         smooth: !q.no_smooth,
         method: q.method.clone(),
+        calib_cfg: CalibConfig {
+            epochs: q.epochs,
+            crr_k: q.crr_k,
+            loss: compile::parse_loss(&q.loss)?,
+            lr_lwc: q.lr_lwc,
+            lr_smooth: q.lr_smooth,
+            learn_lwc: !q.no_learn_lwc,
+            learn_smooth: !q.no_learn_smooth,
+            ..CalibConfig::default()
+        },
         calib,
         calib_tokens,
-        calib_window: 512,
+        calib_window: window,
         threads,
         seed,
         f32_params: q.f32_params,
-    }
+    })
 }
 
 /// The standard configurations, compiled in memory and evaluated on the same windows.
@@ -180,9 +200,37 @@ struct QuantArgs {
     /// No K/V channel smoothing.
     #[arg(long)]
     no_smooth: bool,
-    /// Weight quantization method.
-    #[arg(long, default_value = "rtn", value_parser = ["rtn"])]
+    /// Quantization method: rtn (round to nearest), or wkvquant (learn weight clipping and
+    /// K/V smoothing block by block with the cross-block reconstruction loss).
+    #[arg(long, default_value = "rtn", value_parser = ["rtn", "wkvquant"])]
     method: String,
+    /// wkvquant: calibration samples (windows of --calib-len tokens).
+    #[arg(long, default_value_t = 16)]
+    calib_samples: usize,
+    /// Tokens per calibration window (wkvquant default 256; rtn smoothing statistics 512).
+    #[arg(long)]
+    calib_len: Option<usize>,
+    /// wkvquant: epochs over the samples per block.
+    #[arg(long, default_value_t = 2)]
+    epochs: usize,
+    /// wkvquant: blocks after the learned one in the reconstruction target (k).
+    #[arg(long, default_value_t = 5)]
+    crr_k: usize,
+    /// wkvquant: loss, mae (CRR), mse, or local-mse+crr.
+    #[arg(long, default_value = "mae")]
+    loss: String,
+    /// wkvquant: AdamW learning rate of the clipping logits.
+    #[arg(long, default_value_t = 1e-2)]
+    lr_lwc: f32,
+    /// wkvquant: AdamW learning rate of the smoothing shift and scale.
+    #[arg(long, default_value_t = 5e-3)]
+    lr_smooth: f32,
+    /// wkvquant: keep the RTN clipping (learn only the smoothing).
+    #[arg(long)]
+    no_learn_lwc: bool,
+    /// wkvquant: keep the initial smoothing (learn only the clipping).
+    #[arg(long)]
+    no_learn_smooth: bool,
     /// Keep scales and zeros in f32 (the reference definition) instead of f16; weights are
     /// then not packed. For comparisons with fake-quant figures.
     #[arg(long)]
@@ -420,8 +468,16 @@ fn real_main(cli: Cli) -> Result<()> {
         } => {
             let t0 = Instant::now();
             let fp = open(&model)?;
-            let opts = compile_options(&q, calib, calib_tokens, seed, threads(t));
+            let opts = compile_options(&q, calib, calib_tokens, seed, threads(t))?;
             opts.validate()?;
+            if opts.wkvquant() {
+                // First Ctrl-C: stop calibration cleanly (no plan is written); second: exit.
+                let _ = ctrlc::set_handler(|| {
+                    if compile::CANCEL.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                        std::process::exit(130);
+                    }
+                });
+            }
             let sp = spinner();
             let mut say = |s: &str| sp.set_message(s.to_string());
             let data = compile::calibration_data(&fp, &opts, &mut say)?;
@@ -444,6 +500,9 @@ fn real_main(cli: Cli) -> Result<()> {
             };
             let manifest = compile::manifest(&fp, &c, quality.clone(), sha);
             let mem = manifest.memory.clone();
+            if compile::CANCEL.load(std::sync::atomic::Ordering::SeqCst) {
+                bail!("interrupted (Ctrl-C): nothing was written");
+            }
             say("writing the plan");
             let size = wkvc_runtime::plan::write(&output, &c.module, manifest)?;
             sp.finish_and_clear();
@@ -464,6 +523,34 @@ fn real_main(cli: Cli) -> Result<()> {
                 opts.method
             );
             println!("  calibration   {}", c.quant.calibration);
+            if let Some(info) = &c.quant.calibrate {
+                let s = &info["settings"];
+                let blocks = info["blocks"].as_array().cloned().unwrap_or_default();
+                let first = blocks
+                    .first()
+                    .map(|b| b["first_loss"].as_f64().unwrap_or(f64::NAN));
+                let last = blocks
+                    .last()
+                    .map(|b| b["last_loss"].as_f64().unwrap_or(f64::NAN));
+                println!(
+                    "  wkvquant      {} samples x {} tokens, {} epochs, k {}, loss {}, lr {}/{}: {} steps in {:.0}s, peak RSS {:.0} MiB",
+                    s["samples"],
+                    s["tokens_per_sample"],
+                    s["epochs"],
+                    s["crr_k"],
+                    s["loss"].as_str().unwrap_or("?"),
+                    s["lr_lwc"],
+                    s["lr_smooth"],
+                    info["steps"],
+                    info["seconds"].as_f64().unwrap_or(0.0),
+                    info["peak_rss_bytes"].as_f64().unwrap_or(0.0) / 1048576.0
+                );
+                if let (Some(a), Some(b)) = (first, last) {
+                    println!(
+                        "                block 1 first-epoch loss {a:.5}, last block final loss {b:.5}"
+                    );
+                }
+            }
             println!(
                 "  weights       {:.1} MiB -> {:.1} MiB",
                 fp_mem.weight_bytes as f64 / 1048576.0,

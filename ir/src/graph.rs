@@ -40,15 +40,25 @@ pub enum OpKind {
     Concat,
     /// `fake_quant(@w: f32[N,K], @gamma: f32[N,G], @beta: f32[N,G]) {bits, group}`: asymmetric
     /// uniform quantize-dequantize per group of `group` input channels (-1: the whole row),
-    /// clipping range [beta*min, gamma*max], scale and zero rounded to f16 as stored.
+    /// clipping range [beta*min, gamma*max], scale and zero rounded to f16 as stored. With
+    /// `lwc = true` the two clipping operands are logits: gamma = sigmoid(u), beta =
+    /// sigmoid(l) (learnable weight clipping during calibration).
     FakeQuant,
     /// `qlinear(x: f32[s,K], @codes: u4[N,K], @scales: f16[N,G], @zeros: f16[N,G] [, @b])
     /// {bits, group}`: linear with packed weights, dequantized as (code - zero) * scale.
     QLinear,
+    /// `loss(pred: f32[..], target: f32[..]) {kind = "mae" | "mse"} -> f32[1]`: mean absolute
+    /// or squared error over all elements.
+    Loss,
+    /// `vjp(<operands of the forward op>, dy) {vjp_of = "<op>", wrt = i, <forward attrs>}`:
+    /// the vector-Jacobian product dy^T d(op)/d(operand i), typed like operand i. A `loss`
+    /// takes no dy (its seed is 1). Built by `passes::autodiff`; the interpreter recomputes
+    /// what it needs of the forward op from the operands.
+    Vjp,
 }
 
 impl OpKind {
-    pub const ALL: [OpKind; 14] = [
+    pub const ALL: [OpKind; 16] = [
         OpKind::Embedding,
         OpKind::RmsNorm,
         OpKind::Linear,
@@ -63,6 +73,8 @@ impl OpKind {
         OpKind::Concat,
         OpKind::FakeQuant,
         OpKind::QLinear,
+        OpKind::Loss,
+        OpKind::Vjp,
     ];
 
     pub fn name(self) -> &'static str {
@@ -81,6 +93,8 @@ impl OpKind {
             OpKind::Concat => "concat",
             OpKind::FakeQuant => "fake_quant",
             OpKind::QLinear => "qlinear",
+            OpKind::Loss => "loss",
+            OpKind::Vjp => "vjp",
         }
     }
 

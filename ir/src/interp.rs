@@ -181,7 +181,12 @@ pub struct Interpreter<'a> {
     consts: HashMap<u32, Vec<f32>>,
     /// Dequantized weights of `qlinear` nodes, by node index.
     qweights: HashMap<usize, Vec<f32>>,
+    /// All gradients of the last attention / fake_quant differentiated in this run, by the
+    /// forward op and operands (+dy): its `vjp` nodes come one after another and share them.
+    vjp_cache: std::sync::Mutex<Option<VjpCache>>,
 }
+
+type VjpCache = (OpKind, Vec<Operand>, Vec<Vec<f32>>);
 
 impl<'a> Interpreter<'a> {
     /// Resolve every param (f32 views of the store) and build a pool of `threads` workers.
@@ -234,7 +239,10 @@ impl<'a> Interpreter<'a> {
                         consts.insert(n.out.0, fake_quant_node(n, w, cols, g, b));
                     }
                 }
-                OpKind::QLinear => {
+                OpKind::QLinear | OpKind::Vjp
+                    if n.op == OpKind::QLinear
+                        || matches!(n.attr("vjp_of"), Some(Attr::Str(s)) if s == "qlinear") =>
+                {
                     let (Some(c), Some(s), Some(z)) = (p(&n.args[1]), p(&n.args[2]), p(&n.args[3]))
                     else {
                         return Err(ierr(n, "qlinear operands 1..3 must be params"));
@@ -260,11 +268,76 @@ impl<'a> Interpreter<'a> {
             threads,
             consts,
             qweights,
+            vjp_cache: std::sync::Mutex::new(None),
         })
     }
 
     pub fn graph(&self) -> &Graph {
         self.graph
+    }
+
+    /// The current values of an f32 param.
+    pub fn param(&self, name: &str) -> Option<&[f32]> {
+        self.params.get(name).map(|c| &c[..])
+    }
+
+    /// Replace an f32 param's values (calibration updates learned params between steps);
+    /// `fake_quant` results that read it are recomputed.
+    pub fn set_param(&mut self, name: &str, data: Vec<f32>) -> Result<(), Error> {
+        self.set_params(vec![(name.to_string(), data)])
+    }
+
+    /// `set_param` for several params, recomputing each dependent `fake_quant` once.
+    pub fn set_params(&mut self, items: Vec<(String, Vec<f32>)>) -> Result<(), Error> {
+        let graph: &'a Graph = self.graph;
+        let mut names = std::collections::HashSet::new();
+        for (name, data) in items {
+            let decl = graph
+                .param(&name)
+                .ok_or_else(|| Error::Interp(format!("set_param: no param @{name}")))?;
+            let numel = decl
+                .ty
+                .concrete(&|_| None)
+                .map(|s| s.iter().product::<usize>())
+                .unwrap_or(0);
+            if decl.ty.dtype != DType::F32 || numel != data.len() {
+                return Err(Error::Interp(format!(
+                    "set_param: @{name} is {}, given {} f32 values",
+                    decl.ty,
+                    data.len()
+                )));
+            }
+            self.params.insert(decl.name.as_str(), Cow::Owned(data));
+            names.insert(name);
+        }
+        self.clear_vjp_cache();
+        let touched: Vec<&Node> = graph
+            .nodes
+            .iter()
+            .filter(|n| {
+                n.op == OpKind::FakeQuant
+                    && self.consts.contains_key(&n.out.0)
+                    && n.args
+                        .iter()
+                        .any(|a| matches!(a, Operand::Param(p) if names.contains(p)))
+            })
+            .collect();
+        let params = &self.params;
+        let results: Vec<(u32, Vec<f32>)> = touched
+            .par_iter()
+            .map(|n| {
+                let get = |i: usize| match &n.args[i] {
+                    Operand::Param(p) => Ok(&params[p.as_str()][..]),
+                    Operand::Value(_) => Err(ierr(n, "operand is not a param")),
+                };
+                let cols = n.ty.shape.last().and_then(|d| d.as_const()).unwrap_or(1);
+                Ok((n.out.0, fake_quant_node(n, get(0)?, cols, get(1)?, get(2)?)))
+            })
+            .collect::<Result<_, Error>>()?;
+        for (k, v) in results {
+            self.consts.insert(k, v);
+        }
+        Ok(())
     }
 
     /// Run the graph on named inputs. The cache grows by the input's `seq` tokens; on any
@@ -300,12 +373,46 @@ impl<'a> Interpreter<'a> {
         }
     }
 
+    fn clear_vjp_cache(&self) {
+        if let Ok(mut c) = self.vjp_cache.lock() {
+            *c = None;
+        }
+    }
+
+    /// Gradient `wrt` from the cached bundle of this forward op, computing the bundle first
+    /// when the cache holds another one.
+    fn cached_grads(
+        &self,
+        op: OpKind,
+        node: &Node,
+        wrt: usize,
+        compute: impl FnOnce() -> Result<Vec<Vec<f32>>, Error>,
+    ) -> Result<Vec<f32>, Error> {
+        let mut c = self
+            .vjp_cache
+            .lock()
+            .map_err(|_| ierr(node, "gradient cache poisoned"))?;
+        let hit = matches!(&*c, Some((o, a, _)) if *o == op && *a == node.args);
+        if !hit {
+            *c = Some((op, node.args.clone(), compute()?));
+        }
+        let grads = &c
+            .as_ref()
+            .ok_or_else(|| ierr(node, "gradient cache empty"))?
+            .2;
+        grads
+            .get(wrt)
+            .cloned()
+            .ok_or_else(|| ierr(node, format!("no gradient wrt operand {wrt}")))
+    }
+
     fn run_inner(
         &self,
         inputs: &[(&str, Tensor)],
         cache: &mut KvCache,
         mode: RunMode,
     ) -> Result<(BTreeMap<String, Tensor>, usize), Error> {
+        self.clear_vjp_cache();
         let g = self.graph;
         let mut binds: HashMap<String, usize> = HashMap::new();
         binds.insert("past".into(), cache.len);
@@ -506,37 +613,7 @@ impl<'a> Interpreter<'a> {
                 }
                 y
             }
-            OpKind::Rope => {
-                let x = self.arg_f32(node, vals, 0)?;
-                let pos = self.arg_i32(node, vals, 1)?;
-                let factors = if node.args.len() > 2 {
-                    Some(self.arg_f32(node, vals, 2)?)
-                } else {
-                    None
-                };
-                let heads = node.int_attr("heads").unwrap_or(1) as usize;
-                let hd = node.int_attr("head_dim").unwrap_or(2) as usize;
-                let rd = node.int_attr("rope_dim").map(|r| r as usize).unwrap_or(hd);
-                let inv = rope_inv_freq(node, rd, factors);
-                let mut y = x.to_vec();
-                for (r, row) in y.chunks_mut(heads * hd).enumerate() {
-                    let p = pos[r];
-                    if p < 0 {
-                        return Err(ierr(node, format!("negative position {p}")));
-                    }
-                    let (cos, sin): (Vec<f32>, Vec<f32>) = inv
-                        .iter()
-                        .map(|&f| {
-                            let a = (p as f32 * f) as f64;
-                            (a.cos() as f32, a.sin() as f32)
-                        })
-                        .unzip();
-                    for h in row.chunks_mut(hd) {
-                        rope_rotate(&mut h[..rd], &cos, &sin);
-                    }
-                }
-                y
-            }
+            OpKind::Rope => self.rope(node, vals, 0, false)?,
             OpKind::Attention => self.attention(node, vals, cache, mode)?,
             OpKind::FakeQuant => {
                 // Param-only: evaluated once at construction (consts); here only if some
@@ -616,6 +693,12 @@ impl<'a> Interpreter<'a> {
                 let perm: Vec<usize> = perm.iter().map(|&p| p as usize).collect();
                 transpose(x, &xs, &perm)
             }
+            OpKind::Loss => {
+                let p = self.arg_f32(node, vals, 0)?;
+                let t = self.arg_f32(node, vals, 1)?;
+                vec![crate::grad::loss_value(loss_kind(node), p, t)]
+            }
+            OpKind::Vjp => self.vjp(index, node, vals)?,
             OpKind::Concat => {
                 let axis = node.int_attr("axis").unwrap_or(0) as usize;
                 let outer: usize = shape[..axis].iter().product();
@@ -644,6 +727,200 @@ impl<'a> Interpreter<'a> {
             ));
         }
         Ok(Tensor::f32(shape, out))
+    }
+
+    /// RoPE of operand `xi` (positions and factors follow it); `inverse` rotates back (the
+    /// transpose of the rotation, i.e. its vector-Jacobian product).
+    fn rope(
+        &self,
+        node: &Node,
+        vals: &[Option<Tensor>],
+        xi: usize,
+        inverse: bool,
+    ) -> Result<Vec<f32>, Error> {
+        let x = self.arg_f32(node, vals, xi)?;
+        let pos = self.arg_i32(node, vals, 1)?;
+        let factors = if node.args.len() > 2 && xi != 2 {
+            Some(self.arg_f32(node, vals, 2)?)
+        } else {
+            None
+        };
+        let heads = node.int_attr("heads").unwrap_or(1) as usize;
+        let hd = node.int_attr("head_dim").unwrap_or(2) as usize;
+        let rd = node.int_attr("rope_dim").map(|r| r as usize).unwrap_or(hd);
+        let inv = rope_inv_freq(node, rd, factors);
+        let mut y = x.to_vec();
+        for (r, row) in y.chunks_mut(heads * hd).enumerate() {
+            let p = pos[r];
+            if p < 0 {
+                return Err(ierr(node, format!("negative position {p}")));
+            }
+            let (cos, sin): (Vec<f32>, Vec<f32>) = inv
+                .iter()
+                .map(|&f| {
+                    let a = (p as f32 * f) as f64;
+                    let sn = a.sin() as f32;
+                    (a.cos() as f32, if inverse { -sn } else { sn })
+                })
+                .unzip();
+            for h in row.chunks_mut(hd) {
+                rope_rotate(&mut h[..rd], &cos, &sin);
+            }
+        }
+        Ok(y)
+    }
+
+    /// A `vjp` node: the gradient wrt one operand of the forward op, recomputing what the rule
+    /// needs from the forward operands.
+    fn vjp(&self, index: usize, node: &Node, vals: &[Option<Tensor>]) -> Result<Vec<f32>, Error> {
+        use crate::grad as gr;
+        let fwd = crate::verify::vjp_forward(node).map_err(|e| ierr(node, e))?;
+        let wrt = node.int_attr("wrt").unwrap_or(0).max(0) as usize;
+        let nargs = node.args.len();
+        let dyi = nargs.saturating_sub(1);
+        let bad = || {
+            ierr(
+                node,
+                format!("{} has no gradient wrt operand {wrt}", fwd.op.name()),
+            )
+        };
+        let f = |i: usize| self.arg_f32(node, vals, i);
+        let shape = |i: usize| self.arg_shape(node, vals, i);
+        let last = |v: &[usize]| v.last().copied().unwrap_or(1).max(1);
+        Ok(match fwd.op {
+            OpKind::Loss => gr::loss_vjp(loss_kind(node), f(0)?, f(1)?, wrt),
+            OpKind::Linear | OpKind::QLinear => {
+                let dy = f(dyi)?;
+                let k = last(&shape(0));
+                let n = shape(1).first().copied().unwrap_or(1).max(1);
+                let m = dy.len() / n;
+                match (fwd.op, wrt) {
+                    (OpKind::Linear, 0) => gr::linear_dx(dy, f(1)?, m, n, k, self.threads),
+                    (OpKind::Linear, 1) => gr::linear_dw(dy, f(0)?, m, n, k, self.threads),
+                    (OpKind::QLinear, 0) => {
+                        let w = self
+                            .qweights
+                            .get(&index)
+                            .ok_or_else(|| ierr(node, "packed weights were not prepared"))?;
+                        gr::linear_dx(dy, w, m, n, k, self.threads)
+                    }
+                    (OpKind::Linear, 2) | (OpKind::QLinear, 4) => gr::col_sums(dy, n),
+                    _ => return Err(bad()),
+                }
+            }
+            OpKind::RmsNorm => {
+                let eps = node.float_attr("eps").unwrap_or(1e-6);
+                if wrt > 1 {
+                    return Err(bad());
+                }
+                gr::rms_norm_vjp(f(0)?, f(1)?, eps, f(dyi)?, wrt == 1)
+            }
+            OpKind::Rope => {
+                if wrt != 0 {
+                    return Err(bad());
+                }
+                self.rope(node, vals, dyi, true)?
+            }
+            OpKind::Attention => {
+                let spec = gr::AttnSpec {
+                    heads: node.int_attr("heads").unwrap_or(1) as usize,
+                    kv_heads: node.int_attr("kv_heads").unwrap_or(1) as usize,
+                    head_dim: node.int_attr("head_dim").unwrap_or(1) as usize,
+                    causal: node.bool_attr("causal").unwrap_or(true),
+                    kv_bits: node.int_attr("kv_bits").map(|b| b as u32),
+                    past_only: node.bool_attr("past_only").unwrap_or(false),
+                    pd: param_dtype(node, "kv_param_dtype"),
+                };
+                let smooth = if dyi == 7 {
+                    Some([f(3)?, f(4)?, f(5)?, f(6)?])
+                } else {
+                    None
+                };
+                if wrt >= dyi {
+                    return Err(bad());
+                }
+                self.cached_grads(OpKind::Attention, node, wrt, || {
+                    Ok(gr::attention_grads(
+                        spec,
+                        f(0)?,
+                        f(1)?,
+                        f(2)?,
+                        smooth,
+                        f(dyi)?,
+                    ))
+                })?
+            }
+            OpKind::Silu => gr::silu_vjp(f(0)?, f(dyi)?),
+            OpKind::Mul => {
+                let other = f(1 - wrt.min(1))?;
+                other.iter().zip(f(dyi)?).map(|(a, b)| a * b).collect()
+            }
+            OpKind::Add | OpKind::Reshape => f(dyi)?.to_vec(),
+            OpKind::Softmax => gr::softmax_vjp(f(0)?, f(dyi)?, last(&shape(0))),
+            OpKind::Transpose => {
+                let Some(Attr::Ints(perm)) = node.attr("perm") else {
+                    return Err(ierr(node, "missing perm"));
+                };
+                let mut inv = vec![0usize; perm.len()];
+                for (i, &p) in perm.iter().enumerate() {
+                    inv[p as usize] = i;
+                }
+                transpose(f(dyi)?, &shape(dyi), &inv)
+            }
+            OpKind::Concat => {
+                let axis = node.int_attr("axis").unwrap_or(0) as usize;
+                let ys = shape(dyi);
+                let outer: usize = ys[..axis].iter().product();
+                let inner: usize = ys[axis + 1..].iter().product();
+                let start: usize = (0..wrt).map(|i| shape(i)[axis]).sum();
+                let d = shape(wrt)[axis];
+                let dy = f(dyi)?;
+                let mut out = Vec::with_capacity(outer * d * inner);
+                for o in 0..outer {
+                    let base = (o * ys[axis] + start) * inner;
+                    out.extend_from_slice(&dy[base..base + d * inner]);
+                }
+                out
+            }
+            OpKind::FakeQuant => {
+                let bits = node.int_attr("bits").unwrap_or(4) as u32;
+                let group = node.int_attr("group").unwrap_or(-1);
+                let cols = last(&shape(0));
+                self.cached_grads(OpKind::FakeQuant, node, wrt, || {
+                    Ok(gr::fake_quant_grads(
+                        f(0)?,
+                        cols,
+                        bits,
+                        group,
+                        f(1)?,
+                        f(2)?,
+                        param_dtype(node, "param_dtype"),
+                        node.bool_attr("lwc") == Some(true),
+                        f(dyi)?,
+                    ))
+                })?
+            }
+            OpKind::Embedding => {
+                if wrt != 1 {
+                    return Err(bad());
+                }
+                let ids = self.arg_i32(node, vals, 0)?;
+                let ts = shape(1);
+                let d = last(&ts);
+                let mut out = vec![0f32; ts.iter().product()];
+                for (r, (&id, g)) in ids.iter().zip(f(dyi)?.chunks(d)).enumerate() {
+                    let id = id as usize;
+                    if id * d >= out.len() {
+                        return Err(ierr(node, format!("row {r}: token {id} out of range")));
+                    }
+                    for (a, &b) in out[id * d..(id + 1) * d].iter_mut().zip(g) {
+                        *a += b;
+                    }
+                }
+                out
+            }
+            OpKind::Vjp => return Err(bad()),
+        })
     }
 
     fn attention(
@@ -887,11 +1164,27 @@ fn dequantize_kv(
 fn fake_quant_node(node: &Node, w: &[f32], cols: usize, gamma: &[f32], beta: &[f32]) -> Vec<f32> {
     let bits = node.int_attr("bits").unwrap_or(4) as u32;
     let group = node.int_attr("group").unwrap_or(-1);
-    let pd = crate::quant::ParamDtype::from_attr(match node.attr("param_dtype") {
+    let pd = param_dtype(node, "param_dtype");
+    if node.bool_attr("lwc") == Some(true) {
+        let g: Vec<f32> = gamma.iter().map(|&u| crate::grad::sigmoid(u)).collect();
+        let b: Vec<f32> = beta.iter().map(|&u| crate::grad::sigmoid(u)).collect();
+        return crate::quant::fake_quant_rows(w, cols, bits, group, &g, &b, pd);
+    }
+    crate::quant::fake_quant_rows(w, cols, bits, group, gamma, beta, pd)
+}
+
+fn loss_kind(node: &Node) -> &str {
+    match node.attr("kind") {
+        Some(Attr::Str(k)) => k.as_str(),
+        _ => "mae",
+    }
+}
+
+fn param_dtype(node: &Node, key: &str) -> crate::quant::ParamDtype {
+    crate::quant::ParamDtype::from_attr(match node.attr(key) {
         Some(Attr::Str(s)) => Some(s.as_str()),
         _ => None,
-    });
-    crate::quant::fake_quant_rows(w, cols, bits, group, gamma, beta, pd)
+    })
 }
 
 impl Tensor {

@@ -5,6 +5,7 @@
 
 pub mod config;
 pub mod gguf;
+pub mod grad;
 pub mod graph;
 pub mod import;
 pub mod interp;

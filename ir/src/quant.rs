@@ -73,9 +73,21 @@ pub fn params(min: f32, max: f32, bits: u32, gamma: f32, beta: f32) -> (f16, f16
     (f16::from_f32(s), f16::from_f32(z))
 }
 
+/// Round half to even, branch-light (vectorisable): adding and subtracting 1.5 * 2^23 rounds
+/// to an integer in the default rounding mode for |x| < 2^22; equals `f32::round_ties_even`.
+#[inline]
+pub fn rne(x: f32) -> f32 {
+    const M: f32 = 12582912.0;
+    if x.abs() < 4194304.0 {
+        (x + M) - M
+    } else {
+        x.round_ties_even()
+    }
+}
+
 #[inline]
 pub fn code(x: f32, s: f32, z: f32, qmax: f32) -> u8 {
-    ((x / s).round_ties_even() + z).clamp(0.0, qmax) as u8
+    (rne(x / s) + z).clamp(0.0, qmax) as u8
 }
 
 fn min_max(x: &[f32]) -> (f32, f32) {
@@ -204,4 +216,36 @@ pub fn pack_u4(codes: &[u8], cols: usize) -> Vec<u8> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn rne_is_round_ties_even() {
+        let mut x = -5.0e6f32;
+        while x < 5.0e6 {
+            for d in [
+                0.0f32, 0.5, 0.25, 0.75, 1.5, 2.5, -0.5, 0.49999997, 0.50000006,
+            ] {
+                let v = x + d;
+                assert_eq!(super::rne(v), v.round_ties_even(), "{v}");
+            }
+            x += 9973.25;
+        }
+        for v in [
+            0.5f32,
+            -0.5,
+            1.5,
+            -1.5,
+            2.5,
+            -2.5,
+            4194303.5,
+            -4194303.5,
+            1e30,
+            f32::MAX,
+        ] {
+            assert_eq!(super::rne(v), v.round_ties_even(), "{v}");
+        }
+        assert!(super::rne(f32::NAN).is_nan());
+    }
 }

@@ -212,6 +212,22 @@ fn quant_groups(n: &Node, cols: &Dim) -> Result<usize, String> {
     }
 }
 
+/// The forward node a `vjp` node differentiates: its `vjp_of` op with the remaining attrs.
+pub fn vjp_forward(n: &Node) -> Result<Node, String> {
+    let op = match n.attr("vjp_of") {
+        Some(Attr::Str(s)) => OpKind::from_name(s).ok_or(format!("unknown op `{s}` in vjp_of"))?,
+        _ => return Err("missing string attribute `vjp_of`".into()),
+    };
+    if op == OpKind::Vjp {
+        return Err("vjp of vjp is not supported".into());
+    }
+    let mut f = n.clone();
+    f.op = op;
+    f.attrs.remove("vjp_of");
+    f.attrs.remove("wrt");
+    Ok(f)
+}
+
 /// The result type of a node from its operand types and attributes.
 pub fn infer(n: &Node, a: &[TensorType]) -> Result<TensorType, String> {
     match n.op {
@@ -416,6 +432,9 @@ pub fn infer(n: &Node, a: &[TensorType]) -> Result<TensorType, String> {
             let (rows, cols) = (&a[0].shape[0], &a[0].shape[1]);
             let g = quant_groups(n, cols)?;
             check_param_dtype(n, "param_dtype")?;
+            if n.attr("lwc").is_some() && n.bool_attr("lwc").is_none() {
+                return Err("attribute `lwc` must be a bool".into());
+            }
             for t in &a[1..] {
                 dim_eq(&t.shape[0], rows, "clipping rows vs weight rows")?;
                 dim_eq(&t.shape[1], &Dim::Const(g), "clipping groups")?;
@@ -452,6 +471,45 @@ pub fn infer(n: &Node, a: &[TensorType]) -> Result<TensorType, String> {
             let last = shape.len() - 1;
             shape[last] = a[1].shape[0].clone();
             Ok(TensorType::f32(shape))
+        }
+        OpKind::Loss => {
+            arity(a, 2, 2)?;
+            f32_arg(&a[0], "prediction")?;
+            if a[0] != a[1] {
+                return Err(format!(
+                    "prediction {} and target {} differ in type",
+                    a[0], a[1]
+                ));
+            }
+            match n.attr("kind") {
+                Some(Attr::Str(k)) if k == "mae" || k == "mse" => {}
+                Some(k) => return Err(format!("loss kind must be \"mae\" or \"mse\", found {k}")),
+                None => return Err("missing string attribute `kind`".into()),
+            }
+            Ok(TensorType::f32(vec![Dim::Const(1)]))
+        }
+        OpKind::Vjp => {
+            let fwd = vjp_forward(n)?;
+            let wrt = need_int(n, "wrt")?;
+            let nf = if fwd.op == OpKind::Loss {
+                a.len()
+            } else {
+                a.len()
+                    .checked_sub(1)
+                    .ok_or("takes the forward operands and dy")?
+            };
+            if wrt < 0 || wrt as usize >= nf {
+                return Err(format!("wrt {wrt} is not one of the {nf} forward operands"));
+            }
+            let y = infer(&fwd, &a[..nf]).map_err(|e| format!("forward {}: {e}", fwd.op.name()))?;
+            if nf < a.len() && a[nf] != y {
+                return Err(format!("dy is {} but the forward op gives {y}", a[nf]));
+            }
+            let t = &a[wrt as usize];
+            if t.dtype != DType::F32 {
+                return Err(format!("operand {wrt} ({t}) is not differentiable"));
+            }
+            Ok(t.clone())
         }
         OpKind::Concat => {
             if a.is_empty() {

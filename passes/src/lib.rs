@@ -3,6 +3,9 @@
 //! Passes: dead-code elimination, and the WKVQuant rewrites in `quant` (weight fake
 //! quantization, KV smoothing, KV quantization, past-only attention, int4 packing).
 
+pub mod autodiff;
+pub mod calibrate;
+pub mod optim;
 pub mod quant;
 
 use std::collections::{BTreeMap, HashSet};

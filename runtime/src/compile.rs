@@ -5,7 +5,10 @@
 use crate::plan::{self, Manifest, MemoryPlan, QuantConfig};
 use crate::{Model, RuntimeError, Sampler, eval};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use wkvc_ir::{Module, RunMode};
+use wkvc_passes::calibrate::calibrate;
+pub use wkvc_passes::calibrate::{CalibConfig, CalibLoss};
 use wkvc_passes::quant::{
     KvQuant, KvSmooth, KvStats, Pack, PastOnly, WeightQuant, collect_kv_stats,
 };
@@ -21,8 +24,10 @@ pub struct CompileOptions {
     pub kvbits: u32,
     pub past_only: bool,
     pub smooth: bool,
-    /// "rtn"
+    /// "rtn", or "wkvquant" (learned clipping and smoothing, `calib_cfg`)
     pub method: String,
+    /// Settings of `--method wkvquant` (samples = calib_tokens / calib_window).
+    pub calib_cfg: CalibConfig,
     pub calib: Option<PathBuf>,
     /// calibration tokens; None: 8192 from a file, 512 when sampling
     pub calib_tokens: Option<usize>,
@@ -42,6 +47,7 @@ impl Default for CompileOptions {
             past_only: true,
             smooth: true,
             method: "rtn".into(),
+            calib_cfg: CalibConfig::default(),
             calib: None,
             calib_tokens: None,
             calib_window: 512,
@@ -54,7 +60,11 @@ impl Default for CompileOptions {
 
 impl CompileOptions {
     pub fn needs_calibration(&self) -> bool {
-        self.smooth && self.kvbits < 16
+        self.smooth && self.kvbits < 16 || self.wkvquant()
+    }
+
+    pub fn wkvquant(&self) -> bool {
+        self.method == "wkvquant"
     }
 
     pub fn validate(&self) -> Result<(), RuntimeError> {
@@ -77,11 +87,31 @@ impl CompileOptions {
                 self.wgroup
             )));
         }
-        if self.method != "rtn" {
+        if self.method != "rtn" && self.method != "wkvquant" {
             return Err(RuntimeError::Invalid(format!(
-                "--method `{}` is not available (rtn)",
+                "--method must be rtn or wkvquant, got `{}`",
                 self.method
             )));
+        }
+        if self.wkvquant() {
+            if self.wbits >= 16 && (self.kvbits >= 16 || !self.smooth) {
+                return Err(RuntimeError::Invalid(
+                    "--method wkvquant learns weight clipping (needs --wbits < 16) or K/V \
+                     smoothing (needs --kvbits < 16 and smoothing): nothing to learn"
+                        .into(),
+                ));
+            }
+            let c = &self.calib_cfg;
+            if c.epochs == 0 {
+                return Err(RuntimeError::Invalid("--epochs must be at least 1".into()));
+            }
+            for (n, v) in [("--lr-lwc", c.lr_lwc), ("--lr-smooth", c.lr_smooth)] {
+                if !(v.is_finite() && v > 0.0) {
+                    return Err(RuntimeError::Invalid(format!(
+                        "{n} must be a positive number, got {v}"
+                    )));
+                }
+            }
         }
         if self.calib_window < 2 {
             return Err(RuntimeError::Invalid(
@@ -195,6 +225,19 @@ pub fn calibration_data(
     }
 }
 
+/// Set (by a Ctrl-C handler) to stop calibration; `quantize` then fails with
+/// `RuntimeError::Interrupted` and nothing is written.
+pub static CANCEL: AtomicBool = AtomicBool::new(false);
+
+/// Parse `--loss`.
+pub fn parse_loss(s: &str) -> Result<CalibLoss, RuntimeError> {
+    CalibLoss::parse(s).ok_or_else(|| {
+        RuntimeError::Invalid(format!(
+            "--loss must be mae, mse or local-mse+crr, got `{s}`"
+        ))
+    })
+}
+
 /// The quantized module and what the passes did.
 pub struct Compiled {
     pub module: Module,
@@ -235,14 +278,90 @@ pub fn quantize(
     if opts.past_only && opts.kvbits < 16 {
         pm = pm.with(PastOnly);
     }
+    progress("running passes");
+    let mut reports = pm.run(&mut module)?;
+    let mut calib_info = None;
+    if opts.wkvquant() {
+        let c = calib.ok_or_else(|| {
+            RuntimeError::Invalid("--method wkvquant needs calibration text".into())
+        })?;
+        let t0 = std::time::Instant::now();
+        let mut cfg = opts.calib_cfg.clone();
+        cfg.threads = opts.threads;
+        cfg.seed = opts.seed;
+        let mut last = std::time::Instant::now();
+        let mut show = |p: &wkvc_passes::calibrate::CalibProgress| {
+            if last.elapsed().as_millis() >= 200 || p.step == p.steps {
+                last = std::time::Instant::now();
+                progress(&format!(
+                    "calibrating block {}/{} epoch {}/{} sample {}/{} loss {:.5}",
+                    p.layer + 1,
+                    p.layers,
+                    p.epoch + 1,
+                    p.epochs,
+                    p.step,
+                    p.steps,
+                    p.loss
+                ));
+            }
+        };
+        let rep = calibrate(
+            &model.module,
+            &mut module,
+            &c.windows,
+            &cfg,
+            &mut show,
+            &CANCEL,
+        )
+        .map_err(|e| {
+            if CANCEL.load(Ordering::Relaxed) {
+                RuntimeError::Interrupted
+            } else {
+                RuntimeError::Pass(e)
+            }
+        })?;
+        reports.push(PassReport {
+            pass: "calibrate".into(),
+            seconds: t0.elapsed().as_secs_f64(),
+            nodes_before: module.graph.nodes.len(),
+            nodes_after: module.graph.nodes.len(),
+            stats: [
+                ("blocks".to_string(), rep.blocks.len() as f64),
+                ("steps".to_string(), rep.steps as f64),
+            ]
+            .into_iter()
+            .collect(),
+        });
+        calib_info = Some(serde_json::json!({
+            "settings": {
+                "samples": rep.samples,
+                "tokens_per_sample": rep.tokens_per_sample,
+                "epochs": cfg.epochs,
+                "crr_k": cfg.crr_k,
+                "loss": cfg.loss.name(),
+                "lr_lwc": cfg.lr_lwc,
+                "lr_smooth": cfg.lr_smooth,
+                "weight_decay": cfg.weight_decay,
+                "learn_lwc": cfg.learn_lwc,
+                "learn_smooth": cfg.learn_smooth,
+                "lwc_init": cfg.lwc_init,
+                "seed": cfg.seed,
+                "optimizer": "AdamW(0.9, 0.999, eps 1e-8)",
+            },
+            "seconds": rep.seconds,
+            "steps": rep.steps,
+            "peak_rss_bytes": crate::peak_rss_bytes(),
+            "blocks": rep.blocks,
+        }));
+    }
+    let mut pm = PassManager::new();
     if opts.wbits <= 4 {
         pm = pm.with(Pack);
     }
     pm = pm.with(Dce {
         prune_weights: true,
     });
-    progress("running passes");
-    let reports = pm.run(&mut module)?;
+    reports.extend(pm.run(&mut module)?);
     let calib_tokens = calib.map_or(0, |c| c.windows.iter().map(Vec::len).sum());
     Ok(Compiled {
         module,
@@ -263,6 +382,7 @@ pub fn quantize(
             } else {
                 0
             },
+            calibrate: calib_info,
         },
         reports,
     })

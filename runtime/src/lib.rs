@@ -30,6 +30,8 @@ pub enum RuntimeError {
     Pass(#[from] wkvc_passes::PassError),
     #[error("{0}")]
     Invalid(String),
+    #[error("interrupted (Ctrl-C): nothing was written")]
+    Interrupted,
 }
 
 /// A model ready to run: module, config, tokenizer, provenance.

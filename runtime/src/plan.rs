@@ -32,6 +32,10 @@ pub struct QuantConfig {
     /// or "none").
     pub calibration: String,
     pub calib_tokens: usize,
+    /// `--method wkvquant`: the calibration settings and what it did (per-block losses, steps,
+    /// seconds, peak RSS).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub calibrate: Option<serde_json::Value>,
 }
 
 /// Byte counts of the memory plan.
