@@ -62,7 +62,7 @@ fn wkvquant_tiny_setting_end_to_end() {
         &mut |_| {},
     )
     .expect("rtn compile");
-    let name = "model.layers.3.mlp.down_proj.weight.scales";
+    let name = "model.layers.3.mlp.down_proj.scales";
     let (a, b) = (
         c.module.weights.get(name).expect("scales").bytes().to_vec(),
         rtn.module
