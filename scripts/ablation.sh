@@ -6,7 +6,7 @@
 # perplexity and KL divergence from the FP model. Results: $OUT/ablation.md and .jsonl.
 #
 # Calibration text: ../shared/data/wikitext2-calib.txt (required; the eval text is never used
-# for calibration). Settings (environment): ABL_SAMPLES (16), ABL_LEN (256), ABL_EPOCHS (2),
+# for calibration). Settings (environment): ABL_SAMPLES (16), ABL_LEN (256), ABL_EPOCHS (4),
 # ABL_THREADS (2), ABL_WINDOWS (8), ABL_ONLY (space-separated row keys to run, default all),
 # WKVC_ABLATION_OUT (target/ablation).
 set -euo pipefail
@@ -22,7 +22,7 @@ cargo build --release -q -p wkvc
 WKVC=target/release/wkvc
 OUT=${WKVC_ABLATION_OUT:-target/ablation}
 mkdir -p "$OUT"
-S=${ABL_SAMPLES:-16}; L=${ABL_LEN:-256}; E=${ABL_EPOCHS:-2}; T=${ABL_THREADS:-2}
+S=${ABL_SAMPLES:-16}; L=${ABL_LEN:-256}; E=${ABL_EPOCHS:-4}; T=${ABL_THREADS:-2}
 W=${ABL_WINDOWS:-8}
 WKV=(--method wkvquant --calib "$CALIB" --calib-samples "$S" --calib-len "$L" --epochs "$E")
 

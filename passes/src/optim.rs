@@ -97,3 +97,59 @@ impl AdamW {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn one(lr: f32, wd: f32) -> (AdamW, BTreeMap<String, Vec<f32>>) {
+        let opt = AdamW::new(vec![ParamGroup {
+            names: vec!["a".into()],
+            lr,
+            weight_decay: wd,
+        }]);
+        (opt, [("a".to_string(), vec![1.0, -2.0, 0.5])].into())
+    }
+
+    #[test]
+    fn first_step_moves_by_lr_against_the_gradient_sign() {
+        // Bias-corrected first step: m^ = g, v^ = g^2, so the update is lr * g / (|g| + eps).
+        let (mut opt, mut p) = one(0.1, 0.0);
+        let g = [("a".to_string(), vec![3.0, -0.25, 0.0])].into();
+        opt.step(&mut p, &g).unwrap();
+        let a = &p["a"];
+        assert!((a[0] - 0.9).abs() < 1e-6 && (a[1] + 1.9).abs() < 1e-6 && a[2] == 0.5);
+    }
+
+    #[test]
+    fn matches_the_reference_recursion_and_decays() {
+        let (mut opt, mut p) = one(0.01, 0.1);
+        let (b1, b2, eps) = (0.9f64, 0.999f64, 1e-8f64);
+        let (mut x, mut m, mut v) = (1.0f64, 0.0f64, 0.0f64);
+        for t in 1..=50 {
+            let g = (t as f64 * 0.37).sin();
+            let grads = [("a".to_string(), vec![g as f32, 0.0, 0.0])].into();
+            opt.step(&mut p, &grads).unwrap();
+            x -= 0.01 * 0.1 * x;
+            m = b1 * m + (1.0 - b1) * g;
+            v = b2 * v + (1.0 - b2) * g * g;
+            let mh = m / (1.0 - b1.powi(t));
+            let vh = v / (1.0 - b2.powi(t));
+            x -= 0.01 * mh / (vh.sqrt() + eps);
+            assert!((p["a"][0] as f64 - x).abs() < 1e-5, "step {t}");
+        }
+        assert_eq!(opt.steps(), 50);
+    }
+
+    #[test]
+    fn rejects_bad_gradients_without_changing_params() {
+        let (mut opt, mut p) = one(0.1, 0.0);
+        let before = p.clone();
+        let nan = [("a".to_string(), vec![1.0, f32::NAN, 0.0])].into();
+        assert!(opt.step(&mut p, &nan).unwrap_err().contains("not finite"));
+        let short = [("a".to_string(), vec![1.0])].into();
+        assert!(opt.step(&mut p, &short).is_err());
+        assert_eq!(p, before);
+        assert_eq!(opt.steps(), 0);
+    }
+}

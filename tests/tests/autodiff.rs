@@ -744,3 +744,66 @@ fn vjp_nodes_print_parse_and_verify() {
     let err = differentiate(&m.graph, &["y"], &["p0".into()]).unwrap_err();
     assert!(err.to_string().contains("not a `loss` node"), "{err}");
 }
+
+#[test]
+fn qlinear_vjp_equals_linear_on_the_dequantized_weights() {
+    use wkvc_ir::quant::{pack_u4, quantize_rows};
+    let mut r = Rng(12);
+    let (m, n, k, group) = (5usize, 6usize, 20usize, 8i64);
+    let w = r.vec(n * k, 1.0);
+    let ng = k.div_ceil(group as usize);
+    let ones = vec![1.0f32; n * ng];
+    let (codes, scales, zeros) = quantize_rows(&w, k, 4, group, &ones, &ones);
+    let codes_f: Vec<f32> = codes.iter().map(|&c| c as f32).collect();
+    let sf: Vec<f32> = scales.iter().map(|v| v.to_f32()).collect();
+    let zf: Vec<f32> = zeros.iter().map(|v| v.to_f32()).collect();
+    let deq = wkvc_ir::quant::dequantize_rows(&codes_f, k, group, &sf, &zf);
+    let x = r.vec(m * k, 1.0);
+    let dy = r.vec(m * n, 1.0);
+    let text = format!(
+        "graph \"q\" {{
+  param @codes : u4[{n},{k}]
+  param @scales : f16[{n},{ng}]
+  param @zeros : f16[{n},{ng}]
+  param @w : f32[{n},{k}]
+  input %0 \"x\" : f32[seq,{k}]
+  input %1 \"dy\" : f32[seq,{n}]
+  %2 = vjp(%0, @codes, @scales, @zeros, %1) {{bits=4, group={group}, vjp_of=\"qlinear\", wrt=0}} : f32[seq,{k}]
+  %3 = vjp(%0, @w, %1) {{vjp_of=\"linear\", wrt=0}} : f32[seq,{k}]
+  output \"dq\" %2
+  output \"dl\" %3
+}}
+"
+    );
+    let g = wkvc_ir::text::parse(&text).expect("parse");
+    wkvc_ir::verify::verify(&g).expect("verify");
+    let mut store = WeightStore::default();
+    let f16b = |v: &[half::f16]| v.iter().flat_map(|h| h.to_le_bytes()).collect::<Vec<u8>>();
+    store.insert(
+        "codes".to_string(),
+        Weight::from_bytes(vec![n, k], DType::U4, pack_u4(&codes, k)),
+    );
+    store.insert(
+        "scales".to_string(),
+        Weight::from_bytes(vec![n, ng], DType::F16, f16b(&scales)),
+    );
+    store.insert(
+        "zeros".to_string(),
+        Weight::from_bytes(vec![n, ng], DType::F16, f16b(&zeros)),
+    );
+    store.insert("w".to_string(), Weight::from_f32(vec![n, k], deq));
+    let module = Module {
+        graph: g,
+        weights: store,
+    };
+    module.verify().expect("store types");
+    let it = Interpreter::new(&module, 1).unwrap();
+    let out = run(
+        &it,
+        &[
+            ("x".to_string(), Tensor::f32(vec![m, k], x)),
+            ("dy".to_string(), Tensor::f32(vec![m, n], dy)),
+        ],
+    );
+    assert_eq!(out["dq"].as_f32().unwrap(), out["dl"].as_f32().unwrap());
+}
