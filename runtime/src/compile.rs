@@ -67,6 +67,11 @@ impl CompileOptions {
         self.method == "wkvquant"
     }
 
+    /// K/V smoothing applies: a quantized cache with smoothing enabled.
+    pub fn smoothing(&self) -> bool {
+        self.smooth && self.kvbits < 16
+    }
+
     pub fn validate(&self) -> Result<(), RuntimeError> {
         let ok_bits = |b: u32| (2..=8).contains(&b) || b == 16;
         if !ok_bits(self.wbits) {
@@ -255,7 +260,7 @@ pub fn quantize(
 ) -> Result<Compiled, RuntimeError> {
     opts.validate()?;
     let mut module = model.module.clone();
-    let stats: Option<KvStats> = if opts.needs_calibration() {
+    let stats: Option<KvStats> = if opts.smoothing() {
         let c = calib
             .ok_or_else(|| RuntimeError::Invalid("KV smoothing needs calibration text".into()))?;
         let mut p = |d: usize, t: usize| progress(&format!("smoothing statistics: window {d}/{t}"));
@@ -268,7 +273,7 @@ pub fn quantize(
         group: opts.wgroup,
         f32_params: opts.f32_params,
     });
-    if opts.needs_calibration() {
+    if opts.smoothing() {
         pm = pm.with(KvSmooth { stats });
     }
     pm = pm.with(KvQuant {
@@ -370,7 +375,7 @@ pub fn quantize(
             wgroup: opts.wgroup,
             kvbits: opts.kvbits,
             past_only: opts.past_only && opts.kvbits < 16,
-            smooth: opts.needs_calibration(),
+            smooth: opts.smoothing(),
             method: opts.method.clone(),
             calibration: if opts.needs_calibration() {
                 calib.map_or("none".into(), |c| c.source.clone())

@@ -317,3 +317,56 @@ fn calibration_lowers_the_loss_and_beats_rtn_on_held_out_data() {
     .unwrap_err();
     assert!(err.to_string().contains("interrupted"));
 }
+
+#[test]
+fn weight_only_wkvquant_learns_clipping_only() {
+    let cfg = tiny_config("llama");
+    let w = tiny_weights(&cfg, 21);
+    let dir = temp_dir("w4lwc");
+    write_gguf(&dir.join("tiny.gguf"), &cfg, &w, false);
+    let m = Model::open(&dir.join("tiny.gguf")).expect("open tiny");
+    let mut r = Rng(8);
+    let data = wkvc_runtime::compile::CalibData {
+        windows: seqs(&mut r, 3, 16),
+        held_out: seqs(&mut r, 1, 16).remove(0),
+        source: "test".into(),
+    };
+    let o = wkvc_runtime::compile::CompileOptions {
+        method: "wkvquant".into(),
+        kvbits: 16,
+        wgroup: 16,
+        calib_cfg: CalibConfig {
+            epochs: 1,
+            crr_k: 1,
+            ..CalibConfig::default()
+        },
+        threads: 1,
+        ..Default::default()
+    };
+    let c = wkvc_runtime::compile::quantize(&m, &o, Some(&data), &mut |_| {}).expect("compile");
+    assert!(!c.quant.smooth, "no smoothing without a quantized cache");
+    assert!(
+        c.module
+            .weights
+            .iter()
+            .all(|(n, _)| !n.contains("kv_smooth")),
+        "no smoothing params in a weight-only plan"
+    );
+    let info = c.quant.calibrate.expect("calibration recorded");
+    // trainable per block: 2 logits per (row, group) of the 7 linears, nothing else
+    let per_block: usize = [
+        (32, 32),
+        (16, 32),
+        (16, 32),
+        (32, 32),
+        (48, 32),
+        (48, 32),
+        (32, 48),
+    ]
+    .iter()
+    .map(|(rows, cols)| 2 * rows * cols / 16)
+    .sum();
+    for b in info["blocks"].as_array().unwrap() {
+        assert_eq!(b["trainable"].as_u64().unwrap() as usize, per_block);
+    }
+}
