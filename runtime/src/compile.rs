@@ -234,6 +234,11 @@ pub fn calibration_data(
 /// `RuntimeError::Interrupted` and nothing is written.
 pub static CANCEL: AtomicBool = AtomicBool::new(false);
 
+/// An f32 setting as the shortest decimal that reads back to it (0.1, not 0.10000000149).
+fn short(x: f32) -> f64 {
+    format!("{x}").parse().unwrap_or(x as f64)
+}
+
 /// Parse `--loss`.
 pub fn parse_loss(s: &str) -> Result<CalibLoss, RuntimeError> {
     CalibLoss::parse(s).ok_or_else(|| {
@@ -344,12 +349,12 @@ pub fn quantize(
                 "epochs": cfg.epochs,
                 "crr_k": cfg.crr_k,
                 "loss": cfg.loss.name(),
-                "lr_lwc": cfg.lr_lwc,
-                "lr_smooth": cfg.lr_smooth,
-                "weight_decay": cfg.weight_decay,
+                "lr_lwc": short(cfg.lr_lwc),
+                "lr_smooth": short(cfg.lr_smooth),
+                "weight_decay": short(cfg.weight_decay),
                 "learn_lwc": cfg.learn_lwc,
                 "learn_smooth": cfg.learn_smooth,
-                "lwc_init": cfg.lwc_init,
+                "lwc_init": short(cfg.lwc_init),
                 "seed": cfg.seed,
                 "optimizer": "AdamW(0.9, 0.999, eps 1e-8)",
             },
