@@ -501,7 +501,16 @@ pub fn infer(n: &Node, a: &[TensorType]) -> Result<TensorType, String> {
             if wrt < 0 || wrt as usize >= nf {
                 return Err(format!("wrt {wrt} is not one of the {nf} forward operands"));
             }
-            let y = infer(&fwd, &a[..nf]).map_err(|e| format!("forward {}: {e}", fwd.op.name()))?;
+            let y = if fwd.op == OpKind::Reshape {
+                // A reshape's result type is declared, not inferred: dy carries it.
+                arity(a, 2, 2)?;
+                if numel_key(&a[0].shape) != numel_key(&a[1].shape) || a[0].dtype != a[1].dtype {
+                    return Err(format!("dy {} is not a reshape of {}", a[1], a[0]));
+                }
+                a[1].clone()
+            } else {
+                infer(&fwd, &a[..nf]).map_err(|e| format!("forward {}: {e}", fwd.op.name()))?
+            };
             if nf < a.len() && a[nf] != y {
                 return Err(format!("dy is {} but the forward op gives {y}", a[nf]));
             }

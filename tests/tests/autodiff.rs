@@ -807,3 +807,31 @@ fn qlinear_vjp_equals_linear_on_the_dequantized_weights() {
     );
     assert_eq!(out["dq"].as_f32().unwrap(), out["dl"].as_f32().unwrap());
 }
+
+#[test]
+fn reshape_vjp_passes_the_cotangent_through() {
+    let text = "graph \"r\" {
+  param @p0 : f32[2,6]
+  param @t : f32[3,4]
+  %0 = reshape(@p0) : f32[3,4]
+  %1 = loss(%0, @t) {kind=\"mse\"} : f32[1]
+  output \"loss\" %1
+}
+";
+    let g = wkvc_ir::text::parse(text).expect("parse");
+    let dg = differentiate(&g, &["loss"], &["p0".into()]).expect("differentiate");
+    let mut r = Rng(2);
+    let (p, t) = (r.vec(12, 1.0), r.vec(12, 1.0));
+    let mut store = WeightStore::default();
+    store.insert("p0".to_string(), Weight::from_f32(vec![2, 6], p.clone()));
+    store.insert("t".to_string(), Weight::from_f32(vec![3, 4], t.clone()));
+    let m = Module {
+        graph: dg,
+        weights: store,
+    };
+    let it = Interpreter::new(&m, 1).unwrap();
+    let out = run(&it, &[]);
+    let got = out[&grad_output("p0")].as_f32().unwrap().to_vec();
+    assert_eq!(got, wkvc_ir::grad::loss_vjp("mse", &p, &t, 0));
+    assert_eq!(out[&grad_output("p0")].shape, vec![2, 6]);
+}
