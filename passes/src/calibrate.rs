@@ -641,24 +641,17 @@ pub fn calibrate(
             drop(it);
             // Bake the learned values into the quantized module.
             for (n, v) in &params {
-                if let Some(base) = n.strip_suffix(".lwc_u") {
+                let clip = [(".lwc_u", "wq_gamma"), (".lwc_l", "wq_beta")]
+                    .iter()
+                    .find_map(|(suf, to)| n.strip_suffix(suf).map(|b| format!("{b}.{to}")));
+                if let Some(target) = clip {
                     let shape = q
                         .weights
-                        .get(&format!("{base}.wq_gamma"))
+                        .get(&target)
                         .map(|w| w.shape.clone())
-                        .ok_or_else(|| fail(format!("no @{base}.wq_gamma")))?;
+                        .ok_or_else(|| fail(format!("no @{target}")))?;
                     let g: Vec<f32> = v.iter().map(|&u| sigmoid(u)).collect();
-                    q.weights
-                        .insert(format!("{base}.wq_gamma"), Weight::from_f32(shape, g));
-                } else if let Some(base) = n.strip_suffix(".lwc_l") {
-                    let shape = q
-                        .weights
-                        .get(&format!("{base}.wq_beta"))
-                        .map(|w| w.shape.clone())
-                        .ok_or_else(|| fail(format!("no @{base}.wq_beta")))?;
-                    let b: Vec<f32> = v.iter().map(|&u| sigmoid(u)).collect();
-                    q.weights
-                        .insert(format!("{base}.wq_beta"), Weight::from_f32(shape, b));
+                    q.weights.insert(target, Weight::from_f32(shape, g));
                 } else {
                     q.weights
                         .insert(n.clone(), Weight::from_f32(vec![v.len()], v.clone()));
