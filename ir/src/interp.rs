@@ -1257,35 +1257,7 @@ pub fn linear(x: &[f32], w: &[f32], y: &mut [f32], m: usize, n: usize, k: usize,
         y[..m * n].copy_from_slice(&yp[..m * n]);
         return;
     }
-    // SAFETY: the pointers cover m*k, n*k and m*n elements with the strides given; y does not
-    // alias x or w (distinct borrows).
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            y.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
-            x.as_ptr(),
-            1,
-            k as isize,
-            w.as_ptr(),
-            k as isize,
-            1,
-            0.0f32,
-            1.0f32,
-            false,
-            false,
-            false,
-            if threads > 1 {
-                gemm::Parallelism::Rayon(threads)
-            } else {
-                gemm::Parallelism::None
-            },
-        );
-    }
+    crate::grad::matmul(m, n, k, x, (k, 1), w, (1, k), y, threads);
 }
 
 /// Inverse frequencies of the rotated pairs, with the node's scaling applied.
