@@ -23,7 +23,11 @@ pub struct CpuJit {
     module: JITModule,
     has_fma: bool,
     fctx: FunctionBuilderContext,
+    count: usize,
 }
+
+/// A compiled kernel: `fn(args)` with the kind's argument words (`kernels::*_ARGS`).
+pub type KernelFn = unsafe extern "C" fn(*const u64);
 
 fn cl<E: std::fmt::Display>(e: E) -> CodegenError {
     CodegenError::Cranelift(e.to_string())
@@ -48,16 +52,66 @@ impl CpuJit {
             .isa_flags()
             .iter()
             .any(|f| f.name == "has_fma" && f.as_bool() == Some(true));
-        let module = JITModule::new(JITBuilder::with_isa(isa, default_libcall_names()));
+        let mut jb = JITBuilder::with_isa(isa, default_libcall_names());
+        jb.symbol(
+            "wkvc_kv_params",
+            crate::kernels::wkvc_kv_params as *const u8,
+        );
+        let module = JITModule::new(jb);
         Ok(CpuJit {
             module,
             has_fma,
             fctx: FunctionBuilderContext::new(),
+            count: 0,
         })
     }
 
     pub fn has_fma(&self) -> bool {
         self.has_fma
+    }
+
+    /// The Cranelift IR text of a kernel (for snapshots and `wkvc emit`).
+    pub fn kernel_ir(&mut self, spec: &wkvc_ir::KernelSpec) -> Result<String, CodegenError> {
+        let f = crate::kernels::build(spec, &mut self.module, &mut self.fctx, self.has_fma)?;
+        Ok(f.display().to_string())
+    }
+
+    /// JIT-compile a kernel; the pointer lives as long as `self`. Returns the function and
+    /// its machine-code size in bytes.
+    pub fn compile_kernel(
+        &mut self,
+        spec: &wkvc_ir::KernelSpec,
+    ) -> Result<(KernelFn, usize), CodegenError> {
+        let f = crate::kernels::build(spec, &mut self.module, &mut self.fctx, self.has_fma)?;
+        if let Err(errs) = cranelift_codegen::verify_function(&f, self.module.isa()) {
+            return Err(CodegenError::Cranelift(format!(
+                "{}: invalid IR: {errs}",
+                spec.code_name()
+            )));
+        }
+        let mut ctx = self.module.make_context();
+        ctx.func = f;
+        let name = format!("{}_{}", spec.code_name(), self.count);
+        self.count += 1;
+        let id = self
+            .module
+            .declare_function(&name, Linkage::Local, &ctx.func.signature)
+            .map_err(cl)?;
+        ctx.func.name = UserFuncName::user(0, id.as_u32());
+        self.module.define_function(id, &mut ctx).map_err(cl)?;
+        let size = ctx
+            .compiled_code()
+            .map(|c| c.code_buffer().len())
+            .unwrap_or(0);
+        self.module.clear_context(&mut ctx);
+        self.module.finalize_definitions().map_err(cl)?;
+        let code = self.module.get_finalized_function(id);
+        // SAFETY: every kernel is built with the signature fn(*const u64) in the host's
+        // default calling convention.
+        Ok((
+            unsafe { std::mem::transmute::<*const u8, KernelFn>(code) },
+            size,
+        ))
     }
 
     /// Build the dot kernel's Cranelift IR into `ctx` (no compilation).

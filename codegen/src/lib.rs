@@ -1,9 +1,10 @@
 //! wkvc-codegen owns code generation: an emitter per kernel, specialised on its constants.
-//! `cpu` builds Cranelift IR for the host ISA and JIT-compiles it. For now it holds the JIT
-//! setup (host ISA detection, FMA-aware emission) and the f32x4 dot-product kernel that the
-//! GEMV/attention kernels of the CPU back end are built from; the CUDA emitter comes later.
+//! `cpu` holds the JIT (host ISA detection, FMA-aware emission, compilation of kernels);
+//! `kernels` has the Cranelift emitter of every kernel kind of the lowered graph and the
+//! activation prep of the quantized GEMMs. The CUDA emitter comes later.
 
 pub mod cpu;
+pub mod kernels;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CodegenError {
@@ -11,4 +12,6 @@ pub enum CodegenError {
     Isa(String),
     #[error("cranelift: {0}")]
     Cranelift(String),
+    #[error("the CPU back end does not support this kernel: {0}")]
+    Unsupported(String),
 }

@@ -55,10 +55,13 @@ pub enum OpKind {
     /// takes no dy (its seed is 1). Built by `passes::autodiff`; the interpreter recomputes
     /// what it needs of the forward op from the operands.
     Vjp,
+    /// `kernel(..) {kind, <spec>}`: one fused kernel of the lowered graph (`kernel::KernelSpec`);
+    /// its type is declared. Run by the back ends, not by the interpreter.
+    Kernel,
 }
 
 impl OpKind {
-    pub const ALL: [OpKind; 16] = [
+    pub const ALL: [OpKind; 17] = [
         OpKind::Embedding,
         OpKind::RmsNorm,
         OpKind::Linear,
@@ -75,6 +78,7 @@ impl OpKind {
         OpKind::QLinear,
         OpKind::Loss,
         OpKind::Vjp,
+        OpKind::Kernel,
     ];
 
     pub fn name(self) -> &'static str {
@@ -95,6 +99,7 @@ impl OpKind {
             OpKind::QLinear => "qlinear",
             OpKind::Loss => "loss",
             OpKind::Vjp => "vjp",
+            OpKind::Kernel => "kernel",
         }
     }
 

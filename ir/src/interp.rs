@@ -699,6 +699,13 @@ impl<'a> Interpreter<'a> {
                 vec![crate::grad::loss_value(loss_kind(node), p, t)]
             }
             OpKind::Vjp => self.vjp(index, node, vals)?,
+            OpKind::Kernel => {
+                return Err(ierr(
+                    node,
+                    "kernel nodes (a lowered graph) run on a compiled engine; \
+                     the interpreter runs the graph before lowering",
+                ));
+            }
             OpKind::Concat => {
                 let axis = node.int_attr("axis").unwrap_or(0) as usize;
                 let outer: usize = shape[..axis].iter().product();
@@ -919,7 +926,7 @@ impl<'a> Interpreter<'a> {
                 }
                 out
             }
-            OpKind::Vjp => return Err(bad()),
+            OpKind::Vjp | OpKind::Kernel => return Err(bad()),
         })
     }
 

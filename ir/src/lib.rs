@@ -9,6 +9,7 @@ pub mod grad;
 pub mod graph;
 pub mod import;
 pub mod interp;
+pub mod kernel;
 pub mod quant;
 pub mod text;
 pub mod types;
@@ -18,6 +19,7 @@ pub mod weights;
 pub use config::{ModelConfig, RopeScaling};
 pub use graph::{Attr, Attrs, Builder, Graph, Node, OpKind, Operand, ValueId};
 pub use interp::{Interpreter, KvCache, RunMode, Tensor, TensorData};
+pub use kernel::{Act, KernelSpec};
 pub use types::{DType, Dim, TensorType};
 pub use weights::{Weight, WeightStore};
 

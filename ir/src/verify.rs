@@ -231,6 +231,34 @@ pub fn vjp_forward(n: &Node) -> Result<Node, String> {
 /// The result type of a node from its operand types and attributes.
 pub fn infer(n: &Node, a: &[TensorType]) -> Result<TensorType, String> {
     match n.op {
+        OpKind::Kernel => {
+            let spec = crate::kernel::KernelSpec::from_node(n)?;
+            if a.len() != spec.arity() {
+                return Err(format!(
+                    "kernel {} takes {} operands, found {}",
+                    spec.kind(),
+                    spec.arity(),
+                    a.len()
+                ));
+            }
+            if n.ty.shape.last().and_then(|d| d.as_const()) != Some(spec.out_cols()) {
+                return Err(format!(
+                    "kernel {} gives {} columns but is declared {}",
+                    spec.kind(),
+                    spec.out_cols(),
+                    n.ty
+                ));
+            }
+            if let (Some(c), Some(t)) = (spec.in_cols(), a.first()) {
+                if t.shape.last().and_then(|d| d.as_const()) != Some(c) {
+                    return Err(format!(
+                        "kernel {} reads {c} columns, operand 0 is {t}",
+                        spec.kind()
+                    ));
+                }
+            }
+            Ok(n.ty.clone())
+        }
         OpKind::Embedding => {
             arity(a, 2, 2)?;
             if a[0].dtype != DType::I32 {

@@ -1,10 +1,12 @@
 //! wkvc-passes owns IR-to-IR transformation: the `Pass` trait, the pass manager (which runs
 //! the verifier after every pass and records a report per pass), and the passes themselves.
 //! Passes: dead-code elimination, and the WKVQuant rewrites in `quant` (weight fake
-//! quantization, KV smoothing, KV quantization, past-only attention, int4 packing).
+//! quantization, KV smoothing, KV quantization, past-only attention, int4 packing), and
+//! `lower` (fusion into kernel nodes, memory planning).
 
 pub mod autodiff;
 pub mod calibrate;
+pub mod lower;
 pub mod optim;
 pub mod quant;
 

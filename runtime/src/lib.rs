@@ -3,8 +3,10 @@
 //! perplexity evaluation and benchmarking.
 
 pub mod compile;
+pub mod cpu;
 pub mod eval;
 pub mod plan;
+pub mod pool;
 pub mod sample;
 pub mod tokenizer;
 

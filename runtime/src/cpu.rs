@@ -1,0 +1,784 @@
+//! The compiled CPU engine: the plan's graph lowered to kernels (`passes::lower`), every
+//! distinct kernel JIT-compiled by Cranelift when the engine is made, buffers placed by the
+//! memory plan, work split over a spinning thread pool. A session allocates its arena, scratch
+//! and packed KV cache once; forward passes then allocate nothing.
+
+use crate::RuntimeError;
+use crate::pool::{Pool, split};
+use std::collections::HashMap;
+use std::time::Instant;
+use wkvc_codegen::cpu::{CpuJit, KernelFn};
+use wkvc_codegen::kernels::{prep_f32, prep_int8};
+use wkvc_ir::graph::{Node, Operand};
+use wkvc_ir::{Act, DType, Graph, KernelSpec, Module, RunMode};
+use wkvc_passes::lower::{LowerOptions, MemoryPlan, lower, memplan};
+
+/// Default rows per prefill chunk (the arena is sized for it).
+pub const CHUNK: usize = 512;
+
+/// A param as the kernels read it: a pointer that lives as long as the engine.
+#[derive(Clone, Copy)]
+struct Ptr(*const u8);
+// SAFETY: params are read-only for the engine's lifetime.
+unsafe impl Send for Ptr {}
+unsafe impl Sync for Ptr {}
+
+enum Arg {
+    /// an arena buffer (offset in floats)
+    Buf(usize),
+    /// graph input "tokens" / "positions"
+    Tokens,
+    Positions,
+    Param(Ptr),
+}
+
+struct Step {
+    spec: KernelSpec,
+    f: KernelFn,
+    args: Vec<Arg>,
+    /// arena offset (floats) of the output
+    out: usize,
+    /// rope: index of the cos/sin table set
+    rope: usize,
+}
+
+/// A compiled plan, ready to make sessions.
+pub struct CpuEngine {
+    steps: Vec<Step>,
+    plan: MemoryPlan,
+    pool: Pool,
+    _jit: CpuJit,
+    /// f32 copies of f16 scale/zero params and converted f32 params
+    _owned: Vec<Vec<f32>>,
+    rope_sets: Vec<Vec<f32>>,
+    logits_out: usize,
+    vocab: usize,
+    /// milliseconds spent lowering and JIT-compiling
+    pub jit_ms: f64,
+    /// distinct kernels compiled, machine-code bytes
+    pub kernels: usize,
+    pub code_bytes: usize,
+    pub act: Act,
+    lowered: Graph,
+}
+
+fn err(msg: impl Into<String>) -> RuntimeError {
+    RuntimeError::Invalid(msg.into())
+}
+
+impl CpuEngine {
+    /// Lower, plan and JIT-compile `module` for `threads` workers and contexts up to `max_ctx`.
+    pub fn new(
+        module: &Module,
+        threads: usize,
+        act: Act,
+        max_ctx: usize,
+    ) -> Result<CpuEngine, RuntimeError> {
+        let t0 = Instant::now();
+        let lowered = lower(&module.graph, LowerOptions { act }).map_err(|e| err(e.to_string()))?;
+        let threads = threads.max(1);
+        let pb = |p: &str| {
+            module
+                .weights
+                .get(p)
+                .map(|w| w.storage_bytes())
+                .unwrap_or(0)
+        };
+        let plan =
+            memplan(&lowered, CHUNK, max_ctx, threads, &pb).map_err(|e| err(e.to_string()))?;
+        let mut jit = CpuJit::host().map_err(|e| err(e.to_string()))?;
+        let mut compiled: HashMap<String, KernelFn> = HashMap::new();
+        let mut owned: Vec<Vec<f32>> = Vec::new();
+        let mut f32_cache: HashMap<String, Ptr> = HashMap::new();
+        let mut steps = Vec::new();
+        let mut rope_sets: Vec<Vec<f32>> = Vec::new();
+        let mut code_bytes = 0;
+        let mut vocab = 0;
+        let mut logits_out = 0;
+        for n in &lowered.nodes {
+            let spec = KernelSpec::from_node(n).map_err(err)?;
+            let key = spec.code_name();
+            let f = match compiled.get(&key) {
+                Some(f) => *f,
+                None => {
+                    let (f, size) = jit
+                        .compile_kernel(&spec)
+                        .map_err(|e| err(format!("{key}: {e}")))?;
+                    code_bytes += size;
+                    compiled.insert(key, f);
+                    f
+                }
+            };
+            let mut args = Vec::new();
+            for a in &n.args {
+                args.push(match a {
+                    Operand::Value(v) => {
+                        if let Some(i) = lowered.inputs.iter().find(|i| i.value == *v) {
+                            match i.name.as_str() {
+                                "tokens" => Arg::Tokens,
+                                "positions" => Arg::Positions,
+                                other => {
+                                    return Err(err(format!("unknown graph input \"{other}\"")));
+                                }
+                            }
+                        } else {
+                            let (off, _) = plan
+                                .buffers
+                                .get(&v.0)
+                                .ok_or_else(|| err(format!("{v} has no buffer")))?;
+                            Arg::Buf(off / 4)
+                        }
+                    }
+                    Operand::Param(p) => {
+                        Arg::Param(param_ptr(module, p, &mut owned, &mut f32_cache)?)
+                    }
+                });
+            }
+            let out = plan.buffers.get(&n.out.0).map(|b| b.0 / 4).unwrap_or(0);
+            let mut rope = 0;
+            if let KernelSpec::RopeKv {
+                rope_dim, factors, ..
+            } = &spec
+            {
+                let fac = if *factors {
+                    match &n.args[2] {
+                        Operand::Param(p) => module.weights.get(p).map(|w| w.f32().into_owned()),
+                        _ => None,
+                    }
+                } else {
+                    None
+                };
+                let inv = wkvc_ir::interp::rope_inv_freq(n, *rope_dim, fac.as_deref());
+                rope = match rope_sets.iter().position(|s| *s == inv) {
+                    Some(i) => i,
+                    None => {
+                        rope_sets.push(inv);
+                        rope_sets.len() - 1
+                    }
+                };
+            }
+            if let KernelSpec::Logits { vocab: v, .. } = &spec {
+                vocab = *v;
+                logits_out = out;
+            }
+            steps.push(Step {
+                spec,
+                f,
+                args,
+                out,
+                rope,
+            });
+        }
+        if vocab == 0 {
+            return Err(err("the lowered graph has no logits kernel"));
+        }
+        let kernels = compiled.len();
+        Ok(CpuEngine {
+            steps,
+            plan,
+            pool: Pool::new(threads)
+                .map_err(|e| err(format!("cannot start {threads} threads: {e}")))?,
+            _jit: jit,
+            _owned: owned,
+            rope_sets,
+            logits_out,
+            vocab,
+            jit_ms: t0.elapsed().as_secs_f64() * 1e3,
+            kernels,
+            code_bytes,
+            act,
+            lowered,
+        })
+    }
+
+    pub fn memory_plan(&self) -> &MemoryPlan {
+        &self.plan
+    }
+
+    pub fn lowered(&self) -> &Graph {
+        &self.lowered
+    }
+
+    pub fn threads(&self) -> usize {
+        self.pool.threads()
+    }
+
+    /// A session with its own arena and a KV cache of `max_ctx` tokens.
+    pub fn session(&self, max_ctx: usize) -> CpuSession<'_> {
+        let mut layers = HashMap::new();
+        let mut scratch_f = 0;
+        let mut scratch_q = 0;
+        let mut attn = 0;
+        let mut rope = 0;
+        for s in &self.steps {
+            match &s.spec {
+                KernelSpec::Attention {
+                    layer,
+                    kv_heads,
+                    head_dim,
+                    kv_bits,
+                    heads,
+                    ..
+                } => {
+                    let w = kv_heads * head_dim;
+                    let kv = if *kv_bits == 16 {
+                        LayerCache {
+                            codes: [Vec::new(), Vec::new()],
+                            params: [vec![0f32; max_ctx * w], vec![0f32; max_ctx * w]],
+                        }
+                    } else {
+                        LayerCache {
+                            codes: [
+                                vec![0u8; max_ctx * w.div_ceil(2)],
+                                vec![0u8; max_ctx * w.div_ceil(2)],
+                            ],
+                            params: [
+                                vec![0f32; max_ctx * kv_heads * 2],
+                                vec![0f32; max_ctx * kv_heads * 2],
+                            ],
+                        }
+                    };
+                    layers.insert(*layer, kv);
+                    attn = attn.max(4 * head_dim * (heads / kv_heads + 1));
+                }
+                KernelSpec::QGemm { k, group, .. } => {
+                    let gl = wkvc_ir::quant::group_len(*k, *group);
+                    scratch_f = scratch_f.max(CHUNK * (k + k.div_ceil(gl) + k.div_ceil(32)));
+                    scratch_q = scratch_q.max(CHUNK * k);
+                }
+                KernelSpec::RopeKv { rope_dim, .. } => rope = rope.max(CHUNK * rope_dim / 2),
+                _ => {}
+            }
+        }
+        let t = self.pool.threads();
+        CpuSession {
+            engine: self,
+            arena: vec![0f32; self.plan.arena_bytes.div_ceil(4)],
+            xp: vec![0f32; scratch_f],
+            xq: vec![0i8; scratch_q],
+            attn: vec![0f32; attn * t],
+            cos: vec![0f32; rope * self.rope_sets.len().max(1)],
+            sin: vec![0f32; rope * self.rope_sets.len().max(1)],
+            layers,
+            len: 0,
+            max_ctx,
+            logits: vec![0f32; self.vocab],
+        }
+    }
+}
+
+fn param_ptr(
+    module: &Module,
+    name: &str,
+    owned: &mut Vec<Vec<f32>>,
+    cache: &mut HashMap<String, Ptr>,
+) -> Result<Ptr, RuntimeError> {
+    if let Some(p) = cache.get(name) {
+        return Ok(*p);
+    }
+    let w = module
+        .weights
+        .get(name)
+        .ok_or_else(|| err(format!("param @{name} is not in the weight store")))?;
+    let p = match (w.dtype(), w.storage_dtype()) {
+        (DType::U4, _) | (DType::I8, _) => match w.bytes() {
+            std::borrow::Cow::Borrowed(b) => Ptr(b.as_ptr()),
+            std::borrow::Cow::Owned(_) => {
+                return Err(err(format!("@{name}: packed data is not borrowable")));
+            }
+        },
+        (DType::F32, DType::F32) => match w.f32() {
+            std::borrow::Cow::Borrowed(b) => Ptr(b.as_ptr() as *const u8),
+            std::borrow::Cow::Owned(_) => match w.bytes() {
+                // f32 stored in a mapped file: read in place (the kernels load unaligned)
+                std::borrow::Cow::Borrowed(b) => Ptr(b.as_ptr()),
+                std::borrow::Cow::Owned(v) => {
+                    owned.push(
+                        v.chunks_exact(4)
+                            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                            .collect(),
+                    );
+                    Ptr(owned
+                        .last()
+                        .map(|v| v.as_ptr() as *const u8)
+                        .unwrap_or(std::ptr::null()))
+                }
+            },
+        },
+        _ => {
+            owned.push(w.f32().into_owned());
+            Ptr(owned
+                .last()
+                .map(|v| v.as_ptr() as *const u8)
+                .unwrap_or(std::ptr::null()))
+        }
+    };
+    cache.insert(name.to_string(), p);
+    Ok(p)
+}
+
+struct LayerCache {
+    /// K and V codes (empty for an f32 cache)
+    codes: [Vec<u8>; 2],
+    /// K and V (scale, zero) per (token, kv head); or the f32 rows for a 16-bit cache
+    params: [Vec<f32>; 2],
+}
+
+/// One sequence on the compiled engine.
+pub struct CpuSession<'e> {
+    engine: &'e CpuEngine,
+    arena: Vec<f32>,
+    xp: Vec<f32>,
+    xq: Vec<i8>,
+    attn: Vec<f32>,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    layers: HashMap<i64, LayerCache>,
+    len: usize,
+    max_ctx: usize,
+    logits: Vec<f32>,
+}
+
+#[derive(Clone, Copy)]
+struct SendPtr(*mut u8);
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    fn get(self) -> *mut u8 {
+        self.0
+    }
+}
+
+impl CpuSession<'_> {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    pub fn max_ctx(&self) -> usize {
+        self.max_ctx
+    }
+    pub fn reset(&mut self) {
+        self.len = 0;
+    }
+    /// Bytes the KV cache holds now.
+    pub fn kv_bytes(&self) -> usize {
+        self.len * self.engine.plan.kv_bytes_per_token
+    }
+    /// Bytes allocated for the cache (at max context).
+    pub fn kv_capacity_bytes(&self) -> usize {
+        self.max_ctx * self.engine.plan.kv_bytes_per_token
+    }
+
+    /// Run `ids`; logits of the last token (`&self.logits`) or, with `all`, of every token
+    /// appended to `all`.
+    pub fn run(
+        &mut self,
+        ids: &[u32],
+        mode: RunMode,
+        mut all: Option<&mut Vec<f32>>,
+    ) -> Result<&[f32], RuntimeError> {
+        let vocab = self.engine.vocab;
+        if ids.is_empty() {
+            return Err(err("no tokens to run"));
+        }
+        if let Some(&bad) = ids.iter().find(|&&t| t as usize >= vocab) {
+            return Err(wkvc_ir::Error::TokenOutOfRange {
+                id: bad as i64,
+                vocab,
+            }
+            .into());
+        }
+        if self.len + ids.len() > self.max_ctx {
+            return Err(wkvc_ir::Error::ContextOverflow {
+                have: self.len,
+                adding: ids.len(),
+                max: self.max_ctx,
+            }
+            .into());
+        }
+        for chunk in ids.chunks(CHUNK) {
+            self.chunk(chunk, mode, all.as_deref_mut())?;
+        }
+        Ok(&self.logits)
+    }
+
+    fn chunk(
+        &mut self,
+        ids: &[u32],
+        mode: RunMode,
+        all: Option<&mut Vec<f32>>,
+    ) -> Result<(), RuntimeError> {
+        let eng = self.engine;
+        let m = ids.len();
+        let past = self.len;
+        let mut tok = [0i32; CHUNK];
+        let mut pos = [0i32; CHUNK];
+        for (i, &t) in ids.iter().enumerate() {
+            tok[i] = t as i32;
+            pos[i] = (past + i) as i32;
+        }
+        // rope tables for every inv_freq set
+        let hm = self.cos.len() / (CHUNK * eng.rope_sets.len().max(1));
+        for (si, inv) in eng.rope_sets.iter().enumerate() {
+            let half = inv.len();
+            let base = si * CHUNK * hm;
+            for i in 0..m {
+                for (j, &f) in inv.iter().enumerate() {
+                    let a = (pos[i] as f32 * f) as f64;
+                    self.cos[base + i * half + j] = a.cos() as f32;
+                    self.sin[base + i * half + j] = a.sin() as f32;
+                }
+            }
+        }
+        let threads = eng.pool.threads();
+        let arena = SendPtr(self.arena.as_mut_ptr() as *mut u8);
+        let fp = |off: usize| -> u64 { unsafe { (arena.get() as *mut f32).add(off) as u64 } };
+        let mut all = all;
+        for st in &eng.steps {
+            let p = |i: usize| -> u64 {
+                match &st.args[i] {
+                    Arg::Buf(o) => fp(*o),
+                    Arg::Tokens => tok.as_ptr() as u64,
+                    Arg::Positions => pos.as_ptr() as u64,
+                    Arg::Param(q) => q.0 as u64,
+                }
+            };
+            let y = fp(st.out);
+            let f = st.f;
+            match &st.spec {
+                KernelSpec::Embed { .. } => {
+                    let a = [p(0), p(1), y, m as u64];
+                    unsafe { f(a.as_ptr()) };
+                }
+                KernelSpec::RmsNorm { .. } => {
+                    let (x, w) = (p(0), p(1));
+                    let dim = st.spec.out_cols() as u64;
+                    eng.pool.run(&|t| {
+                        let (a, b) = split(m, t, threads, 1);
+                        if a < b {
+                            let args = [
+                                x + a as u64 * dim * 4,
+                                w,
+                                y + a as u64 * dim * 4,
+                                (b - a) as u64,
+                            ];
+                            unsafe { f(args.as_ptr()) };
+                        }
+                    });
+                }
+                KernelSpec::SiluMul { n } => {
+                    let x = p(0);
+                    let n = *n as u64;
+                    eng.pool.run(&|t| {
+                        let (a, b) = split(m, t, threads, 1);
+                        if a < b {
+                            let args = [
+                                x + a as u64 * 2 * n * 4,
+                                y + a as u64 * n * 4,
+                                (b - a) as u64,
+                            ];
+                            unsafe { f(args.as_ptr()) };
+                        }
+                    });
+                }
+                KernelSpec::QGemm {
+                    k,
+                    parts,
+                    group,
+                    residual,
+                    act,
+                    ..
+                } => {
+                    let k = *k;
+                    let gl = wkvc_ir::quant::group_len(k, *group);
+                    let ng = k.div_ceil(gl);
+                    let nb = (k / gl) * (gl / 32) + (k % gl) / 32;
+                    let x = p(0);
+                    // prep: permuted / quantized rows, block scales, group sums
+                    let (xp_len, gs_len) = (m * k, m * ng);
+                    let (xpb, rest) = self.xp.split_at_mut(xp_len.max(1));
+                    let (gsb, dxb) = rest.split_at_mut(gs_len.max(1));
+                    let xs = unsafe { std::slice::from_raw_parts(x as *const f32, m * k) };
+                    match act {
+                        Act::F32 => {
+                            for i in 0..m {
+                                prep_f32(
+                                    &xs[i * k..][..k],
+                                    k,
+                                    gl,
+                                    &mut xpb[i * k..][..k],
+                                    &mut gsb[i * ng..][..ng],
+                                );
+                            }
+                        }
+                        Act::Int8 => {
+                            for i in 0..m {
+                                prep_int8(
+                                    &xs[i * k..][..k],
+                                    k,
+                                    gl,
+                                    &mut self.xq[i * k..][..k],
+                                    &mut dxb[i * nb..][..nb.max(1)],
+                                    &mut gsb[i * ng..][..ng],
+                                );
+                            }
+                        }
+                    }
+                    let xpp = match act {
+                        Act::F32 => xpb.as_ptr() as u64,
+                        Act::Int8 => self.xq.as_ptr() as u64,
+                    };
+                    let (gsp, dxp) = (gsb.as_ptr() as u64, dxb.as_ptr() as u64);
+                    let ntot: usize = parts.iter().sum();
+                    let r = if *residual { p(1 + 3 * parts.len()) } else { 0 };
+                    eng.pool.run(&|t| {
+                        let (a, b) = split(ntot, t, threads, 4);
+                        let mut base = 0;
+                        for (j, &nj) in parts.iter().enumerate() {
+                            let (lo, hi) = (a.max(base), b.min(base + nj));
+                            if lo < hi {
+                                let args = [
+                                    xpp,
+                                    gsp,
+                                    dxp,
+                                    x,
+                                    m as u64,
+                                    p(1 + 3 * j),
+                                    p(2 + 3 * j),
+                                    p(3 + 3 * j),
+                                    y + base as u64 * 4,
+                                    ntot as u64,
+                                    (lo - base) as u64,
+                                    (hi - base) as u64,
+                                    if r != 0 { r + base as u64 * 4 } else { 0 },
+                                    ntot as u64,
+                                ];
+                                unsafe { f(args.as_ptr()) };
+                            }
+                            base += nj;
+                        }
+                    });
+                }
+                KernelSpec::Gemm {
+                    parts, residual, ..
+                } => {
+                    let x = p(0);
+                    let ntot: usize = parts.iter().sum();
+                    let r = if *residual { p(1 + parts.len()) } else { 0 };
+                    eng.pool.run(&|t| {
+                        let (a, b) = split(ntot, t, threads, 4);
+                        let mut base = 0;
+                        for (j, &nj) in parts.iter().enumerate() {
+                            let (lo, hi) = (a.max(base), b.min(base + nj));
+                            if lo < hi {
+                                let args = [
+                                    x,
+                                    m as u64,
+                                    p(1 + j),
+                                    y + base as u64 * 4,
+                                    ntot as u64,
+                                    (lo - base) as u64,
+                                    (hi - base) as u64,
+                                    if r != 0 { r + base as u64 * 4 } else { 0 },
+                                    ntot as u64,
+                                ];
+                                unsafe { f(args.as_ptr()) };
+                            }
+                            base += nj;
+                        }
+                    });
+                }
+                KernelSpec::Logits { vocab, dim } => {
+                    let (vocab, dim) = (*vocab, *dim);
+                    let x = p(0);
+                    let w = p(1);
+                    let run_rows = |x0: u64, rows: usize, y0: u64| {
+                        eng.pool.run(&|t| {
+                            let (a, b) = split(vocab, t, threads, 4);
+                            if a < b {
+                                let args = [
+                                    x0,
+                                    rows as u64,
+                                    w,
+                                    y0,
+                                    vocab as u64,
+                                    a as u64,
+                                    b as u64,
+                                    0,
+                                    0,
+                                ];
+                                unsafe { f(args.as_ptr()) };
+                            }
+                        });
+                    };
+                    match all.as_deref_mut() {
+                        Some(out) => {
+                            let start = out.len();
+                            out.resize(start + m * vocab, 0.0);
+                            run_rows(x, m, out[start..].as_mut_ptr() as u64);
+                            self.logits.copy_from_slice(&out[start + (m - 1) * vocab..]);
+                        }
+                        None => {
+                            let last = x + ((m - 1) * dim * 4) as u64;
+                            run_rows(last, 1, self.logits.as_mut_ptr() as u64);
+                        }
+                    }
+                }
+                KernelSpec::RopeKv {
+                    rope_dim,
+                    layer,
+                    smooth,
+                    ..
+                } => {
+                    let half = rope_dim / 2;
+                    let hm = self.cos.len() / (CHUNK * eng.rope_sets.len().max(1));
+                    let base = st.rope * CHUNK * hm;
+                    let c = self.cos[base..].as_ptr() as u64;
+                    let s = self.sin[base..].as_ptr() as u64;
+                    let lc = self
+                        .layers
+                        .get_mut(layer)
+                        .ok_or_else(|| err(format!("no cache for layer {layer}")))?;
+                    let (kc, vc) = if lc.codes[0].is_empty() {
+                        (
+                            lc.params[0].as_mut_ptr() as u64,
+                            lc.params[1].as_mut_ptr() as u64,
+                        )
+                    } else {
+                        (
+                            lc.codes[0].as_mut_ptr() as u64,
+                            lc.codes[1].as_mut_ptr() as u64,
+                        )
+                    };
+                    let (kp, vp) = (
+                        lc.params[0].as_mut_ptr() as u64,
+                        lc.params[1].as_mut_ptr() as u64,
+                    );
+                    let sm = if *smooth {
+                        [
+                            p(st.args.len() - 4),
+                            p(st.args.len() - 3),
+                            p(st.args.len() - 2),
+                            p(st.args.len() - 1),
+                        ]
+                    } else {
+                        [0; 4]
+                    };
+                    let x = p(0);
+                    let width = st.spec.out_cols() as u64;
+                    eng.pool.run(&|t| {
+                        let (a, b) = split(m, t, threads, 1);
+                        if a < b {
+                            let args = [
+                                x + a as u64 * width * 4,
+                                (b - a) as u64,
+                                c + (a * half * 4) as u64,
+                                s + (a * half * 4) as u64,
+                                kc,
+                                kp,
+                                vc,
+                                vp,
+                                (past + a) as u64,
+                                sm[0],
+                                sm[1],
+                                sm[2],
+                                sm[3],
+                            ];
+                            unsafe { f(args.as_ptr()) };
+                        }
+                    });
+                }
+                KernelSpec::Attention {
+                    heads,
+                    kv_heads,
+                    head_dim,
+                    kv_bits,
+                    past_only,
+                    smooth,
+                    layer,
+                } => {
+                    let (h, kvh, hd) = (*heads, *kv_heads, *head_dim);
+                    let width = (h + 2 * kvh) * hd;
+                    let x = p(0);
+                    let lc = self
+                        .layers
+                        .get(layer)
+                        .ok_or_else(|| err(format!("no cache for layer {layer}")))?;
+                    let q16 = *kv_bits == 16;
+                    let (kc, vc) = (lc.codes[0].as_ptr() as u64, lc.codes[1].as_ptr() as u64);
+                    let (kp, vp) = (lc.params[0].as_ptr() as u64, lc.params[1].as_ptr() as u64);
+                    let sm = if *smooth {
+                        [p(1), p(2), p(3), p(4)]
+                    } else {
+                        [0; 4]
+                    };
+                    let per = self.attn.len() / threads;
+                    let scr = SendPtr(self.attn.as_mut_ptr() as *mut u8);
+                    let po = *past_only;
+                    eng.pool.run(&|t| {
+                        let (a, b) = split(m * kvh, t, threads, 1);
+                        let scratch = unsafe { (scr.get() as *mut f32).add(t * per) } as u64;
+                        for item in a..b {
+                            let (i, g) = (item / kvh, item % kvh);
+                            let row = x + (i * width * 4) as u64;
+                            let (nq, kf, vf, ldf, f0, f1) = if q16 {
+                                (0, kp, vp, (kvh * hd) as u64, 0u64, (past + i + 1) as u64)
+                            } else if !po {
+                                (past + i + 1, 0, 0, 0, 0, 0)
+                            } else if mode == RunMode::Prefill {
+                                (
+                                    past,
+                                    row - (i * width * 4) as u64 + (h * hd * 4) as u64,
+                                    row - (i * width * 4) as u64 + ((h + kvh) * hd * 4) as u64,
+                                    width as u64,
+                                    0,
+                                    (i + 1) as u64,
+                                )
+                            } else {
+                                (
+                                    past + i,
+                                    row - (i * width * 4) as u64 + (h * hd * 4) as u64,
+                                    row - (i * width * 4) as u64 + ((h + kvh) * hd * 4) as u64,
+                                    width as u64,
+                                    i as u64,
+                                    (i + 1) as u64,
+                                )
+                            };
+                            let args = [
+                                row,
+                                kc,
+                                kp,
+                                vc,
+                                vp,
+                                nq as u64,
+                                kf,
+                                vf,
+                                ldf,
+                                f0,
+                                f1,
+                                g as u64,
+                                y + (i * h * hd * 4) as u64,
+                                scratch,
+                                sm[0],
+                                sm[1],
+                                sm[2],
+                                sm[3],
+                            ];
+                            unsafe { f(args.as_ptr()) };
+                        }
+                    });
+                }
+            }
+        }
+        self.len += m;
+        Ok(())
+    }
+}
+
+/// Is this node's kernel one the engine runs? (for messages)
+pub fn describe(n: &Node) -> String {
+    wkvc_ir::text::print_node(n)
+}

@@ -1,0 +1,140 @@
+//! A small spinning thread pool for the compiled engine: `run(f)` calls `f(t)` on every
+//! worker t (the caller is worker 0) and returns when all are done. Workers spin briefly for
+//! the next task (a decode step dispatches hundreds of short kernels), then park. `run`
+//! allocates nothing.
+
+use std::cell::UnsafeCell;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+type Task = *const (dyn Fn(usize) + Sync);
+
+struct Shared {
+    epoch: AtomicUsize,
+    done: AtomicUsize,
+    stop: AtomicBool,
+    sleepers: AtomicUsize,
+    task: UnsafeCell<Option<Task>>,
+}
+
+// SAFETY: `task` is written only by `run` while no worker reads it (all workers have finished
+// the previous epoch and wait for the next), and read by workers only after they observe the
+// new epoch (Acquire/Release on `epoch` orders the write before the reads).
+unsafe impl Sync for Shared {}
+unsafe impl Send for Shared {}
+
+pub struct Pool {
+    shared: Arc<Shared>,
+    workers: Vec<JoinHandle<()>>,
+    n: usize,
+}
+
+const SPIN: Duration = Duration::from_micros(200);
+
+impl Pool {
+    pub fn new(threads: usize) -> std::io::Result<Pool> {
+        let n = threads.max(1);
+        let shared = Arc::new(Shared {
+            epoch: AtomicUsize::new(0),
+            done: AtomicUsize::new(0),
+            stop: AtomicBool::new(false),
+            sleepers: AtomicUsize::new(0),
+            task: UnsafeCell::new(None),
+        });
+        let mut workers = Vec::new();
+        for t in 1..n {
+            let sh = shared.clone();
+            workers.push(
+                thread::Builder::new()
+                    .name(format!("wkvc-cpu-{t}"))
+                    .spawn(move || worker(sh, t))?,
+            );
+        }
+        Ok(Pool { shared, workers, n })
+    }
+
+    pub fn threads(&self) -> usize {
+        self.n
+    }
+
+    /// Run `f(t)` for t in 0..threads, the caller doing t = 0.
+    pub fn run(&self, f: &(dyn Fn(usize) + Sync)) {
+        if self.n == 1 {
+            f(0);
+            return;
+        }
+        let sh = &self.shared;
+        // SAFETY: all workers finished the previous task (run waits for them), so none reads
+        // `task` now; the pointer is only used until this call returns.
+        unsafe {
+            let t: Task = std::mem::transmute::<&(dyn Fn(usize) + Sync), Task>(f);
+            *sh.task.get() = Some(t);
+        }
+        sh.done.store(0, Ordering::SeqCst);
+        sh.epoch.fetch_add(1, Ordering::SeqCst);
+        if sh.sleepers.load(Ordering::SeqCst) > 0 {
+            for w in &self.workers {
+                w.thread().unpark();
+            }
+        }
+        f(0);
+        while sh.done.load(Ordering::Acquire) < self.n - 1 {
+            std::hint::spin_loop();
+        }
+    }
+}
+
+fn worker(sh: Arc<Shared>, t: usize) {
+    let mut seen = 0usize;
+    loop {
+        let start = Instant::now();
+        let mut spins = 0u32;
+        loop {
+            let e = sh.epoch.load(Ordering::Acquire);
+            if sh.stop.load(Ordering::Acquire) {
+                return;
+            }
+            if e != seen {
+                seen = e;
+                break;
+            }
+            spins += 1;
+            if spins % 1024 == 0 && start.elapsed() > SPIN {
+                sh.sleepers.fetch_add(1, Ordering::SeqCst);
+                if sh.epoch.load(Ordering::SeqCst) == seen && !sh.stop.load(Ordering::SeqCst) {
+                    thread::park_timeout(Duration::from_millis(50));
+                }
+                sh.sleepers.fetch_sub(1, Ordering::SeqCst);
+            } else {
+                std::hint::spin_loop();
+            }
+        }
+        // SAFETY: `run` stored the task before bumping the epoch and keeps it alive until
+        // every worker has counted itself done.
+        let task = unsafe { (*sh.task.get()).expect("a task is set before the epoch moves") };
+        unsafe { (*task)(t) };
+        sh.done.fetch_add(1, Ordering::Release);
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        for w in &self.workers {
+            w.thread().unpark();
+        }
+        for w in self.workers.drain(..) {
+            let _ = w.join();
+        }
+    }
+}
+
+/// The part of `0..n` worker `t` of `threads` takes, in multiples of `align`.
+pub fn split(n: usize, t: usize, threads: usize, align: usize) -> (usize, usize) {
+    let units = n.div_ceil(align);
+    let a = units * t / threads;
+    let b = units * (t + 1) / threads;
+    ((a * align).min(n), (b * align).min(n))
+}
