@@ -267,6 +267,8 @@ enum Cmd {
         /// Never sample end-of-generation tokens: always produce -n tokens.
         #[arg(long)]
         ignore_eos: bool,
+        #[command(flatten)]
+        eng: EngineArgs,
         #[arg(long)]
         threads: Option<usize>,
     },
@@ -317,6 +319,8 @@ enum Cmd {
         /// Print one JSON object on stdout.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        eng: EngineArgs,
         #[arg(long)]
         threads: Option<usize>,
     },
@@ -332,6 +336,11 @@ enum Cmd {
         /// Timed runs after one warm-up run; the median is reported.
         #[arg(long, default_value_t = 3)]
         runs: usize,
+        /// Also time --gen decode steps after this many tokens of context (0: skip).
+        #[arg(long, default_value_t = 2048)]
+        long_ctx: usize,
+        #[command(flatten)]
+        eng: EngineArgs,
         #[arg(long)]
         threads: Option<usize>,
         #[arg(long)]
@@ -345,7 +354,57 @@ enum Cmd {
         graph: bool,
         #[arg(long)]
         json: bool,
+        /// Print the memory plan of the compiled CPU engine (and the lowered kernels).
+        #[arg(long)]
+        memory: bool,
+        /// Context the memory plan is computed for (default: the model's maximum).
+        #[arg(long)]
+        ctx: Option<usize>,
     },
+    /// Print the generated code of a kernel of the lowered plan (without --kernel: list them).
+    Emit {
+        model: PathBuf,
+        /// A kernel name as listed (e.g. qgemm_k576_b4_g128_f32).
+        #[arg(long)]
+        kernel: Option<String>,
+        /// cpu (Cranelift IR).
+        #[arg(long, default_value = "cpu")]
+        target: String,
+        /// Activation mode of the quantized GEMMs: f32 or int8.
+        #[arg(long, default_value = "f32")]
+        cpu_act: String,
+    },
+}
+
+/// Engine selection shared by run, eval and bench.
+#[derive(clap::Args, Clone, Debug)]
+struct EngineArgs {
+    /// auto (compiled CPU engine for plans, interpreter otherwise), cpu, or interp.
+    #[arg(long, default_value = "auto")]
+    engine: String,
+    /// Activations of the CPU engine's quantized GEMMs: f32 (exact) or int8 (fast path).
+    #[arg(long, default_value = "f32")]
+    cpu_act: String,
+}
+
+fn make_engine<'m>(m: &'m Model, th: usize, ea: &EngineArgs) -> Result<wkvc_runtime::Engine<'m>> {
+    let act = wkvc_runtime::Act::parse(&ea.cpu_act)
+        .with_context(|| format!("--cpu-act must be f32 or int8, got {}", ea.cpu_act))?;
+    let e = match ea.engine.as_str() {
+        "auto" if ea.cpu_act == "f32" => m.engine(th)?,
+        "auto" | "cpu" => m.engine_kind(th, wkvc_runtime::EngineKind::Cpu { act })?,
+        "interp" => m.engine_kind(th, wkvc_runtime::EngineKind::Interp)?,
+        other => bail!("--engine must be auto, cpu or interp, got {other}"),
+    };
+    if let Some(c) = e.cpu() {
+        tracing::info!(
+            "CPU engine: {} kernels JIT-compiled in {:.1} ms ({} bytes of code)",
+            c.kernels,
+            c.jit_ms,
+            c.code_bytes
+        );
+    }
+    Ok(e)
 }
 
 fn threads(t: Option<usize>) -> usize {
@@ -407,6 +466,7 @@ fn real_main(cli: Cli) -> Result<()> {
             chat,
             ctx,
             ignore_eos,
+            eng,
             threads: t,
         } => {
             if !(0.0..=1.0).contains(&top_p) || top_p == 0.0 {
@@ -426,7 +486,7 @@ fn real_main(cli: Cli) -> Result<()> {
                 prompt.clone()
             };
             let ids = tok.encode(&text, true)?;
-            let engine = m.engine(threads(t))?;
+            let engine = make_engine(&m, threads(t), &eng)?;
             let mut session = engine.session(ctx);
             let mut sampler = Sampler::new(temperature, top_p, seed);
             let mut dec = StreamDecoder::new();
@@ -582,6 +642,7 @@ fn real_main(cli: Cli) -> Result<()> {
             ctx,
             windows,
             json,
+            eng,
             threads: t,
         } => {
             let mode = match protocol.as_str() {
@@ -596,7 +657,7 @@ fn real_main(cli: Cli) -> Result<()> {
             if table {
                 return quality_table(&m, &ids, ctx, windows, calib, threads(t), json);
             }
-            let engine = m.engine(threads(t))?;
+            let engine = make_engine(&m, threads(t), &eng)?;
             let refm = kld_vs.as_ref().map(|p| open(p)).transpose()?;
             let refe = refm.as_ref().map(|r| r.engine(threads(t))).transpose()?;
             let total = windows.map_or(ids.len() / ctx.max(1), |w| w.min(ids.len() / ctx.max(1)));
@@ -642,15 +703,17 @@ fn real_main(cli: Cli) -> Result<()> {
             prompt,
             gen_tokens: ngen,
             runs,
+            eng,
             threads: t,
             json,
+            long_ctx,
         } => {
             if prompt == 0 {
                 bail!("--prompt must be at least 1");
             }
             let m = open(&model)?;
             let th = threads(t);
-            let engine = m.engine(th)?;
+            let engine = make_engine(&m, th, &eng)?;
             let vocab = engine.vocab_size();
             // A fixed, deterministic prompt of ordinary token ids.
             let ids: Vec<u32> = (0..prompt)
@@ -667,12 +730,11 @@ fn real_main(cli: Cli) -> Result<()> {
                     );
                 }
                 let t0 = Instant::now();
-                let mut logits = s.prefill(&ids)?;
+                let mut id = wkvc_runtime::sample::argmax(s.step(&ids)?) as u32;
                 let tp = t0.elapsed().as_secs_f64();
                 let t1 = Instant::now();
                 for _ in 0..ngen {
-                    let id = wkvc_runtime::sample::argmax(&logits) as u32;
-                    logits = s.prefill(&[id])?;
+                    id = wkvc_runtime::sample::argmax(s.step(&[id])?) as u32;
                 }
                 let td = t1.elapsed().as_secs_f64();
                 if r > 0 {
@@ -687,6 +749,25 @@ fn real_main(cli: Cli) -> Result<()> {
                     ngen as f64 / td
                 );
             }
+            // decode at a long context: fill the cache, then time --gen steps
+            let mut long = serde_json::Value::Null;
+            if long_ctx > 0 && ngen > 0 {
+                let mut s = engine.session(long_ctx + ngen);
+                if s.max_ctx() >= long_ctx + ngen {
+                    let fill: Vec<u32> = (0..long_ctx)
+                        .map(|i| (1000 + (i * 7919) % 20000) as u32 % vocab as u32)
+                        .collect();
+                    let mut id = 0;
+                    for c in fill.chunks(512) {
+                        id = wkvc_runtime::sample::argmax(s.step(c)?) as u32;
+                    }
+                    let t1 = Instant::now();
+                    for _ in 0..ngen {
+                        id = wkvc_runtime::sample::argmax(s.step(&[id])?) as u32;
+                    }
+                    long = serde_json::json!(ngen as f64 / t1.elapsed().as_secs_f64());
+                }
+            }
             let weight_bytes: usize = m
                 .module
                 .weights
@@ -695,7 +776,14 @@ fn real_main(cli: Cli) -> Result<()> {
                 .sum();
             let out = serde_json::json!({
                 "model": model.display().to_string(),
-                "engine": "interp",
+                "engine": engine.describe(),
+                "jit_ms": engine.cpu().map(|c| c.jit_ms),
+                "memory_plan_bytes": engine.cpu().map(|c| {
+                    let p = c.memory_plan();
+                    p.weights_bytes + p.kv_bytes_per_token * (long_ctx.max(prompt + ngen)) + p.arena_bytes + p.scratch_bytes
+                }),
+                "long_ctx": long_ctx,
+                "decode_at_long_ctx_tokens_per_s": long,
                 "threads": th,
                 "prompt_tokens": prompt,
                 "gen_tokens": ngen,
@@ -710,17 +798,120 @@ fn real_main(cli: Cli) -> Result<()> {
                 println!("{out}");
             } else {
                 println!(
-                    "prefill {:.1} tokens/s ({prompt} tokens), decode {:.2} tokens/s ({ngen} tokens), \
+                    "{}: prefill {:.1} tokens/s ({prompt} tokens), decode {:.2} tokens/s ({ngen} tokens), \
+                     decode at {long_ctx} context {:.2} tokens/s, \
                      {th} threads, peak RSS {:.0} MiB, weights {:.0} MiB in memory",
+                    engine.describe(),
                     out["prefill_tokens_per_s"].as_f64().unwrap_or(0.0),
                     out["decode_tokens_per_s"].as_f64().unwrap_or(0.0),
+                    out["decode_at_long_ctx_tokens_per_s"]
+                        .as_f64()
+                        .unwrap_or(0.0),
                     out["peak_rss_bytes"].as_f64().unwrap_or(0.0) / 1048576.0,
                     weight_bytes as f64 / 1048576.0
                 );
             }
         }
-        Cmd::Inspect { model, graph, json } => {
+        Cmd::Emit {
+            model,
+            kernel,
+            target,
+            cpu_act,
+        } => {
+            if target != "cpu" {
+                bail!("--target must be cpu (the CUDA back end is not built yet), got {target}");
+            }
+            let act = wkvc_runtime::Act::parse(&cpu_act)
+                .with_context(|| format!("--cpu-act must be f32 or int8, got {cpu_act}"))?;
             let m = open(&model)?;
+            let g = wkvc_passes::lower::lower(
+                &m.module.graph,
+                wkvc_passes::lower::LowerOptions { act },
+            )?;
+            let mut specs: std::collections::BTreeMap<String, wkvc_ir::KernelSpec> =
+                Default::default();
+            for n in &g.nodes {
+                let s = wkvc_ir::KernelSpec::from_node(n).map_err(|e| anyhow::anyhow!(e))?;
+                specs.entry(s.code_name()).or_insert(s);
+            }
+            match kernel {
+                None => {
+                    for name in specs.keys() {
+                        println!("{name}");
+                    }
+                }
+                Some(k) => {
+                    let spec = specs.get(&k).with_context(|| {
+                        format!(
+                            "no kernel {k} in this plan; kernels: {}",
+                            specs.keys().cloned().collect::<Vec<_>>().join(", ")
+                        )
+                    })?;
+                    let mut jit = wkvc_codegen::cpu::CpuJit::host()?;
+                    print!("{}", jit.kernel_ir(spec)?);
+                }
+            }
+        }
+        Cmd::Inspect {
+            model,
+            graph,
+            json,
+            memory,
+            ctx,
+        } => {
+            let m = open(&model)?;
+            if memory {
+                let g = wkvc_passes::lower::lower(&m.module.graph, Default::default())?;
+                let ctx = ctx.unwrap_or(m.config.max_position_embeddings);
+                let pb = |p: &str| {
+                    m.module
+                        .weights
+                        .get(p)
+                        .map(|w| w.storage_bytes())
+                        .unwrap_or(0)
+                };
+                let mp = wkvc_passes::lower::memplan(
+                    &g,
+                    wkvc_runtime::cpu::CHUNK,
+                    ctx,
+                    threads(None),
+                    &pb,
+                )?;
+                if json {
+                    println!("{}", serde_json::to_string(&mp)?);
+                } else {
+                    let mib = |b: usize| b as f64 / 1048576.0;
+                    println!("lowered graph: {} kernels", g.nodes.len());
+                    println!(
+                        "weights        {:>12} bytes ({:.1} MiB)",
+                        mp.weights_bytes,
+                        mib(mp.weights_bytes)
+                    );
+                    println!(
+                        "KV cache       {:>12} bytes per token",
+                        mp.kv_bytes_per_token
+                    );
+                    println!(
+                        "KV cache       {:>12} bytes at {} tokens ({:.1} MiB)",
+                        mp.kv_bytes,
+                        ctx,
+                        mib(mp.kv_bytes)
+                    );
+                    println!(
+                        "arena          {:>12} bytes ({} buffers, chunk {} rows)",
+                        mp.arena_bytes,
+                        mp.buffers.len(),
+                        mp.chunk
+                    );
+                    println!("scratch        {:>12} bytes", mp.scratch_bytes);
+                    println!(
+                        "total          {:>12} bytes ({:.1} MiB)",
+                        mp.total_bytes,
+                        mib(mp.total_bytes)
+                    );
+                }
+                return Ok(());
+            }
             let c = &m.config;
             let mut groups: std::collections::BTreeMap<&str, (usize, usize)> = Default::default();
             for (name, w) in m.module.weights.iter() {

@@ -204,7 +204,7 @@ impl<'a> E<'a> {
     }
 
     /// i8x16 with values 0..15 -> four f32x4.
-    fn to_f32x4(&mut self, v: Value) -> [Value; 4] {
+    fn widen_f32x4(&mut self, v: Value) -> [Value; 4] {
         let l = self.b.ins().swiden_low(v);
         let h = self.b.ins().swiden_high(v);
         let mut out = [l; 4];
@@ -220,8 +220,8 @@ impl<'a> E<'a> {
     /// 32 packed codes at `p + off` as eight f32x4 in permuted order (evens, then odds).
     fn codes32(&mut self, p: Value, off: i64) -> [Value; 8] {
         let (lo, hi) = self.nibbles(p, off);
-        let a = self.to_f32x4(lo);
-        let b = self.to_f32x4(hi);
+        let a = self.widen_f32x4(lo);
+        let b = self.widen_f32x4(hi);
         [a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3]]
     }
 
@@ -292,13 +292,13 @@ pub fn build(
                 act,
                 ..
             } => {
-                if *bits > 4 || k % 2 != 0 {
+                if *bits > 4 || !k.is_multiple_of(2) {
                     return Err(CodegenError::Unsupported(format!(
                         "qgemm needs <= 4 bits and an even width, got {bits} bits, k = {k}"
                     )));
                 }
                 let gl = wkvc_ir::quant::group_len(*k, *group);
-                if gl % 2 != 0 {
+                if !gl.is_multiple_of(2) {
                     return Err(CodegenError::Unsupported(format!(
                         "qgemm needs an even group length, got {gl}"
                     )));
@@ -329,7 +329,7 @@ pub fn build(
                 smooth,
                 ..
             } => {
-                if head_dim % 32 != 0 || heads % kv_heads != 0 {
+                if !head_dim.is_multiple_of(32) || !heads.is_multiple_of(*kv_heads) {
                     return Err(CodegenError::Unsupported(format!(
                         "attention needs a head dim that is a multiple of 32 and heads a \
                          multiple of kv heads (head dim {head_dim}, {heads}/{kv_heads} heads)"
@@ -371,7 +371,7 @@ fn emit_qgemm(e: &mut E, k: usize, gl: usize, residual: bool, act: Act) {
         let zrow = e.addr(z, n, 4 * ng as i64);
         let zero = e.ic(0);
         let rows_block = |e: &mut E, i: Value, rr: usize| {
-            let accs = if rr == 1 { 4 } else { 2 };
+            let accs = if rr == 1 { 4 } else { 1 };
             let zv = e.vc(0.0);
             let zs = e.fc(0.0);
             let tot: Vec<Variable> = (0..rr).map(|_| e.var(V4, zv)).collect();
@@ -1035,8 +1035,7 @@ fn emit_attention(e: &mut E, group: usize, kvh: usize, hd: usize, bits: u32, smo
 /// Permute one row for the quantized GEMM (f32 activations): per group, each full block of
 /// 32 columns becomes evens then odds; the tail keeps its order. `gsum` gets the group sums.
 pub fn prep_f32(x: &[f32], k: usize, gl: usize, xp: &mut [f32], gsum: &mut [f32]) {
-    let ng = k.div_ceil(gl);
-    for g in 0..ng {
+    for (g, gs) in gsum.iter_mut().enumerate().take(k.div_ceil(gl)) {
         let a = g * gl;
         let b = (a + gl).min(k);
         let full = (b - a) / 32 * 32;
@@ -1051,7 +1050,7 @@ pub fn prep_f32(x: &[f32], k: usize, gl: usize, xp: &mut [f32], gsum: &mut [f32]
         for &v in &x[a..b] {
             s += v;
         }
-        gsum[g] = s;
+        *gs = s;
     }
 }
 
@@ -1059,9 +1058,8 @@ pub fn prep_f32(x: &[f32], k: usize, gl: usize, xp: &mut [f32], gsum: &mut [f32]
 /// like `prep_f32`; `dx` gets the block scales, `gsum` per group the sum of the dequantized
 /// blocks plus the exact tail.
 pub fn prep_int8(x: &[f32], k: usize, gl: usize, xq: &mut [i8], dx: &mut [f32], gsum: &mut [f32]) {
-    let ng = k.div_ceil(gl);
     let mut nb = 0;
-    for g in 0..ng {
+    for (g, gs) in gsum.iter_mut().enumerate().take(k.div_ceil(gl)) {
         let a = g * gl;
         let b = (a + gl).min(k);
         let full = (b - a) / 32 * 32;
@@ -1084,6 +1082,6 @@ pub fn prep_int8(x: &[f32], k: usize, gl: usize, xq: &mut [i8], dx: &mut [f32], 
         for &v in &x[a + full..b] {
             s += v;
         }
-        gsum[g] = s;
+        *gs = s;
     }
 }

@@ -249,13 +249,13 @@ pub fn infer(n: &Node, a: &[TensorType]) -> Result<TensorType, String> {
                     n.ty
                 ));
             }
-            if let (Some(c), Some(t)) = (spec.in_cols(), a.first()) {
-                if t.shape.last().and_then(|d| d.as_const()) != Some(c) {
-                    return Err(format!(
-                        "kernel {} reads {c} columns, operand 0 is {t}",
-                        spec.kind()
-                    ));
-                }
+            if let (Some(c), Some(t)) = (spec.in_cols(), a.first())
+                && t.shape.last().and_then(|d| d.as_const()) != Some(c)
+            {
+                return Err(format!(
+                    "kernel {} reads {c} columns, operand 0 is {t}",
+                    spec.kind()
+                ));
             }
             Ok(n.ty.clone())
         }

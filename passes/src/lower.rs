@@ -283,27 +283,28 @@ fn lower_gemm<'g>(
     };
 
     // attention block: q, k, v -> rope(q), rope(k), attention(rq, rk, v, ..)
-    if siblings.len() == 3 {
-        if let Some(done) = try_attention(cx, &siblings, seq.clone(), &make)? {
-            cx.done.extend(done);
-            return Ok(());
-        }
+    if siblings.len() == 3
+        && let Some(done) = try_attention(cx, &siblings, seq.clone(), &make)?
+    {
+        cx.done.extend(done);
+        return Ok(());
     }
-    if siblings.len() == 2 {
-        if let Some(done) = try_mlp(cx, &siblings, seq.clone(), &make)? {
-            cx.done.extend(done);
-            return Ok(());
-        }
+    if siblings.len() == 2
+        && let Some(done) = try_mlp(cx, &siblings, seq.clone(), &make)?
+    {
+        cx.done.extend(done);
+        return Ok(());
     }
     // a lone GEMM: logits, residual epilogue, or plain
-    if key.0 == OpKind::Linear && cx.outputs.contains(&n.out) {
-        if let Operand::Param(p) = &n.args[1] {
-            let vocab = ncols(i);
-            let args = vec![cx.operand(x)?, Operand::Param(p.clone())];
-            let v = cx.emit(KernelSpec::Logits { vocab, dim: k }, args, seq, &[]);
-            cx.map.insert(n.out, v);
-            return Ok(());
-        }
+    if key.0 == OpKind::Linear
+        && cx.outputs.contains(&n.out)
+        && let Operand::Param(p) = &n.args[1]
+    {
+        let vocab = ncols(i);
+        let args = vec![cx.operand(x)?, Operand::Param(p.clone())];
+        let v = cx.emit(KernelSpec::Logits { vocab, dim: k }, args, seq, &[]);
+        cx.map.insert(n.out, v);
+        return Ok(());
     }
     if let Some(add) = cx.only_user(n.out).filter(|a| a.op == OpKind::Add) {
         let other = if add.args[0] == Operand::Value(n.out) {
@@ -590,13 +591,20 @@ pub fn memplan(
         // a value that dies here and may be overwritten in place
         let mut slot = None;
         for (ai, a) in n.args.iter().enumerate() {
-            if let Some(v) = val(a) {
-                if last.get(&v) == Some(&i) && in_place(&spec, ai) && slot.is_none() {
-                    slot = live.remove(&v);
-                }
+            if let Some(v) = val(a)
+                && last.get(&v) == Some(&i)
+                && in_place(&spec, ai)
+                && slot.is_none()
+            {
+                slot = live.remove(&v);
             }
         }
-        let bytes = chunk * spec.out_cols() * 4;
+        // logits go to the session's own row (scratch), not the arena
+        let bytes = if matches!(spec, KernelSpec::Logits { .. }) {
+            0
+        } else {
+            chunk * spec.out_cols() * 4
+        };
         let place = match slot {
             Some(s) if s.1 >= bytes => s,
             other => {
@@ -621,12 +629,11 @@ pub fn memplan(
         plan.buffers.insert(n.out.0, (place.0, bytes));
         // operands that die here go back to the free list
         for a in &n.args {
-            if let Some(v) = val(a) {
-                if last.get(&v) == Some(&i) {
-                    if let Some(s) = live.remove(&v) {
-                        free.push(s);
-                    }
-                }
+            if let Some(v) = val(a)
+                && last.get(&v) == Some(&i)
+                && let Some(s) = live.remove(&v)
+            {
+                free.push(s);
             }
         }
         live.insert(n.out, place);

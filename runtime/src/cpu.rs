@@ -51,7 +51,6 @@ pub struct CpuEngine {
     /// f32 copies of f16 scale/zero params and converted f32 params
     _owned: Vec<Vec<f32>>,
     rope_sets: Vec<Vec<f32>>,
-    logits_out: usize,
     vocab: usize,
     /// milliseconds spent lowering and JIT-compiling
     pub jit_ms: f64,
@@ -94,7 +93,6 @@ impl CpuEngine {
         let mut rope_sets: Vec<Vec<f32>> = Vec::new();
         let mut code_bytes = 0;
         let mut vocab = 0;
-        let mut logits_out = 0;
         for n in &lowered.nodes {
             let spec = KernelSpec::from_node(n).map_err(err)?;
             let key = spec.code_name();
@@ -159,7 +157,6 @@ impl CpuEngine {
             }
             if let KernelSpec::Logits { vocab: v, .. } = &spec {
                 vocab = *v;
-                logits_out = out;
             }
             steps.push(Step {
                 spec,
@@ -181,7 +178,6 @@ impl CpuEngine {
             _jit: jit,
             _owned: owned,
             rope_sets,
-            logits_out,
             vocab,
             jit_ms: t0.elapsed().as_secs_f64() * 1e3,
             kernels,
@@ -425,9 +421,9 @@ impl CpuSession<'_> {
         for (si, inv) in eng.rope_sets.iter().enumerate() {
             let half = inv.len();
             let base = si * CHUNK * hm;
-            for i in 0..m {
+            for (i, &pi) in pos.iter().enumerate().take(m) {
                 for (j, &f) in inv.iter().enumerate() {
-                    let a = (pos[i] as f32 * f) as f64;
+                    let a = (pi as f32 * f) as f64;
                     self.cos[base + i * half + j] = a.cos() as f32;
                     self.sin[base + i * half + j] = a.sin() as f32;
                 }
@@ -437,7 +433,9 @@ impl CpuSession<'_> {
         let arena = SendPtr(self.arena.as_mut_ptr() as *mut u8);
         let fp = |off: usize| -> u64 { unsafe { (arena.get() as *mut f32).add(off) as u64 } };
         let mut all = all;
+        let prof = std::env::var_os("WKVC_PROFILE").is_some();
         for st in &eng.steps {
+            let tk = Instant::now();
             let p = |i: usize| -> u64 {
                 match &st.args[i] {
                     Arg::Buf(o) => fp(*o),
@@ -771,6 +769,13 @@ impl CpuSession<'_> {
                         }
                     });
                 }
+            }
+            if prof {
+                eprintln!(
+                    "profile {} {:.3} ms",
+                    st.spec.kind(),
+                    tk.elapsed().as_secs_f64() * 1e3
+                );
             }
         }
         self.len += m;

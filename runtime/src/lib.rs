@@ -1,4 +1,5 @@
-//! wkvc-runtime owns execution: opening a model, engines (the reference interpreter for now),
+//! wkvc-runtime owns execution: opening a model, engines (the reference interpreter and the
+//! compiled CPU engine),
 //! sessions with a KV cache (prefill, decode), sampling, the tokenizer and chat template, and
 //! perplexity evaluation and benchmarking.
 
@@ -11,8 +12,8 @@ pub mod sample;
 pub mod tokenizer;
 
 use std::path::Path;
-pub use wkvc_ir::RunMode;
 use wkvc_ir::import::{self, Source};
+pub use wkvc_ir::{Act, RunMode};
 use wkvc_ir::{Interpreter, KvCache, ModelConfig, Module, Tensor};
 
 pub use sample::Sampler;
@@ -101,19 +102,63 @@ impl Model {
         })
     }
 
-    /// An engine on `threads` worker threads.
+    /// An engine on `threads` worker threads: the compiled CPU engine for plans, the
+    /// interpreter otherwise (`engine_kind` chooses).
     pub fn engine(&self, threads: usize) -> Result<Engine<'_>, RuntimeError> {
-        Ok(Engine {
-            model: self,
-            interp: Interpreter::new(&self.module, threads)?,
-        })
+        if self.plan.is_some() {
+            match self.engine_kind(
+                threads,
+                EngineKind::Cpu {
+                    act: wkvc_ir::Act::F32,
+                },
+            ) {
+                Ok(e) => return Ok(e),
+                Err(e) => {
+                    tracing::warn!("compiled CPU engine unavailable, using the interpreter: {e}")
+                }
+            }
+        }
+        self.engine_kind(threads, EngineKind::Interp)
+    }
+
+    /// An engine of the given kind.
+    pub fn engine_kind(
+        &self,
+        threads: usize,
+        kind: EngineKind,
+    ) -> Result<Engine<'_>, RuntimeError> {
+        let imp = match kind {
+            EngineKind::Interp => Imp::Interp(Box::new(Interpreter::new(&self.module, threads)?)),
+            EngineKind::Cpu { act } => Imp::Cpu(Box::new(cpu::CpuEngine::new(
+                &self.module,
+                threads,
+                act,
+                self.config.max_position_embeddings,
+            )?)),
+        };
+        Ok(Engine { model: self, imp })
     }
 }
 
-/// Executes a model (the reference interpreter).
+/// Which engine runs a model.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum EngineKind {
+    /// The reference interpreter (f32, any graph).
+    Interp,
+    /// Lowered kernels JIT-compiled by Cranelift; `act` selects the exact (f32) or the
+    /// int8-activation fast path of the quantized GEMMs.
+    Cpu { act: wkvc_ir::Act },
+}
+
+enum Imp<'m> {
+    Interp(Box<Interpreter<'m>>),
+    Cpu(Box<cpu::CpuEngine>),
+}
+
+/// Executes a model.
 pub struct Engine<'m> {
     model: &'m Model,
-    interp: Interpreter<'m>,
+    imp: Imp<'m>,
 }
 
 impl<'m> Engine<'m> {
@@ -125,45 +170,84 @@ impl<'m> Engine<'m> {
         self.model.config.vocab_size
     }
 
+    /// The compiled engine, when this is one.
+    pub fn cpu(&self) -> Option<&cpu::CpuEngine> {
+        match &self.imp {
+            Imp::Cpu(c) => Some(c),
+            Imp::Interp(_) => None,
+        }
+    }
+
+    /// "interp" or "cpu (f32)" / "cpu (int8)".
+    pub fn describe(&self) -> String {
+        match &self.imp {
+            Imp::Interp(_) => "interp".into(),
+            Imp::Cpu(c) => format!("cpu ({} activations)", c.act.name()),
+        }
+    }
+
     /// A session whose cache holds at most `max_ctx` tokens (the model's maximum if larger).
     pub fn session(&self, max_ctx: usize) -> Session<'_, 'm> {
         let max = max_ctx
             .min(self.model.config.max_position_embeddings)
             .max(1);
+        let imp = match &self.imp {
+            Imp::Interp(_) => SessImp::Interp(KvCache::new(max)),
+            Imp::Cpu(c) => SessImp::Cpu(Box::new(c.session(max))),
+        };
         Session {
             engine: self,
-            cache: KvCache::new(max),
+            imp,
+            last: Vec::new(),
         }
     }
+}
+
+enum SessImp<'e> {
+    Interp(KvCache),
+    Cpu(Box<cpu::CpuSession<'e>>),
 }
 
 /// One sequence being generated: its KV cache and position.
 pub struct Session<'e, 'm> {
     engine: &'e Engine<'m>,
-    cache: KvCache,
+    imp: SessImp<'e>,
+    last: Vec<f32>,
 }
 
 impl Session<'_, '_> {
     /// Tokens in the cache.
     pub fn len(&self) -> usize {
-        self.cache.len()
+        match &self.imp {
+            SessImp::Interp(c) => c.len(),
+            SessImp::Cpu(s) => s.len(),
+        }
     }
 
     pub fn is_empty(&self) -> bool {
-        self.cache.is_empty()
+        self.len() == 0
     }
 
     pub fn max_ctx(&self) -> usize {
-        self.cache.max_len()
+        match &self.imp {
+            SessImp::Interp(c) => c.max_len(),
+            SessImp::Cpu(s) => s.max_ctx(),
+        }
     }
 
     pub fn reset(&mut self) {
-        self.cache.clear();
+        match &mut self.imp {
+            SessImp::Interp(c) => c.clear(),
+            SessImp::Cpu(s) => s.reset(),
+        }
     }
 
     /// Bytes the KV cache holds now.
     pub fn kv_bytes(&self) -> usize {
-        self.cache.bytes()
+        match &self.imp {
+            SessImp::Interp(c) => c.bytes(),
+            SessImp::Cpu(s) => s.kv_bytes(),
+        }
     }
 
     /// Run `ids` after what the cache holds; returns logits `[ids.len(), vocab]` row-major.
@@ -185,16 +269,27 @@ impl Session<'_, '_> {
             }
             .into());
         }
-        let past = self.cache.len();
+        let cache = match &mut self.imp {
+            SessImp::Cpu(s) => {
+                let mut all = Vec::with_capacity(ids.len() * vocab);
+                s.run(ids, mode, Some(&mut all))?;
+                return Ok(all);
+            }
+            SessImp::Interp(c) => c,
+        };
+        let Imp::Interp(interp) = &self.engine.imp else {
+            return Err(RuntimeError::Invalid("session and engine disagree".into()));
+        };
+        let past = cache.len();
         let toks: Vec<i32> = ids.iter().map(|&t| t as i32).collect();
         let pos: Vec<i32> = (0..ids.len()).map(|i| (past + i) as i32).collect();
         let n = ids.len();
-        let mut out = self.engine.interp.run_mode(
+        let mut out = interp.run_mode(
             &[
                 ("tokens", Tensor::i32(vec![n], toks)),
                 ("positions", Tensor::i32(vec![n], pos)),
             ],
-            &mut self.cache,
+            cache,
             mode,
         )?;
         out.remove("logits")
@@ -202,11 +297,25 @@ impl Session<'_, '_> {
             .ok_or_else(|| RuntimeError::Invalid("the graph has no f32 output \"logits\"".into()))
     }
 
-    /// Run `ids` and return the logits of the last one.
-    pub fn prefill(&mut self, ids: &[u32]) -> Result<Vec<f32>, RuntimeError> {
+    /// Run `ids` and return the logits of the last one (no allocation on the compiled
+    /// engine: the slice is the session's buffer).
+    pub fn step(&mut self, ids: &[u32]) -> Result<&[f32], RuntimeError> {
+        if matches!(self.imp, SessImp::Cpu(_)) {
+            let SessImp::Cpu(s) = &mut self.imp else {
+                unreachable!("checked above")
+            };
+            return s.run(ids, RunMode::Prefill, None);
+        }
         let v = self.engine.vocab_size();
         let all = self.forward(ids)?;
-        Ok(all[all.len() - v..].to_vec())
+        self.last.clear();
+        self.last.extend_from_slice(&all[all.len() - v..]);
+        Ok(&self.last)
+    }
+
+    /// Run `ids` and return the logits of the last one.
+    pub fn prefill(&mut self, ids: &[u32]) -> Result<Vec<f32>, RuntimeError> {
+        Ok(self.step(ids)?.to_vec())
     }
 }
 
@@ -242,6 +351,7 @@ pub fn generate(
     }
     let t0 = std::time::Instant::now();
     let mut logits = session.prefill(prompt)?;
+    let vocab = logits.len();
     let mut stats = GenStats {
         prompt_tokens: prompt.len(),
         prefill_seconds: t0.elapsed().as_secs_f64(),
@@ -261,7 +371,8 @@ pub fn generate(
         on_token(id)?;
         stats.new_tokens += 1;
         if i + 1 < max_new {
-            logits = session.prefill(&[id])?;
+            let l = session.step(&[id])?;
+            logits[..vocab].copy_from_slice(l);
         }
     }
     stats.decode_seconds = t1.elapsed().as_secs_f64();

@@ -101,7 +101,7 @@ fn worker(sh: Arc<Shared>, t: usize) {
                 break;
             }
             spins += 1;
-            if spins % 1024 == 0 && start.elapsed() > SPIN {
+            if spins.is_multiple_of(1024) && start.elapsed() > SPIN {
                 sh.sleepers.fetch_add(1, Ordering::SeqCst);
                 if sh.epoch.load(Ordering::SeqCst) == seen && !sh.stop.load(Ordering::SeqCst) {
                     thread::park_timeout(Duration::from_millis(50));
