@@ -391,7 +391,7 @@ fn make_engine<'m>(m: &'m Model, th: usize, ea: &EngineArgs) -> Result<wkvc_runt
     let act = wkvc_runtime::Act::parse(&ea.cpu_act)
         .with_context(|| format!("--cpu-act must be f32 or int8, got {}", ea.cpu_act))?;
     let e = match ea.engine.as_str() {
-        "auto" if ea.cpu_act == "f32" => m.engine(th)?,
+        "auto" if ea.cpu_act == "f32" => m.engine_auto(th)?,
         "auto" | "cpu" => m.engine_kind(th, wkvc_runtime::EngineKind::Cpu { act })?,
         "interp" => m.engine_kind(th, wkvc_runtime::EngineKind::Interp)?,
         other => bail!("--engine must be auto, cpu or interp, got {other}"),

@@ -102,9 +102,16 @@ impl Model {
         })
     }
 
-    /// An engine on `threads` worker threads: the compiled CPU engine for plans, the
-    /// interpreter otherwise (`engine_kind` chooses).
+    /// The reference interpreter on `threads` workers (`engine_auto` picks the compiled CPU
+    /// engine for plans, `engine_kind` chooses explicitly).
     pub fn engine(&self, threads: usize) -> Result<Engine<'_>, RuntimeError> {
+        self.engine_kind(threads, EngineKind::Interp)
+    }
+
+    /// The compiled CPU engine (exact path) for plans, falling back to the interpreter with a
+    /// warning when the plan has something the kernels do not implement; the interpreter for
+    /// unquantized models.
+    pub fn engine_auto(&self, threads: usize) -> Result<Engine<'_>, RuntimeError> {
         if self.plan.is_some() {
             match self.engine_kind(
                 threads,
