@@ -373,6 +373,9 @@ enum Cmd {
         /// Activation mode of the quantized GEMMs: f32 or int8.
         #[arg(long, default_value = "f32")]
         cpu_act: String,
+        /// Print the machine code (after register allocation) instead of Cranelift IR.
+        #[arg(long)]
+        asm: bool,
     },
 }
 
@@ -817,6 +820,7 @@ fn real_main(cli: Cli) -> Result<()> {
             kernel,
             target,
             cpu_act,
+            asm,
         } => {
             if target != "cpu" {
                 bail!("--target must be cpu (the CUDA back end is not built yet), got {target}");
@@ -848,7 +852,11 @@ fn real_main(cli: Cli) -> Result<()> {
                         )
                     })?;
                     let mut jit = wkvc_codegen::cpu::CpuJit::host()?;
-                    print!("{}", jit.kernel_ir(spec)?);
+                    if asm {
+                        print!("{}", jit.kernel_asm(spec)?);
+                    } else {
+                        print!("{}", jit.kernel_ir(spec)?);
+                    }
                 }
             }
         }

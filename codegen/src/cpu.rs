@@ -76,6 +76,19 @@ impl CpuJit {
         Ok(f.display().to_string())
     }
 
+    /// The machine code of a kernel as Cranelift's disassembly (VCode after register
+    /// allocation), for `wkvc emit --asm`.
+    pub fn kernel_asm(&mut self, spec: &wkvc_ir::KernelSpec) -> Result<String, CodegenError> {
+        let f = crate::kernels::build(spec, &mut self.module, &mut self.fctx, self.has_fma)?;
+        let mut ctx = Context::for_function(f);
+        ctx.set_disasm(true);
+        let mut ctrl = cranelift_codegen::control::ControlPlane::default();
+        let code = ctx
+            .compile(self.module.isa(), &mut ctrl)
+            .map_err(|e| CodegenError::Cranelift(format!("{:?}", e.inner)))?;
+        Ok(code.vcode.clone().unwrap_or_default())
+    }
+
     /// JIT-compile a kernel; the pointer lives as long as `self`. Returns the function and
     /// its machine-code size in bytes.
     pub fn compile_kernel(

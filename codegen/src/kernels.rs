@@ -75,6 +75,14 @@ fn mem() -> MemFlagsData {
     MemFlagsData::new().with_notrap()
 }
 
+/// Loads of inputs that no store of the kernel touches: free to move to their use.
+fn mem_ro() -> MemFlagsData {
+    MemFlagsData::new()
+        .with_notrap()
+        .with_readonly()
+        .with_can_move()
+}
+
 const P: Type = types::I64;
 const V4: Type = types::F32X4;
 
@@ -111,6 +119,9 @@ impl<'a> E<'a> {
     }
     fn ld(&mut self, ty: Type, p: Value, off: i64) -> Value {
         self.b.ins().load(ty, mem(), p, off as i32)
+    }
+    fn ld_ro(&mut self, ty: Type, p: Value, off: i64) -> Value {
+        self.b.ins().load(ty, mem_ro(), p, off as i32)
     }
     fn st(&mut self, x: Value, p: Value, off: i64) {
         self.b.ins().store(mem(), x, p, off as i32);
@@ -155,6 +166,56 @@ impl<'a> E<'a> {
         self.get(iv)
     }
 
+    /// y[i * ldy + n] = v (+ r[i * ldr + n] when `res` is given).
+    fn store_out(
+        &mut self,
+        v: Value,
+        i: Value,
+        n: Value,
+        y: Value,
+        ldy: Value,
+        res: Option<(Value, Value)>,
+    ) {
+        let mut v = v;
+        if let Some((r, ldr)) = res {
+            let ro = self.b.ins().imul(i, ldr);
+            let ro = self.b.ins().iadd(ro, n);
+            let rp = self.addr(r, ro, 4);
+            let rv = self.ld(types::F32, rp, 0);
+            v = self.b.ins().fadd(rv, v);
+        }
+        let yo = self.b.ins().imul(i, ldy);
+        let yo = self.b.ins().iadd(yo, n);
+        let yp = self.addr(y, yo, 4);
+        self.st(v, yp, 0);
+    }
+
+    /// `for b in (start..end).step_by(step)` with `be = min(b + step, end)`.
+    fn for_blocks(
+        &mut self,
+        start: Value,
+        end: Value,
+        step: i64,
+        body: &mut dyn FnMut(&mut Self, Value, Value),
+    ) {
+        let head = self.b.create_block();
+        let bb = self.b.create_block();
+        let exit = self.b.create_block();
+        let iv = self.var(P, start);
+        self.b.ins().jump(head, &[]);
+        self.b.switch_to_block(head);
+        let i = self.get(iv);
+        let c = self.b.ins().icmp(IntCC::UnsignedLessThan, i, end);
+        self.b.ins().brif(c, bb, &[], exit, &[]);
+        self.b.switch_to_block(bb);
+        let nx = self.b.ins().iadd_imm_s(i, step);
+        let be = self.b.ins().umin(nx, end);
+        body(self, i, be);
+        self.set(iv, be);
+        self.b.ins().jump(head, &[]);
+        self.b.switch_to_block(exit);
+    }
+
     /// e^x for f32 or f32x4 (Cody-Waite reduction, degree-6 polynomial; about 2 ulp), x
     /// clamped to [-87, 88].
     fn exp(&mut self, x: Value, vec: bool) -> Value {
@@ -195,10 +256,24 @@ impl<'a> E<'a> {
     /// 16 packed bytes -> (low nibbles, high nibbles) as i8x16.
     fn nibbles(&mut self, p: Value, off: i64) -> (Value, Value) {
         let w = self.ld(types::I8X16, p, off);
+        self.split_nibbles(w)
+    }
+
+    fn nibbles_ro(&mut self, p: Value, off: i64) -> (Value, Value) {
+        let w = self.ld_ro(types::I8X16, p, off);
+        self.split_nibbles(w)
+    }
+
+    fn split_nibbles(&mut self, w: Value) -> (Value, Value) {
         let m = self.b.ins().iconst(types::I8, 0x0F);
         let m = self.b.ins().splat(types::I8X16, m);
         let lo = self.b.ins().band(w, m);
-        let h = self.b.ins().ushr_imm_u(w, 4);
+        // shift 16-bit lanes: each byte's high nibble lands in its low nibble, the bits that
+        // come in from the byte above are masked off
+        let le = MemFlagsData::new().with_endianness(cranelift_codegen::ir::Endianness::Little);
+        let w16 = self.b.ins().bitcast(types::I16X8, le, w);
+        let h = self.b.ins().ushr_imm_u(w16, 4);
+        let h = self.b.ins().bitcast(types::I8X16, le, h);
         let hi = self.b.ins().band(h, m);
         (lo, hi)
     }
@@ -220,6 +295,15 @@ impl<'a> E<'a> {
     /// 32 packed codes at `p + off` as eight f32x4 in permuted order (evens, then odds).
     fn codes32(&mut self, p: Value, off: i64) -> [Value; 8] {
         let (lo, hi) = self.nibbles(p, off);
+        self.codes_of(lo, hi)
+    }
+
+    fn codes32_ro(&mut self, p: Value, off: i64) -> [Value; 8] {
+        let (lo, hi) = self.nibbles_ro(p, off);
+        self.codes_of(lo, hi)
+    }
+
+    fn codes_of(&mut self, lo: Value, hi: Value) -> [Value; 8] {
         let a = self.widen_f32x4(lo);
         let b = self.widen_f32x4(hi);
         [a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3]]
@@ -352,163 +436,180 @@ pub fn build(
     Ok(func)
 }
 
-/// y[i, n] (+= r[i, n]) = sum over groups of s*(x.q - z*sum(x)).
+/// y[i, n] (+= r) = sum over groups of s*(x.q - z*sum(x)).
 fn emit_qgemm(e: &mut E, k: usize, gl: usize, residual: bool, act: Act) {
-    let ng = k.div_ceil(gl);
-    let nfull = k / gl;
-    let tail = k % gl;
-    let bpg = gl / 32;
-    let kb = (k / 2) as i64;
-    let nb = (nfull * bpg + tail / 32) as i64;
     let a: Vec<Value> = (0..14).map(|i| e.arg(i)).collect();
-    let (xp, gsum, dx, xo, m, w, s, z, y, ldy, n0, n1, r, ldr) = (
-        a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8], a[9], a[10], a[11], a[12], a[13],
-    );
-    let xw: i64 = if act == Act::Int8 { 1 } else { 4 };
-    e.for_range(n0, n1, 1, &mut |e, n| {
-        let wrow = e.addr(w, n, kb);
-        let srow = e.addr(s, n, 4 * ng as i64);
-        let zrow = e.addr(z, n, 4 * ng as i64);
-        let zero = e.ic(0);
-        let rows_block = |e: &mut E, i: Value, rr: usize| {
-            let accs = if rr == 1 { 4 } else { 1 };
-            let zv = e.vc(0.0);
-            let zs = e.fc(0.0);
-            let tot: Vec<Variable> = (0..rr).map(|_| e.var(V4, zv)).collect();
-            let corr: Vec<Variable> = (0..rr).map(|_| e.var(types::F32, zs)).collect();
-            let xr: Vec<Value> = (0..rr)
-                .map(|q| {
-                    let iq = e.b.ins().iadd_imm_s(i, q as i64);
-                    e.addr(xp, iq, k as i64 * xw)
-                })
-                .collect();
-            let xor: Vec<Value> = (0..rr)
-                .map(|q| {
-                    let iq = e.b.ins().iadd_imm_s(i, q as i64);
-                    e.addr(xo, iq, k as i64 * 4)
-                })
-                .collect();
-            let gsr: Vec<Value> = (0..rr)
-                .map(|q| {
-                    let iq = e.b.ins().iadd_imm_s(i, q as i64);
-                    e.addr(gsum, iq, ng as i64 * 4)
-                })
-                .collect();
-            let dxr: Vec<Value> = (0..rr)
-                .map(|q| {
-                    let iq = e.b.ins().iadd_imm_s(i, q as i64);
-                    e.addr(dx, iq, nb * 4)
-                })
-                .collect();
-            // one group of `len` columns starting at column g*gl (g a runtime value)
-            let group = |e: &mut E, g: Value, len: usize| {
-                let wb = e.addr(wrow, g, (gl / 2) as i64);
-                let xb: Vec<Value> = xr.iter().map(|&p| e.addr(p, g, gl as i64 * xw)).collect();
-                let xob: Vec<Value> = xor.iter().map(|&p| e.addr(p, g, gl as i64 * 4)).collect();
-                let dxb: Vec<Value> = dxr.iter().map(|&p| e.addr(p, g, bpg as i64 * 4)).collect();
-                let zv = e.vc(0.0);
-                let mut acc = vec![vec![zv; accs]; rr];
-                for blk in 0..len / 32 {
-                    match act {
-                        Act::F32 => {
-                            let q = e.codes32(wb, 16 * blk as i64);
-                            for (ri, xrow) in xb.iter().enumerate() {
-                                for (j, &qj) in q.iter().enumerate() {
-                                    let xv = e.ld(V4, *xrow, 4 * (32 * blk + 4 * j) as i64);
-                                    acc[ri][j % accs] = e.mul_add(qj, xv, acc[ri][j % accs]);
-                                }
-                            }
-                        }
-                        Act::Int8 => {
-                            let (lo, hi) = e.nibbles(wb, 16 * blk as i64);
-                            for ri in 0..rr {
-                                let a0 = e.ld(types::I8X16, xb[ri], 32 * blk as i64);
-                                let a1 = e.ld(types::I8X16, xb[ri], 32 * blk as i64 + 16);
-                                let p0 = e.b.ins().x86_pmaddubsw(a0, lo);
-                                let p1 = e.b.ins().x86_pmaddubsw(a1, hi);
-                                let p = e.b.ins().iadd(p0, p1);
-                                let pl = e.b.ins().swiden_low(p);
-                                let ph = e.b.ins().swiden_high(p);
-                                let d = e.b.ins().iadd_pairwise(pl, ph);
-                                let f = e.b.ins().fcvt_from_sint(V4, d);
-                                let sx = e.ld(types::F32, dxb[ri], 4 * blk as i64);
-                                let sv = e.b.ins().splat(V4, sx);
-                                acc[ri][blk % accs] = e.mul_add(f, sv, acc[ri][blk % accs]);
-                            }
-                        }
-                    }
-                }
-                // columns past the last full block: scalar, from the original activations
-                let base = (len / 32) * 32;
-                let zs = e.fc(0.0);
-                let mut tacc = vec![zs; rr];
-                for c in (base..len).step_by(2) {
-                    let byte = e.b.ins().uload8(types::I32, mem(), wb, (c / 2) as i32);
-                    let c0 = e.b.ins().band_imm_s(byte, 15);
-                    let c1 = e.b.ins().ushr_imm_u(byte, 4);
-                    let f0 = e.b.ins().fcvt_from_sint(types::F32, c0);
-                    let f1 = e.b.ins().fcvt_from_sint(types::F32, c1);
-                    for ri in 0..rr {
-                        let x0 = e.ld(types::F32, xob[ri], 4 * c as i64);
-                        let x1 = e.ld(types::F32, xob[ri], 4 * (c + 1) as i64);
-                        tacc[ri] = e.mul_add(f0, x0, tacc[ri]);
-                        tacc[ri] = e.mul_add(f1, x1, tacc[ri]);
-                    }
-                }
-                let sg = {
-                    let p = e.addr(srow, g, 4);
-                    e.ld(types::F32, p, 0)
-                };
-                let zg = {
-                    let p = e.addr(zrow, g, 4);
-                    e.ld(types::F32, p, 0)
-                };
-                let sv = e.b.ins().splat(V4, sg);
-                for ri in 0..rr {
-                    let mut v = acc[ri][0];
-                    for a in &acc[ri][1..] {
-                        v = e.b.ins().fadd(v, *a);
-                    }
-                    let t = e.get(tot[ri]);
-                    let t = e.mul_add(v, sv, t);
-                    e.set(tot[ri], t);
-                    let gp = e.addr(gsr[ri], g, 4);
-                    let gs = e.ld(types::F32, gp, 0);
-                    let zx = e.b.ins().fmul(zg, gs);
-                    let d = e.b.ins().fsub(zx, tacc[ri]);
-                    let c = e.get(corr[ri]);
-                    let c = e.mul_add(sg, d, c);
-                    e.set(corr[ri], c);
-                }
-            };
-            let nf = e.ic(nfull as i64);
-            e.for_range(zero, nf, 1, &mut |e, g| group(e, g, gl));
-            if tail > 0 {
-                let g = e.ic(nfull as i64);
-                group(e, g, tail);
-            }
-            for ri in 0..rr {
-                let t = e.get(tot[ri]);
-                let t = e.hsum(t);
-                let c = e.get(corr[ri]);
-                let mut v = e.b.ins().fsub(t, c);
-                let iq = e.b.ins().iadd_imm_s(i, ri as i64);
-                if residual {
-                    let ro = e.b.ins().imul(iq, ldr);
-                    let ro = e.b.ins().iadd(ro, n);
-                    let rp = e.addr(r, ro, 4);
-                    let rv = e.ld(types::F32, rp, 0);
-                    v = e.b.ins().fadd(rv, v);
-                }
-                let yo = e.b.ins().imul(iq, ldy);
-                let yo = e.b.ins().iadd(yo, n);
-                let yp = e.addr(y, yo, 4);
-                e.st(v, yp, 0);
-            }
-        };
-        let i = e.for_range(zero, m, 4, &mut |e, i| rows_block(e, i, 4));
-        e.for_range(i, m, 1, &mut |e, i| rows_block(e, i, 1));
+    let c = QGemm {
+        k,
+        gl,
+        ng: k.div_ceil(gl),
+        nb: (k / gl) * (gl / 32) + (k % gl) / 32,
+        act,
+        residual,
+        a,
+    };
+    let (m, n0, n1) = (c.a[4], c.a[10], c.a[11]);
+    // Weight rows in blocks of about 16 KiB (they stay in L1) x activation rows in blocks of
+    // 4 (the unpacked codes serve 4 rows): the activations stream through once per block.
+    let nblk = (16384 / (k / 2).max(1)).clamp(4, 64) as i64;
+    let zero = e.ic(0);
+    e.for_blocks(n0, n1, nblk, &mut |e, nb, ne| {
+        let i = e.for_range(zero, m, 4, &mut |e, i| {
+            e.for_range(nb, ne, 1, &mut |e, n| qgemm_rows(e, &c, i, n, 4));
+        });
+        e.for_range(i, m, 1, &mut |e, i| {
+            e.for_range(nb, ne, 1, &mut |e, n| qgemm_rows(e, &c, i, n, 1));
+        });
     });
+}
+
+struct QGemm {
+    k: usize,
+    gl: usize,
+    ng: usize,
+    /// int8 blocks per activation row
+    nb: usize,
+    act: Act,
+    residual: bool,
+    /// the argument words (`QGEMM_ARGS`)
+    a: Vec<Value>,
+}
+
+/// Output row `n` for activation rows i..i+rr. Groups and their 32-column blocks are runtime
+/// loops: the loop-carried accumulators keep each block's loads next to their use (Cranelift
+/// places pure values at their uses, so straight-line code would load everything first).
+fn qgemm_rows(e: &mut E, c: &QGemm, i: Value, n: Value, rr: usize) {
+    let (k, gl, ng, nb) = (c.k, c.gl, c.ng, c.nb);
+    let a = &c.a;
+    let xw = if c.act == Act::Int8 { 1 } else { 4 };
+    let wrow = e.addr(a[5], n, (k / 2) as i64);
+    let srow = e.addr(a[6], n, 4 * ng as i64);
+    let zrow = e.addr(a[7], n, 4 * ng as i64);
+    let x0 = e.addr(a[0], i, (k * xw) as i64);
+    let gs0 = e.addr(a[1], i, 4 * ng as i64);
+    let dx0 = e.addr(a[2], i, 4 * nb as i64);
+    let xo0 = e.addr(a[3], i, 4 * k as i64);
+    let accs = if rr == 1 { 4 } else { 1 };
+    let zv = e.vc(0.0);
+    let zs = e.fc(0.0);
+    let tot: Vec<Variable> = (0..rr).map(|_| e.var(V4, zv)).collect();
+    let corr: Vec<Variable> = (0..rr).map(|_| e.var(types::F32, zs)).collect();
+    let dxp = e.var(P, dx0);
+    // one group of `len` columns at runtime group index `g`
+    let group = |e: &mut E, g: Value, len: usize| {
+        let c0 = e.b.ins().imul_imm_s(g, gl as i64);
+        let zv = e.vc(0.0);
+        let acc: Vec<Variable> = (0..rr * accs).map(|_| e.var(V4, zv)).collect();
+        let cend = e.b.ins().iadd_imm_s(c0, (len / 32 * 32) as i64);
+        // pointers are loop-carried (Cranelift would otherwise recompute them per block)
+        let half = e.b.ins().ushr_imm_u(c0, 1);
+        let w_start = e.b.ins().iadd(wrow, half);
+        let x_start = e.addr(x0, c0, xw as i64);
+        let wpv = e.var(P, w_start);
+        let xpv = e.var(P, x_start);
+        e.for_range(c0, cend, 32, &mut |e, _col| {
+            let wp = e.get(wpv);
+            let xp = e.get(xpv);
+            let wn = e.b.ins().iadd_imm_s(wp, 16);
+            e.set(wpv, wn);
+            let xn = e.b.ins().iadd_imm_s(xp, 32 * xw as i64);
+            e.set(xpv, xn);
+            match c.act {
+                Act::F32 => {
+                    let q = e.codes32_ro(wp, 0);
+                    for ri in 0..rr {
+                        for (j, &qj) in q.iter().enumerate() {
+                            let xv = e.ld_ro(V4, xp, ((ri * k + 4 * j) * 4) as i64);
+                            let v = acc[ri * accs + j % accs];
+                            let t = e.get(v);
+                            let t = e.mul_add(qj, xv, t);
+                            e.set(v, t);
+                        }
+                    }
+                }
+                Act::Int8 => {
+                    let (lo, hi) = e.nibbles_ro(wp, 0);
+                    let dp = e.get(dxp);
+                    for ri in 0..rr {
+                        let a0 = e.ld_ro(types::I8X16, xp, (ri * k) as i64);
+                        let a1 = e.ld_ro(types::I8X16, xp, (ri * k + 16) as i64);
+                        let p0 = e.b.ins().x86_pmaddubsw(a0, lo);
+                        let p1 = e.b.ins().x86_pmaddubsw(a1, hi);
+                        let p = e.b.ins().iadd(p0, p1);
+                        let pl = e.b.ins().swiden_low(p);
+                        let ph = e.b.ins().swiden_high(p);
+                        let d = e.b.ins().iadd_pairwise(pl, ph);
+                        let f = e.b.ins().fcvt_from_sint(V4, d);
+                        let sx = e.ld_ro(types::F32, dp, (4 * ri * nb) as i64);
+                        let sv = e.b.ins().splat(V4, sx);
+                        let v = acc[ri * accs];
+                        let t = e.get(v);
+                        let t = e.mul_add(f, sv, t);
+                        e.set(v, t);
+                    }
+                    let dn = e.b.ins().iadd_imm_s(dp, 4);
+                    e.set(dxp, dn);
+                }
+            }
+        });
+        // columns past the last full block: scalar, from the original activations
+        let tb = e.b.ins().iadd_imm_s(c0, (len / 32 * 32) as i64);
+        let half = e.b.ins().ushr_imm_u(tb, 1);
+        let wt = e.b.ins().iadd(wrow, half);
+        let xt = e.addr(xo0, tb, 4);
+        let mut tacc = vec![zs; rr];
+        for t in (0..len % 32).step_by(2) {
+            let byte = e.b.ins().uload8(types::I32, mem_ro(), wt, (t / 2) as i32);
+            let q0 = e.b.ins().band_imm_s(byte, 15);
+            let q1 = e.b.ins().ushr_imm_u(byte, 4);
+            let f0 = e.b.ins().fcvt_from_sint(types::F32, q0);
+            let f1 = e.b.ins().fcvt_from_sint(types::F32, q1);
+            for (ri, ta) in tacc.iter_mut().enumerate() {
+                let x0v = e.ld_ro(types::F32, xt, (4 * (ri * k + t)) as i64);
+                let x1v = e.ld_ro(types::F32, xt, (4 * (ri * k + t + 1)) as i64);
+                *ta = e.mul_add(f0, x0v, *ta);
+                *ta = e.mul_add(f1, x1v, *ta);
+            }
+        }
+        let sp = e.addr(srow, g, 4);
+        let zp = e.addr(zrow, g, 4);
+        let gp = e.addr(gs0, g, 4);
+        let sg = e.ld_ro(types::F32, sp, 0);
+        let zg = e.ld_ro(types::F32, zp, 0);
+        let sv = e.b.ins().splat(V4, sg);
+        for ri in 0..rr {
+            let mut v = e.get(acc[ri * accs]);
+            for j in 1..accs {
+                let x = e.get(acc[ri * accs + j]);
+                v = e.b.ins().fadd(v, x);
+            }
+            let t = e.get(tot[ri]);
+            let t = e.mul_add(v, sv, t);
+            e.set(tot[ri], t);
+            let gs = e.ld_ro(types::F32, gp, (4 * ri * ng) as i64);
+            let zx = e.b.ins().fmul(zg, gs);
+            let d = e.b.ins().fsub(zx, tacc[ri]);
+            let cr = e.get(corr[ri]);
+            let cr = e.mul_add(sg, d, cr);
+            e.set(corr[ri], cr);
+        }
+    };
+    let zero = e.ic(0);
+    let nfull = e.ic((k / gl) as i64);
+    e.for_range(zero, nfull, 1, &mut |e, g| group(e, g, gl));
+    if k % gl > 0 {
+        let g = e.ic((k / gl) as i64);
+        group(e, g, k % gl);
+    }
+    for ri in 0..rr {
+        let t = e.get(tot[ri]);
+        let t = e.hsum(t);
+        let cr = e.get(corr[ri]);
+        let v = e.b.ins().fsub(t, cr);
+        let iq = e.b.ins().iadd_imm_s(i, ri as i64);
+        let res = c.residual.then(|| (a[12], a[13]));
+        e.store_out(v, iq, n, a[8], a[9], res);
+    }
 }
 
 /// y[i, n] (+= r) = x[i] . w[n] for f32 weights.
@@ -545,17 +646,7 @@ fn emit_gemm(e: &mut E, k: usize, residual: bool) {
                 let wv = e.ld(types::F32, wrow, 4 * c as i64);
                 s = e.mul_add(xv, wv, s);
             }
-            if residual {
-                let ro = e.b.ins().imul(i, ldr);
-                let ro = e.b.ins().iadd(ro, n);
-                let rp = e.addr(r, ro, 4);
-                let rv = e.ld(types::F32, rp, 0);
-                s = e.b.ins().fadd(rv, s);
-            }
-            let yo = e.b.ins().imul(i, ldy);
-            let yo = e.b.ins().iadd(yo, n);
-            let yp = e.addr(y, yo, 4);
-            e.st(s, yp, 0);
+            e.store_out(s, i, n, y, ldy, residual.then_some((r, ldr)));
         });
     });
 }

@@ -62,23 +62,29 @@ fn check(m: &Model, kvbits: u32) {
     let more: Vec<u32> = (0..8u32).map(|i| (i * 3301 + 7) % 49152).collect();
     let it = Interpreter::new(&c.module, 2).expect("interpreter");
 
-    // The noise floor of a quantized cache: the interpreter against itself with the
-    // attention-norm weights moved by one ulp (what another summation order does to K/V).
-    let mut jm = c.module.clone();
-    for l in 0..m.config.num_layers {
-        let name = format!("model.layers.{l}.input_layernorm.weight");
-        let w = jm.weights.get(&name).expect("norm weight");
-        let v: Vec<f32> = w
-            .f32()
-            .iter()
-            .map(|x| f32::from_bits(x.to_bits() + 1))
-            .collect();
-        jm.weights
-            .insert(name, wkvc_ir::Weight::from_f32(w.shape.clone(), v));
-    }
-    let jit = Interpreter::new(&jm, 2).expect("interpreter");
-    let mut floor = Stats::default();
-    {
+    // The noise floor of a quantized cache: the interpreter against itself with norm weights
+    // moved by one ulp (what another summation order does to K/V), three ways; the largest
+    // mean |diff| and mean KLD over rows.
+    let (mut fmean, mut fkld) = (0f64, 0f64);
+    for (norm, up) in [
+        ("input_layernorm", true),
+        ("input_layernorm", false),
+        ("post_attention_layernorm", true),
+    ] {
+        let mut jm = c.module.clone();
+        for l in 0..m.config.num_layers {
+            let name = format!("model.layers.{l}.{norm}.weight");
+            let w = jm.weights.get(&name).expect("norm weight");
+            let v: Vec<f32> = w
+                .f32()
+                .iter()
+                .map(|x| f32::from_bits(if up { x.to_bits() + 1 } else { x.to_bits() - 1 }))
+                .collect();
+            jm.weights
+                .insert(name, wkvc_ir::Weight::from_f32(w.shape.clone(), v));
+        }
+        let jit = Interpreter::new(&jm, 2).expect("interpreter");
+        let mut floor = Stats::default();
         let mut c1 = KvCache::new(256);
         let mut c2 = KvCache::new(256);
         let a = interp_logits(&it, &mut c1, &prompt, RunMode::DecodeEquivalent);
@@ -86,14 +92,17 @@ fn check(m: &Model, kvbits: u32) {
         for (x, y) in a.chunks(vocab).zip(b.chunks(vocab)) {
             floor.add(x, y);
         }
+        eprintln!(
+            "noise floor kv{} ({norm} {}): mean |diff| {:.3e}, mean KLD {:.3e}, max KLD {:.3e}",
+            o.kvbits,
+            if up { "+1 ulp" } else { "-1 ulp" },
+            floor.mean(),
+            floor.mean_kld(),
+            floor.kld
+        );
+        fmean = fmean.max(floor.mean());
+        fkld = fkld.max(floor.mean_kld());
     }
-    eprintln!(
-        "noise floor kv{}: max |diff| {:.3e}, mean |diff| {:.3e}, max KLD {:.3e}",
-        o.kvbits,
-        floor.max,
-        floor.sum / floor.n as f64,
-        floor.kld
-    );
     for act in [Act::F32, Act::Int8] {
         let eng = CpuEngine::new(&c.module, 2, act, 256).expect("engine compiles");
         eprintln!("{act:?}: JIT {:.1} ms, {} kernels", eng.jit_ms, eng.kernels);
@@ -126,11 +135,13 @@ fn check(m: &Model, kvbits: u32) {
             st.add(a, b);
         }
         eprintln!(
-            "{act:?} kv{}: {} rows, max |diff| {:.3e}, mean |diff| {:.3e}, max KLD {:.3e}",
+            "{act:?} kv{}: {} rows, max |diff| {:.3e}, mean |diff| {:.3e}, mean KLD {:.3e}, \
+             max KLD {:.3e}",
             o.kvbits,
             st.rows,
             st.max,
-            st.sum / st.n as f64,
+            st.mean(),
+            st.mean_kld(),
             st.kld
         );
         match (act, o.kvbits) {
@@ -140,18 +151,17 @@ fn check(m: &Model, kvbits: u32) {
             // A quantized cache: an f32-order difference can move a K/V element across a
             // rounding boundary (one code, one step of that token's scale), and single logits
             // then move by 1e-1. The bound is the interpreter's own noise floor measured
-            // above (one ulp on the norm weights), with a factor 2 for the other flips.
+            // above, with a factor 3 (which flips happen is a matter of chance).
             (Act::F32, _) => {
-                let mean = st.sum / st.n as f64;
-                let fmean = floor.sum / floor.n as f64;
                 assert!(
-                    mean <= (2.0 * fmean).max(1e-3),
-                    "exact path: mean |diff| {mean}"
+                    st.mean() <= (3.0 * fmean).max(1e-3),
+                    "exact path: mean |diff| {} (floor {fmean})",
+                    st.mean()
                 );
                 assert!(
-                    st.kld <= (2.0 * floor.kld).max(1e-4),
-                    "exact path: KLD {}",
-                    st.kld
+                    st.mean_kld() <= (3.0 * fkld).max(1e-5),
+                    "exact path: mean KLD {} (floor {fkld})",
+                    st.mean_kld()
                 );
             }
             // int8 activations (step max|x|/127 per block of 32): logits move by ~1e-1,
@@ -161,7 +171,7 @@ fn check(m: &Model, kvbits: u32) {
             // table), not per logit.
             (Act::Int8, 4) => {}
             (Act::Int8, _) => {
-                let mk = st.kld_sum / st.rows as f64;
+                let mk = st.mean_kld();
                 eprintln!("int8 mean KLD {mk:.3e}");
                 assert!(mk <= 3e-2, "int8 path: mean KLD {mk}");
             }
@@ -180,6 +190,14 @@ struct Stats {
 }
 
 impl Stats {
+    fn mean(&self) -> f64 {
+        self.sum / self.n.max(1) as f64
+    }
+
+    fn mean_kld(&self) -> f64 {
+        self.kld_sum / self.rows.max(1) as f64
+    }
+
     fn add(&mut self, reference: &[f32], got: &[f32]) {
         assert_eq!(reference.len(), got.len());
         self.rows += 1;
