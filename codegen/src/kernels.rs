@@ -390,7 +390,10 @@ pub fn build(
                 emit_qgemm(&mut e, *k, gl, *residual, *act);
             }
             KernelSpec::Gemm { k, residual, .. } => emit_gemm(&mut e, *k, *residual),
-            KernelSpec::Logits { dim, .. } => emit_gemm(&mut e, *dim, false),
+            KernelSpec::Logits { dim, act, .. } => match act {
+                Act::F32 => emit_gemm(&mut e, *dim, false),
+                Act::Int8 => emit_logits_int8(&mut e, *dim),
+            },
             KernelSpec::RmsNorm { dim, eps } => emit_rms(&mut e, *dim, *eps),
             KernelSpec::SiluMul { n } => emit_silu_mul(&mut e, *n),
             KernelSpec::Embed { dim, .. } => emit_embed(&mut e, *dim),
@@ -453,13 +456,24 @@ fn emit_qgemm(e: &mut E, k: usize, gl: usize, residual: bool, act: Act) {
     // 4 (the unpacked codes serve 4 rows): the activations stream through once per block.
     let nblk = (16384 / (k / 2).max(1)).clamp(4, 64) as i64;
     let zero = e.ic(0);
+    // (activation rows, weight rows) per step: the int8 path shares an activation block
+    // among 4 weight rows in decode and 2 in prefill; the f32 path's unpacked codes take too
+    // many registers for that.
+    let (nr4, nr1) = match act {
+        Act::Int8 => (1, 4),
+        Act::F32 => (1, 1),
+    };
     e.for_blocks(n0, n1, nblk, &mut |e, nb, ne| {
-        let i = e.for_range(zero, m, 4, &mut |e, i| {
-            e.for_range(nb, ne, 1, &mut |e, n| qgemm_rows(e, &c, i, n, 4));
-        });
-        e.for_range(i, m, 1, &mut |e, i| {
-            e.for_range(nb, ne, 1, &mut |e, n| qgemm_rows(e, &c, i, n, 1));
-        });
+        let rows = |e: &mut E, i: Value, rr: usize, nr: usize| {
+            let n = e.for_range(nb, ne, nr as i64, &mut |e, n| {
+                qgemm_rows(e, &c, i, n, rr, nr)
+            });
+            if nr > 1 {
+                e.for_range(n, ne, 1, &mut |e, n| qgemm_rows(e, &c, i, n, rr, 1));
+            }
+        };
+        let i = e.for_range(zero, m, 4, &mut |e, i| rows(e, i, 4, nr4));
+        e.for_range(i, m, 1, &mut |e, i| rows(e, i, 1, nr1));
     });
 }
 
@@ -475,31 +489,36 @@ struct QGemm {
     a: Vec<Value>,
 }
 
-/// Output row `n` for activation rows i..i+rr. Groups and their 32-column blocks are runtime
-/// loops: the loop-carried accumulators keep each block's loads next to their use (Cranelift
-/// places pure values at their uses, so straight-line code would load everything first).
-fn qgemm_rows(e: &mut E, c: &QGemm, i: Value, n: Value, rr: usize) {
+/// Output rows n..n+nr for activation rows i..i+rr. Groups and their 32-column blocks are
+/// runtime loops: the loop-carried accumulators keep each block's loads next to their use
+/// (Cranelift places pure values at their uses, so straight-line code would load everything
+/// first and spill). Several weight rows share each activation load (decode), several
+/// activation rows share each unpacked weight block (prefill).
+fn qgemm_rows(e: &mut E, c: &QGemm, i: Value, n: Value, rr: usize, nr: usize) {
     let (k, gl, ng, nb) = (c.k, c.gl, c.ng, c.nb);
     let a = &c.a;
     let xw = if c.act == Act::Int8 { 1 } else { 4 };
-    let wrow = e.addr(a[5], n, (k / 2) as i64);
+    let kb = (k / 2) as i64;
+    let wrow = e.addr(a[5], n, kb);
     let srow = e.addr(a[6], n, 4 * ng as i64);
     let zrow = e.addr(a[7], n, 4 * ng as i64);
     let x0 = e.addr(a[0], i, (k * xw) as i64);
     let gs0 = e.addr(a[1], i, 4 * ng as i64);
     let dx0 = e.addr(a[2], i, 4 * nb as i64);
     let xo0 = e.addr(a[3], i, 4 * k as i64);
-    let accs = if rr == 1 { 4 } else { 1 };
+    // independent FMA chains per output: more when there are few outputs
+    let accs = if rr * nr == 1 { 4 } else { 1 };
     let zv = e.vc(0.0);
     let zs = e.fc(0.0);
-    let tot: Vec<Variable> = (0..rr).map(|_| e.var(V4, zv)).collect();
-    let corr: Vec<Variable> = (0..rr).map(|_| e.var(types::F32, zs)).collect();
+    let outs = rr * nr; // output (ri, j) at ri * nr + j
+    let tot: Vec<Variable> = (0..outs).map(|_| e.var(V4, zv)).collect();
+    let corr: Vec<Variable> = (0..outs).map(|_| e.var(types::F32, zs)).collect();
     let dxp = e.var(P, dx0);
     // one group of `len` columns at runtime group index `g`
     let group = |e: &mut E, g: Value, len: usize| {
         let c0 = e.b.ins().imul_imm_s(g, gl as i64);
         let zv = e.vc(0.0);
-        let acc: Vec<Variable> = (0..rr * accs).map(|_| e.var(V4, zv)).collect();
+        let acc: Vec<Variable> = (0..outs * accs).map(|_| e.var(V4, zv)).collect();
         let cend = e.b.ins().iadd_imm_s(c0, (len / 32 * 32) as i64);
         // pointers are loop-carried (Cranelift would otherwise recompute them per block)
         let half = e.b.ins().ushr_imm_u(c0, 1);
@@ -516,36 +535,45 @@ fn qgemm_rows(e: &mut E, c: &QGemm, i: Value, n: Value, rr: usize) {
             e.set(xpv, xn);
             match c.act {
                 Act::F32 => {
-                    let q = e.codes32_ro(wp, 0);
-                    for ri in 0..rr {
-                        for (j, &qj) in q.iter().enumerate() {
-                            let xv = e.ld_ro(V4, xp, ((ri * k + 4 * j) * 4) as i64);
-                            let v = acc[ri * accs + j % accs];
-                            let t = e.get(v);
-                            let t = e.mul_add(qj, xv, t);
-                            e.set(v, t);
+                    for j in 0..nr {
+                        let q = e.codes32_ro(wp, j as i64 * kb);
+                        for ri in 0..rr {
+                            for (t, &qt) in q.iter().enumerate() {
+                                let xv = e.ld_ro(V4, xp, ((ri * k + 4 * t) * 4) as i64);
+                                let v = acc[(ri * nr + j) * accs + t % accs];
+                                let s = e.get(v);
+                                let s = e.mul_add(qt, xv, s);
+                                e.set(v, s);
+                            }
                         }
                     }
                 }
                 Act::Int8 => {
-                    let (lo, hi) = e.nibbles_ro(wp, 0);
                     let dp = e.get(dxp);
-                    for ri in 0..rr {
-                        let a0 = e.ld_ro(types::I8X16, xp, (ri * k) as i64);
-                        let a1 = e.ld_ro(types::I8X16, xp, (ri * k + 16) as i64);
-                        let p0 = e.b.ins().x86_pmaddubsw(a0, lo);
-                        let p1 = e.b.ins().x86_pmaddubsw(a1, hi);
-                        let p = e.b.ins().iadd(p0, p1);
-                        let pl = e.b.ins().swiden_low(p);
-                        let ph = e.b.ins().swiden_high(p);
-                        let d = e.b.ins().iadd_pairwise(pl, ph);
-                        let f = e.b.ins().fcvt_from_sint(V4, d);
-                        let sx = e.ld_ro(types::F32, dp, (4 * ri * nb) as i64);
-                        let sv = e.b.ins().splat(V4, sx);
-                        let v = acc[ri * accs];
-                        let t = e.get(v);
-                        let t = e.mul_add(f, sv, t);
-                        e.set(v, t);
+                    let xs: Vec<(Value, Value, Value)> = (0..rr)
+                        .map(|ri| {
+                            let a0 = e.ld_ro(types::I8X16, xp, (ri * k) as i64);
+                            let a1 = e.ld_ro(types::I8X16, xp, (ri * k + 16) as i64);
+                            let sx = e.ld_ro(types::F32, dp, (4 * ri * nb) as i64);
+                            let sv = e.b.ins().splat(V4, sx);
+                            (a0, a1, sv)
+                        })
+                        .collect();
+                    for j in 0..nr {
+                        let (lo, hi) = e.nibbles_ro(wp, j as i64 * kb);
+                        for (ri, &(a0, a1, sv)) in xs.iter().enumerate() {
+                            let p0 = e.b.ins().x86_pmaddubsw(a0, lo);
+                            let p1 = e.b.ins().x86_pmaddubsw(a1, hi);
+                            let p = e.b.ins().iadd(p0, p1);
+                            let pl = e.b.ins().swiden_low(p);
+                            let ph = e.b.ins().swiden_high(p);
+                            let d = e.b.ins().iadd_pairwise(pl, ph);
+                            let f = e.b.ins().fcvt_from_sint(V4, d);
+                            let v = acc[(ri * nr + j) * accs];
+                            let s = e.get(v);
+                            let s = e.mul_add(f, sv, s);
+                            e.set(v, s);
+                        }
                     }
                     let dn = e.b.ins().iadd_imm_s(dp, 4);
                     e.set(dxp, dn);
@@ -557,41 +585,48 @@ fn qgemm_rows(e: &mut E, c: &QGemm, i: Value, n: Value, rr: usize) {
         let half = e.b.ins().ushr_imm_u(tb, 1);
         let wt = e.b.ins().iadd(wrow, half);
         let xt = e.addr(xo0, tb, 4);
-        let mut tacc = vec![zs; rr];
+        let mut tacc = vec![zs; outs];
         for t in (0..len % 32).step_by(2) {
-            let byte = e.b.ins().uload8(types::I32, mem_ro(), wt, (t / 2) as i32);
-            let q0 = e.b.ins().band_imm_s(byte, 15);
-            let q1 = e.b.ins().ushr_imm_u(byte, 4);
-            let f0 = e.b.ins().fcvt_from_sint(types::F32, q0);
-            let f1 = e.b.ins().fcvt_from_sint(types::F32, q1);
-            for (ri, ta) in tacc.iter_mut().enumerate() {
-                let x0v = e.ld_ro(types::F32, xt, (4 * (ri * k + t)) as i64);
-                let x1v = e.ld_ro(types::F32, xt, (4 * (ri * k + t + 1)) as i64);
-                *ta = e.mul_add(f0, x0v, *ta);
-                *ta = e.mul_add(f1, x1v, *ta);
+            for j in 0..nr {
+                let off = j as i64 * kb + (t / 2) as i64;
+                let byte = e.b.ins().uload8(types::I32, mem_ro(), wt, off as i32);
+                let q0 = e.b.ins().band_imm_s(byte, 15);
+                let q1 = e.b.ins().ushr_imm_u(byte, 4);
+                let f0 = e.b.ins().fcvt_from_sint(types::F32, q0);
+                let f1 = e.b.ins().fcvt_from_sint(types::F32, q1);
+                for ri in 0..rr {
+                    let x0v = e.ld_ro(types::F32, xt, (4 * (ri * k + t)) as i64);
+                    let x1v = e.ld_ro(types::F32, xt, (4 * (ri * k + t + 1)) as i64);
+                    let ta = &mut tacc[ri * nr + j];
+                    *ta = e.mul_add(f0, x0v, *ta);
+                    *ta = e.mul_add(f1, x1v, *ta);
+                }
             }
         }
         let sp = e.addr(srow, g, 4);
         let zp = e.addr(zrow, g, 4);
         let gp = e.addr(gs0, g, 4);
-        let sg = e.ld_ro(types::F32, sp, 0);
-        let zg = e.ld_ro(types::F32, zp, 0);
-        let sv = e.b.ins().splat(V4, sg);
-        for ri in 0..rr {
-            let mut v = e.get(acc[ri * accs]);
-            for j in 1..accs {
-                let x = e.get(acc[ri * accs + j]);
-                v = e.b.ins().fadd(v, x);
+        for j in 0..nr {
+            let sg = e.ld_ro(types::F32, sp, (4 * j * ng) as i64);
+            let zg = e.ld_ro(types::F32, zp, (4 * j * ng) as i64);
+            let sv = e.b.ins().splat(V4, sg);
+            for ri in 0..rr {
+                let o = ri * nr + j;
+                let mut v = e.get(acc[o * accs]);
+                for t in 1..accs {
+                    let x = e.get(acc[o * accs + t]);
+                    v = e.b.ins().fadd(v, x);
+                }
+                let t = e.get(tot[o]);
+                let t = e.mul_add(v, sv, t);
+                e.set(tot[o], t);
+                let gs = e.ld_ro(types::F32, gp, (4 * ri * ng) as i64);
+                let zx = e.b.ins().fmul(zg, gs);
+                let d = e.b.ins().fsub(zx, tacc[o]);
+                let cr = e.get(corr[o]);
+                let cr = e.mul_add(sg, d, cr);
+                e.set(corr[o], cr);
             }
-            let t = e.get(tot[ri]);
-            let t = e.mul_add(v, sv, t);
-            e.set(tot[ri], t);
-            let gs = e.ld_ro(types::F32, gp, (4 * ri * ng) as i64);
-            let zx = e.b.ins().fmul(zg, gs);
-            let d = e.b.ins().fsub(zx, tacc[ri]);
-            let cr = e.get(corr[ri]);
-            let cr = e.mul_add(sg, d, cr);
-            e.set(corr[ri], cr);
         }
     };
     let zero = e.ic(0);
@@ -602,13 +637,17 @@ fn qgemm_rows(e: &mut E, c: &QGemm, i: Value, n: Value, rr: usize) {
         group(e, g, k % gl);
     }
     for ri in 0..rr {
-        let t = e.get(tot[ri]);
-        let t = e.hsum(t);
-        let cr = e.get(corr[ri]);
-        let v = e.b.ins().fsub(t, cr);
-        let iq = e.b.ins().iadd_imm_s(i, ri as i64);
-        let res = c.residual.then(|| (a[12], a[13]));
-        e.store_out(v, iq, n, a[8], a[9], res);
+        for j in 0..nr {
+            let o = ri * nr + j;
+            let t = e.get(tot[o]);
+            let t = e.hsum(t);
+            let cr = e.get(corr[o]);
+            let v = e.b.ins().fsub(t, cr);
+            let iq = e.b.ins().iadd_imm_s(i, ri as i64);
+            let nj = e.b.ins().iadd_imm_s(n, j as i64);
+            let res = c.residual.then(|| (a[12], a[13]));
+            e.store_out(v, iq, nj, a[8], a[9], res);
+        }
     }
 }
 
@@ -647,6 +686,79 @@ fn emit_gemm(e: &mut E, k: usize, residual: bool) {
                 s = e.mul_add(xv, wv, s);
             }
             e.store_out(s, i, n, y, ldy, residual.then_some((r, ldr)));
+        });
+    });
+}
+
+/// `logits` with `act = int8` words: int8 activations (permuted per 32 like the qgemm prep),
+/// their block scales, m, int8 table rows (same permutation), table block scales, y, ldy, n0,
+/// n1.
+pub const LOGITS_INT8_ARGS: [&str; 9] = ["xq", "dx", "m", "wq", "ws", "y", "ldy", "n0", "n1"];
+
+/// y[i, n] = sum over blocks of ws[n, b] * dx[i, b] * (wq[n, b] . xq[i, b]), int8 x int8 in
+/// 32-bit lanes (`pmaddwd` on the sign-extended halves).
+fn emit_logits_int8(e: &mut E, dim: usize) {
+    let a: Vec<Value> = (0..9).map(|i| e.arg(i)).collect();
+    let (xq, dx, m, wq, ws, y, ldy, n0, n1) =
+        (a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8]);
+    let nb = dim / 32;
+    let zero = e.ic(0);
+    e.for_range(n0, n1, 1, &mut |e, n| {
+        let wrow = e.addr(wq, n, dim as i64);
+        let srow = e.addr(ws, n, 4 * nb as i64);
+        e.for_range(zero, m, 1, &mut |e, i| {
+            let xr = e.addr(xq, i, dim as i64);
+            let dr = e.addr(dx, i, 4 * nb as i64);
+            let zv = e.vc(0.0);
+            let acc = e.var(V4, zv);
+            let wpv = e.var(P, wrow);
+            let xpv = e.var(P, xr);
+            let spv = e.var(P, srow);
+            let dpv = e.var(P, dr);
+            let end = e.ic(nb as i64);
+            e.for_range(zero, end, 1, &mut |e, _b| {
+                let (wp, xp, sp, dp) = (e.get(wpv), e.get(xpv), e.get(spv), e.get(dpv));
+                let mut d = None;
+                for h in 0..2 {
+                    let w8 = e.ld_ro(types::I8X16, wp, 16 * h);
+                    let x8 = e.ld_ro(types::I8X16, xp, 16 * h);
+                    for lowhalf in [true, false] {
+                        let (w16, x16) = if lowhalf {
+                            (e.b.ins().swiden_low(w8), e.b.ins().swiden_low(x8))
+                        } else {
+                            (e.b.ins().swiden_high(w8), e.b.ins().swiden_high(x8))
+                        };
+                        let wl = e.b.ins().swiden_low(w16);
+                        let xl = e.b.ins().swiden_low(x16);
+                        let wh = e.b.ins().swiden_high(w16);
+                        let xh = e.b.ins().swiden_high(x16);
+                        let pl = e.b.ins().imul(wl, xl);
+                        let ph = e.b.ins().imul(wh, xh);
+                        let p = e.b.ins().iadd_pairwise(pl, ph);
+                        d = Some(match d {
+                            None => p,
+                            Some(q) => e.b.ins().iadd(q, p),
+                        });
+                    }
+                }
+                let d = d.unwrap_or(zv);
+                let f = e.b.ins().fcvt_from_sint(V4, d);
+                let s = e.ld_ro(types::F32, sp, 0);
+                let t = e.ld_ro(types::F32, dp, 0);
+                let st = e.b.ins().fmul(s, t);
+                let sv = e.b.ins().splat(V4, st);
+                let ac = e.get(acc);
+                let ac = e.mul_add(f, sv, ac);
+                e.set(acc, ac);
+                for (v, step) in [(wpv, 32), (xpv, 32), (spv, 4), (dpv, 4)] {
+                    let p = e.get(v);
+                    let p = e.b.ins().iadd_imm_s(p, step);
+                    e.set(v, p);
+                }
+            });
+            let ac = e.get(acc);
+            let s = e.hsum(ac);
+            e.store_out(s, i, n, y, ldy, None);
         });
     });
 }

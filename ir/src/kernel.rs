@@ -93,7 +93,9 @@ pub enum KernelSpec {
     },
     /// `(x: f32[s,dim], @w: f32[V,dim]) -> f32[s,V]` = the final `linear` (the engine may run
     /// only the rows it needs).
-    Logits { vocab: usize, dim: usize },
+    /// With `act = int8` the engine keeps the table as int8 per 32 columns (symmetric, f32
+    /// scale per block) and multiplies int8 activations (the fast path).
+    Logits { vocab: usize, dim: usize, act: Act },
 }
 
 fn int(n: &Node, k: &str) -> Result<i64, String> {
@@ -109,6 +111,13 @@ fn uint(n: &Node, k: &str) -> Result<usize, String> {
 fn boolean(n: &Node, k: &str) -> Result<bool, String> {
     n.bool_attr(k)
         .ok_or_else(|| format!("kernel attribute `{k}` (bool) is missing"))
+}
+
+fn act(n: &Node) -> Result<Act, String> {
+    match n.attr("act") {
+        Some(Attr::Str(s)) => Act::parse(s).ok_or(format!("unknown activation mode `{s}`")),
+        _ => Err("kernel attribute `act` is missing".into()),
+    }
 }
 
 fn parts(n: &Node) -> Result<Vec<usize>, String> {
@@ -158,12 +167,7 @@ impl KernelSpec {
                 bits: uint(n, "bits")? as u32,
                 group: int(n, "group")?,
                 residual: boolean(n, "residual")?,
-                act: match n.attr("act") {
-                    Some(Attr::Str(s)) => {
-                        Act::parse(s).ok_or(format!("unknown activation mode `{s}`"))?
-                    }
-                    _ => return Err("kernel attribute `act` is missing".into()),
-                },
+                act: act(n)?,
             },
             "gemm" => KernelSpec::Gemm {
                 k: uint(n, "k")?,
@@ -193,6 +197,7 @@ impl KernelSpec {
             "logits" => KernelSpec::Logits {
                 vocab: uint(n, "vocab")?,
                 dim: uint(n, "dim")?,
+                act: act(n)?,
             },
             k => return Err(format!("unknown kernel kind `{k}`")),
         })
@@ -207,9 +212,14 @@ impl KernelSpec {
         put("kind", Attr::Str(self.kind().into()));
         let ints = |v: &[usize]| Attr::Ints(v.iter().map(|&x| x as i64).collect());
         match self {
-            KernelSpec::Embed { vocab, dim } | KernelSpec::Logits { vocab, dim } => {
+            KernelSpec::Embed { vocab, dim } => {
                 put("vocab", Attr::Int(*vocab as i64));
                 put("dim", Attr::Int(*dim as i64));
+            }
+            KernelSpec::Logits { vocab, dim, act } => {
+                put("vocab", Attr::Int(*vocab as i64));
+                put("dim", Attr::Int(*dim as i64));
+                put("act", Attr::Str(act.name().into()));
             }
             KernelSpec::RmsNorm { dim, eps } => {
                 put("dim", Attr::Int(*dim as i64));
@@ -377,7 +387,7 @@ impl KernelSpec {
                 if *past_only { "_po" } else { "" },
                 if *smooth { "_smooth" } else { "" }
             ),
-            KernelSpec::Logits { dim, .. } => format!("logits_d{dim}"),
+            KernelSpec::Logits { dim, act, .. } => format!("logits_d{dim}_{}", act.name()),
         }
     }
 }

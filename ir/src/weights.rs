@@ -118,6 +118,28 @@ impl Weight {
         }
     }
 
+    /// Drop this weight's pages from memory when it is a view of a mapped file (they are read
+    /// again from the file on the next access); a no-op for weights held in memory. Engines
+    /// call it after building their own copy of a weight.
+    pub fn release_pages(&self) {
+        if let Data::Mapped { map, offset } = &self.data {
+            let page = 4096;
+            let start = offset.div_ceil(page) * page;
+            let end = (offset + self.storage_bytes()) / page * page;
+            if end > start {
+                // SAFETY: the map is a read-only private file mapping: DONTNEED only drops
+                // clean pages, which are re-read from the file when touched again.
+                let _ = unsafe {
+                    map.unchecked_advise_range(
+                        memmap2::UncheckedAdvice::DontNeed,
+                        start,
+                        end - start,
+                    )
+                };
+            }
+        }
+    }
+
     /// The values as f32: borrowed when stored as aligned f32, converted otherwise. Packed
     /// u4 codes come back as their integer values 0..15.
     pub fn f32(&self) -> Cow<'_, [f32]> {

@@ -302,7 +302,9 @@ fn lower_gemm<'g>(
     {
         let vocab = ncols(i);
         let args = vec![cx.operand(x)?, Operand::Param(p.clone())];
-        let v = cx.emit(KernelSpec::Logits { vocab, dim: k }, args, seq, &[]);
+        // the int8 head needs whole blocks of 32 columns
+        let act = if k % 32 == 0 { cx.act } else { Act::F32 };
+        let v = cx.emit(KernelSpec::Logits { vocab, dim: k, act }, args, seq, &[]);
         cx.map.insert(n.out, v);
         return Ok(());
     }
@@ -658,7 +660,8 @@ pub fn scratch_bytes(spec: &KernelSpec, chunk: usize, _max_ctx: usize, threads: 
         }
         KernelSpec::RopeKv { rope_dim, .. } => chunk * rope_dim * 4,
         KernelSpec::Attention { head_dim, .. } => threads * 4 * head_dim * 4,
-        KernelSpec::Logits { vocab, .. } => *vocab * 4,
+        // the logits row, and the int8 prep of the input rows
+        KernelSpec::Logits { vocab, dim, .. } => *vocab * 4 + chunk * (dim + dim / 32 * 4 + 4),
         _ => 0,
     }
 }

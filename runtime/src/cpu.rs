@@ -40,6 +40,8 @@ struct Step {
     out: usize,
     /// rope: index of the cos/sin table set
     rope: usize,
+    /// int8 head: the quantized table and its block scales
+    head: Option<(Ptr, Ptr)>,
 }
 
 /// A compiled plan, ready to make sessions.
@@ -50,6 +52,10 @@ pub struct CpuEngine {
     _jit: CpuJit,
     /// f32 copies of f16 scale/zero params and converted f32 params
     _owned: Vec<Vec<f32>>,
+    /// the int8 head
+    _owned_i8: Vec<Vec<i8>>,
+    /// bytes of the engine's own copies of weights (scale/zero in f32, the int8 head)
+    pub derived_bytes: usize,
     rope_sets: Vec<Vec<f32>>,
     vocab: usize,
     /// milliseconds spent lowering and JIT-compiling
@@ -92,6 +98,8 @@ impl CpuEngine {
         let mut steps = Vec::new();
         let mut rope_sets: Vec<Vec<f32>> = Vec::new();
         let mut code_bytes = 0;
+        let mut derived_bytes = 0;
+        let mut owned_i8: Vec<Vec<i8>> = Vec::new();
         let mut vocab = 0;
         for n in &lowered.nodes {
             let spec = KernelSpec::from_node(n).map_err(err)?;
@@ -158,18 +166,43 @@ impl CpuEngine {
             if let KernelSpec::Logits { vocab: v, .. } = &spec {
                 vocab = *v;
             }
+            let mut head = None;
+            if let (
+                KernelSpec::Logits {
+                    vocab: v,
+                    dim,
+                    act: Act::Int8,
+                },
+                Some(Operand::Param(name)),
+            ) = (&spec, n.args.get(1))
+            {
+                let w = module
+                    .weights
+                    .get(name)
+                    .ok_or_else(|| err(format!("param @{name} is not in the weight store")))?;
+                let (q, s) = quantize_head(&w.bytes(), *v, *dim);
+                // the f32 table is read again only for the embedding rows a prompt uses
+                w.release_pages();
+                derived_bytes += q.len();
+                head = Some((Ptr(q.as_ptr() as *const u8), Ptr(s.as_ptr() as *const u8)));
+                owned_i8.push(q);
+                owned.push(s);
+            }
             steps.push(Step {
                 spec,
                 f,
                 args,
                 out,
                 rope,
+                head,
             });
         }
         if vocab == 0 {
             return Err(err("the lowered graph has no logits kernel"));
         }
         let kernels = compiled.len();
+        let mut derived_bytes = derived_bytes;
+        derived_bytes += owned.iter().map(|v| 4 * v.len()).sum::<usize>();
         Ok(CpuEngine {
             steps,
             plan,
@@ -177,6 +210,8 @@ impl CpuEngine {
                 .map_err(|e| err(format!("cannot start {threads} threads: {e}")))?,
             _jit: jit,
             _owned: owned,
+            _owned_i8: owned_i8,
+            derived_bytes,
             rope_sets,
             vocab,
             jit_ms: t0.elapsed().as_secs_f64() * 1e3,
@@ -206,6 +241,7 @@ impl CpuEngine {
         let mut scratch_q = 0;
         let mut attn = 0;
         let mut rope = 0;
+        let mut head = 0;
         for s in &self.steps {
             match &s.spec {
                 KernelSpec::Attention {
@@ -243,6 +279,11 @@ impl CpuEngine {
                     scratch_q = scratch_q.max(CHUNK * k);
                 }
                 KernelSpec::RopeKv { rope_dim, .. } => rope = rope.max(CHUNK * rope_dim / 2),
+                KernelSpec::Logits {
+                    dim,
+                    act: Act::Int8,
+                    ..
+                } => head = *dim,
                 _ => {}
             }
         }
@@ -259,6 +300,8 @@ impl CpuEngine {
             len: 0,
             max_ctx,
             logits: vec![0f32; self.vocab],
+            hq: vec![0i8; CHUNK * head],
+            hdx: vec![0f32; CHUNK * head / 32],
         }
     }
 }
@@ -333,6 +376,9 @@ pub struct CpuSession<'e> {
     len: usize,
     max_ctx: usize,
     logits: Vec<f32>,
+    /// int8 head: quantized input rows and their block scales
+    hq: Vec<i8>,
+    hdx: Vec<f32>,
 }
 
 #[derive(Clone, Copy)]
@@ -407,6 +453,7 @@ impl CpuSession<'_> {
         mode: RunMode,
         all: Option<&mut Vec<f32>>,
     ) -> Result<(), RuntimeError> {
+        let t_chunk = Instant::now();
         let eng = self.engine;
         let m = ids.len();
         let past = self.len;
@@ -433,7 +480,8 @@ impl CpuSession<'_> {
         let arena = SendPtr(self.arena.as_mut_ptr() as *mut u8);
         let fp = |off: usize| -> u64 { unsafe { (arena.get() as *mut f32).add(off) as u64 } };
         let mut all = all;
-        let prof = std::env::var_os("WKVC_PROFILE").is_some();
+        let prof = std::env::var("WKVC_PROFILE").is_ok_and(|v| v == "2");
+        let mut ksum = 0f64;
         for st in &eng.steps {
             let tk = Instant::now();
             let p = |i: usize| -> u64 {
@@ -589,11 +637,58 @@ impl CpuSession<'_> {
                         }
                     });
                 }
-                KernelSpec::Logits { vocab, dim } => {
+                KernelSpec::Logits { vocab, dim, .. } => {
                     let (vocab, dim) = (*vocab, *dim);
                     let x = p(0);
                     let w = p(1);
+                    let head = st.head;
+                    let (hq, hdx) = (
+                        SendPtr(self.hq.as_mut_ptr() as *mut u8),
+                        SendPtr(self.hdx.as_mut_ptr() as *mut u8),
+                    );
                     let run_rows = |x0: u64, rows: usize, y0: u64| {
+                        if let Some((wq, ws)) = head {
+                            let (wq, ws) = (wq.0 as u64, ws.0 as u64);
+                            // int8 rows of the input (one group: the whole row)
+                            let xs =
+                                unsafe { std::slice::from_raw_parts(x0 as *const f32, rows * dim) };
+                            let q = unsafe {
+                                std::slice::from_raw_parts_mut(hq.get() as *mut i8, rows * dim)
+                            };
+                            let nb = dim / 32;
+                            let d = unsafe {
+                                std::slice::from_raw_parts_mut(hdx.get() as *mut f32, rows * nb)
+                            };
+                            let mut gs = [0f32; 1];
+                            for r in 0..rows {
+                                prep_int8(
+                                    &xs[r * dim..][..dim],
+                                    dim,
+                                    dim,
+                                    &mut q[r * dim..][..dim],
+                                    &mut d[r * nb..][..nb],
+                                    &mut gs,
+                                );
+                            }
+                            eng.pool.run(&|t| {
+                                let (a, b) = split(vocab, t, threads, 4);
+                                if a < b {
+                                    let args = [
+                                        hq.get() as u64,
+                                        hdx.get() as u64,
+                                        rows as u64,
+                                        wq,
+                                        ws,
+                                        y0,
+                                        vocab as u64,
+                                        a as u64,
+                                        b as u64,
+                                    ];
+                                    unsafe { f(args.as_ptr()) };
+                                }
+                            });
+                            return;
+                        }
                         eng.pool.run(&|t| {
                             let (a, b) = split(vocab, t, threads, 4);
                             if a < b {
@@ -770,6 +865,7 @@ impl CpuSession<'_> {
                     });
                 }
             }
+            ksum += tk.elapsed().as_secs_f64();
             if prof {
                 eprintln!(
                     "profile {} {:.3} ms",
@@ -778,9 +874,46 @@ impl CpuSession<'_> {
                 );
             }
         }
+        if std::env::var_os("WKVC_PROFILE").is_some() {
+            eprintln!(
+                "profile chunk {:.3} ms, kernels {:.3} ms",
+                t_chunk.elapsed().as_secs_f64() * 1e3,
+                ksum * 1e3
+            );
+        }
         self.len += m;
         Ok(())
     }
+}
+
+/// The tied table as int8 per block of 32 columns (scale max|w|/127, round half to even),
+/// each block permuted like the activations (`prep_int8`: evens, then odds).
+fn quantize_head(raw: &[u8], vocab: usize, dim: usize) -> (Vec<i8>, Vec<f32>) {
+    use rayon::prelude::*;
+    let nb = dim / 32;
+    let mut q = vec![0i8; vocab * dim];
+    let mut s = vec![0f32; vocab * nb];
+    q.par_chunks_mut(dim)
+        .zip(s.par_chunks_mut(nb))
+        .enumerate()
+        .for_each(|(r, (qr, sr))| {
+            let row = &raw[r * dim * 4..(r + 1) * dim * 4];
+            let w = |c: usize| {
+                f32::from_le_bytes([row[4 * c], row[4 * c + 1], row[4 * c + 2], row[4 * c + 3]])
+            };
+            for b in 0..nb {
+                let amax = (0..32).fold(0f32, |m, t| m.max(w(32 * b + t).abs()));
+                let d = amax / 127.0;
+                let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+                for t in 0..32 {
+                    let v = wkvc_ir::quant::rne(w(32 * b + t) * inv).clamp(-127.0, 127.0) as i8;
+                    let pos = if t % 2 == 0 { t / 2 } else { 16 + t / 2 };
+                    qr[32 * b + pos] = v;
+                }
+                sr[b] = d;
+            }
+        });
+    (q, s)
 }
 
 /// Is this node's kernel one the engine runs? (for messages)
