@@ -201,7 +201,6 @@ impl CpuEngine {
             return Err(err("the lowered graph has no logits kernel"));
         }
         let kernels = compiled.len();
-        let mut derived_bytes = derived_bytes;
         derived_bytes += owned.iter().map(|v| 4 * v.len()).sum::<usize>();
         Ok(CpuEngine {
             steps,
