@@ -72,7 +72,18 @@ impl CpuJit {
 
     /// The Cranelift IR text of a kernel (for snapshots and `wkvc emit`).
     pub fn kernel_ir(&mut self, spec: &wkvc_ir::KernelSpec) -> Result<String, CodegenError> {
-        let f = crate::kernels::build(spec, &mut self.module, &mut self.fctx, self.has_fma)?;
+        let fma = self.has_fma;
+        self.kernel_ir_with(spec, fma)
+    }
+
+    /// The IR text as emitted for a host with or without FMA (snapshots fix the variant so
+    /// they do not depend on the machine).
+    pub fn kernel_ir_with(
+        &mut self,
+        spec: &wkvc_ir::KernelSpec,
+        fma: bool,
+    ) -> Result<String, CodegenError> {
+        let f = crate::kernels::build(spec, &mut self.module, &mut self.fctx, fma)?;
         Ok(f.display().to_string())
     }
 
