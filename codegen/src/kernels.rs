@@ -253,12 +253,7 @@ impl<'a> E<'a> {
         self.b.ins().fmul(p, e)
     }
 
-    /// 16 packed bytes -> (low nibbles, high nibbles) as i8x16.
-    fn nibbles(&mut self, p: Value, off: i64) -> (Value, Value) {
-        let w = self.ld(types::I8X16, p, off);
-        self.split_nibbles(w)
-    }
-
+    /// 16 packed bytes (read-only memory) -> (low nibbles, high nibbles) as i8x16.
     fn nibbles_ro(&mut self, p: Value, off: i64) -> (Value, Value) {
         let w = self.ld_ro(types::I8X16, p, off);
         self.split_nibbles(w)
@@ -292,12 +287,8 @@ impl<'a> E<'a> {
         out
     }
 
-    /// 32 packed codes at `p + off` as eight f32x4 in permuted order (evens, then odds).
-    fn codes32(&mut self, p: Value, off: i64) -> [Value; 8] {
-        let (lo, hi) = self.nibbles(p, off);
-        self.codes_of(lo, hi)
-    }
-
+    /// 32 packed codes at `p + off` (read-only memory) as eight f32x4 in permuted order
+    /// (evens, then odds).
     fn codes32_ro(&mut self, p: Value, off: i64) -> [Value; 8] {
         let (lo, hi) = self.nibbles_ro(p, off);
         self.codes_of(lo, hi)
@@ -309,13 +300,14 @@ impl<'a> E<'a> {
         [a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3]]
     }
 
-    /// dot of `n` floats at `a` and `b` (vector body with 4 accumulators, scalar tail).
-    fn dot_static(&mut self, a: Value, b: Value, n: usize) -> Value {
+    /// dot of `n` floats at `a` and `b` (vector body with 4 accumulators, scalar tail), from
+    /// memory the kernel does not write.
+    fn dot_static_ro(&mut self, a: Value, b: Value, n: usize) -> Value {
         let z = self.vc(0.0);
         let mut acc = [z; 4];
         for j in 0..n / 4 {
-            let x = self.ld(V4, a, 16 * j as i64);
-            let y = self.ld(V4, b, 16 * j as i64);
+            let x = self.ld_ro(V4, a, 16 * j as i64);
+            let y = self.ld_ro(V4, b, 16 * j as i64);
             acc[j % 4] = self.mul_add(x, y, acc[j % 4]);
         }
         let s01 = self.b.ins().fadd(acc[0], acc[1]);
@@ -323,8 +315,8 @@ impl<'a> E<'a> {
         let s = self.b.ins().fadd(s01, s23);
         let mut s = self.hsum(s);
         for j in (n / 4) * 4..n {
-            let x = self.ld(types::F32, a, 4 * j as i64);
-            let y = self.ld(types::F32, b, 4 * j as i64);
+            let x = self.ld_ro(types::F32, a, 4 * j as i64);
+            let y = self.ld_ro(types::F32, b, 4 * j as i64);
             s = self.mul_add(x, y, s);
         }
         s
@@ -1070,6 +1062,8 @@ fn emit_attention(e: &mut E, group: usize, kvh: usize, hd: usize, bits: u32, smo
         for j in 0..2 * hd / 4 {
             e.st(zv, scr, hs(h) + hdb + 16 * j as i64);
         }
+        e.st(q1[h], scr, hs(h) + 3 * hdb);
+        e.st(q2[h], scr, hs(h) + 3 * hdb + 4);
     }
     let ninf = e.fc(f32::NEG_INFINITY);
     let mv: Vec<Variable> = (0..group).map(|_| e.var(types::F32, ninf)).collect();
@@ -1124,20 +1118,32 @@ fn emit_attention(e: &mut E, group: usize, kvh: usize, hd: usize, bits: u32, smo
             let pidx = e.b.ins().iadd(pidx, g);
             let kpp = e.addr(kp, pidx, 8);
             let vpp = e.addr(vp, pidx, 8);
-            let ks = e.ld(types::F32, kpp, 0);
-            let kz = e.ld(types::F32, kpp, 4);
-            let vs = e.ld(types::F32, vpp, 0);
-            let vz = e.ld(types::F32, vpp, 4);
-            let mut dots = vec![[zv; 2]; group];
-            for blk in 0..hd / 32 {
-                let cq = e.codes32(kr, 16 * blk as i64);
-                for (h, d) in dots.iter_mut().enumerate() {
+            let ks = e.ld_ro(types::F32, kpp, 0);
+            let kz = e.ld_ro(types::F32, kpp, 4);
+            let vs = e.ld_ro(types::F32, vpp, 0);
+            let vz = e.ld_ro(types::F32, vpp, 4);
+            // scores: a loop over the 32-channel blocks (the loop-carried accumulators keep
+            // each block's loads next to their FMAs; two chains per query head)
+            let dv: Vec<Variable> = (0..2 * group).map(|_| e.var(V4, zv)).collect();
+            let zero = e.ic(0);
+            let nblk = e.ic((hd / 32) as i64);
+            e.for_range(zero, nblk, 1, &mut |e, blk| {
+                let kb = e.addr(kr, blk, 16);
+                let cq = e.codes32_ro(kb, 0);
+                let qb = e.addr(scr, blk, 128);
+                for h in 0..group {
                     for (t, &cv) in cq.iter().enumerate() {
-                        let qv = e.ld(V4, scr, hs(h) + 4 * (32 * blk + 4 * t) as i64);
-                        d[t % 2] = e.mul_add(cv, qv, d[t % 2]);
+                        let qv = e.ld_ro(V4, qb, hs(h) + 16 * t as i64);
+                        let v = dv[2 * h + t % 2];
+                        let a = e.get(v);
+                        let a = e.mul_add(cv, qv, a);
+                        e.set(v, a);
                     }
                 }
-            }
+            });
+            let dots: Vec<[Value; 2]> = (0..group)
+                .map(|h| [e.get(dv[2 * h]), e.get(dv[2 * h + 1])])
+                .collect();
             let vr = e.addr(vc, j, rb);
             let vr = {
                 let o = e.b.ins().imul_imm_s(g, (hd / 2) as i64);
@@ -1147,10 +1153,12 @@ fn emit_attention(e: &mut E, group: usize, kvh: usize, hd: usize, bits: u32, smo
             for (h, d) in dots.iter().enumerate() {
                 let s = e.b.ins().fadd(d[0], d[1]);
                 let s = e.hsum(s);
-                let zq = e.b.ins().fmul(kz, q1[h]);
+                let q1h = e.ld_ro(types::F32, scr, hs(h) + 3 * hdb);
+                let q2h = e.ld_ro(types::F32, scr, hs(h) + 3 * hdb + 4);
+                let zq = e.b.ins().fmul(kz, q1h);
                 let s = e.b.ins().fsub(s, zq);
                 let s = e.b.ins().fmul(ks, s);
-                let s = e.b.ins().fadd(s, q2[h]);
+                let s = e.b.ins().fadd(s, q2h);
                 let sc = e.b.ins().fmul(s, scl);
                 let p = update(e, h, sc);
                 let psv = e.b.ins().fmul(p, vs);
@@ -1163,7 +1171,7 @@ fn emit_attention(e: &mut E, group: usize, kvh: usize, hd: usize, bits: u32, smo
                 ps.push(psv);
             }
             for blk in 0..hd / 32 {
-                let cv = e.codes32(vr, 16 * blk as i64);
+                let cv = e.codes32_ro(vr, 16 * blk as i64);
                 for (h, &psv) in ps.iter().enumerate() {
                     let pvv = e.b.ins().splat(V4, psv);
                     for (t, &c) in cv.iter().enumerate() {
@@ -1185,7 +1193,7 @@ fn emit_attention(e: &mut E, group: usize, kvh: usize, hd: usize, bits: u32, smo
         let vr = e.b.ins().iadd(vr, goff);
         for h in 0..group {
             let qh = e.b.ins().iadd_imm_s(qbase, 4 * (h * hd) as i64);
-            let d = e.dot_static(qh, kr, hd);
+            let d = e.dot_static_ro(qh, kr, hd);
             let sc = e.b.ins().fmul(d, scl);
             let p = update(e, h, sc);
             let pvv = e.b.ins().splat(V4, p);

@@ -4,7 +4,7 @@
 //! and packed KV cache once; forward passes then allocate nothing.
 
 use crate::RuntimeError;
-use crate::pool::{Pool, split};
+use crate::pool::{Pool, grain};
 use std::collections::HashMap;
 use std::time::Instant;
 use wkvc_codegen::cpu::{CpuJit, KernelFn};
@@ -305,6 +305,16 @@ impl CpuEngine {
     }
 }
 
+/// Row-wise work: inline for a few rows (a decode step: a dispatch would cost more than the
+/// work), else in chunks over the pool.
+fn rows(pool: &Pool, m: usize, f: &(dyn Fn(usize, usize, usize) + Sync)) {
+    if m < 4 {
+        f(0, 0, m);
+    } else {
+        pool.run_chunks(m, grain(m, pool.threads(), 1), f);
+    }
+}
+
 fn param_ptr(
     module: &Module,
     name: &str,
@@ -501,32 +511,26 @@ impl CpuSession<'_> {
                 KernelSpec::RmsNorm { .. } => {
                     let (x, w) = (p(0), p(1));
                     let dim = st.spec.out_cols() as u64;
-                    eng.pool.run(&|t| {
-                        let (a, b) = split(m, t, threads, 1);
-                        if a < b {
-                            let args = [
-                                x + a as u64 * dim * 4,
-                                w,
-                                y + a as u64 * dim * 4,
-                                (b - a) as u64,
-                            ];
-                            unsafe { f(args.as_ptr()) };
-                        }
+                    rows(&eng.pool, m, &|_, a, b| {
+                        let args = [
+                            x + a as u64 * dim * 4,
+                            w,
+                            y + a as u64 * dim * 4,
+                            (b - a) as u64,
+                        ];
+                        unsafe { f(args.as_ptr()) };
                     });
                 }
                 KernelSpec::SiluMul { n } => {
                     let x = p(0);
                     let n = *n as u64;
-                    eng.pool.run(&|t| {
-                        let (a, b) = split(m, t, threads, 1);
-                        if a < b {
-                            let args = [
-                                x + a as u64 * 2 * n * 4,
-                                y + a as u64 * n * 4,
-                                (b - a) as u64,
-                            ];
-                            unsafe { f(args.as_ptr()) };
-                        }
+                    rows(&eng.pool, m, &|_, a, b| {
+                        let args = [
+                            x + a as u64 * 2 * n * 4,
+                            y + a as u64 * n * 4,
+                            (b - a) as u64,
+                        ];
+                        unsafe { f(args.as_ptr()) };
                     });
                 }
                 KernelSpec::QGemm {
@@ -579,33 +583,33 @@ impl CpuSession<'_> {
                     let (gsp, dxp) = (gsb.as_ptr() as u64, dxb.as_ptr() as u64);
                     let ntot: usize = parts.iter().sum();
                     let r = if *residual { p(1 + 3 * parts.len()) } else { 0 };
-                    eng.pool.run(&|t| {
-                        let (a, b) = split(ntot, t, threads, 4);
-                        let mut base = 0;
-                        for (j, &nj) in parts.iter().enumerate() {
-                            let (lo, hi) = (a.max(base), b.min(base + nj));
-                            if lo < hi {
-                                let args = [
-                                    xpp,
-                                    gsp,
-                                    dxp,
-                                    x,
-                                    m as u64,
-                                    p(1 + 3 * j),
-                                    p(2 + 3 * j),
-                                    p(3 + 3 * j),
-                                    y + base as u64 * 4,
-                                    ntot as u64,
-                                    (lo - base) as u64,
-                                    (hi - base) as u64,
-                                    if r != 0 { r + base as u64 * 4 } else { 0 },
-                                    ntot as u64,
-                                ];
-                                unsafe { f(args.as_ptr()) };
+                    eng.pool
+                        .run_chunks(ntot, grain(ntot, threads, 4), &|_, a, b| {
+                            let mut base = 0;
+                            for (j, &nj) in parts.iter().enumerate() {
+                                let (lo, hi) = (a.max(base), b.min(base + nj));
+                                if lo < hi {
+                                    let args = [
+                                        xpp,
+                                        gsp,
+                                        dxp,
+                                        x,
+                                        m as u64,
+                                        p(1 + 3 * j),
+                                        p(2 + 3 * j),
+                                        p(3 + 3 * j),
+                                        y + base as u64 * 4,
+                                        ntot as u64,
+                                        (lo - base) as u64,
+                                        (hi - base) as u64,
+                                        if r != 0 { r + base as u64 * 4 } else { 0 },
+                                        ntot as u64,
+                                    ];
+                                    unsafe { f(args.as_ptr()) };
+                                }
+                                base += nj;
                             }
-                            base += nj;
-                        }
-                    });
+                        });
                 }
                 KernelSpec::Gemm {
                     parts, residual, ..
@@ -613,28 +617,28 @@ impl CpuSession<'_> {
                     let x = p(0);
                     let ntot: usize = parts.iter().sum();
                     let r = if *residual { p(1 + parts.len()) } else { 0 };
-                    eng.pool.run(&|t| {
-                        let (a, b) = split(ntot, t, threads, 4);
-                        let mut base = 0;
-                        for (j, &nj) in parts.iter().enumerate() {
-                            let (lo, hi) = (a.max(base), b.min(base + nj));
-                            if lo < hi {
-                                let args = [
-                                    x,
-                                    m as u64,
-                                    p(1 + j),
-                                    y + base as u64 * 4,
-                                    ntot as u64,
-                                    (lo - base) as u64,
-                                    (hi - base) as u64,
-                                    if r != 0 { r + base as u64 * 4 } else { 0 },
-                                    ntot as u64,
-                                ];
-                                unsafe { f(args.as_ptr()) };
+                    eng.pool
+                        .run_chunks(ntot, grain(ntot, threads, 4), &|_, a, b| {
+                            let mut base = 0;
+                            for (j, &nj) in parts.iter().enumerate() {
+                                let (lo, hi) = (a.max(base), b.min(base + nj));
+                                if lo < hi {
+                                    let args = [
+                                        x,
+                                        m as u64,
+                                        p(1 + j),
+                                        y + base as u64 * 4,
+                                        ntot as u64,
+                                        (lo - base) as u64,
+                                        (hi - base) as u64,
+                                        if r != 0 { r + base as u64 * 4 } else { 0 },
+                                        ntot as u64,
+                                    ];
+                                    unsafe { f(args.as_ptr()) };
+                                }
+                                base += nj;
                             }
-                            base += nj;
-                        }
-                    });
+                        });
                 }
                 KernelSpec::Logits { vocab, dim, .. } => {
                     let (vocab, dim) = (*vocab, *dim);
@@ -669,9 +673,8 @@ impl CpuSession<'_> {
                                     &mut gs,
                                 );
                             }
-                            eng.pool.run(&|t| {
-                                let (a, b) = split(vocab, t, threads, 4);
-                                if a < b {
+                            eng.pool
+                                .run_chunks(vocab, grain(vocab, threads, 4), &|_, a, b| {
                                     let args = [
                                         hq.get() as u64,
                                         hdx.get() as u64,
@@ -684,13 +687,11 @@ impl CpuSession<'_> {
                                         b as u64,
                                     ];
                                     unsafe { f(args.as_ptr()) };
-                                }
-                            });
+                                });
                             return;
                         }
-                        eng.pool.run(&|t| {
-                            let (a, b) = split(vocab, t, threads, 4);
-                            if a < b {
+                        eng.pool
+                            .run_chunks(vocab, grain(vocab, threads, 4), &|_, a, b| {
                                 let args = [
                                     x0,
                                     rows as u64,
@@ -703,8 +704,7 @@ impl CpuSession<'_> {
                                     0,
                                 ];
                                 unsafe { f(args.as_ptr()) };
-                            }
-                        });
+                            });
                     };
                     match all.as_deref_mut() {
                         Some(out) => {
@@ -761,26 +761,23 @@ impl CpuSession<'_> {
                     };
                     let x = p(0);
                     let width = st.spec.out_cols() as u64;
-                    eng.pool.run(&|t| {
-                        let (a, b) = split(m, t, threads, 1);
-                        if a < b {
-                            let args = [
-                                x + a as u64 * width * 4,
-                                (b - a) as u64,
-                                c + (a * half * 4) as u64,
-                                s + (a * half * 4) as u64,
-                                kc,
-                                kp,
-                                vc,
-                                vp,
-                                (past + a) as u64,
-                                sm[0],
-                                sm[1],
-                                sm[2],
-                                sm[3],
-                            ];
-                            unsafe { f(args.as_ptr()) };
-                        }
+                    rows(&eng.pool, m, &|_, a, b| {
+                        let args = [
+                            x + a as u64 * width * 4,
+                            (b - a) as u64,
+                            c + (a * half * 4) as u64,
+                            s + (a * half * 4) as u64,
+                            kc,
+                            kp,
+                            vc,
+                            vp,
+                            (past + a) as u64,
+                            sm[0],
+                            sm[1],
+                            sm[2],
+                            sm[3],
+                        ];
+                        unsafe { f(args.as_ptr()) };
                     });
                 }
                 KernelSpec::Attention {
@@ -810,8 +807,7 @@ impl CpuSession<'_> {
                     let per = self.attn.len() / threads;
                     let scr = SendPtr(self.attn.as_mut_ptr() as *mut u8);
                     let po = *past_only;
-                    eng.pool.run(&|t| {
-                        let (a, b) = split(m * kvh, t, threads, 1);
+                    eng.pool.run_chunks(m * kvh, 1, &|t, a, b| {
                         let scratch = unsafe { (scr.get() as *mut f32).add(t * per) } as u64;
                         for item in a..b {
                             let (i, g) = (item / kvh, item % kvh);
@@ -875,9 +871,10 @@ impl CpuSession<'_> {
         }
         if std::env::var_os("WKVC_PROFILE").is_some() {
             eprintln!(
-                "profile chunk {:.3} ms, kernels {:.3} ms",
+                "profile chunk {:.3} ms, kernels {:.3} ms, waiting for workers {:.3} ms",
                 t_chunk.elapsed().as_secs_f64() * 1e3,
-                ksum * 1e3
+                ksum * 1e3,
+                crate::pool::WAIT_NS.swap(0, std::sync::atomic::Ordering::Relaxed) as f64 * 1e-6
             );
         }
         self.len += m;
