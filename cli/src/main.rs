@@ -360,6 +360,9 @@ enum Cmd {
         /// Context the memory plan is computed for (default: the model's maximum).
         #[arg(long)]
         ctx: Option<usize>,
+        /// Activation mode the memory plan is for: f32 (exact) or int8 (fast path).
+        #[arg(long, default_value = "f32")]
+        cpu_act: String,
     },
     /// Print the generated code of a kernel of the lowered plan (without --kernel: list them).
     Emit {
@@ -724,7 +727,12 @@ fn real_main(cli: Cli) -> Result<()> {
                 .collect();
             let mut pre = Vec::new();
             let mut dec = Vec::new();
+            let load_peak = peak_rss_bytes();
+            let mut run_peak = None;
             for r in 0..runs.max(1) + 1 {
+                if r == 1 && wkvc_runtime::reset_peak_rss() {
+                    run_peak = Some(());
+                }
                 let mut s = engine.session(prompt + ngen);
                 if s.max_ctx() < prompt + ngen {
                     bail!(
@@ -781,10 +789,9 @@ fn real_main(cli: Cli) -> Result<()> {
                 "model": model.display().to_string(),
                 "engine": engine.describe(),
                 "jit_ms": engine.cpu().map(|c| c.jit_ms),
-                "memory_plan_bytes": engine.cpu().map(|c| {
-                    let p = c.memory_plan();
-                    p.weights_bytes + p.kv_bytes_per_token * (long_ctx.max(prompt + ngen)) + p.arena_bytes + p.scratch_bytes
-                }),
+                "memory_plan_bytes": engine
+                    .cpu()
+                    .map(|c| c.memory_plan().total_at((long_ctx + ngen).max(prompt + ngen))),
                 "long_ctx": long_ctx,
                 "decode_at_long_ctx_tokens_per_s": long,
                 "threads": th,
@@ -793,7 +800,8 @@ fn real_main(cli: Cli) -> Result<()> {
                 "runs": runs.max(1),
                 "prefill_tokens_per_s": median(pre),
                 "decode_tokens_per_s": median(dec),
-                "peak_rss_bytes": peak_rss_bytes(),
+                "peak_rss_bytes": load_peak.max(peak_rss_bytes()),
+                "peak_rss_running_bytes": run_peak.and_then(|_| peak_rss_bytes()),
                 "model_file_bytes": m.source.file_bytes,
                 "weight_bytes": weight_bytes,
             });
@@ -803,7 +811,8 @@ fn real_main(cli: Cli) -> Result<()> {
                 println!(
                     "{}: prefill {:.1} tokens/s ({prompt} tokens), decode {:.2} tokens/s ({ngen} tokens), \
                      decode at {long_ctx} context {:.2} tokens/s, \
-                     {th} threads, peak RSS {:.0} MiB, weights {:.0} MiB in memory",
+                     {th} threads, peak RSS {:.0} MiB (while running {:.0} MiB, memory plan {:.0} MiB), \
+                     weights {:.0} MiB in memory",
                     engine.describe(),
                     out["prefill_tokens_per_s"].as_f64().unwrap_or(0.0),
                     out["decode_tokens_per_s"].as_f64().unwrap_or(0.0),
@@ -811,6 +820,8 @@ fn real_main(cli: Cli) -> Result<()> {
                         .as_f64()
                         .unwrap_or(0.0),
                     out["peak_rss_bytes"].as_f64().unwrap_or(0.0) / 1048576.0,
+                    out["peak_rss_running_bytes"].as_f64().unwrap_or(0.0) / 1048576.0,
+                    out["memory_plan_bytes"].as_f64().unwrap_or(0.0) / 1048576.0,
                     weight_bytes as f64 / 1048576.0
                 );
             }
@@ -866,34 +877,62 @@ fn real_main(cli: Cli) -> Result<()> {
             json,
             memory,
             ctx,
+            cpu_act,
         } => {
             let m = open(&model)?;
             if memory {
-                let g = wkvc_passes::lower::lower(&m.module.graph, Default::default())?;
-                let ctx = ctx.unwrap_or(m.config.max_position_embeddings);
-                let pb = |p: &str| {
-                    m.module
-                        .weights
-                        .get(p)
-                        .map(|w| w.storage_bytes())
-                        .unwrap_or(0)
+                // the plan's record unless another context or activation mode is asked for
+                let stored = m
+                    .plan
+                    .as_ref()
+                    .and_then(|p| p.cpu.clone())
+                    .filter(|_| ctx.is_none() && cpu_act == "f32");
+                let act = wkvc_runtime::Act::parse(&cpu_act)
+                    .with_context(|| format!("--cpu-act must be f32 or int8, got {cpu_act}"))?;
+                let (mp, kernels, whence) = match stored {
+                    Some(c) => {
+                        let n = c
+                            .lowered
+                            .lines()
+                            .filter(|l| l.contains("= kernel("))
+                            .count();
+                        (c.memory, n, "stored in the plan")
+                    }
+                    None => {
+                        let g = wkvc_passes::lower::lower(
+                            &m.module.graph,
+                            wkvc_passes::lower::LowerOptions { act },
+                        )?;
+                        let ctx = ctx.unwrap_or(m.config.max_position_embeddings);
+                        let pb = |p: &str| {
+                            m.module
+                                .weights
+                                .get(p)
+                                .map(|w| w.storage_bytes())
+                                .unwrap_or(0)
+                        };
+                        let mp =
+                            wkvc_passes::lower::memplan(&g, wkvc_runtime::cpu::CHUNK, ctx, 1, &pb)?;
+                        (mp, g.nodes.len(), "computed now")
+                    }
                 };
-                let mp = wkvc_passes::lower::memplan(
-                    &g,
-                    wkvc_runtime::cpu::CHUNK,
-                    ctx,
-                    threads(None),
-                    &pb,
-                )?;
+                let ctx = mp.max_ctx;
                 if json {
                     println!("{}", serde_json::to_string(&mp)?);
                 } else {
                     let mib = |b: usize| b as f64 / 1048576.0;
-                    println!("lowered graph: {} kernels", g.nodes.len());
+                    println!(
+                        "CPU memory plan ({whence}, {cpu_act} activations): {kernels} kernels"
+                    );
                     println!(
                         "weights        {:>12} bytes ({:.1} MiB)",
                         mp.weights_bytes,
                         mib(mp.weights_bytes)
+                    );
+                    println!(
+                        "engine copies  {:>12} bytes ({:.1} MiB: f32 scale/zero, int8 head)",
+                        mp.derived_bytes,
+                        mib(mp.derived_bytes)
                     );
                     println!(
                         "KV cache       {:>12} bytes per token",

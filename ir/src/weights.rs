@@ -122,21 +122,34 @@ impl Weight {
     /// again from the file on the next access); a no-op for weights held in memory. Engines
     /// call it after building their own copy of a weight.
     pub fn release_pages(&self) {
+        self.release_range(0, self.storage_bytes());
+    }
+
+    /// `release_pages` for the pages that hold the bytes `start..start + len` of this weight
+    /// (a neighbour's bytes on a shared page are simply read again when used).
+    pub fn release_range(&self, start: usize, len: usize) {
         if let Data::Mapped { map, offset } = &self.data {
             let page = 4096;
-            let start = offset.div_ceil(page) * page;
-            let end = (offset + self.storage_bytes()) / page * page;
-            if end > start {
+            let a = (offset + start) / page * page;
+            let b = ((offset + start + len.min(self.storage_bytes().saturating_sub(start)))
+                .div_ceil(page)
+                * page)
+                .min(map.len());
+            if b > a {
                 // SAFETY: the map is a read-only private file mapping: DONTNEED only drops
                 // clean pages, which are re-read from the file when touched again.
                 let _ = unsafe {
-                    map.unchecked_advise_range(
-                        memmap2::UncheckedAdvice::DontNeed,
-                        start,
-                        end - start,
-                    )
+                    map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, a, b - a)
                 };
             }
+        }
+    }
+
+    /// Tell the OS this weight is read in scattered rows (no read-ahead around a touched
+    /// page): an embedding table of which a prompt uses a few rows.
+    pub fn advise_random(&self) {
+        if let Data::Mapped { map, offset } = &self.data {
+            let _ = map.advise_range(memmap2::Advice::Random, *offset, self.storage_bytes());
         }
     }
 

@@ -503,8 +503,19 @@ pub struct MemoryPlan {
     pub chunk: usize,
     /// Context the KV numbers are for.
     pub max_ctx: usize,
-    /// Bytes of the params the lowered graph reads (as stored).
+    /// Bytes of the params the kernels read, as stored (the plan's pages in memory). A table
+    /// read only by the embedding (an int8 head keeps its own copy) counts the rows a context
+    /// can touch: min(vocab, max_ctx) rows, each with a page of slack.
     pub weights_bytes: usize,
+    /// Bytes of the engine's own copies: f32 scale/zero of the quantized GEMMs, the int8 head.
+    #[serde(default)]
+    pub derived_bytes: usize,
+    /// For a table read only by the embedding: rows and bytes per row (with a page of slack)
+    /// that `weights_bytes` counts per token of context.
+    #[serde(default)]
+    pub embed_rows: usize,
+    #[serde(default)]
+    pub embed_row_bytes: usize,
     /// KV cache bytes per token (all layers, K and V, codes plus f32 scale/zero per kv head).
     pub kv_bytes_per_token: usize,
     /// KV cache at `max_ctx`.
@@ -518,6 +529,19 @@ pub struct MemoryPlan {
     pub total_bytes: usize,
     /// value id -> (offset, bytes) in the arena
     pub buffers: BTreeMap<u32, (usize, usize)>,
+}
+
+impl MemoryPlan {
+    /// The total for a session of `ctx` tokens instead of `max_ctx`.
+    pub fn total_at(&self, ctx: usize) -> usize {
+        let embed = |c: usize| self.embed_rows.min(c) * self.embed_row_bytes;
+        self.weights_bytes - embed(self.max_ctx)
+            + embed(ctx)
+            + self.derived_bytes
+            + self.kv_bytes_per_token * ctx
+            + self.arena_bytes
+            + self.scratch_bytes
+    }
 }
 
 /// KV bytes per token of one layer for an attention kernel.
@@ -582,12 +606,35 @@ pub fn memplan(
     let mut live: HashMap<ValueId, (usize, usize)> = HashMap::new();
     let mut scratch = 0usize;
     let mut params = HashSet::new();
+    let mut embed_only: HashSet<String> = HashSet::new();
     for (i, n) in g.nodes.iter().enumerate() {
         let spec = KernelSpec::from_node(n).map_err(|e| unsupported(n, &e))?;
         for a in &n.args {
             if let Operand::Param(p) = a {
-                params.insert(p.clone());
+                match &spec {
+                    KernelSpec::Embed { .. } => {
+                        embed_only.insert(p.clone());
+                    }
+                    KernelSpec::Logits { act: Act::Int8, .. } => {}
+                    _ => {
+                        params.insert(p.clone());
+                    }
+                }
             }
+        }
+        match &spec {
+            KernelSpec::QGemm {
+                k, parts, group, ..
+            } => {
+                let ng = k.div_ceil(wkvc_ir::quant::group_len(*k, *group));
+                plan.derived_bytes += parts.iter().map(|n| n * ng * 8).sum::<usize>();
+            }
+            KernelSpec::Logits {
+                vocab,
+                dim,
+                act: Act::Int8,
+            } => plan.derived_bytes += vocab * dim + vocab * (dim / 32) * 4,
+            _ => {}
         }
         plan.kv_bytes_per_token += kv_bytes_per_token(&spec);
         // a value that dies here and may be overwritten in place
@@ -644,8 +691,25 @@ pub fn memplan(
     plan.arena_bytes = top;
     plan.scratch_bytes = scratch;
     plan.weights_bytes = params.iter().map(|p| param_bytes(p)).sum();
+    for p in embed_only.difference(&params) {
+        let (rows, row_bytes) = g
+            .nodes
+            .iter()
+            .find_map(|n| match KernelSpec::from_node(n) {
+                Ok(KernelSpec::Embed { vocab, dim }) => Some((vocab, dim * 4)),
+                _ => None,
+            })
+            .unwrap_or((0, 0));
+        plan.embed_rows = rows;
+        plan.embed_row_bytes = row_bytes + 4096;
+        plan.weights_bytes += param_bytes(p).min(rows.min(max_ctx) * (row_bytes + 4096));
+    }
     plan.kv_bytes = plan.kv_bytes_per_token * max_ctx;
-    plan.total_bytes = plan.weights_bytes + plan.kv_bytes + plan.arena_bytes + plan.scratch_bytes;
+    plan.total_bytes = plan.weights_bytes
+        + plan.derived_bytes
+        + plan.kv_bytes
+        + plan.arena_bytes
+        + plan.scratch_bytes;
     Ok(plan)
 }
 

@@ -408,6 +408,19 @@ pub fn memory_plan(m: &Module, max_context: usize) -> MemoryPlan {
     }
 }
 
+/// The CPU back end's lowered graph and memory plan (exact path) of a compiled module; None
+/// when it cannot be lowered (the interpreter runs such plans).
+pub fn cpu_plan(m: &Module, max_context: usize, threads: usize) -> Option<plan::CpuPlan> {
+    let g = wkvc_passes::lower::lower(&m.graph, Default::default()).ok()?;
+    let pb = |p: &str| m.weights.get(p).map(|w| w.storage_bytes()).unwrap_or(0);
+    let memory =
+        wkvc_passes::lower::memplan(&g, crate::cpu::CHUNK, max_context, threads, &pb).ok()?;
+    Some(plan::CpuPlan {
+        lowered: wkvc_ir::text::print(&g),
+        memory,
+    })
+}
+
 /// Perplexity and KLD of the compiled model against the FP model on held-out tokens.
 pub fn measure_quality(
     fp: &Model,
@@ -462,6 +475,7 @@ pub fn manifest(
         source_sha256,
         quality,
         memory: memory_plan(&c.module, fp.config.max_position_embeddings),
+        cpu: cpu_plan(&c.module, fp.config.max_position_embeddings, 1),
         passes: serde_json::to_value(&c.reports).unwrap_or_default(),
         tensors: Default::default(),
     }

@@ -42,6 +42,8 @@ struct Step {
     rope: usize,
     /// int8 head: the quantized table and its block scales
     head: Option<(Ptr, Ptr)>,
+    /// embedding from a table nothing else reads: its rows' pages are released after use
+    release: Option<wkvc_ir::Weight>,
 }
 
 /// A compiled plan, ready to make sessions.
@@ -180,9 +182,9 @@ impl CpuEngine {
                     .weights
                     .get(name)
                     .ok_or_else(|| err(format!("param @{name} is not in the weight store")))?;
-                let (q, s) = quantize_head(&w.bytes(), *v, *dim);
+                let (q, s) = quantize_head(w, *v, *dim);
                 // the f32 table is read again only for the embedding rows a prompt uses
-                w.release_pages();
+                w.advise_random();
                 derived_bytes += q.len();
                 head = Some((Ptr(q.as_ptr() as *const u8), Ptr(s.as_ptr() as *const u8)));
                 owned_i8.push(q);
@@ -195,10 +197,26 @@ impl CpuEngine {
                 out,
                 rope,
                 head,
+                release: None,
             });
         }
         if vocab == 0 {
             return Err(err("the lowered graph has no logits kernel"));
+        }
+        // an embedding table that only the embedding reads (the head has its int8 copy)
+        for i in 0..steps.len() {
+            if let (KernelSpec::Embed { .. }, Some(Operand::Param(name))) =
+                (&steps[i].spec, lowered.nodes[i].args.get(1))
+            {
+                let shared = lowered.nodes.iter().enumerate().any(|(j, n)| {
+                    j != i
+                        && !matches!(steps[j].spec, KernelSpec::Logits { act: Act::Int8, .. })
+                        && n.args.iter().any(|a| a == &Operand::Param(name.clone()))
+                });
+                if !shared {
+                    steps[i].release = module.weights.get(name).cloned();
+                }
+            }
         }
         let kernels = compiled.len();
         derived_bytes += owned.iter().map(|v| 4 * v.len()).sum::<usize>();
@@ -355,6 +373,7 @@ fn param_ptr(
         },
         _ => {
             owned.push(w.f32().into_owned());
+            w.release_pages();
             Ptr(owned
                 .last()
                 .map(|v| v.as_ptr() as *const u8)
@@ -504,9 +523,27 @@ impl CpuSession<'_> {
             let y = fp(st.out);
             let f = st.f;
             match &st.spec {
-                KernelSpec::Embed { .. } => {
-                    let a = [p(0), p(1), y, m as u64];
-                    unsafe { f(a.as_ptr()) };
+                KernelSpec::Embed { dim, .. } => {
+                    // in batches of 16 rows: once copied to the arena, a row's pages (and the
+                    // 64 KiB around it that fault-around maps with it) are released again when
+                    // nothing else reads the table
+                    const AROUND: usize = 64 << 10;
+                    for r0 in (0..m).step_by(16) {
+                        let r1 = (r0 + 16).min(m);
+                        let a = [
+                            p(0) + 4 * r0 as u64,
+                            p(1),
+                            y + (r0 * dim * 4) as u64,
+                            (r1 - r0) as u64,
+                        ];
+                        unsafe { f(a.as_ptr()) };
+                        if let Some(w) = &st.release {
+                            for &t in &tok[r0..r1] {
+                                let a = (t as usize * dim * 4).saturating_sub(AROUND);
+                                w.release_range(a, 2 * AROUND + dim * 4);
+                            }
+                        }
+                    }
                 }
                 KernelSpec::RmsNorm { .. } => {
                     let (x, w) = (p(0), p(1));
@@ -884,31 +921,42 @@ impl CpuSession<'_> {
 
 /// The tied table as int8 per block of 32 columns (scale max|w|/127, round half to even),
 /// each block permuted like the activations (`prep_int8`: evens, then odds).
-fn quantize_head(raw: &[u8], vocab: usize, dim: usize) -> (Vec<i8>, Vec<f32>) {
+fn quantize_head(w: &wkvc_ir::Weight, vocab: usize, dim: usize) -> (Vec<i8>, Vec<f32>) {
     use rayon::prelude::*;
     let nb = dim / 32;
     let mut q = vec![0i8; vocab * dim];
     let mut s = vec![0f32; vocab * nb];
-    q.par_chunks_mut(dim)
-        .zip(s.par_chunks_mut(nb))
+    let raw = w.bytes();
+    // in slices of rows, each slice's pages released once quantized (no 113 MB spike)
+    let rows = (8 << 20) / (4 * dim).max(1);
+    for (si, (qs, ss)) in q
+        .chunks_mut(rows * dim)
+        .zip(s.chunks_mut(rows * nb))
         .enumerate()
-        .for_each(|(r, (qr, sr))| {
-            let row = &raw[r * dim * 4..(r + 1) * dim * 4];
-            let w = |c: usize| {
-                f32::from_le_bytes([row[4 * c], row[4 * c + 1], row[4 * c + 2], row[4 * c + 3]])
-            };
-            for b in 0..nb {
-                let amax = (0..32).fold(0f32, |m, t| m.max(w(32 * b + t).abs()));
-                let d = amax / 127.0;
-                let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
-                for t in 0..32 {
-                    let v = wkvc_ir::quant::rne(w(32 * b + t) * inv).clamp(-127.0, 127.0) as i8;
-                    let pos = if t % 2 == 0 { t / 2 } else { 16 + t / 2 };
-                    qr[32 * b + pos] = v;
+    {
+        let r0 = si * rows;
+        qs.par_chunks_mut(dim)
+            .zip(ss.par_chunks_mut(nb))
+            .enumerate()
+            .for_each(|(r, (qr, sr))| {
+                let row = &raw[(r0 + r) * dim * 4..(r0 + r + 1) * dim * 4];
+                let w = |c: usize| {
+                    f32::from_le_bytes([row[4 * c], row[4 * c + 1], row[4 * c + 2], row[4 * c + 3]])
+                };
+                for b in 0..nb {
+                    let amax = (0..32).fold(0f32, |m, t| m.max(w(32 * b + t).abs()));
+                    let d = amax / 127.0;
+                    let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+                    for t in 0..32 {
+                        let v = wkvc_ir::quant::rne(w(32 * b + t) * inv).clamp(-127.0, 127.0) as i8;
+                        let pos = if t % 2 == 0 { t / 2 } else { 16 + t / 2 };
+                        qr[32 * b + pos] = v;
+                    }
+                    sr[b] = d;
                 }
-                sr[b] = d;
-            }
-        });
+            });
+        w.release_range(r0 * dim * 4, qs.len() / dim * dim * 4);
+    }
     (q, s)
 }
 

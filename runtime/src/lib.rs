@@ -386,6 +386,12 @@ pub fn generate(
     Ok(stats)
 }
 
+/// Reset the peak resident set size (Linux: `5` to /proc/self/clear_refs), so that a later
+/// `peak_rss_bytes` covers what ran since. Returns false where that is not supported.
+pub fn reset_peak_rss() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
+}
+
 /// Peak resident set size of this process (VmHWM), when the OS reports it.
 pub fn peak_rss_bytes() -> Option<u64> {
     let s = std::fs::read_to_string("/proc/self/status").ok()?;

@@ -47,6 +47,13 @@ pub struct MemoryPlan {
     pub kv_bytes_at_max_context: usize,
 }
 
+/// The lowered graph and memory plan of the CPU back end, as recorded at compile time.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CpuPlan {
+    pub lowered: String,
+    pub memory: wkvc_passes::lower::MemoryPlan,
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TensorEntry {
     /// Logical dtype the graph sees (u4 is stored as U8 bytes, two codes per byte).
@@ -68,6 +75,11 @@ pub struct Manifest {
     pub source_sha256: String,
     pub quality: serde_json::Value,
     pub memory: MemoryPlan,
+    /// The CPU back end's view: the lowered graph (kernel nodes, text form) and its memory
+    /// plan (exact path, chunks of `cpu::CHUNK` rows, the model's maximum context). Absent
+    /// when the graph has something the kernels do not implement.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<CpuPlan>,
     pub passes: serde_json::Value,
     pub tensors: BTreeMap<String, TensorEntry>,
 }
@@ -319,10 +331,10 @@ pub fn open(path: &Path) -> Result<(Module, Manifest), RuntimeError> {
             ));
         }
         let offset = view.data().as_ptr() as usize - base;
-        weights.insert(
-            name.clone(),
-            mapped_weight(e.shape.clone(), map.clone(), offset, dtype),
-        );
+        let w = mapped_weight(e.shape.clone(), map.clone(), offset, dtype);
+        // hashing read every page; engines read again what they use
+        w.release_pages();
+        weights.insert(name.clone(), w);
     }
     if let Some(extra) = names.iter().find(|n| !manifest.tensors.contains_key(*n)) {
         return Err(perr(
