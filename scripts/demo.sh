@@ -25,10 +25,12 @@ else
   [ -s "$TEXT" ] || $WKVC run "$MODEL" -p "Chapter 1." -n 1100 --temperature 1 --seed 7 --ctx 2048 --ignore-eos >"$TEXT" 2>/dev/null
 fi
 
-echo "== compile W4KV4 with WKVQuant (group 128, past-only, learned clipping + smoothing, CRR k=5)"
-$WKVC compile "$MODEL" -o "$PLAN" "${CALIB_ARGS[@]}" --method wkvquant --calib-samples 4 --calib-len 128 --epochs 2
-echo; echo "== inspect the plan"
+echo "== compile W4KV4 with WKVQuant (group 128, past-only, learned clipping + smoothing, CRR k=5;"
+echo "   the plan selects the CPU back end's int8-activation fast path)"
+$WKVC compile "$MODEL" -o "$PLAN" "${CALIB_ARGS[@]}" --method wkvquant --calib-samples 4 --calib-len 128 --epochs 2 --cpu-act int8
+echo; echo "== inspect the plan and its CPU memory plan"
 $WKVC inspect "$PLAN"
+$WKVC inspect "$PLAN" --memory --ctx 2048
 echo; echo "== run from the plan"
 $WKVC run "$PLAN" -p "The capital of France is" -n 32
 $WKVC run "$PLAN" --chat -p "Write one sentence about the sea." -n 48
@@ -36,6 +38,6 @@ echo; echo "== perplexity and KLD of the plan vs the FP model (2 windows of 512)
 $WKVC eval "$PLAN" --ppl "$TEXT" --windows 2 --kld-vs "$MODEL"
 echo; echo "== quality table (2 windows of 512, decode-equivalent protocol)"
 $WKVC eval "$MODEL" --table --ppl "$TEXT" --windows 2 "${CALIB_ARGS[@]}"
-echo; echo "== bench: FP model vs W4KV4 plan (prefill 128, decode 32)"
-$WKVC bench "$MODEL" --prompt 128 --gen 32 --runs 2
-$WKVC bench "$PLAN" --prompt 128 --gen 32 --runs 2
+echo; echo "== bench: FP model (interpreter) vs W4KV4 plan (compiled CPU engine, JIT at load)"
+$WKVC bench "$MODEL" --prompt 128 --gen 32 --runs 2 --long-ctx 0
+$WKVC bench "$PLAN" --prompt 512 --gen 128 --runs 2 --long-ctx 2048

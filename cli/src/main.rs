@@ -67,6 +67,8 @@ fn compile_options(
         calib_window: window,
         threads,
         seed,
+        cpu_act: wkvc_runtime::Act::parse(&q.cpu_act)
+            .with_context(|| format!("--cpu-act must be f32 or int8, got {}", q.cpu_act))?,
         f32_params: q.f32_params,
     })
 }
@@ -185,6 +187,10 @@ struct Cli {
 
 #[derive(clap::Args, Clone, Debug)]
 struct QuantArgs {
+    /// The CPU back end's activations that the plan selects: f32 (exact: int4 dequantized in
+    /// registers) or int8 (fast path: activations quantized per 32 on the fly, int8 head).
+    #[arg(long, default_value = "f32", value_parser = ["f32", "int8"])]
+    cpu_act: String,
     /// Weight bits (2..8); 16 keeps weights in full precision.
     #[arg(long, default_value_t = 4)]
     wbits: u32,
@@ -360,9 +366,10 @@ enum Cmd {
         /// Context the memory plan is computed for (default: the model's maximum).
         #[arg(long)]
         ctx: Option<usize>,
-        /// Activation mode the memory plan is for: f32 (exact) or int8 (fast path).
-        #[arg(long, default_value = "f32")]
-        cpu_act: String,
+        /// Activation mode the memory plan is for: f32 (exact) or int8 (fast path); default:
+        /// the plan's.
+        #[arg(long)]
+        cpu_act: Option<String>,
     },
     /// Print the generated code of a kernel of the lowered plan (without --kernel: list them).
     Emit {
@@ -388,19 +395,33 @@ struct EngineArgs {
     /// auto (compiled CPU engine for plans, interpreter otherwise), cpu, or interp.
     #[arg(long, default_value = "auto")]
     engine: String,
-    /// Activations of the CPU engine's quantized GEMMs: f32 (exact) or int8 (fast path).
-    #[arg(long, default_value = "f32")]
-    cpu_act: String,
+    /// Activations of the CPU engine's quantized GEMMs: f32 (exact) or int8 (fast path);
+    /// default: what the plan selects.
+    #[arg(long)]
+    cpu_act: Option<String>,
 }
 
 fn make_engine<'m>(m: &'m Model, th: usize, ea: &EngineArgs) -> Result<wkvc_runtime::Engine<'m>> {
-    let act = wkvc_runtime::Act::parse(&ea.cpu_act)
-        .with_context(|| format!("--cpu-act must be f32 or int8, got {}", ea.cpu_act))?;
-    let e = match ea.engine.as_str() {
-        "auto" if ea.cpu_act == "f32" => m.engine_auto(th)?,
-        "auto" | "cpu" => m.engine_kind(th, wkvc_runtime::EngineKind::Cpu { act })?,
-        "interp" => m.engine_kind(th, wkvc_runtime::EngineKind::Interp)?,
-        other => bail!("--engine must be auto, cpu or interp, got {other}"),
+    let act = match &ea.cpu_act {
+        None => None,
+        Some(a) => Some(
+            wkvc_runtime::Act::parse(a)
+                .with_context(|| format!("--cpu-act must be f32 or int8, got {a}"))?,
+        ),
+    };
+    let plan_act = m
+        .plan
+        .as_ref()
+        .and_then(|p| p.cpu.as_ref())
+        .map_or(wkvc_runtime::Act::F32, |c| c.act);
+    let e = match (ea.engine.as_str(), act) {
+        ("auto", None) => m.engine_auto(th)?,
+        ("auto", Some(act)) | ("cpu", Some(act)) => {
+            m.engine_kind(th, wkvc_runtime::EngineKind::Cpu { act })?
+        }
+        ("cpu", None) => m.engine_kind(th, wkvc_runtime::EngineKind::Cpu { act: plan_act })?,
+        ("interp", _) => m.engine_kind(th, wkvc_runtime::EngineKind::Interp)?,
+        (other, _) => bail!("--engine must be auto, cpu or interp, got {other}"),
     };
     if let Some(c) = e.cpu() {
         tracing::info!(
@@ -882,11 +903,16 @@ fn real_main(cli: Cli) -> Result<()> {
             let m = open(&model)?;
             if memory {
                 // the plan's record unless another context or activation mode is asked for
-                let stored = m
-                    .plan
-                    .as_ref()
-                    .and_then(|p| p.cpu.clone())
-                    .filter(|_| ctx.is_none() && cpu_act == "f32");
+                let stored = m.plan.as_ref().and_then(|p| p.cpu.clone()).filter(|c| {
+                    ctx.is_none() && cpu_act.as_deref().is_none_or(|a| a == c.act.name())
+                });
+                let cpu_act = cpu_act.unwrap_or_else(|| {
+                    m.plan
+                        .as_ref()
+                        .and_then(|p| p.cpu.as_ref())
+                        .map_or("f32", |c| c.act.name())
+                        .to_string()
+                });
                 let act = wkvc_runtime::Act::parse(&cpu_act)
                     .with_context(|| format!("--cpu-act must be f32 or int8, got {cpu_act}"))?;
                 let (mp, kernels, whence) = match stored {

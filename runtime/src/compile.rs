@@ -34,6 +34,8 @@ pub struct CompileOptions {
     pub calib_window: usize,
     pub threads: usize,
     pub seed: u64,
+    /// Activation mode of the CPU back end's quantized GEMMs the plan selects.
+    pub cpu_act: wkvc_ir::Act,
     /// Scales and zeros in f32 (the reference definition; weights stay unpacked).
     pub f32_params: bool,
 }
@@ -53,6 +55,7 @@ impl Default for CompileOptions {
             calib_window: 512,
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
             seed: 0,
+            cpu_act: wkvc_ir::Act::F32,
             f32_params: false,
         }
     }
@@ -251,6 +254,8 @@ pub fn parse_loss(s: &str) -> Result<CalibLoss, RuntimeError> {
 /// The quantized module and what the passes did.
 pub struct Compiled {
     pub module: Module,
+    /// The CPU back end's activation mode recorded in the plan.
+    pub cpu_act: wkvc_ir::Act,
     pub quant: QuantConfig,
     pub reports: Vec<PassReport>,
 }
@@ -375,6 +380,7 @@ pub fn quantize(
     let calib_tokens = calib.map_or(0, |c| c.windows.iter().map(Vec::len).sum());
     Ok(Compiled {
         module,
+        cpu_act: opts.cpu_act,
         quant: QuantConfig {
             wbits: opts.wbits,
             wgroup: opts.wgroup,
@@ -410,12 +416,18 @@ pub fn memory_plan(m: &Module, max_context: usize) -> MemoryPlan {
 
 /// The CPU back end's lowered graph and memory plan (exact path) of a compiled module; None
 /// when it cannot be lowered (the interpreter runs such plans).
-pub fn cpu_plan(m: &Module, max_context: usize, threads: usize) -> Option<plan::CpuPlan> {
-    let g = wkvc_passes::lower::lower(&m.graph, Default::default()).ok()?;
+pub fn cpu_plan(
+    m: &Module,
+    max_context: usize,
+    threads: usize,
+    act: wkvc_ir::Act,
+) -> Option<plan::CpuPlan> {
+    let g = wkvc_passes::lower::lower(&m.graph, wkvc_passes::lower::LowerOptions { act }).ok()?;
     let pb = |p: &str| m.weights.get(p).map(|w| w.storage_bytes()).unwrap_or(0);
     let memory =
         wkvc_passes::lower::memplan(&g, crate::cpu::CHUNK, max_context, threads, &pb).ok()?;
     Some(plan::CpuPlan {
+        act,
         lowered: wkvc_ir::text::print(&g),
         memory,
     })
@@ -475,7 +487,7 @@ pub fn manifest(
         source_sha256,
         quality,
         memory: memory_plan(&c.module, fp.config.max_position_embeddings),
-        cpu: cpu_plan(&c.module, fp.config.max_position_embeddings, 1),
+        cpu: cpu_plan(&c.module, fp.config.max_position_embeddings, 1, c.cpu_act),
         passes: serde_json::to_value(&c.reports).unwrap_or_default(),
         tensors: Default::default(),
     }

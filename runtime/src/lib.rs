@@ -112,13 +112,9 @@ impl Model {
     /// warning when the plan has something the kernels do not implement; the interpreter for
     /// unquantized models.
     pub fn engine_auto(&self, threads: usize) -> Result<Engine<'_>, RuntimeError> {
-        if self.plan.is_some() {
-            match self.engine_kind(
-                threads,
-                EngineKind::Cpu {
-                    act: wkvc_ir::Act::F32,
-                },
-            ) {
+        if let Some(p) = &self.plan {
+            let act = p.cpu.as_ref().map_or(wkvc_ir::Act::F32, |c| c.act);
+            match self.engine_kind(threads, EngineKind::Cpu { act }) {
                 Ok(e) => return Ok(e),
                 Err(e) => {
                     tracing::warn!("compiled CPU engine unavailable, using the interpreter: {e}")

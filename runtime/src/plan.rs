@@ -47,9 +47,16 @@ pub struct MemoryPlan {
     pub kv_bytes_at_max_context: usize,
 }
 
+fn exact() -> wkvc_ir::Act {
+    wkvc_ir::Act::F32
+}
+
 /// The lowered graph and memory plan of the CPU back end, as recorded at compile time.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct CpuPlan {
+    /// The GEMMs' activation mode the plan selects (`wkvc compile --cpu-act`).
+    #[serde(default = "exact")]
+    pub act: wkvc_ir::Act,
     pub lowered: String,
     pub memory: wkvc_passes::lower::MemoryPlan,
 }
