@@ -537,8 +537,19 @@ fn real_main(cli: Cli) -> Result<()> {
                 },
             )?;
             writeln!(out)?;
+            let jit = engine
+                .cpu()
+                .map(|c| {
+                    format!(
+                        "; {}, {} kernels JIT-compiled in {:.0} ms",
+                        engine.describe(),
+                        c.kernels,
+                        c.jit_ms
+                    )
+                })
+                .unwrap_or_else(|| format!("; {}", engine.describe()));
             eprintln!(
-                "[{} prompt tokens in {:.2}s, {} new tokens at {:.1} tokens/s]",
+                "[{} prompt tokens in {:.2}s, {} new tokens at {:.1} tokens/s{jit}]",
                 stats.prompt_tokens,
                 stats.prefill_seconds,
                 stats.new_tokens,
