@@ -452,7 +452,7 @@ fn emit_qgemm(e: &mut E, k: usize, gl: usize, residual: bool, act: Act) {
     // among 4 weight rows in decode and 2 in prefill; the f32 path's unpacked codes take too
     // many registers for that.
     let (nr4, nr1) = match act {
-        Act::Int8 => (1, 4),
+        Act::Int8 => (1, 8),
         Act::F32 => (1, 1),
     };
     e.for_blocks(n0, n1, nblk, &mut |e, nb, ne| {
