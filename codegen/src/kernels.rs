@@ -958,6 +958,12 @@ fn emit_rope_kv(
             let buf = e.b.ins().stack_addr(P, slot, 0);
             let qmax = ((1u32 << bits) - 1) as f32;
             for g in 0..kvh {
+                if hd % 32 == 0 {
+                    quantize_group_vec(
+                        e, xr, src, g, hd, smooth, sh, sc, buf, slot, helper, bits, crow, prow,
+                    );
+                    continue;
+                }
                 // smooth into the stack buffer; min and max
                 let inf = e.fc(f32::INFINITY);
                 let ninf = e.fc(f32::NEG_INFINITY);
@@ -1012,6 +1018,105 @@ fn emit_rope_kv(
             }
         }
     });
+}
+
+/// `rope_kv`'s quantize-append of one kv head (head dim a multiple of 32) with f32x4: smooth
+/// ((x - shift) / scale, the interpreter's division), min and max, the stored scale/zero (host
+/// helper: f16 rounding), codes by round-half-even, clamped, narrowed to bytes and packed
+/// two per byte (low nibble = even channel).
+#[allow(clippy::too_many_arguments)]
+fn quantize_group_vec(
+    e: &mut E,
+    xr: Value,
+    src: i64,
+    g: usize,
+    hd: usize,
+    smooth: bool,
+    sh: Value,
+    sc: Value,
+    buf: Value,
+    slot: cranelift_codegen::ir::StackSlot,
+    helper: Option<cranelift_codegen::ir::FuncRef>,
+    bits: u32,
+    crow: Value,
+    prow: Value,
+) {
+    let le = MemFlagsData::new().with_endianness(cranelift_codegen::ir::Endianness::Little);
+    let inf = e.vc(f32::INFINITY);
+    let ninf = e.vc(f32::NEG_INFINITY);
+    let (mut mn, mut mx) = (inf, ninf);
+    for j in 0..hd / 4 {
+        let off = 4 * (g * hd + 4 * j) as i64;
+        let mut v = e.ld(V4, xr, src + off);
+        if smooth {
+            let a = e.ld(V4, sh, off);
+            let b = e.ld(V4, sc, off);
+            let d = e.b.ins().fsub(v, a);
+            v = e.b.ins().fdiv(d, b);
+        }
+        e.st(v, buf, 16 * j as i64);
+        mn = e.b.ins().fmin(mn, v);
+        mx = e.b.ins().fmax(mx, v);
+    }
+    let lanes = |e: &mut E, v: Value, max: bool| {
+        let l: Vec<Value> = (0..4).map(|i| e.b.ins().extractlane(v, i)).collect();
+        let f = |e: &mut E, a: Value, b: Value| {
+            if max {
+                e.b.ins().fmax(a, b)
+            } else {
+                e.b.ins().fmin(a, b)
+            }
+        };
+        let a = f(e, l[0], l[1]);
+        let b = f(e, l[2], l[3]);
+        f(e, a, b)
+    };
+    let mn = lanes(e, mn, false);
+    let mx = lanes(e, mx, true);
+    let bitsv = e.b.ins().iconst(types::I32, bits as i64);
+    let outp = e.b.ins().stack_addr(P, slot, (4 * hd) as i32);
+    if let Some(f) = helper {
+        e.b.ins().call(f, &[mn, mx, bitsv, outp]);
+    }
+    let s = e.ld(types::F32, outp, 0);
+    let z = e.ld(types::F32, outp, 4);
+    e.st(s, prow, 8 * g as i64);
+    e.st(z, prow, 8 * g as i64 + 4);
+    let sv = e.b.ins().splat(V4, s);
+    let zv = e.b.ins().splat(V4, z);
+    let mrne = e.vc(M_RNE);
+    let zero = e.vc(0.0);
+    let qm = e.vc(((1u32 << bits) - 1) as f32);
+    let ff = e.b.ins().iconst(types::I16, 0xFF);
+    let ff = e.b.ins().splat(types::I16X8, ff);
+    for blk in 0..hd / 32 {
+        // 32 codes -> 4 x i8x16 halves -> 16 packed bytes
+        let mut bytes16 = Vec::with_capacity(2);
+        for half in 0..2 {
+            let q: Vec<Value> = (0..4)
+                .map(|t| {
+                    let v = e.ld(V4, buf, (16 * (8 * blk + 4 * half + t)) as i64);
+                    let q = e.b.ins().fdiv(v, sv);
+                    let q = e.b.ins().fadd(q, mrne);
+                    let q = e.b.ins().fsub(q, mrne);
+                    let q = e.b.ins().fadd(q, zv);
+                    let q = e.b.ins().fmax(q, zero);
+                    let q = e.b.ins().fmin(q, qm);
+                    e.b.ins().fcvt_to_sint_sat(types::I32X4, q)
+                })
+                .collect();
+            let a = e.b.ins().snarrow(q[0], q[1]);
+            let b = e.b.ins().snarrow(q[2], q[3]);
+            let c16 = e.b.ins().unarrow(a, b);
+            // byte pairs (even, odd) as 16-bit lanes: even | odd << 4 in the low byte
+            let w = e.b.ins().bitcast(types::I16X8, le, c16);
+            let hi = e.b.ins().ushr_imm_u(w, 4);
+            let w = e.b.ins().bor(w, hi);
+            bytes16.push(e.b.ins().band(w, ff));
+        }
+        let packed = e.b.ins().unarrow(bytes16[0], bytes16[1]);
+        e.st(packed, crow, ((g * hd + 32 * blk) / 2) as i64);
+    }
 }
 
 /// One query row and one kv head: the `group` query heads sharing it, over `nq` packed past
