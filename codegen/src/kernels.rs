@@ -958,7 +958,7 @@ fn emit_rope_kv(
             let buf = e.b.ins().stack_addr(P, slot, 0);
             let qmax = ((1u32 << bits) - 1) as f32;
             for g in 0..kvh {
-                if hd % 32 == 0 {
+                if hd.is_multiple_of(32) {
                     quantize_group_vec(
                         e, xr, src, g, hd, smooth, sh, sc, buf, slot, helper, bits, crow, prow,
                     );
