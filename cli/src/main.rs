@@ -122,27 +122,42 @@ fn quality_table(
         };
         let c = compile::quantize(fp, &opts, Some(&data), &mut say)?;
         let m = fp.with_module(c.module, None);
-        let e = m.engine(threads)?;
-        say(&format!("evaluating {name}"));
-        let r = eval::evaluate_with(
-            &e,
-            Some(eval::Reference::Logits(&fp_logits)),
-            ids,
-            ctx,
-            windows,
-            wkvc_runtime::RunMode::DecodeEquivalent,
-            &mut |d, t| sp.set_message(format!("evaluating {name}: window {d}/{t}")),
-        )?;
-        let mem = compile::memory_plan(&m.module, m.config.max_position_embeddings);
-        note(
-            &sp,
-            format!(
-                "{name}: ppl {:.4}, KLD {:.5}",
-                r.perplexity,
-                r.kld.unwrap_or(0.0)
-            ),
-        );
-        rows.push(serde_json::json!({"config": name, "perplexity": r.perplexity, "kld": r.kld, "weight_bytes": mem.weight_bytes, "kv_bytes_per_token": mem.kv_bytes_per_token, "tokens": r.tokens, "windows": r.windows}));
+        // the standard W4KV4 row also through the compiled CPU engine, both activation modes
+        let mut kinds = vec![(name.to_string(), wkvc_runtime::EngineKind::Interp)];
+        if name == "W4KV4 RTN POQ + smoothing init" {
+            for (suffix, act) in [
+                ("CPU engine, exact", wkvc_runtime::Act::F32),
+                ("CPU engine, int8 activations", wkvc_runtime::Act::Int8),
+            ] {
+                kinds.push((
+                    format!("{name} ({suffix})"),
+                    wkvc_runtime::EngineKind::Cpu { act },
+                ));
+            }
+        }
+        for (name, kind) in kinds {
+            let e = m.engine_kind(threads, kind)?;
+            say(&format!("evaluating {name}"));
+            let r = eval::evaluate_with(
+                &e,
+                Some(eval::Reference::Logits(&fp_logits)),
+                ids,
+                ctx,
+                windows,
+                wkvc_runtime::RunMode::DecodeEquivalent,
+                &mut |d, t| sp.set_message(format!("evaluating {name}: window {d}/{t}")),
+            )?;
+            let mem = compile::memory_plan(&m.module, m.config.max_position_embeddings);
+            note(
+                &sp,
+                format!(
+                    "{name}: ppl {:.4}, KLD {:.5}",
+                    r.perplexity,
+                    r.kld.unwrap_or(0.0)
+                ),
+            );
+            rows.push(serde_json::json!({"config": name, "perplexity": r.perplexity, "kld": r.kld, "weight_bytes": mem.weight_bytes, "kv_bytes_per_token": mem.kv_bytes_per_token, "tokens": r.tokens, "windows": r.windows}));
+        }
     }
     sp.finish_and_clear();
     if json {
