@@ -397,9 +397,16 @@ pub fn build(
                 kv_bits,
                 smooth,
                 ..
-            } => emit_rope_kv(
-                &mut e, *heads, *kv_heads, *head_dim, *rope_dim, *kv_bits, *smooth, helper,
-            ),
+            } => {
+                if !head_dim.is_multiple_of(32) {
+                    return Err(CodegenError::Unsupported(format!(
+                        "rope_kv needs a head dim that is a multiple of 32, got {head_dim}"
+                    )));
+                }
+                emit_rope_kv(
+                    &mut e, *heads, *kv_heads, *head_dim, *rope_dim, *kv_bits, *smooth, helper,
+                )
+            }
             KernelSpec::Attention {
                 heads,
                 kv_heads,
@@ -956,65 +963,10 @@ fn emit_rope_kv(
             let crow = e.addr(cache, row, rb);
             let prow = e.addr(params, row, 8 * kvh as i64);
             let buf = e.b.ins().stack_addr(P, slot, 0);
-            let qmax = ((1u32 << bits) - 1) as f32;
             for g in 0..kvh {
-                if hd.is_multiple_of(32) {
-                    quantize_group_vec(
-                        e, xr, src, g, hd, smooth, sh, sc, buf, slot, helper, bits, crow, prow,
-                    );
-                    continue;
-                }
-                // smooth into the stack buffer; min and max
-                let inf = e.fc(f32::INFINITY);
-                let ninf = e.fc(f32::NEG_INFINITY);
-                let (mut mn, mut mx) = (inf, ninf);
-                for c in 0..hd {
-                    let off = src + 4 * (g * hd + c) as i64;
-                    let mut v = e.ld(types::F32, xr, off);
-                    if smooth {
-                        let a = e.ld(types::F32, sh, 4 * (g * hd + c) as i64);
-                        let b = e.ld(types::F32, sc, 4 * (g * hd + c) as i64);
-                        let d = e.b.ins().fsub(v, a);
-                        v = e.b.ins().fdiv(d, b);
-                    }
-                    e.st(v, buf, 4 * c as i64);
-                    mn = e.b.ins().fmin(mn, v);
-                    mx = e.b.ins().fmax(mx, v);
-                }
-                let bitsv = e.b.ins().iconst(types::I32, bits as i64);
-                let outp = e.b.ins().stack_addr(P, slot, (4 * hd) as i32);
-                if let Some(f) = helper {
-                    e.b.ins().call(f, &[mn, mx, bitsv, outp]);
-                }
-                let s = e.ld(types::F32, outp, 0);
-                let z = e.ld(types::F32, outp, 4);
-                e.st(s, prow, 8 * g as i64);
-                e.st(z, prow, 8 * g as i64 + 4);
-                let mrne = e.fc(M_RNE);
-                let zf = e.fc(0.0);
-                let qm = e.fc(qmax);
-                let code = |e: &mut E, c: usize| {
-                    let v = e.ld(types::F32, buf, 4 * c as i64);
-                    let q = e.b.ins().fdiv(v, s);
-                    let q = e.b.ins().fadd(q, mrne);
-                    let q = e.b.ins().fsub(q, mrne);
-                    let q = e.b.ins().fadd(q, z);
-                    let q = e.b.ins().fmax(q, zf);
-                    let q = e.b.ins().fmin(q, qm);
-                    e.b.ins().fcvt_to_uint_sat(types::I32, q)
-                };
-                for c in (0..hd).step_by(2) {
-                    let c0 = code(e, c);
-                    let byte = if c + 1 < hd {
-                        let c1 = code(e, c + 1);
-                        let c1 = e.b.ins().ishl_imm_u(c1, 4);
-                        e.b.ins().bor(c0, c1)
-                    } else {
-                        c0
-                    };
-                    e.b.ins()
-                        .istore8(mem(), byte, crow, ((g * hd + c) / 2) as i32);
-                }
+                quantize_group_vec(
+                    e, xr, src, g, hd, smooth, sh, sc, buf, slot, helper, bits, crow, prow,
+                );
             }
         }
     });

@@ -323,6 +323,19 @@ impl CpuEngine {
     }
 }
 
+/// For the output rows a..b of GEMM parts laid side by side: `f(part, part start, lo, hi)`
+/// for each part the range meets (rows lo..hi in output columns).
+fn for_parts(parts: &[usize], a: usize, b: usize, f: &mut dyn FnMut(usize, usize, usize, usize)) {
+    let mut base = 0;
+    for (j, &nj) in parts.iter().enumerate() {
+        let (lo, hi) = (a.max(base), b.min(base + nj));
+        if lo < hi {
+            f(j, base, lo, hi);
+        }
+        base += nj;
+    }
+}
+
 /// Row-wise work: inline for a few rows (a decode step: a dispatch would cost more than the
 /// work), else in chunks over the pool.
 fn rows(pool: &Pool, m: usize, f: &(dyn Fn(usize, usize, usize) + Sync)) {
@@ -622,30 +635,25 @@ impl CpuSession<'_> {
                     let r = if *residual { p(1 + 3 * parts.len()) } else { 0 };
                     eng.pool
                         .run_chunks(ntot, grain(ntot, threads, 4), &|_, a, b| {
-                            let mut base = 0;
-                            for (j, &nj) in parts.iter().enumerate() {
-                                let (lo, hi) = (a.max(base), b.min(base + nj));
-                                if lo < hi {
-                                    let args = [
-                                        xpp,
-                                        gsp,
-                                        dxp,
-                                        x,
-                                        m as u64,
-                                        p(1 + 3 * j),
-                                        p(2 + 3 * j),
-                                        p(3 + 3 * j),
-                                        y + base as u64 * 4,
-                                        ntot as u64,
-                                        (lo - base) as u64,
-                                        (hi - base) as u64,
-                                        if r != 0 { r + base as u64 * 4 } else { 0 },
-                                        ntot as u64,
-                                    ];
-                                    unsafe { f(args.as_ptr()) };
-                                }
-                                base += nj;
-                            }
+                            for_parts(parts, a, b, &mut |j, base, lo, hi| {
+                                let args = [
+                                    xpp,
+                                    gsp,
+                                    dxp,
+                                    x,
+                                    m as u64,
+                                    p(1 + 3 * j),
+                                    p(2 + 3 * j),
+                                    p(3 + 3 * j),
+                                    y + base as u64 * 4,
+                                    ntot as u64,
+                                    (lo - base) as u64,
+                                    (hi - base) as u64,
+                                    if r != 0 { r + base as u64 * 4 } else { 0 },
+                                    ntot as u64,
+                                ];
+                                unsafe { f(args.as_ptr()) };
+                            });
                         });
                 }
                 KernelSpec::Gemm {
@@ -656,25 +664,20 @@ impl CpuSession<'_> {
                     let r = if *residual { p(1 + parts.len()) } else { 0 };
                     eng.pool
                         .run_chunks(ntot, grain(ntot, threads, 4), &|_, a, b| {
-                            let mut base = 0;
-                            for (j, &nj) in parts.iter().enumerate() {
-                                let (lo, hi) = (a.max(base), b.min(base + nj));
-                                if lo < hi {
-                                    let args = [
-                                        x,
-                                        m as u64,
-                                        p(1 + j),
-                                        y + base as u64 * 4,
-                                        ntot as u64,
-                                        (lo - base) as u64,
-                                        (hi - base) as u64,
-                                        if r != 0 { r + base as u64 * 4 } else { 0 },
-                                        ntot as u64,
-                                    ];
-                                    unsafe { f(args.as_ptr()) };
-                                }
-                                base += nj;
-                            }
+                            for_parts(parts, a, b, &mut |j, base, lo, hi| {
+                                let args = [
+                                    x,
+                                    m as u64,
+                                    p(1 + j),
+                                    y + base as u64 * 4,
+                                    ntot as u64,
+                                    (lo - base) as u64,
+                                    (hi - base) as u64,
+                                    if r != 0 { r + base as u64 * 4 } else { 0 },
+                                    ntot as u64,
+                                ];
+                                unsafe { f(args.as_ptr()) };
+                            });
                         });
                 }
                 KernelSpec::Logits { vocab, dim, .. } => {
