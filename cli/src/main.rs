@@ -351,7 +351,8 @@ enum Cmd {
         /// Prompt tokens to prefill.
         #[arg(long, default_value_t = 512)]
         prompt: usize,
-        /// Tokens to decode after the prompt.
+        /// Tokens to decode after the prompt (and again from an empty cache, as llama-bench's
+        /// tg test does).
         #[arg(long = "gen", default_value_t = 128)]
         gen_tokens: usize,
         /// Timed runs after one warm-up run; the median is reported.
@@ -774,6 +775,7 @@ fn real_main(cli: Cli) -> Result<()> {
                 .collect();
             let mut pre = Vec::new();
             let mut dec = Vec::new();
+            let mut dec0 = Vec::new();
             let load_peak = peak_rss_bytes();
             let mut run_peak = None;
             for r in 0..runs.max(1) + 1 {
@@ -795,10 +797,21 @@ fn real_main(cli: Cli) -> Result<()> {
                     id = wkvc_runtime::sample::argmax(s.step(&[id])?) as u32;
                 }
                 let td = t1.elapsed().as_secs_f64();
+                drop(s);
+                // decode from an empty cache, one token per step (what llama-bench's tg
+                // measures)
+                let mut s = engine.session(ngen.max(1));
+                let mut id = ids[0];
+                let t2 = Instant::now();
+                for _ in 0..ngen {
+                    id = wkvc_runtime::sample::argmax(s.step(&[id])?) as u32;
+                }
+                let te = t2.elapsed().as_secs_f64();
                 if r > 0 {
                     pre.push(prompt as f64 / tp);
                     if ngen > 0 {
                         dec.push(ngen as f64 / td);
+                        dec0.push(ngen as f64 / te);
                     }
                 }
                 tracing::info!(
@@ -847,6 +860,7 @@ fn real_main(cli: Cli) -> Result<()> {
                 "runs": runs.max(1),
                 "prefill_tokens_per_s": median(pre),
                 "decode_tokens_per_s": median(dec),
+                "decode_from_empty_tokens_per_s": median(dec0),
                 "peak_rss_bytes": load_peak.max(peak_rss_bytes()),
                 "peak_rss_running_bytes": run_peak.and_then(|_| peak_rss_bytes()),
                 "model_file_bytes": m.source.file_bytes,
@@ -856,13 +870,16 @@ fn real_main(cli: Cli) -> Result<()> {
                 println!("{out}");
             } else {
                 println!(
-                    "{}: prefill {:.1} tokens/s ({prompt} tokens), decode {:.2} tokens/s ({ngen} tokens), \
-                     decode at {long_ctx} context {:.2} tokens/s, \
+                    "{}: prefill {:.1} tokens/s ({prompt} tokens), decode {:.2} tokens/s ({ngen} tokens \
+                     after the prompt; {:.2} from an empty cache), decode at {long_ctx} context {:.2} tokens/s, \
                      {th} threads, peak RSS {:.0} MiB (while running {:.0} MiB, memory plan {:.0} MiB), \
                      weights {:.0} MiB in memory",
                     engine.describe(),
                     out["prefill_tokens_per_s"].as_f64().unwrap_or(0.0),
                     out["decode_tokens_per_s"].as_f64().unwrap_or(0.0),
+                    out["decode_from_empty_tokens_per_s"]
+                        .as_f64()
+                        .unwrap_or(0.0),
                     out["decode_at_long_ctx_tokens_per_s"]
                         .as_f64()
                         .unwrap_or(0.0),

@@ -7,7 +7,7 @@
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use std::hint::black_box;
 use wkvc_codegen::cpu::{CpuJit, KernelFn};
-use wkvc_codegen::kernels::{prep_f32, prep_int8};
+use wkvc_codegen::kernels::{prep_f32, prep_int8, tile_codes, tile_params};
 use wkvc_ir::{Act, KernelSpec};
 
 fn call(f: KernelFn, a: &[u64]) {
@@ -44,8 +44,9 @@ fn benches(c: &mut Criterion) {
         let ng = k.div_ceil(gl);
         let nb = k / 32;
         let codes: Vec<u8> = (0..n * k / 2).map(|i| (i * 37 % 251) as u8).collect();
-        let s = vec![0.01f32; n * ng];
-        let z = vec![8f32; n * ng];
+        let codes = tile_codes(&codes, n, k, gl);
+        let s = tile_params(&vec![0.01f32; n * ng], n, ng);
+        let z = tile_params(&vec![8f32; n * ng], n, ng);
         for &m in &[1usize, 64] {
             let x = rnd(m * k, 3);
             let mut xp = vec![0f32; m * k];

@@ -368,9 +368,11 @@ pub fn build(
                 act,
                 ..
             } => {
-                if *bits > 4 || !k.is_multiple_of(2) {
+                let gl = wkvc_ir::quant::group_len(*k, *group);
+                if *bits > 4 || !k.is_multiple_of(2) || !gl.is_multiple_of(2) {
                     return Err(CodegenError::Unsupported(format!(
-                        "qgemm needs <= 4 bits and an even width, got {bits} bits, k = {k}"
+                        "qgemm needs <= 4 bits, an even width and an even group, got {bits} \
+                         bits, k = {k}, group {gl}"
                     )));
                 }
                 let gl = wkvc_ir::quant::group_len(*k, *group);
@@ -438,6 +440,51 @@ pub fn build(
     Ok(func)
 }
 
+/// Rows per weight tile of `qgemm` (see `tile_codes`).
+pub const QTILE: usize = wkvc_ir::kernel::QGEMM_TILE;
+
+/// The `qgemm` weight layout, from packed int4 rows (`k / 2` bytes each, low nibble first):
+/// rows in tiles of `QTILE` (the last tile padded with zero rows); within a tile, each
+/// 32-column block of a group (16 bytes per row) and each group's tail of `len % 32` columns
+/// is stored for the tile's rows side by side, in column order. A decode step then reads
+/// one sequential stream of weights. `gl` is the group length (even).
+pub fn tile_codes(codes: &[u8], n: usize, k: usize, gl: usize) -> Vec<u8> {
+    let kb = k / 2;
+    let mut out = vec![0u8; n.div_ceil(QTILE) * QTILE * kb];
+    // (byte offset, bytes) of each segment of a row
+    let mut segs = Vec::new();
+    for c0 in (0..k).step_by(gl.max(2)) {
+        let len = gl.min(k - c0);
+        for b in 0..len / 32 {
+            segs.push(((c0 + 32 * b) / 2, 16));
+        }
+        if !len.is_multiple_of(32) {
+            segs.push(((c0 + len / 32 * 32) / 2, (len % 32) / 2));
+        }
+    }
+    for (r, src) in codes.chunks_exact(kb).take(n).enumerate() {
+        let tile = &mut out[(r / QTILE) * QTILE * kb..][..QTILE * kb];
+        let j = r % QTILE;
+        for &(o, w) in &segs {
+            tile[QTILE * o + j * w..][..w].copy_from_slice(&src[o..o + w]);
+        }
+    }
+    out
+}
+
+/// Per-group scales (or zeros) of `n` rows x `ng` groups in the `qgemm` tile order: for
+/// each tile of `QTILE` rows and each group, the tile's rows side by side (zero padded).
+pub fn tile_params(p: &[f32], n: usize, ng: usize) -> Vec<f32> {
+    let mut out = vec![0f32; n.div_ceil(QTILE) * QTILE * ng];
+    for (r, row) in p.chunks_exact(ng).take(n).enumerate() {
+        let (t, j) = (r / QTILE, r % QTILE);
+        for (g, &v) in row.iter().enumerate() {
+            out[(t * ng + g) * QTILE + j] = v;
+        }
+    }
+    out
+}
+
 /// y[i, n] (+= r) = sum over groups of s*(x.q - z*sum(x)).
 fn emit_qgemm(e: &mut E, k: usize, gl: usize, residual: bool, act: Act) {
     let a: Vec<Value> = (0..14).map(|i| e.arg(i)).collect();
@@ -453,17 +500,29 @@ fn emit_qgemm(e: &mut E, k: usize, gl: usize, residual: bool, act: Act) {
     let (m, n0, n1) = (c.a[4], c.a[10], c.a[11]);
     // Weight rows in blocks of about 16 KiB (they stay in L1) x activation rows in blocks of
     // 4 (the unpacked codes serve 4 rows): the activations stream through once per block.
-    let nblk = (16384 / (k / 2).max(1)).clamp(4, 64) as i64;
+    // (whole tiles of QTILE rows)
+    let nblk = (16384 / (k / 2).max(1))
+        .clamp(QTILE, 64)
+        .next_multiple_of(QTILE) as i64;
     let zero = e.ic(0);
     // (activation rows, weight rows) per step: the int8 path shares an activation block
     // among 4 weight rows in decode and 2 in prefill; the f32 path's unpacked codes take too
     // many registers for that.
     let (nr4, nr1) = match act {
-        Act::Int8 => (1, 8),
+        Act::Int8 => (1, QTILE),
         Act::F32 => (1, 1),
     };
     e.for_blocks(n0, n1, nblk, &mut |e, nb, ne| {
         let rows = |e: &mut E, i: Value, rr: usize, nr: usize| {
+            let mut nb = nb;
+            if nr == QTILE {
+                // single rows up to the first tile boundary (a range that starts mid-tile)
+                let up = e.b.ins().iadd_imm_s(nb, QTILE as i64 - 1);
+                let up = e.b.ins().band_imm_s(up, !(QTILE as i64 - 1));
+                let up = e.b.ins().umin(up, ne);
+                e.for_range(nb, up, 1, &mut |e, n| qgemm_rows(e, &c, i, n, rr, 1));
+                nb = up;
+            }
             let n = e.for_range(nb, ne, nr as i64, &mut |e, n| {
                 qgemm_rows(e, &c, i, n, rr, nr)
             });
@@ -498,9 +557,21 @@ fn qgemm_rows(e: &mut E, c: &QGemm, i: Value, n: Value, rr: usize, nr: usize) {
     let a = &c.a;
     let xw = if c.act == Act::Int8 { 1 } else { 4 };
     let kb = (k / 2) as i64;
-    let wrow = e.addr(a[5], n, kb);
-    let srow = e.addr(a[6], n, 4 * ng as i64);
-    let zrow = e.addr(a[7], n, 4 * ng as i64);
+    let qt = QTILE as i64;
+    // the weights in tiles of QTILE rows (`tile_codes`, `tile_params`): row n is row j of
+    // the tile at n & !7; with nr = QTILE, n starts a tile and j = 0..QTILE are constants
+    let nt = e.b.ins().band_imm_s(n, !(qt - 1));
+    let jr = if nr == QTILE {
+        e.ic(0)
+    } else {
+        e.b.ins().band_imm_s(n, qt - 1)
+    };
+    let tbase = e.addr(a[5], nt, kb);
+    let wrow = e.addr(tbase, jr, 16);
+    let sbase = e.addr(a[6], nt, 4 * ng as i64);
+    let srow = e.addr(sbase, jr, 4);
+    let zbase = e.addr(a[7], nt, 4 * ng as i64);
+    let zrow = e.addr(zbase, jr, 4);
     let x0 = e.addr(a[0], i, (k * xw) as i64);
     let gs0 = e.addr(a[1], i, 4 * ng as i64);
     let dx0 = e.addr(a[2], i, 4 * nb as i64);
@@ -520,22 +591,24 @@ fn qgemm_rows(e: &mut E, c: &QGemm, i: Value, n: Value, rr: usize, nr: usize) {
         let acc: Vec<Variable> = (0..outs * accs).map(|_| e.var(V4, zv)).collect();
         let cend = e.b.ins().iadd_imm_s(c0, (len / 32 * 32) as i64);
         // pointers are loop-carried (Cranelift would otherwise recompute them per block)
-        let half = e.b.ins().ushr_imm_u(c0, 1);
-        let w_start = e.b.ins().iadd(wrow, half);
+        // a tile holds each block of its rows side by side: block at column c0 of row j
+        // starts at byte 8 * c0 / 2 + 16 * j
+        let w_off = e.b.ins().imul_imm_s(c0, qt / 2);
+        let w_start = e.b.ins().iadd(wrow, w_off);
         let x_start = e.addr(x0, c0, xw as i64);
         let wpv = e.var(P, w_start);
         let xpv = e.var(P, x_start);
         e.for_range(c0, cend, 32, &mut |e, _col| {
             let wp = e.get(wpv);
             let xp = e.get(xpv);
-            let wn = e.b.ins().iadd_imm_s(wp, 16);
+            let wn = e.b.ins().iadd_imm_s(wp, 16 * qt);
             e.set(wpv, wn);
             let xn = e.b.ins().iadd_imm_s(xp, 32 * xw as i64);
             e.set(xpv, xn);
             match c.act {
                 Act::F32 => {
                     for j in 0..nr {
-                        let q = e.codes32_ro(wp, j as i64 * kb);
+                        let q = e.codes32_ro(wp, 16 * j as i64);
                         for ri in 0..rr {
                             for (t, &qt) in q.iter().enumerate() {
                                 let xv = e.ld_ro(V4, xp, ((ri * k + 4 * t) * 4) as i64);
@@ -559,7 +632,7 @@ fn qgemm_rows(e: &mut E, c: &QGemm, i: Value, n: Value, rr: usize, nr: usize) {
                         })
                         .collect();
                     for j in 0..nr {
-                        let (lo, hi) = e.nibbles_ro(wp, j as i64 * kb);
+                        let (lo, hi) = e.nibbles_ro(wp, 16 * j as i64);
                         for (ri, &(a0, a1, sv)) in xs.iter().enumerate() {
                             let p0 = e.b.ins().x86_pmaddubsw(a0, lo);
                             let p1 = e.b.ins().x86_pmaddubsw(a1, hi);
@@ -581,13 +654,17 @@ fn qgemm_rows(e: &mut E, c: &QGemm, i: Value, n: Value, rr: usize, nr: usize) {
         });
         // columns past the last full block: scalar, from the original activations
         let tb = e.b.ins().iadd_imm_s(c0, (len / 32 * 32) as i64);
-        let half = e.b.ins().ushr_imm_u(tb, 1);
-        let wt = e.b.ins().iadd(wrow, half);
+        // the tail's bytes of the tile's rows side by side too (tail bytes tl per row)
+        let tl = ((len % 32) / 2) as i64;
+        let t_off = e.b.ins().imul_imm_s(tb, qt / 2);
+        let wt = e.b.ins().iadd(tbase, t_off);
+        let jt = e.b.ins().imul_imm_s(jr, tl);
+        let wt = e.b.ins().iadd(wt, jt);
         let xt = e.addr(xo0, tb, 4);
         let mut tacc = vec![zs; outs];
         for t in (0..len % 32).step_by(2) {
             for j in 0..nr {
-                let off = j as i64 * kb + (t / 2) as i64;
+                let off = j as i64 * tl + (t / 2) as i64;
                 let byte = e.b.ins().uload8(types::I32, mem_ro(), wt, off as i32);
                 let q0 = e.b.ins().band_imm_s(byte, 15);
                 let q1 = e.b.ins().ushr_imm_u(byte, 4);
@@ -602,12 +679,12 @@ fn qgemm_rows(e: &mut E, c: &QGemm, i: Value, n: Value, rr: usize, nr: usize) {
                 }
             }
         }
-        let sp = e.addr(srow, g, 4);
-        let zp = e.addr(zrow, g, 4);
+        let sp = e.addr(srow, g, 4 * qt);
+        let zp = e.addr(zrow, g, 4 * qt);
         let gp = e.addr(gs0, g, 4);
         for j in 0..nr {
-            let sg = e.ld_ro(types::F32, sp, (4 * j * ng) as i64);
-            let zg = e.ld_ro(types::F32, zp, (4 * j * ng) as i64);
+            let sg = e.ld_ro(types::F32, sp, (4 * j) as i64);
+            let zg = e.ld_ro(types::F32, zp, (4 * j) as i64);
             let sv = e.b.ins().splat(V4, sg);
             for ri in 0..rr {
                 let o = ri * nr + j;

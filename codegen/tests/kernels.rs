@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 use wkvc_codegen::cpu::{CpuJit, KernelFn};
-use wkvc_codegen::kernels::{prep_f32, prep_int8};
+use wkvc_codegen::kernels::{prep_f32, prep_int8, tile_codes, tile_params};
 use wkvc_ir::graph::{Attr, Builder, OpKind, Operand, attrs, seq_f32};
 use wkvc_ir::{
     Act, DType, Dim, Interpreter, KernelSpec, KvCache, Module, RunMode, Tensor, TensorType, Weight,
@@ -74,6 +74,11 @@ fn qgemm_matches_qlinear() {
         (4, 8, 40, -1, true),
         (6, 11, 200, 128, true),
         (9, 4, 576, 128, false),
+        // whole tiles of 8 rows in both calls, calls that start and end mid-tile, tails in
+        // tiles
+        (2, 37, 96, 32, true),
+        (1, 24, 40, -1, false),
+        (1, 40, 200, 128, true),
     ] {
         let gl = wkvc_ir::quant::group_len(k, group);
         let ng = k.div_ceil(gl);
@@ -130,6 +135,12 @@ fn qgemm_matches_qlinear() {
         let packed = wkvc_ir::quant::pack_u4(&codes, k);
         let sf: Vec<f32> = s16.iter().map(|v| v.to_f32()).collect();
         let zf: Vec<f32> = z16.iter().map(|v| v.to_f32()).collect();
+        // the kernel's weight layout
+        let (packed_t, sf_t, zf_t) = (
+            tile_codes(&packed, n, k, gl),
+            tile_params(&sf, n, ng),
+            tile_params(&zf, n, ng),
+        );
         // f32 error bound per output: terms |x| * 15 * s plus the zero-point term
         let mag: Vec<f64> = (0..m * n)
             .map(|o| {
@@ -187,9 +198,9 @@ fn qgemm_matches_qlinear() {
                         dx.as_ptr() as u64,
                         x.as_ptr() as u64,
                         m as u64,
-                        packed.as_ptr() as u64,
-                        sf.as_ptr() as u64,
-                        zf.as_ptr() as u64,
+                        packed_t.as_ptr() as u64,
+                        sf_t.as_ptr() as u64,
+                        zf_t.as_ptr() as u64,
                         y.as_mut_ptr() as u64,
                         n as u64,
                         n0 as u64,

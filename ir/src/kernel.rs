@@ -8,6 +8,10 @@
 use crate::graph::{Attr, Attrs, Node};
 use serde::{Deserialize, Serialize};
 
+/// Rows per weight tile of the CPU `qgemm` kernel's layout (the engine copies each
+/// quantized GEMM's codes and scale/zero in tiles of this many rows, the last one padded).
+pub const QGEMM_TILE: usize = 8;
+
 /// How a quantized GEMM treats its activations.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -507,7 +507,8 @@ pub struct MemoryPlan {
     /// read only by the embedding (an int8 head keeps its own copy) counts the rows a context
     /// can touch: min(vocab, max_ctx) rows, each with a page of slack.
     pub weights_bytes: usize,
-    /// Bytes of the engine's own copies: f32 scale/zero of the quantized GEMMs, the int8 head.
+    /// Bytes of the engine's own copies (the plan's pages are released): the quantized GEMMs'
+    /// codes in tiles of `QGEMM_TILE` rows with f32 scale/zero, the int8 head.
     #[serde(default)]
     pub derived_bytes: usize,
     /// For a table read only by the embedding: rows and bytes per row (with a page of slack)
@@ -615,7 +616,8 @@ pub fn memplan(
                     KernelSpec::Embed { .. } => {
                         embed_only.insert(p.clone());
                     }
-                    KernelSpec::Logits { act: Act::Int8, .. } => {}
+                    // the engine holds the codes, scales and zeros as its own copies
+                    KernelSpec::Logits { act: Act::Int8, .. } | KernelSpec::QGemm { .. } => {}
                     _ => {
                         params.insert(p.clone());
                     }
@@ -626,8 +628,12 @@ pub fn memplan(
             KernelSpec::QGemm {
                 k, parts, group, ..
             } => {
+                // codes in tiles of rows (the last one padded), f32 scale and zero
                 let ng = k.div_ceil(wkvc_ir::quant::group_len(*k, *group));
-                plan.derived_bytes += parts.iter().map(|n| n * ng * 8).sum::<usize>();
+                plan.derived_bytes += parts
+                    .iter()
+                    .map(|n| n.next_multiple_of(wkvc_ir::kernel::QGEMM_TILE) * (k / 2 + ng * 8))
+                    .sum::<usize>();
             }
             KernelSpec::Logits {
                 vocab,

@@ -8,7 +8,7 @@ use crate::pool::{Pool, grain};
 use std::collections::HashMap;
 use std::time::Instant;
 use wkvc_codegen::cpu::{CpuJit, KernelFn};
-use wkvc_codegen::kernels::{prep_f32, prep_int8};
+use wkvc_codegen::kernels::{QTILE, prep_f32, prep_int8};
 use wkvc_ir::graph::{Node, Operand};
 use wkvc_ir::{Act, DType, Graph, KernelSpec, Module, RunMode};
 use wkvc_passes::lower::{LowerOptions, MemoryPlan, lower, memplan};
@@ -56,7 +56,10 @@ pub struct CpuEngine {
     _owned: Vec<Vec<f32>>,
     /// the int8 head
     _owned_i8: Vec<Vec<i8>>,
-    /// bytes of the engine's own copies of weights (scale/zero in f32, the int8 head)
+    /// the quantized GEMMs' codes in tile order
+    _owned_u8: Vec<Vec<u8>>,
+    /// bytes of the engine's own copies of weights (quantized GEMM codes in tile order and
+    /// scale/zero in f32, the int8 head)
     pub derived_bytes: usize,
     rope_sets: Vec<Vec<f32>>,
     vocab: usize,
@@ -102,6 +105,7 @@ impl CpuEngine {
         let mut code_bytes = 0;
         let mut derived_bytes = 0;
         let mut owned_i8: Vec<Vec<i8>> = Vec::new();
+        let mut owned_u8: Vec<Vec<u8>> = Vec::new();
         let mut vocab = 0;
         for n in &lowered.nodes {
             let spec = KernelSpec::from_node(n).map_err(err)?;
@@ -118,7 +122,7 @@ impl CpuEngine {
                 }
             };
             let mut args = Vec::new();
-            for a in &n.args {
+            for (ai, a) in n.args.iter().enumerate() {
                 args.push(match a {
                     Operand::Value(v) => {
                         if let Some(i) = lowered.inputs.iter().find(|i| i.value == *v) {
@@ -137,9 +141,26 @@ impl CpuEngine {
                             Arg::Buf(off / 4)
                         }
                     }
-                    Operand::Param(p) => {
-                        Arg::Param(param_ptr(module, p, &mut owned, &mut f32_cache)?)
-                    }
+                    Operand::Param(p) => match &spec {
+                        // codes, scales and zeros of a quantized GEMM part: engine copies in
+                        // the kernel's tile order
+                        KernelSpec::QGemm {
+                            k, group, parts, ..
+                        } if (1..1 + 3 * parts.len()).contains(&ai) => {
+                            let rows = parts[(ai - 1) / 3];
+                            let gl = wkvc_ir::quant::group_len(*k, *group);
+                            Arg::Param(qgemm_param(
+                                module,
+                                p,
+                                (ai - 1) % 3 == 0,
+                                (rows, *k, gl),
+                                &mut owned,
+                                &mut owned_u8,
+                                &mut f32_cache,
+                            )?)
+                        }
+                        _ => Arg::Param(param_ptr(module, p, &mut owned, &mut f32_cache)?),
+                    },
                 });
             }
             let out = plan.buffers.get(&n.out.0).map(|b| b.0 / 4).unwrap_or(0);
@@ -220,6 +241,7 @@ impl CpuEngine {
         }
         let kernels = compiled.len();
         derived_bytes += owned.iter().map(|v| 4 * v.len()).sum::<usize>();
+        derived_bytes += owned_u8.iter().map(|v| v.len()).sum::<usize>();
         Ok(CpuEngine {
             steps,
             plan,
@@ -228,6 +250,7 @@ impl CpuEngine {
             _jit: jit,
             _owned: owned,
             _owned_i8: owned_i8,
+            _owned_u8: owned_u8,
             derived_bytes,
             rope_sets,
             vocab,
@@ -392,6 +415,60 @@ fn param_ptr(
                 .map(|v| v.as_ptr() as *const u8)
                 .unwrap_or(std::ptr::null()))
         }
+    };
+    cache.insert(name.to_string(), p);
+    Ok(p)
+}
+
+/// A quantized GEMM's codes (`codes`) or scales/zeros as the engine's copy in the kernel's
+/// tile order (`tile_codes`, `tile_params`); the plan's pages are released.
+#[allow(clippy::too_many_arguments)]
+fn qgemm_param(
+    module: &Module,
+    name: &str,
+    codes: bool,
+    (rows, k, gl): (usize, usize, usize),
+    owned: &mut Vec<Vec<f32>>,
+    owned_u8: &mut Vec<Vec<u8>>,
+    cache: &mut HashMap<String, Ptr>,
+) -> Result<Ptr, RuntimeError> {
+    if let Some(p) = cache.get(name) {
+        return Ok(*p);
+    }
+    let w = module
+        .weights
+        .get(name)
+        .ok_or_else(|| err(format!("param @{name} is not in the weight store")))?;
+    let ng = k.div_ceil(gl);
+    let p = if codes {
+        let b = w.bytes();
+        if w.dtype() != DType::U4 || b.len() != rows * (k / 2) {
+            return Err(err(format!(
+                "@{name}: expected {rows} rows of {k} packed 4-bit codes, found {:?} {:?}",
+                w.dtype(),
+                w.shape
+            )));
+        }
+        let t = wkvc_codegen::kernels::tile_codes(&b, rows, k, gl);
+        drop(b);
+        w.release_pages();
+        owned_u8.push(t);
+        Ptr(owned_u8.last().map_or(std::ptr::null(), |v| v.as_ptr()))
+    } else {
+        let f = w.f32();
+        if f.len() != rows * ng {
+            return Err(err(format!(
+                "@{name}: expected {rows} x {ng} group parameters, found shape {:?}",
+                w.shape
+            )));
+        }
+        let t = wkvc_codegen::kernels::tile_params(&f, rows, ng);
+        drop(f);
+        w.release_pages();
+        owned.push(t);
+        Ptr(owned
+            .last()
+            .map_or(std::ptr::null(), |v| v.as_ptr() as *const u8))
     };
     cache.insert(name.to_string(), p);
     Ok(p)
@@ -634,7 +711,8 @@ impl CpuSession<'_> {
                     let ntot: usize = parts.iter().sum();
                     let r = if *residual { p(1 + 3 * parts.len()) } else { 0 };
                     eng.pool
-                        .run_chunks(ntot, grain(ntot, threads, 4), &|_, a, b| {
+                        // whole weight tiles per chunk
+                        .run_chunks(ntot, grain(ntot, threads, QTILE), &|_, a, b| {
                             for_parts(parts, a, b, &mut |j, base, lo, hi| {
                                 let args = [
                                     xpp,

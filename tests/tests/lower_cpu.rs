@@ -84,6 +84,37 @@ fn lowered_graph_and_memory_plan() {
     assert!(mp.arena_bytes < all, "arena {} vs {}", mp.arena_bytes, all);
     // live buffers never overlap: a value's range is not reused before its last use
     assert!(mp.arena_bytes >= 8 * (128 + 2 * 64) * 4);
+    // the engine's own copies (tiled codes, f32 scale/zero, int8 head) are what the plan
+    // says, and the plan's pages of the quantized GEMMs are not counted again
+    let q = m.with_module(c.module.clone(), None);
+    for act in [Act::F32, Act::Int8] {
+        let eng = CpuEngine::new(&q.module, 1, act, 16).expect("engine");
+        assert_eq!(
+            eng.derived_bytes,
+            eng.memory_plan().derived_bytes,
+            "{act:?}"
+        );
+    }
+    let codes: usize = c
+        .module
+        .weights
+        .iter()
+        .filter(|(n, _)| n.ends_with(".qweight"))
+        .map(|(_, w)| w.storage_bytes())
+        .sum();
+    assert!(codes > 0);
+    let all: usize = c
+        .module
+        .weights
+        .iter()
+        .map(|(_, w)| w.storage_bytes())
+        .sum();
+    assert!(
+        mp.weights_bytes <= all - codes,
+        "{} vs {}",
+        mp.weights_bytes,
+        all - codes
+    );
 }
 
 #[test]
