@@ -973,13 +973,8 @@ fn real_main(cli: Cli) -> Result<()> {
                             wkvc_passes::lower::LowerOptions { act },
                         )?;
                         let ctx = ctx.unwrap_or(m.config.max_position_embeddings);
-                        let pb = |p: &str| {
-                            m.module
-                                .weights
-                                .get(p)
-                                .map(|w| w.storage_bytes())
-                                .unwrap_or(0)
-                        };
+                        let pb =
+                            |p: &str| m.module.weights.get(p).map(|w| w.size()).unwrap_or((0, 0));
                         let mp =
                             wkvc_passes::lower::memplan(&g, wkvc_runtime::cpu::CHUNK, ctx, 1, &pb)?;
                         (mp, g.nodes.len(), "computed now")

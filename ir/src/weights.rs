@@ -118,6 +118,11 @@ impl Weight {
         }
     }
 
+    /// (stored bytes, elements)
+    pub fn size(&self) -> (usize, usize) {
+        (self.storage_bytes(), self.shape.iter().product())
+    }
+
     /// Drop this weight's pages from memory when it is a view of a mapped file (they are read
     /// again from the file on the next access); a no-op for weights held in memory. Engines
     /// call it after building their own copy of a weight.
@@ -285,6 +290,19 @@ pub fn map_file(path: &std::path::Path) -> std::io::Result<Arc<Mmap>> {
     // modified by another process while mapped is outside what any mmap reader can defend.
     let m = unsafe { Mmap::map(&f) }?;
     Ok(Arc::new(m))
+}
+
+/// Drop the pages of `start..start + len` of a mapped file from memory (see
+/// `Weight::release_pages`): for bytes read once, such as a parsed header.
+pub fn release_mapped(map: &Mmap, start: usize, len: usize) {
+    let page = 4096;
+    let a = start / page * page;
+    let b = ((start + len).div_ceil(page) * page).min(map.len());
+    if b > a {
+        // SAFETY: a read-only private file mapping: DONTNEED only drops clean pages, which
+        // are re-read from the file when touched again.
+        let _ = unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, a, b - a) };
+    }
 }
 
 /// A weight viewing its bytes at `offset` of a mapped file, seen as `stored` (the caller

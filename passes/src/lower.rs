@@ -508,7 +508,8 @@ pub struct MemoryPlan {
     /// can touch: min(vocab, max_ctx) rows, each with a page of slack.
     pub weights_bytes: usize,
     /// Bytes of the engine's own copies (the plan's pages are released): the quantized GEMMs'
-    /// codes in tiles of `QGEMM_TILE` rows with f32 scale/zero, the int8 head.
+    /// codes in tiles of `QGEMM_TILE` rows with f32 scale/zero, the int8 head, f32 copies of
+    /// the small vectors of norms, RoPE and smoothing.
     #[serde(default)]
     pub derived_bytes: usize,
     /// For a table read only by the embedding: rows and bytes per row (with a page of slack)
@@ -580,14 +581,16 @@ fn in_place(spec: &KernelSpec, i: usize) -> bool {
 }
 
 /// Plan the lowered graph for chunks of up to `chunk` rows, `threads` workers and a context
-/// of `max_ctx` tokens. `param_bytes` gives the stored size of a param.
+/// of `max_ctx` tokens. `param_size` gives the stored bytes and the element count of a param.
 pub fn memplan(
     g: &Graph,
     chunk: usize,
     max_ctx: usize,
     threads: usize,
-    param_bytes: &dyn Fn(&str) -> usize,
+    param_size: &dyn Fn(&str) -> (usize, usize),
 ) -> Result<MemoryPlan, LowerError> {
+    let param_bytes = |p: &str| param_size(p).0;
+    let param_elems = |p: &str| param_size(p).1;
     let mut last = HashMap::new();
     for (i, n) in g.nodes.iter().enumerate() {
         for v in n.value_args() {
@@ -608,6 +611,7 @@ pub fn memplan(
     let mut scratch = 0usize;
     let mut params = HashSet::new();
     let mut embed_only: HashSet<String> = HashSet::new();
+    let mut copied: HashSet<String> = HashSet::new();
     for (i, n) in g.nodes.iter().enumerate() {
         let spec = KernelSpec::from_node(n).map_err(|e| unsupported(n, &e))?;
         for a in &n.args {
@@ -618,6 +622,15 @@ pub fn memplan(
                     }
                     // the engine holds the codes, scales and zeros as its own copies
                     KernelSpec::Logits { act: Act::Int8, .. } | KernelSpec::QGemm { .. } => {}
+                    // small vectors read every step: f32 copies (a mapped page would bring
+                    // its neighbours in with it)
+                    KernelSpec::RmsNorm { .. }
+                    | KernelSpec::RopeKv { .. }
+                    | KernelSpec::Attention { .. } => {
+                        if copied.insert(p.clone()) {
+                            plan.derived_bytes += 4 * param_elems(p);
+                        }
+                    }
                     _ => {
                         params.insert(p.clone());
                     }

@@ -423,7 +423,7 @@ pub fn cpu_plan(
     act: wkvc_ir::Act,
 ) -> Option<plan::CpuPlan> {
     let g = wkvc_passes::lower::lower(&m.graph, wkvc_passes::lower::LowerOptions { act }).ok()?;
-    let pb = |p: &str| m.weights.get(p).map(|w| w.storage_bytes()).unwrap_or(0);
+    let pb = |p: &str| m.weights.get(p).map(|w| w.size()).unwrap_or((0, 0));
     let memory =
         wkvc_passes::lower::memplan(&g, crate::cpu::CHUNK, max_context, threads, &pb).ok()?;
     Some(plan::CpuPlan {

@@ -87,13 +87,7 @@ impl CpuEngine {
         let t0 = Instant::now();
         let lowered = lower(&module.graph, LowerOptions { act }).map_err(|e| err(e.to_string()))?;
         let threads = threads.max(1);
-        let pb = |p: &str| {
-            module
-                .weights
-                .get(p)
-                .map(|w| w.storage_bytes())
-                .unwrap_or(0)
-        };
+        let pb = |p: &str| module.weights.get(p).map(|w| w.size()).unwrap_or((0, 0));
         let plan =
             memplan(&lowered, CHUNK, max_ctx, threads, &pb).map_err(|e| err(e.to_string()))?;
         let mut jit = CpuJit::host().map_err(|e| err(e.to_string()))?;
@@ -158,6 +152,12 @@ impl CpuEngine {
                                 &mut owned_u8,
                                 &mut f32_cache,
                             )?)
+                        }
+                        // small vectors read every step: f32 copies (see `memplan`)
+                        KernelSpec::RmsNorm { .. }
+                        | KernelSpec::RopeKv { .. }
+                        | KernelSpec::Attention { .. } => {
+                            Arg::Param(small_param(module, p, &mut owned, &mut f32_cache)?)
                         }
                         _ => Arg::Param(param_ptr(module, p, &mut owned, &mut f32_cache)?),
                     },
@@ -236,6 +236,25 @@ impl CpuEngine {
                 });
                 if !shared {
                     steps[i].release = module.weights.get(name).cloned();
+                }
+            }
+        }
+        // Fault-around mapped neighbouring pages back while the copies were built: release
+        // everything the engine holds its own copy of once more.
+        for (n, st) in lowered.nodes.iter().zip(&steps) {
+            let copied = matches!(
+                st.spec,
+                KernelSpec::QGemm { .. }
+                    | KernelSpec::RmsNorm { .. }
+                    | KernelSpec::RopeKv { .. }
+                    | KernelSpec::Attention { .. }
+                    | KernelSpec::Logits { act: Act::Int8, .. }
+            );
+            for a in &n.args {
+                if let (true, Operand::Param(p)) = (copied, a)
+                    && let Some(w) = module.weights.get(p)
+                {
+                    w.release_pages();
                 }
             }
         }
@@ -416,6 +435,30 @@ fn param_ptr(
                 .unwrap_or(std::ptr::null()))
         }
     };
+    cache.insert(name.to_string(), p);
+    Ok(p)
+}
+
+/// An f32 copy of a small param; the plan's pages are released (a mapped page read every
+/// step would bring its neighbours with it through fault-around).
+fn small_param(
+    module: &Module,
+    name: &str,
+    owned: &mut Vec<Vec<f32>>,
+    cache: &mut HashMap<String, Ptr>,
+) -> Result<Ptr, RuntimeError> {
+    if let Some(p) = cache.get(name) {
+        return Ok(*p);
+    }
+    let w = module
+        .weights
+        .get(name)
+        .ok_or_else(|| err(format!("param @{name} is not in the weight store")))?;
+    owned.push(w.f32().into_owned());
+    w.release_pages();
+    let p = Ptr(owned
+        .last()
+        .map_or(std::ptr::null(), |v| v.as_ptr() as *const u8));
     cache.insert(name.to_string(), p);
     Ok(p)
 }

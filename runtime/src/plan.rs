@@ -349,6 +349,9 @@ pub fn open(path: &Path) -> Result<(Module, Manifest), RuntimeError> {
             format!("tensor `{extra}` is not listed in the manifest"),
         ));
     }
+    // the header (manifest) is parsed: its pages are not read again
+    let header = 8 + u64::from_le_bytes(map[..8].try_into().unwrap_or_default()) as usize;
+    wkvc_ir::weights::release_mapped(&map, 0, header.min(map.len()));
     let graph = wkvc_ir::text::parse(&manifest.graph)
         .map_err(|e| perr(path, format!("manifest graph: {e}")))?;
     let module = Module { graph, weights };

@@ -67,13 +67,7 @@ fn lowered_graph_and_memory_plan() {
     // 2 layers x (norm, qkv, rope_kv, attention, o+residual, norm, gate|up, silu_mul,
     // down+residual) + embed, final norm, logits
     assert_eq!(g.nodes.len(), 2 * 9 + 3);
-    let pb = |p: &str| {
-        c.module
-            .weights
-            .get(p)
-            .map(|w| w.storage_bytes())
-            .unwrap_or(0)
-    };
+    let pb = |p: &str| c.module.weights.get(p).map(|w| w.size()).unwrap_or((0, 0));
     let mp = wkvc_passes::lower::memplan(&g, 8, 100, 2, &pb).expect("plans");
     // per layer and token: K and V, 2 kv heads x 32 channels as 4-bit codes, f32 scale and
     // zero per kv head
