@@ -583,6 +583,13 @@ fn qgemm_rows(e: &mut E, c: &QGemm, i: Value, n: Value, rr: usize, nr: usize) {
     let outs = rr * nr; // output (ri, j) at ri * nr + j
     let tot: Vec<Variable> = (0..outs).map(|_| e.var(V4, zv)).collect();
     let corr: Vec<Variable> = (0..outs).map(|_| e.var(types::F32, zs)).collect();
+    // zero-point terms in vectors of 4 rows when the rows come in fours
+    let vcorr = nr % 4 == 0;
+    let corrv: Vec<Variable> = if vcorr {
+        (0..outs / 4).map(|_| e.var(V4, zv)).collect()
+    } else {
+        Vec::new()
+    };
     let dxp = e.var(P, dx0);
     // one group of `len` columns at runtime group index `g`
     let group = |e: &mut E, g: Value, len: usize| {
@@ -682,9 +689,35 @@ fn qgemm_rows(e: &mut E, c: &QGemm, i: Value, n: Value, rr: usize, nr: usize) {
         let sp = e.addr(srow, g, 4 * qt);
         let zp = e.addr(zrow, g, 4 * qt);
         let gp = e.addr(gs0, g, 4);
+        if vcorr {
+            // the zero-point terms of 4 rows at a time: their scales and zeros lie side by
+            // side in the tile (same arithmetic per lane as the scalar form)
+            for ri in 0..rr {
+                let gs = e.ld_ro(types::F32, gp, (4 * ri * ng) as i64);
+                let gsv = e.b.ins().splat(V4, gs);
+                for q in 0..nr / 4 {
+                    let s4 = e.ld_ro(V4, sp, 16 * q as i64);
+                    let z4 = e.ld_ro(V4, zp, 16 * q as i64);
+                    let zx = e.b.ins().fmul(z4, gsv);
+                    let d = if len % 32 > 0 {
+                        let o = ri * nr + 4 * q;
+                        let mut t4 = e.b.ins().splat(V4, tacc[o]);
+                        for l in 1..4u8 {
+                            t4 = e.b.ins().insertlane(t4, tacc[o + l as usize], l);
+                        }
+                        e.b.ins().fsub(zx, t4)
+                    } else {
+                        zx
+                    };
+                    let cv = corrv[ri * (nr / 4) + q];
+                    let cr = e.get(cv);
+                    let cr = e.mul_add(s4, d, cr);
+                    e.set(cv, cr);
+                }
+            }
+        }
         for j in 0..nr {
             let sg = e.ld_ro(types::F32, sp, (4 * j) as i64);
-            let zg = e.ld_ro(types::F32, zp, (4 * j) as i64);
             let sv = e.b.ins().splat(V4, sg);
             for ri in 0..rr {
                 let o = ri * nr + j;
@@ -696,6 +729,10 @@ fn qgemm_rows(e: &mut E, c: &QGemm, i: Value, n: Value, rr: usize, nr: usize) {
                 let t = e.get(tot[o]);
                 let t = e.mul_add(v, sv, t);
                 e.set(tot[o], t);
+                if vcorr {
+                    continue;
+                }
+                let zg = e.ld_ro(types::F32, zp, (4 * j) as i64);
                 let gs = e.ld_ro(types::F32, gp, (4 * ri * ng) as i64);
                 let zx = e.b.ins().fmul(zg, gs);
                 let d = e.b.ins().fsub(zx, tacc[o]);
@@ -717,7 +754,12 @@ fn qgemm_rows(e: &mut E, c: &QGemm, i: Value, n: Value, rr: usize, nr: usize) {
             let o = ri * nr + j;
             let t = e.get(tot[o]);
             let t = e.hsum(t);
-            let cr = e.get(corr[o]);
+            let cr = if vcorr {
+                let cv = e.get(corrv[o / 4]);
+                e.b.ins().extractlane(cv, (o % 4) as u8)
+            } else {
+                e.get(corr[o])
+            };
             let v = e.b.ins().fsub(t, cr);
             let iq = e.b.ins().iadd_imm_s(i, ri as i64);
             let nj = e.b.ins().iadd_imm_s(n, j as i64);
