@@ -584,7 +584,7 @@ fn qgemm_rows(e: &mut E, c: &QGemm, i: Value, n: Value, rr: usize, nr: usize) {
     let tot: Vec<Variable> = (0..outs).map(|_| e.var(V4, zv)).collect();
     let corr: Vec<Variable> = (0..outs).map(|_| e.var(types::F32, zs)).collect();
     // zero-point terms in vectors of 4 rows when the rows come in fours
-    let vcorr = nr % 4 == 0;
+    let vcorr = nr.is_multiple_of(4);
     let corrv: Vec<Variable> = if vcorr {
         (0..outs / 4).map(|_| e.var(V4, zv)).collect()
     } else {
@@ -699,7 +699,7 @@ fn qgemm_rows(e: &mut E, c: &QGemm, i: Value, n: Value, rr: usize, nr: usize) {
                     let s4 = e.ld_ro(V4, sp, 16 * q as i64);
                     let z4 = e.ld_ro(V4, zp, 16 * q as i64);
                     let zx = e.b.ins().fmul(z4, gsv);
-                    let d = if len % 32 > 0 {
+                    let d = if !len.is_multiple_of(32) {
                         let o = ri * nr + 4 * q;
                         let mut t4 = e.b.ins().splat(V4, tacc[o]);
                         for l in 1..4u8 {
