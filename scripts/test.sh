@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
-# Run every test in release mode. Fetches the demo model first (tests then require it), and
-# requires the shared reference figures when ../shared is present beside the repository.
+# Run every test in release mode. Fetches the demo model and NVRTC first (tests then require
+# them), and requires the shared reference figures when ../shared is present beside the
+# repository.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WKVC_DEMO_MODEL=$(scripts/fetch-demo-model.sh)
 export WKVC_DEMO_MODEL WKVC_REQUIRE_DEMO=1
+# NVRTC from PyPI: the CUDA kernels are compiled to CUBIN in the tests (no GPU needed)
+WKVC_NVRTC_LIB=$(scripts/fetch-nvrtc.sh)
+export WKVC_NVRTC_LIB WKVC_REQUIRE_NVRTC=1
 if [ -f ../shared/reference/smollm2.json ] && [ -f ../shared/data/wikitext2-eval.txt ]; then
   export WKVC_REQUIRE_REFERENCE=1
 else

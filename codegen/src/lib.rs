@@ -1,10 +1,13 @@
 //! wkvc-codegen owns code generation: an emitter per kernel, specialised on its constants.
 //! `cpu` holds the JIT (host ISA detection, FMA-aware emission, compilation of kernels);
 //! `kernels` has the Cranelift emitter of every kernel kind of the lowered graph and the
-//! activation prep of the quantized GEMMs. The CUDA emitter comes later.
+//! activation prep of the quantized GEMMs; `cuda` emits CUDA C per kernel spec and `nvrtc`
+//! compiles it (CUBIN per architecture with ptxas's report, portable PTX) without a GPU.
 
 pub mod cpu;
+pub mod cuda;
 pub mod kernels;
+pub mod nvrtc;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CodegenError {
@@ -12,6 +15,8 @@ pub enum CodegenError {
     Isa(String),
     #[error("cranelift: {0}")]
     Cranelift(String),
-    #[error("the CPU back end does not support this kernel: {0}")]
+    #[error("the back end does not support this kernel: {0}")]
     Unsupported(String),
+    #[error("NVRTC: {0}")]
+    Nvrtc(String),
 }
