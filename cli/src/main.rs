@@ -393,15 +393,20 @@ enum Cmd {
         /// A kernel name as listed (e.g. qgemm_k576_b4_g128_f32).
         #[arg(long)]
         kernel: Option<String>,
-        /// cpu (Cranelift IR).
+        /// cpu (Cranelift IR) or cuda (CUDA C).
         #[arg(long, default_value = "cpu")]
         target: String,
         /// Activation mode of the quantized GEMMs: f32 or int8.
         #[arg(long, default_value = "f32")]
         cpu_act: String,
-        /// Print the machine code (after register allocation) instead of Cranelift IR.
+        /// Print the machine code instead: for cpu after register allocation; for cuda the
+        /// PTX from NVRTC for compute_ARCH, with ptxas's register/spill report for sm_ARCH
+        /// on stderr.
         #[arg(long)]
         asm: bool,
+        /// GPU architecture for --target cuda --asm (80: A100, 90: H100/H200).
+        #[arg(long, default_value_t = 90)]
+        arch: u32,
     },
 }
 
@@ -896,9 +901,10 @@ fn real_main(cli: Cli) -> Result<()> {
             target,
             cpu_act,
             asm,
+            arch,
         } => {
-            if target != "cpu" {
-                bail!("--target must be cpu (the CUDA back end is not built yet), got {target}");
+            if target != "cpu" && target != "cuda" {
+                bail!("--target must be cpu or cuda, got {target}");
             }
             let act = wkvc_runtime::Act::parse(&cpu_act)
                 .with_context(|| format!("--cpu-act must be f32 or int8, got {cpu_act}"))?;
@@ -926,6 +932,27 @@ fn real_main(cli: Cli) -> Result<()> {
                             specs.keys().cloned().collect::<Vec<_>>().join(", ")
                         )
                     })?;
+                    if target == "cuda" {
+                        let k = wkvc_codegen::cuda::emit(spec)?;
+                        if asm {
+                            let c = wkvc_codegen::nvrtc::cubin(&k.source, &k.entries[0], arch)?;
+                            for e in &c.entries {
+                                eprintln!(
+                                    "sm_{arch} {}: {} registers, {} bytes stack, spill stores {} B, spill loads {} B, {} B shared memory",
+                                    e.name,
+                                    e.registers,
+                                    e.stack_bytes,
+                                    e.spill_stores,
+                                    e.spill_loads,
+                                    e.smem_bytes
+                                );
+                            }
+                            print!("{}", wkvc_codegen::nvrtc::ptx(&k.source, &k.entries[0], arch)?);
+                        } else {
+                            print!("{}", k.source);
+                        }
+                        return Ok(());
+                    }
                     let mut jit = wkvc_codegen::cpu::CpuJit::host()?;
                     if asm {
                         print!("{}", jit.kernel_asm(spec)?);

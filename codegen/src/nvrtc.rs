@@ -36,11 +36,18 @@ pub struct Cubin {
 
 static LOADED: OnceLock<Result<String, String>> = OnceLock::new();
 
+/// `WKVC_NVRTC_LIB` when set and not empty.
+fn explicit_lib() -> Option<PathBuf> {
+    std::env::var_os("WKVC_NVRTC_LIB")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+}
+
 /// Candidate paths of libnvrtc, most specific first.
 fn candidates() -> Vec<PathBuf> {
     let mut v = Vec::new();
-    if let Some(p) = std::env::var_os("WKVC_NVRTC_LIB") {
-        v.push(PathBuf::from(p));
+    if let Some(p) = explicit_lib() {
+        v.push(p);
     }
     if let Some(h) = std::env::var_os("HOME") {
         v.push(PathBuf::from(h).join(".cache/wkvc/nvrtc/nvidia/cuda_nvrtc/lib/libnvrtc.so.12"));
@@ -56,7 +63,7 @@ fn candidates() -> Vec<PathBuf> {
 pub fn locate() -> Result<String, CodegenError> {
     LOADED
         .get_or_init(|| {
-            let explicit = std::env::var_os("WKVC_NVRTC_LIB").is_some();
+            let explicit = explicit_lib().is_some();
             for (n, p) in candidates().into_iter().enumerate() {
                 if !p.is_file() {
                     if n == 0 && explicit {
@@ -88,7 +95,7 @@ pub fn locate() -> Result<String, CodegenError> {
                 Ok("the loader's search path".to_string())
             } else {
                 Err(
-                    "NVRTC (libnvrtc.so.12) was not found: install it with `pip install \
+                    "NVRTC (libnvrtc.so.12) was not found: install it with `scripts/fetch-nvrtc.sh` or `pip install \
                      nvidia-cuda-nvrtc-cu12==12.9.86` and set WKVC_NVRTC_LIB to \
                      <site-packages>/nvidia/cuda_nvrtc/lib/libnvrtc.so.12"
                         .to_string(),
