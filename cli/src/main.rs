@@ -312,6 +312,10 @@ enum Cmd {
         seed: u64,
         #[arg(long)]
         threads: Option<usize>,
+        /// Back ends to record code for: cpu (the lowered graph and memory plan), or cpu,cuda
+        /// (also every kernel's CUDA C and its PTX for compute_80, made with NVRTC).
+        #[arg(long, default_value = "cpu")]
+        target: String,
     },
     /// Measure perplexity (and KL divergence) on a text file.
     Eval {
@@ -585,8 +589,21 @@ fn real_main(cli: Cli) -> Result<()> {
             calib_tokens,
             seed,
             threads: t,
+            target,
         } => {
             let t0 = Instant::now();
+            let mut cuda = false;
+            for tg in target.split(',').map(str::trim) {
+                match tg {
+                    "cpu" => {}
+                    "cuda" => cuda = true,
+                    other => bail!("--target takes cpu and cuda (comma separated), got {other}"),
+                }
+            }
+            if cuda {
+                // before any long work: NVRTC must be there
+                wkvc_codegen::nvrtc::locate()?;
+            }
             let fp = open(&model)?;
             let opts = compile_options(&q, calib, calib_tokens, seed, threads(t))?;
             opts.validate()?;
@@ -618,7 +635,11 @@ fn real_main(cli: Cli) -> Result<()> {
             } else {
                 String::new()
             };
-            let manifest = compile::manifest(&fp, &c, quality.clone(), sha);
+            let mut manifest = compile::manifest(&fp, &c, quality.clone(), sha);
+            if cuda {
+                say("CUDA kernels: CUDA C and PTX (NVRTC)");
+                manifest.cuda = Some(compile::cuda_plan(&c.module, opts.cpu_act, 80)?);
+            }
             let mem = manifest.memory.clone();
             if compile::CANCEL.load(std::sync::atomic::Ordering::SeqCst) {
                 bail!("interrupted (Ctrl-C): nothing was written");
@@ -947,7 +968,10 @@ fn real_main(cli: Cli) -> Result<()> {
                                     e.smem_bytes
                                 );
                             }
-                            print!("{}", wkvc_codegen::nvrtc::ptx(&k.source, &k.entries[0], arch)?);
+                            print!(
+                                "{}",
+                                wkvc_codegen::nvrtc::ptx(&k.source, &k.entries[0], arch)?
+                            );
                         } else {
                             print!("{}", k.source);
                         }

@@ -102,7 +102,9 @@ __device__ __forceinline__ float block_max(float v, float* red) {
 pub fn emit(spec: &KernelSpec) -> Result<CudaKernel, CodegenError> {
     let name = entry_base(spec);
     let mut s = String::new();
-    let _ = writeln!(s, "// wkvc kernel {name}: {spec:?}");
+    // only what the code depends on (not the layer or the part widths): kernels with the same
+    // source share one module, keyed by its hash
+    let _ = writeln!(s, "// wkvc kernel {name}");
     s.push_str(PRELUDE);
     let (entries, launch) = match spec {
         KernelSpec::Embed { vocab, dim } => {

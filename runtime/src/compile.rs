@@ -433,6 +433,42 @@ pub fn cpu_plan(
     })
 }
 
+/// The CUDA back end's code of a compiled module: every distinct kernel of its lowered graph
+/// as CUDA C and PTX for `compute_{ptx_arch}` (NVRTC, no GPU needed).
+pub fn cuda_plan(
+    m: &Module,
+    act: wkvc_ir::Act,
+    ptx_arch: u32,
+) -> Result<plan::CudaPlan, RuntimeError> {
+    let cerr = |e: wkvc_codegen::CodegenError| RuntimeError::Invalid(format!("CUDA: {e}"));
+    let g = wkvc_passes::lower::lower(&m.graph, wkvc_passes::lower::LowerOptions { act })
+        .map_err(|e| RuntimeError::Invalid(format!("CUDA: {e}")))?;
+    let (maj, min) = wkvc_codegen::nvrtc::version().map_err(cerr)?;
+    let mut kernels: Vec<plan::CudaModule> = Vec::new();
+    for n in &g.nodes {
+        let spec = wkvc_ir::KernelSpec::from_node(n).map_err(RuntimeError::Invalid)?;
+        let name = spec.code_name();
+        let k = wkvc_codegen::cuda::emit(&spec).map_err(cerr)?;
+        let sha256 = plan::sha256_hex(&k.source);
+        if kernels.iter().any(|x| x.sha256 == sha256) {
+            continue;
+        }
+        let ptx = wkvc_codegen::nvrtc::ptx(&k.source, &name, ptx_arch).map_err(cerr)?;
+        kernels.push(plan::CudaModule {
+            name,
+            sha256,
+            entries: k.entries,
+            source: k.source,
+            ptx,
+        });
+    }
+    Ok(plan::CudaPlan {
+        nvrtc: format!("{maj}.{min}"),
+        ptx_arch,
+        kernels,
+    })
+}
+
 /// Perplexity and KLD of the compiled model against the FP model on held-out tokens.
 pub fn measure_quality(
     fp: &Model,
@@ -488,6 +524,7 @@ pub fn manifest(
         quality,
         memory: memory_plan(&c.module, fp.config.max_position_embeddings),
         cpu: cpu_plan(&c.module, fp.config.max_position_embeddings, 1, c.cpu_act),
+        cuda: None,
         passes: serde_json::to_value(&c.reports).unwrap_or_default(),
         tensors: Default::default(),
     }

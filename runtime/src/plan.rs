@@ -61,6 +61,31 @@ pub struct CpuPlan {
     pub memory: wkvc_passes::lower::MemoryPlan,
 }
 
+/// The CUDA back end's code for a plan (`wkvc compile --target cpu,cuda`): per distinct
+/// kernel of the lowered graph its CUDA C and the PTX NVRTC made of it, keyed by the sha256
+/// of the source. The PTX runs on the recorded architecture and later ones (the driver
+/// JIT-compiles it); an engine for another architecture recompiles the source.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CudaPlan {
+    /// NVRTC version that made the PTX ("12.9")
+    pub nvrtc: String,
+    /// the PTX's virtual architecture (80: compute_80)
+    pub ptx_arch: u32,
+    pub kernels: Vec<CudaModule>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CudaModule {
+    /// the kernel spec's code name
+    pub name: String,
+    /// sha256 of `source` (hex)
+    pub sha256: String,
+    /// `extern "C"` entry points
+    pub entries: Vec<String>,
+    pub source: String,
+    pub ptx: String,
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TensorEntry {
     /// Logical dtype the graph sees (u4 is stored as U8 bytes, two codes per byte).
@@ -87,8 +112,16 @@ pub struct Manifest {
     /// when the graph has something the kernels do not implement.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu: Option<CpuPlan>,
+    /// The CUDA back end's sources and PTX (only with `--target cuda`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cuda: Option<CudaPlan>,
     pub passes: serde_json::Value,
     pub tensors: BTreeMap<String, TensorEntry>,
+}
+
+/// sha256 of a string, hex.
+pub fn sha256_hex(s: &str) -> String {
+    hex(&Sha256::digest(s.as_bytes()))
 }
 
 fn perr(path: &Path, msg: impl Into<String>) -> RuntimeError {

@@ -195,3 +195,49 @@ fn engine_errors_and_fallback() {
         "cpu (f32 activations)"
     );
 }
+
+/// `compile --target cpu,cuda`: every kernel of the lowered graph has its CUDA C (one module
+/// per distinct source, keyed by its sha256) and PTX in the plan, and the plan reopens with
+/// them. Needs NVRTC (required where WKVC_REQUIRE_NVRTC is set, as in scripts/test.sh).
+#[test]
+fn cuda_code_is_stored_in_the_plan() {
+    if let Err(e) = wkvc_codegen::nvrtc::locate() {
+        if std::env::var_os("WKVC_REQUIRE_NVRTC").is_some() {
+            panic!("{e}");
+        }
+        eprintln!("SKIPPED (set WKVC_REQUIRE_NVRTC to fail instead): {e}");
+        return;
+    }
+    let m = tiny32("lower-cuda", 32);
+    let c = compile(&m, 4, true, true);
+    let cp = compile::cuda_plan(&c.module, Act::F32, 80).expect("cuda plan");
+    assert_eq!(cp.ptx_arch, 80);
+    let g = wkvc_passes::lower::lower(&c.module.graph, Default::default()).expect("lowers");
+    let mut sources = std::collections::BTreeSet::new();
+    for n in &g.nodes {
+        let spec = wkvc_ir::KernelSpec::from_node(n).expect("spec");
+        let src = wkvc_codegen::cuda::emit(&spec).expect("emits").source;
+        let sha = wkvc_runtime::plan::sha256_hex(&src);
+        let k = cp
+            .kernels
+            .iter()
+            .find(|k| k.sha256 == sha)
+            .unwrap_or_else(|| panic!("{}: not in the plan", spec.code_name()));
+        assert_eq!(k.source, src);
+        for e in &k.entries {
+            assert!(k.ptx.contains(&format!(".entry {e}(")), "{e}");
+        }
+        sources.insert(sha);
+    }
+    // the layers share their kernels
+    assert_eq!(cp.kernels.len(), sources.len());
+    assert!(cp.kernels.len() < g.nodes.len());
+    // written and read back with the plan
+    let dir = temp_dir("lower-cuda-plan");
+    let path = dir.join("p.wkv");
+    let mut man = compile::manifest(&m, &c, serde_json::Value::Null, String::new());
+    man.cuda = Some(cp.clone());
+    wkvc_runtime::plan::write(&path, &c.module, man).expect("writes");
+    let (_, back) = wkvc_runtime::plan::open(&path).expect("opens");
+    assert_eq!(back.cuda, Some(cp));
+}
