@@ -417,9 +417,13 @@ enum Cmd {
 /// Engine selection shared by run, eval and bench.
 #[derive(clap::Args, Clone, Debug)]
 struct EngineArgs {
-    /// auto (compiled CPU engine for plans, interpreter otherwise), cpu, or interp.
+    /// auto (compiled CPU engine for plans, interpreter otherwise), cpu, cuda (the CUDA
+    /// kernels on an NVIDIA GPU), or interp.
     #[arg(long, default_value = "auto")]
     engine: String,
+    /// GPU for --engine cuda.
+    #[arg(long, default_value_t = 0)]
+    device: usize,
     /// Activations of the CPU engine's quantized GEMMs: f32 (exact) or int8 (fast path);
     /// default: what the plan selects.
     #[arg(long)]
@@ -446,8 +450,19 @@ fn make_engine<'m>(m: &'m Model, th: usize, ea: &EngineArgs) -> Result<wkvc_runt
         }
         ("cpu", None) => m.engine_kind(th, wkvc_runtime::EngineKind::Cpu { act: plan_act })?,
         ("interp", _) => m.engine_kind(th, wkvc_runtime::EngineKind::Interp)?,
-        (other, _) => bail!("--engine must be auto, cpu or interp, got {other}"),
+        ("cuda", _) => m.engine_kind(th, wkvc_runtime::EngineKind::Cuda { device: ea.device })?,
+        (other, _) => bail!("--engine must be auto, cpu, cuda or interp, got {other}"),
     };
+    if let Some(c) = e.cuda() {
+        tracing::info!(
+            "CUDA engine on {} (sm_{}): {} kernel modules ({}) and weights loaded in {:.0} ms",
+            c.device_name,
+            c.arch,
+            c.kernels,
+            c.code,
+            c.load_ms
+        );
+    }
     if let Some(c) = e.cpu() {
         tracing::info!(
             "CPU engine: {} kernels JIT-compiled in {:.1} ms ({} bytes of code)",

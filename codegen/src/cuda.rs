@@ -446,7 +446,9 @@ extern "C" __global__ void __launch_bounds__(256) {name}_tiled(const float* __re
 }
 
 /// `(float* x, int m, const int* pos, const float* inv_freq, u8* kc, float* kp, u8* vc,
-/// float* vp, int row0, const float* ksh, const float* ksc, const float* vsh, const float* vsc)`:
+/// float* vp, const int* state, const float* ksh, const float* ksc, const float* vsh,
+/// const float* vsc)` (state[0] = cached tokens: row i goes to cache row state[0] + i; kept in
+/// device memory so that a captured decode graph replays unchanged):
 /// RoPE (rotate-half, angle pos * inv_freq in f32, its cos/sin in f64) on the q and k heads of
 /// each row in place, then K and V of row i appended at cache row row0 + i: smoothed
 /// ((x - shift) / scale), per (token, kv head) min/max, scale rounded up to an f16, zero
@@ -475,7 +477,8 @@ fn emit_rope_kv(
 #define SMOOTH {smooth}
 extern "C" __global__ void {name}(float* __restrict__ x, int m, const int* __restrict__ pos,
         const float* __restrict__ inv_freq, u8* __restrict__ kc, float* __restrict__ kp,
-        u8* __restrict__ vc, float* __restrict__ vp, int row0, const float* __restrict__ ksh,
+        u8* __restrict__ vc, float* __restrict__ vp, const int* __restrict__ state,
+        const float* __restrict__ ksh,
         const float* __restrict__ ksc, const float* __restrict__ vsh, const float* __restrict__ vsc) {{
     int i = blockIdx.x;
     if (i >= m) return;
@@ -489,7 +492,7 @@ extern "C" __global__ void {name}(float* __restrict__ x, int m, const int* __res
         xr[h * HD + j + HALF] = b * c + a * sn;
     }}
     __syncthreads();
-    size_t row = (size_t)row0 + i;
+    size_t row = (size_t)state[0] + i;
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     // one warp per (K or V, kv head)
     for (int item = warp; item < 2 * KVH; item += blockDim.x >> 5) {{
@@ -547,14 +550,14 @@ extern "C" __global__ void {name}(float* __restrict__ x, int m, const int* __res
 
 /// Attention over the cache and the chunk's own rows, split over the context
 /// (flash-decoding). `{name}_split(const float* x, int m, const u8* kc, const float* kp,
-/// const u8* vc, const float* vp, int past, int decode, const float* ksh, const float* ksc,
+/// const u8* vc, const float* vp, const int* state, int decode, const float* ksh, const float* ksc,
 /// const float* vsh, const float* vsc, float* part, int splits)`: block (split, kv head g,
 /// row i) takes its share of the row's tokens: the packed past with the per-token scale/zero
 /// algebra (q' = q * k_scale; score = s (q'.codes - z sum q') + q . k_shift), then the FP
 /// rows, online softmax per query head, V accumulated on codes and un-smoothed at the end;
 /// writes (max, sum, unnormalised out[head_dim]) per query head to `part`.
 /// `{name}_merge(const float* part, int splits, float* out, int m)` combines the splits.
-/// Which tokens row i sees (past = cached tokens before the chunk; `decode` = the
+/// Which tokens row i sees (past = state[0], the cached tokens before the chunk; `decode` = the
 /// decode-equivalent protocol): a 16-bit cache: cache rows 0..past+i+1 in FP; not past-only:
 /// past+i+1 packed tokens; past-only: past (prefill protocol) or past+i (decode) packed
 /// tokens, then the chunk's rows 0..i+1 (prefill) or i..i+1 (decode) in FP.
@@ -589,7 +592,8 @@ fn emit_attention(
 
 extern "C" __global__ void __launch_bounds__(TILE) {name}_split(const float* __restrict__ x, int m,
         const u8* __restrict__ kc, const float* __restrict__ kp, const u8* __restrict__ vc,
-        const float* __restrict__ vp, int past, int decode, const float* __restrict__ ksh,
+        const float* __restrict__ vp, const int* __restrict__ state, int decode,
+        const float* __restrict__ ksh,
         const float* __restrict__ ksc, const float* __restrict__ vsh, const float* __restrict__ vsc,
         float* __restrict__ part, int splits) {{
     __shared__ float qr[GROUP][HD];   // q (for FP rows)
@@ -601,6 +605,7 @@ extern "C" __global__ void __launch_bounds__(TILE) {name}_split(const float* __r
     __shared__ float red[32];
     int sidx = blockIdx.x, g = blockIdx.y, i = blockIdx.z, tid = threadIdx.x;
     if (i >= m) return;
+    int past = state[0];
     const float* xr = x + (size_t)i * WIDTH;
     // the row's tokens: nq packed, then FP rows f0..f1 (kf/vf with stride ldf)
     int nq, f0, f1, ldf;

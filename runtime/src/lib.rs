@@ -5,6 +5,7 @@
 
 pub mod compile;
 pub mod cpu;
+pub mod cuda;
 pub mod eval;
 pub mod plan;
 pub mod pool;
@@ -138,6 +139,11 @@ impl Model {
                 act,
                 self.config.max_position_embeddings,
             )?)),
+            EngineKind::Cuda { device } => Imp::Cuda(Box::new(cuda::CudaEngine::new(
+                &self.module,
+                device,
+                self.plan.as_ref().and_then(|p| p.cuda.as_ref()),
+            )?)),
         };
         Ok(Engine { model: self, imp })
     }
@@ -151,11 +157,14 @@ pub enum EngineKind {
     /// Lowered kernels JIT-compiled by Cranelift; `act` selects the exact (f32) or the
     /// int8-activation fast path of the quantized GEMMs.
     Cpu { act: wkvc_ir::Act },
+    /// The CUDA kernels on GPU `device` (an error without a driver or device).
+    Cuda { device: usize },
 }
 
 enum Imp<'m> {
     Interp(Box<Interpreter<'m>>),
     Cpu(Box<cpu::CpuEngine>),
+    Cuda(Box<cuda::CudaEngine>),
 }
 
 /// Executes a model.
@@ -177,7 +186,15 @@ impl<'m> Engine<'m> {
     pub fn cpu(&self) -> Option<&cpu::CpuEngine> {
         match &self.imp {
             Imp::Cpu(c) => Some(c),
-            Imp::Interp(_) => None,
+            _ => None,
+        }
+    }
+
+    /// The CUDA engine, when this is one.
+    pub fn cuda(&self) -> Option<&cuda::CudaEngine> {
+        match &self.imp {
+            Imp::Cuda(c) => Some(c),
+            _ => None,
         }
     }
 
@@ -186,10 +203,12 @@ impl<'m> Engine<'m> {
         match &self.imp {
             Imp::Interp(_) => "interp".into(),
             Imp::Cpu(c) => format!("cpu ({} activations)", c.act.name()),
+            Imp::Cuda(c) => format!("cuda ({}, {})", c.device_name, c.code),
         }
     }
 
     /// A session whose cache holds at most `max_ctx` tokens (the model's maximum if larger).
+    /// (The CUDA engine allocates its device memory at the first run.)
     pub fn session(&self, max_ctx: usize) -> Session<'_, 'm> {
         let max = max_ctx
             .min(self.model.config.max_position_embeddings)
@@ -197,6 +216,7 @@ impl<'m> Engine<'m> {
         let imp = match &self.imp {
             Imp::Interp(_) => SessImp::Interp(KvCache::new(max)),
             Imp::Cpu(c) => SessImp::Cpu(Box::new(c.session(max))),
+            Imp::Cuda(c) => SessImp::Cuda(Box::new(c.session(max))),
         };
         Session {
             engine: self,
@@ -209,6 +229,7 @@ impl<'m> Engine<'m> {
 enum SessImp<'e> {
     Interp(KvCache),
     Cpu(Box<cpu::CpuSession<'e>>),
+    Cuda(Box<cuda::CudaSession<'e>>),
 }
 
 /// One sequence being generated: its KV cache and position.
@@ -224,6 +245,7 @@ impl Session<'_, '_> {
         match &self.imp {
             SessImp::Interp(c) => c.len(),
             SessImp::Cpu(s) => s.len(),
+            SessImp::Cuda(s) => s.len(),
         }
     }
 
@@ -235,6 +257,7 @@ impl Session<'_, '_> {
         match &self.imp {
             SessImp::Interp(c) => c.max_len(),
             SessImp::Cpu(s) => s.max_ctx(),
+            SessImp::Cuda(s) => s.max_ctx(),
         }
     }
 
@@ -242,6 +265,7 @@ impl Session<'_, '_> {
         match &mut self.imp {
             SessImp::Interp(c) => c.clear(),
             SessImp::Cpu(s) => s.reset(),
+            SessImp::Cuda(s) => s.reset(),
         }
     }
 
@@ -250,6 +274,7 @@ impl Session<'_, '_> {
         match &self.imp {
             SessImp::Interp(c) => c.bytes(),
             SessImp::Cpu(s) => s.kv_bytes(),
+            SessImp::Cuda(s) => s.kv_bytes(),
         }
     }
 
@@ -274,6 +299,11 @@ impl Session<'_, '_> {
         }
         let cache = match &mut self.imp {
             SessImp::Cpu(s) => {
+                let mut all = Vec::with_capacity(ids.len() * vocab);
+                s.run(ids, mode, Some(&mut all))?;
+                return Ok(all);
+            }
+            SessImp::Cuda(s) => {
                 let mut all = Vec::with_capacity(ids.len() * vocab);
                 s.run(ids, mode, Some(&mut all))?;
                 return Ok(all);
@@ -305,6 +335,12 @@ impl Session<'_, '_> {
     pub fn step(&mut self, ids: &[u32]) -> Result<&[f32], RuntimeError> {
         if matches!(self.imp, SessImp::Cpu(_)) {
             let SessImp::Cpu(s) = &mut self.imp else {
+                unreachable!("checked above")
+            };
+            return s.run(ids, RunMode::Prefill, None);
+        }
+        if matches!(self.imp, SessImp::Cuda(_)) {
+            let SessImp::Cuda(s) = &mut self.imp else {
                 unreachable!("checked above")
             };
             return s.run(ids, RunMode::Prefill, None);
