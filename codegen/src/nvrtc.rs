@@ -1,11 +1,12 @@
 //! NVRTC through cudarc (dynamic loading): CUDA C to CUBIN for a GPU architecture (with
 //! ptxas's register and spill report) and to portable PTX.
 //!
-//! cudarc looks for `libnvrtc.so.12` by name only and panics when it cannot load it, so the
-//! library is located first ([`locate`]): `WKVC_NVRTC_LIB` (a path to the library), then the
-//! pip wheel `nvidia-cuda-nvrtc-cu12` in wkvc's cache (`~/.cache/wkvc/nvrtc`, where
-//! `scripts/test.sh` installs it) and the usual CUDA install paths; a library found by path is
-//! loaded by absolute path before cudarc's first call, whose `dlopen` then finds it by soname.
+//! cudarc (built for CUDA 13.4, falling back to 12.x libraries) looks for `libnvrtc.so.13`
+//! and `libnvrtc.so.12` by name only and panics when it cannot load them, so the library is
+//! located first ([`locate`]): `WKVC_NVRTC_LIB` (a path to the library), then the pip wheel
+//! `nvidia-cuda-nvrtc-cu12` in wkvc's cache (`~/.cache/wkvc/nvrtc`, where `scripts/test.sh`
+//! installs it) and the usual CUDA install paths; a library found by path is loaded by
+//! absolute path before cudarc's first call, whose `dlopen` then finds it by soname.
 //! Nothing here touches the CUDA driver: compiling needs no GPU.
 
 use crate::CodegenError;
@@ -53,7 +54,9 @@ fn candidates() -> Vec<PathBuf> {
         v.push(PathBuf::from(h).join(".cache/wkvc/nvrtc/nvidia/cuda_nvrtc/lib/libnvrtc.so.12"));
     }
     for d in ["/usr/local/cuda/lib64", "/usr/lib/x86_64-linux-gnu"] {
-        v.push(PathBuf::from(d).join("libnvrtc.so.12"));
+        for so in ["libnvrtc.so.13", "libnvrtc.so.12"] {
+            v.push(PathBuf::from(d).join(so));
+        }
     }
     v
 }
@@ -95,7 +98,7 @@ pub fn locate() -> Result<String, CodegenError> {
                 Ok("the loader's search path".to_string())
             } else {
                 Err(
-                    "NVRTC (libnvrtc.so.12) was not found: install it with `scripts/fetch-nvrtc.sh` or `pip install \
+                    "NVRTC (libnvrtc.so.12 or .so.13) was not found: install it with `scripts/fetch-nvrtc.sh` or `pip install \
                      nvidia-cuda-nvrtc-cu12==12.9.86` and set WKVC_NVRTC_LIB to \
                      <site-packages>/nvidia/cuda_nvrtc/lib/libnvrtc.so.12"
                         .to_string(),

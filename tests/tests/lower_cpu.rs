@@ -241,3 +241,79 @@ fn cuda_code_is_stored_in_the_plan() {
     let (_, back) = wkvc_runtime::plan::open(&path).expect("opens");
     assert_eq!(back.cuda, Some(cp));
 }
+
+/// `Engine::Cuda`: without a driver (this machine, CI) a clean error naming libcuda before any
+/// call that could panic, and an error for a device that does not exist. With a GPU
+/// (`scripts/gpu-check.sh`) the CUDA engine's logits equal the interpreter's on tiny models
+/// of every configuration (16/4/3-bit caches, smoothing, past-only or not, both protocols,
+/// prefill chunks and single-token graph steps).
+#[test]
+fn cuda_engine_is_a_clean_error_without_a_gpu_and_matches_the_interpreter_with_one() {
+    let m = tiny32("lower-cuda-eng", 32);
+    let present = wkvc_runtime::cuda::driver_present();
+    assert!(
+        present || std::env::var_os("WKVC_REQUIRE_GPU").is_none(),
+        "WKVC_REQUIRE_GPU is set but no NVIDIA driver (libcuda.so.1) was found"
+    );
+    for &(kvbits, smooth, past_only) in &[
+        (16u32, false, false),
+        (4, true, true),
+        (4, false, false),
+        (3, true, true),
+    ] {
+        let c = compile(&m, kvbits, smooth, past_only);
+        let q = m.with_module(c.module.clone(), None);
+        let bad = q
+            .engine_kind(1, EngineKind::Cuda { device: 999 })
+            .err()
+            .expect("no device 999");
+        let bad = bad.to_string();
+        assert!(
+            bad.contains(if present {
+                "no CUDA device 999"
+            } else {
+                "libcuda.so.1"
+            }),
+            "{bad}"
+        );
+        let cuda = match q.engine_kind(1, EngineKind::Cuda { device: 0 }) {
+            Err(e) => {
+                let e = e.to_string();
+                assert!(!present, "a driver is present but the engine failed: {e}");
+                assert!(
+                    e.contains("libcuda.so.1") && e.contains("--engine cpu"),
+                    "{e}"
+                );
+                return;
+            }
+            Ok(e) => e,
+        };
+        let it = q.engine_kind(1, EngineKind::Interp).expect("interp");
+        for mode in [RunMode::Prefill, RunMode::DecodeEquivalent] {
+            let mut a = it.session(64);
+            let mut b = cuda.session(64);
+            let ra = a.forward_mode(&IDS[..7], mode).expect("interp");
+            let rb = b.forward_mode(&IDS[..7], mode).expect("cuda");
+            let mut d = ra
+                .iter()
+                .zip(&rb)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f32, f32::max);
+            // then token by token: the captured graph replays
+            for &t in &IDS[7..] {
+                let la = a.forward_mode(&[t], mode).expect("interp");
+                let lb = b.step(&[t]).expect("cuda").to_vec();
+                d = la
+                    .iter()
+                    .zip(&lb)
+                    .map(|(x, y)| (x - y).abs())
+                    .fold(d, f32::max);
+            }
+            // f32 summation order only (as the CPU engine's bound)
+            assert!(
+                d < 1e-3,
+                "cuda kv{kvbits} smooth {smooth} po {past_only} {mode:?}: {d}"
+            );
+        }
+    }
+}
