@@ -388,6 +388,13 @@ fn rows(pool: &Pool, m: usize, f: &(dyn Fn(usize, usize, usize) + Sync)) {
     }
 }
 
+fn weight<'m>(module: &'m Module, name: &str) -> Result<&'m wkvc_ir::Weight, RuntimeError> {
+    module
+        .weights
+        .get(name)
+        .ok_or_else(|| err(format!("param @{name} is not in the weight store")))
+}
+
 fn param_ptr(
     module: &Module,
     name: &str,
@@ -397,10 +404,7 @@ fn param_ptr(
     if let Some(p) = cache.get(name) {
         return Ok(*p);
     }
-    let w = module
-        .weights
-        .get(name)
-        .ok_or_else(|| err(format!("param @{name} is not in the weight store")))?;
+    let w = weight(module, name)?;
     let p = match (w.dtype(), w.storage_dtype()) {
         (DType::U4, _) | (DType::I8, _) => match w.bytes() {
             std::borrow::Cow::Borrowed(b) => Ptr(b.as_ptr()),
@@ -450,10 +454,7 @@ fn small_param(
     if let Some(p) = cache.get(name) {
         return Ok(*p);
     }
-    let w = module
-        .weights
-        .get(name)
-        .ok_or_else(|| err(format!("param @{name} is not in the weight store")))?;
+    let w = weight(module, name)?;
     owned.push(w.f32().into_owned());
     w.release_pages();
     let p = Ptr(owned
@@ -478,10 +479,7 @@ fn qgemm_param(
     if let Some(p) = cache.get(name) {
         return Ok(*p);
     }
-    let w = module
-        .weights
-        .get(name)
-        .ok_or_else(|| err(format!("param @{name} is not in the weight store")))?;
+    let w = weight(module, name)?;
     let ng = k.div_ceil(gl);
     let p = if codes {
         let b = w.bytes();
@@ -583,25 +581,7 @@ impl CpuSession<'_> {
         mode: RunMode,
         mut all: Option<&mut Vec<f32>>,
     ) -> Result<&[f32], RuntimeError> {
-        let vocab = self.engine.vocab;
-        if ids.is_empty() {
-            return Err(err("no tokens to run"));
-        }
-        if let Some(&bad) = ids.iter().find(|&&t| t as usize >= vocab) {
-            return Err(wkvc_ir::Error::TokenOutOfRange {
-                id: bad as i64,
-                vocab,
-            }
-            .into());
-        }
-        if self.len + ids.len() > self.max_ctx {
-            return Err(wkvc_ir::Error::ContextOverflow {
-                have: self.len,
-                adding: ids.len(),
-                max: self.max_ctx,
-            }
-            .into());
-        }
+        crate::check_run(ids, self.engine.vocab, self.len, self.max_ctx)?;
         for chunk in ids.chunks(CHUNK) {
             self.chunk(chunk, mode, all.as_deref_mut())?;
         }

@@ -38,6 +38,33 @@ pub fn driver_present() -> bool {
     unsafe { sys::is_culib_present() }
 }
 
+/// The context and a stream of its own on GPU `device` (the legacy default stream cannot be
+/// captured into a graph), and its compute capability as 10 * major + minor; a clean error
+/// without a driver or device.
+fn open_device(device: usize) -> Result<(Arc<CudaContext>, Arc<CudaStream>, u32), RuntimeError> {
+    if !driver_present() {
+        return Err(err(
+            "no NVIDIA driver: libcuda.so.1 was not found (the CUDA engine needs an NVIDIA GPU \
+             and its driver; use --engine cpu)",
+        ));
+    }
+    let n = CudaContext::device_count().map_err(|e| derr("cuInit / device count", e))?;
+    if device as i32 >= n {
+        return Err(err(format!(
+            "no CUDA device {device}: the driver reports {n} device(s)"
+        )));
+    }
+    let ctx = CudaContext::new(device).map_err(|e| derr("creating the context", e))?;
+    // SAFETY: wkvc uses one stream per context: launches, copies and the frees of dropped
+    // buffers are ordered on it, so no cross-stream event tracking is needed.
+    unsafe { ctx.disable_event_tracking() };
+    let stream = ctx.new_stream().map_err(|e| derr("creating a stream", e))?;
+    let (maj, min) = ctx
+        .compute_capability()
+        .map_err(|e| derr("compute capability", e))?;
+    Ok((ctx, stream, (10 * maj + min) as u32))
+}
+
 #[derive(Clone, Copy)]
 enum Arg {
     /// byte offset in the arena
@@ -98,27 +125,7 @@ impl CudaEngine {
         cuda: Option<&plan::CudaPlan>,
     ) -> Result<CudaEngine, RuntimeError> {
         let t0 = Instant::now();
-        if !driver_present() {
-            return Err(err(
-                "no NVIDIA driver: libcuda.so.1 was not found (the CUDA engine needs an NVIDIA GPU \
-                 and its driver; use --engine cpu)",
-            ));
-        }
-        let n = CudaContext::device_count().map_err(|e| derr("cuInit / device count", e))?;
-        if device as i32 >= n {
-            return Err(err(format!(
-                "no CUDA device {device}: the driver reports {n} device(s)"
-            )));
-        }
-        let ctx = CudaContext::new(device).map_err(|e| derr("creating the context", e))?;
-        // SAFETY: the engine uses one stream; buffers live as long as the engine/session.
-        unsafe { ctx.disable_event_tracking() };
-        // a stream of its own: the legacy default stream cannot be captured into a graph
-        let stream = ctx.new_stream().map_err(|e| derr("creating a stream", e))?;
-        let (maj, min) = ctx
-            .compute_capability()
-            .map_err(|e| derr("compute capability", e))?;
-        let arch = (10 * maj + min) as u32;
+        let (ctx, stream, arch) = open_device(device)?;
         let device_name = ctx.name().unwrap_or_else(|_| "CUDA device".into());
         let lowered = lower(&module.graph, LowerOptions::default())
             .map_err(|e| err(format!("lowering: {e}")))?;
@@ -308,27 +315,9 @@ impl CudaEngine {
         }
     }
 
-    /// KV cache bytes per token (all layers, K and V).
+    /// KV cache bytes per token (all layers, K and V; the same layout as the CPU engine's).
     fn kv_bytes_per_token(&self) -> usize {
-        self.steps
-            .iter()
-            .map(|st| match &st.spec {
-                KernelSpec::Attention {
-                    kv_heads,
-                    head_dim,
-                    kv_bits,
-                    ..
-                } => {
-                    let w = kv_heads * head_dim;
-                    if *kv_bits == 16 {
-                        2 * 4 * w
-                    } else {
-                        2 * (w.div_ceil(2) + 8 * kv_heads)
-                    }
-                }
-                _ => 0,
-            })
-            .sum()
+        self.plan.kv_bytes_per_token
     }
 
     fn alloc_session(&self, max_ctx: usize) -> Result<Dev, RuntimeError> {
@@ -483,25 +472,7 @@ impl CudaSession<'_> {
         mode: RunMode,
         mut all: Option<&mut Vec<f32>>,
     ) -> Result<&[f32], RuntimeError> {
-        let vocab = self.engine.vocab;
-        if ids.is_empty() {
-            return Err(err("no tokens to run"));
-        }
-        if let Some(&bad) = ids.iter().find(|&&t| t as usize >= vocab) {
-            return Err(wkvc_ir::Error::TokenOutOfRange {
-                id: bad as i64,
-                vocab,
-            }
-            .into());
-        }
-        if self.len + ids.len() > self.max_ctx {
-            return Err(wkvc_ir::Error::ContextOverflow {
-                have: self.len,
-                adding: ids.len(),
-                max: self.max_ctx,
-            }
-            .into());
-        }
+        crate::check_run(ids, self.engine.vocab, self.len, self.max_ctx)?;
         if self.dev.is_none() {
             self.dev = Some(self.engine.alloc_session(self.max_ctx)?);
         }
@@ -807,16 +778,7 @@ pub fn qgemv_bandwidth(
     k: usize,
     iters: usize,
 ) -> Result<(f64, f64, usize), RuntimeError> {
-    if !driver_present() {
-        return Err(err("no NVIDIA driver: libcuda.so.1 was not found"));
-    }
-    let ctx = CudaContext::new(device).map_err(|e| derr("creating the context", e))?;
-    // SAFETY: one stream; the buffers outlive every launch (synchronised below).
-    unsafe { ctx.disable_event_tracking() };
-    let stream = ctx.new_stream().map_err(|e| derr("creating a stream", e))?;
-    let (maj, min) = ctx
-        .compute_capability()
-        .map_err(|e| derr("compute capability", e))?;
+    let (ctx, stream, arch) = open_device(device)?;
     let spec = KernelSpec::QGemm {
         k,
         parts: vec![n],
@@ -826,8 +788,8 @@ pub fn qgemv_bandwidth(
         act: wkvc_ir::Act::F32,
     };
     let kern = cg::emit(&spec).map_err(|e| err(e.to_string()))?;
-    let c = wkvc_codegen::nvrtc::cubin(&kern.source, "qgemv", (10 * maj + min) as u32)
-        .map_err(|e| err(e.to_string()))?;
+    let c =
+        wkvc_codegen::nvrtc::cubin(&kern.source, "qgemv", arch).map_err(|e| err(e.to_string()))?;
     let md = ctx
         .load_module(cudarc::nvrtc::Ptx::from_binary(c.image))
         .map_err(|e| derr("loading the kernel", e))?;

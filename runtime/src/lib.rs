@@ -358,6 +358,35 @@ impl Session<'_, '_> {
     }
 }
 
+/// What every engine checks before running `ids` after `len` cached tokens: some tokens, ids
+/// in the vocabulary, room in the context (so a refused call changes nothing).
+pub(crate) fn check_run(
+    ids: &[u32],
+    vocab: usize,
+    len: usize,
+    max_ctx: usize,
+) -> Result<(), RuntimeError> {
+    if ids.is_empty() {
+        return Err(RuntimeError::Invalid("no tokens to run".into()));
+    }
+    if let Some(&bad) = ids.iter().find(|&&t| t as usize >= vocab) {
+        return Err(wkvc_ir::Error::TokenOutOfRange {
+            id: bad as i64,
+            vocab,
+        }
+        .into());
+    }
+    if len + ids.len() > max_ctx {
+        return Err(wkvc_ir::Error::ContextOverflow {
+            have: len,
+            adding: ids.len(),
+            max: max_ctx,
+        }
+        .into());
+    }
+    Ok(())
+}
+
 /// Timings of one generation.
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct GenStats {
