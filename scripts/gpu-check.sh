@@ -90,6 +90,7 @@ r = {
     "seconds": secs,
     "logits_kv16": load("logits_kv16.json"),
     "logits_kv4": load("logits_kv4.json"),
+    "logits_kv16_mma_prefill": load("logits_kv16_mma_prefill.json"),
     "qgemv_bandwidth": bw,
     "bench": b,
     "nvrtc": open(os.path.join(out, "nvrtc.txt")).read().strip(),

@@ -424,6 +424,9 @@ struct EngineArgs {
     /// GPU for --engine cuda.
     #[arg(long, default_value_t = 0)]
     device: usize,
+    /// --engine cuda: prefill's quantized GEMMs on tensor cores (f16 operands, f32 sums).
+    #[arg(long)]
+    cuda_mma: bool,
     /// Activations of the CPU engine's quantized GEMMs: f32 (exact) or int8 (fast path);
     /// default: what the plan selects.
     #[arg(long)]
@@ -450,7 +453,13 @@ fn make_engine<'m>(m: &'m Model, th: usize, ea: &EngineArgs) -> Result<wkvc_runt
         }
         ("cpu", None) => m.engine_kind(th, wkvc_runtime::EngineKind::Cpu { act: plan_act })?,
         ("interp", _) => m.engine_kind(th, wkvc_runtime::EngineKind::Interp)?,
-        ("cuda", _) => m.engine_kind(th, wkvc_runtime::EngineKind::Cuda { device: ea.device })?,
+        ("cuda", _) => m.engine_kind(
+            th,
+            wkvc_runtime::EngineKind::Cuda {
+                device: ea.device,
+                mma: ea.cuda_mma,
+            },
+        )?,
         (other, _) => bail!("--engine must be auto, cpu, cuda or interp, got {other}"),
     };
     if let Some(c) = e.cuda() {

@@ -22,6 +22,9 @@ pub const GEMV_MAX_M: u32 = 8;
 pub const TILE_M: u32 = 32;
 pub const TILE_N: u32 = 64;
 pub const TILE_K: u32 = 32;
+/// Tile of the tensor-core GEMM variant: activation rows x outputs per block.
+pub const MMA_M: u32 = 64;
+pub const MMA_N: u32 = 32;
 /// Context tokens per block step of the attention split kernel (one per thread).
 pub const ATTN_TILE: u32 = 128;
 
@@ -34,7 +37,9 @@ pub enum Launch {
     /// grid (ceil(m * n / 256)), block 256
     Elementwise,
     /// `{name}_gemv` for m <= GEMV_MAX_M: grid (ceil(n / GEMV_ROWS)), block 32 * GEMV_ROWS;
-    /// `{name}_tiled` otherwise: grid (ceil(n / TILE_N), ceil(m / TILE_M)), block 256
+    /// `{name}_tiled` otherwise: grid (ceil(n / TILE_N), ceil(m / TILE_M)), block 256; a
+    /// quantized GEMM whose width and group are multiples of 16 also has `{name}_mma`
+    /// (tensor cores): grid (ceil(n / MMA_N), ceil(m / MMA_M)), block 128
     Gemm,
     /// `{name}_split`: grid (splits, kv_heads, m), block ATTN_TILE, writing partial results
     /// to scratch; `{name}_merge`: grid (heads, m), block head_dim
@@ -134,10 +139,11 @@ pub fn emit(spec: &KernelSpec) -> Result<CudaKernel, CodegenError> {
                 )));
             }
             emit_gemm(&mut s, &name, *k, Some(gl), *residual);
-            (
-                vec![format!("{name}_gemv"), format!("{name}_tiled")],
-                Launch::Gemm,
-            )
+            let mut e = vec![format!("{name}_gemv"), format!("{name}_tiled")];
+            if mma_ok(*k, gl) {
+                e.push(format!("{name}_mma"));
+            }
+            (e, Launch::Gemm)
         }
         KernelSpec::Gemm { k, residual, .. } => {
             emit_gemm(&mut s, &name, *k, None, *residual);
@@ -442,6 +448,87 @@ extern "C" __global__ void __launch_bounds__(256) {name}_tiled(const float* __re
         tm = TILE_M,
         tn = TILE_N,
         tk = TILE_K,
+    );
+    if quant && mma_ok(k, gl) {
+        emit_qgemm_mma(s, name);
+    }
+}
+
+/// Whether a quantized GEMM gets the tensor-core variant (`{name}_mma`): 16-column steps
+/// that never straddle a group.
+pub fn mma_ok(k: usize, gl: usize) -> bool {
+    k.is_multiple_of(16) && gl.is_multiple_of(16)
+}
+
+/// The tensor-core variant of the quantized GEMM (sm_80 and later), same arguments as
+/// `{name}_tiled`: `mma.sync.m16n8k16` with f16 operands and f32 accumulation; activations
+/// rounded to f16 pairs, weights dequantized in registers (s * (q - z), then f16). A warp
+/// computes 16 activation rows x 32 outputs; a block of 4 warps 64 x 32. Grid
+/// (ceil(n / MMA_N), ceil(m / MMA_M)), block 128.
+fn emit_qgemm_mma(s: &mut String, name: &str) {
+    let _ = write!(
+        s,
+        r#"
+#define MMA_M {mm}
+#define MMA_N {mn}
+// two f32 as an f16x2 register, `lo` in the low half
+__device__ __forceinline__ u32 pack_h2(float lo, float hi) {{
+    u32 r;
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}}
+// activations (row i, columns c and c + 1)
+__device__ __forceinline__ u32 xpair(const float* x, int m, int i, int c) {{
+    if (i >= m) return 0u;
+    const float* p = x + (size_t)i * K + c;
+    return pack_h2(p[0], p[1]);
+}}
+// weights (row j, columns c and c + 1: one byte of codes), dequantized
+__device__ __forceinline__ u32 wpair(const void* w, const u16* s, const u16* z, int n, int j, int c) {{
+    if (j >= n) return 0u;
+    u8 b = ((const u8*)w)[(size_t)j * (K / 2) + c / 2];
+    int g = c / GL;
+    float sc = h2f(s[(size_t)j * NG + g]), zz = h2f(z[(size_t)j * NG + g]);
+    return pack_h2(sc * ((float)(b & 15) - zz), sc * ((float)(b >> 4) - zz));
+}}
+extern "C" __global__ void __launch_bounds__(128) {name}_mma(const float* __restrict__ x, int m,
+        const void* __restrict__ w, const u16* __restrict__ s, const u16* __restrict__ z,
+        float* __restrict__ y, int ldy, int n, const float* __restrict__ r, int ldr) {{
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    int g = lane >> 2, t = lane & 3;
+    int i0 = blockIdx.y * MMA_M + warp * 16, j0 = blockIdx.x * MMA_N;
+    float c[4][4] = {{{{0.0f}}}};
+    for (int k0 = 0; k0 < K; k0 += 16) {{
+        // fragment of A (16 x 16, row-major): rows g and g + 8, columns 2t, 2t + 8 (+1)
+        u32 a0 = xpair(x, m, i0 + g, k0 + 2 * t);
+        u32 a1 = xpair(x, m, i0 + g + 8, k0 + 2 * t);
+        u32 a2 = xpair(x, m, i0 + g, k0 + 2 * t + 8);
+        u32 a3 = xpair(x, m, i0 + g + 8, k0 + 2 * t + 8);
+#pragma unroll
+        for (int nt = 0; nt < 4; nt++) {{
+            // fragment of B (16 x 8, column-major = weight rows): column g, rows 2t, 2t + 8 (+1)
+            int j = j0 + nt * 8 + g;
+            u32 b0 = wpair(w, s, z, n, j, k0 + 2 * t);
+            u32 b1 = wpair(w, s, z, n, j, k0 + 2 * t + 8);
+            asm volatile(
+                "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {{%0,%1,%2,%3}}, "
+                "{{%4,%5,%6,%7}}, {{%8,%9}}, {{%0,%1,%2,%3}};"
+                : "+f"(c[nt][0]), "+f"(c[nt][1]), "+f"(c[nt][2]), "+f"(c[nt][3])
+                : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+        }}
+    }}
+    // C (16 x 8 per n tile): rows g and g + 8, columns 2t and 2t + 1
+#pragma unroll
+    for (int nt = 0; nt < 4; nt++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) {{
+            int i = i0 + g + 8 * (e >> 1), j = j0 + nt * 8 + 2 * t + (e & 1);
+            if (i < m && j < n) store(c[nt][e], y, ldy, r, ldr, i, j);
+        }}
+}}
+"#,
+        mm = MMA_M,
+        mn = MMA_N,
     );
 }
 

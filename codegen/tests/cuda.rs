@@ -104,9 +104,9 @@ fn specs() -> Vec<KernelSpec> {
     ]
 }
 
-/// Entry points that run in a decode step (the tiled prefill GEMM is the exception).
+/// Entry points that run in a decode step (the prefill GEMMs are the exception).
 fn is_decode(entry: &str) -> bool {
-    !entry.ends_with("_tiled")
+    !entry.ends_with("_tiled") && !entry.ends_with("_mma")
 }
 
 #[test]

@@ -108,6 +108,8 @@ pub struct CudaEngine {
     pub kernels: usize,
     /// how the kernels were built: "cubin sm_XX (NVRTC a.b)" or "plan PTX"
     pub code: String,
+    /// prefill's quantized GEMMs on tensor cores
+    pub mma: bool,
     lowered: Graph,
 }
 
@@ -122,6 +124,7 @@ impl CudaEngine {
     pub fn new(
         module: &Module,
         device: usize,
+        mma: bool,
         cuda: Option<&plan::CudaPlan>,
     ) -> Result<CudaEngine, RuntimeError> {
         let t0 = Instant::now();
@@ -295,6 +298,7 @@ impl CudaEngine {
             arch,
             load_ms: t0.elapsed().as_secs_f64() * 1e3,
             code,
+            mma,
             lowered,
         })
     }
@@ -742,7 +746,8 @@ fn f32_bytes(v: &mut [f32]) -> &mut [u8] {
     unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut u8, 4 * v.len()) }
 }
 
-/// A GEMM of `m` rows and `n` outputs: the GEMV kernel for a few rows, else the tiled one.
+/// A GEMM of `m` rows and `n` outputs: the GEMV kernel for a few rows, else the tiled one
+/// (or the tensor-core one, where the engine asks for it and the kernel has it).
 fn gemm(
     eng: &CudaEngine,
     f: &[CudaFunction],
@@ -755,6 +760,17 @@ fn gemm(
             &f[0],
             ((n as u32).div_ceil(GEMV_ROWS), 1, 1),
             32 * GEMV_ROWS,
+            args,
+        )
+    } else if eng.mma && f.len() > 2 {
+        eng.launch(
+            &f[2],
+            (
+                (n as u32).div_ceil(cg::MMA_N),
+                (m as u32).div_ceil(cg::MMA_M),
+                1,
+            ),
+            128,
             args,
         )
     } else {

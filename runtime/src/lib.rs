@@ -139,9 +139,10 @@ impl Model {
                 act,
                 self.config.max_position_embeddings,
             )?)),
-            EngineKind::Cuda { device } => Imp::Cuda(Box::new(cuda::CudaEngine::new(
+            EngineKind::Cuda { device, mma } => Imp::Cuda(Box::new(cuda::CudaEngine::new(
                 &self.module,
                 device,
+                mma,
                 self.plan.as_ref().and_then(|p| p.cuda.as_ref()),
             )?)),
         };
@@ -157,8 +158,9 @@ pub enum EngineKind {
     /// Lowered kernels JIT-compiled by Cranelift; `act` selects the exact (f32) or the
     /// int8-activation fast path of the quantized GEMMs.
     Cpu { act: wkvc_ir::Act },
-    /// The CUDA kernels on GPU `device` (an error without a driver or device).
-    Cuda { device: usize },
+    /// The CUDA kernels on GPU `device` (an error without a driver or device); `mma`: the
+    /// quantized GEMMs of prefill on tensor cores (f16 operands, f32 sums).
+    Cuda { device: usize, mma: bool },
 }
 
 enum Imp<'m> {

@@ -5,6 +5,7 @@
 //!   it, else random weights of SmolLM2-135M's architecture): the CUDA engine's logits against
 //!   the interpreter's, W4 KV16 (f32 summation order only: 1e-3) and W4KV4 (the 4-bit cache
 //!   turns order differences into code flips: mean KL divergence bounded as the CPU engine's);
+//!   The tensor-core prefill variant is compared by KL divergence too;
 //! - the int4 GEMV bandwidth on a 4096 x 11008 matrix against the device's copy bandwidth.
 //!
 //! Figures go to stderr and, as JSON, to `$WKVC_GPU_REPORT_DIR/*.json` when set.
@@ -96,7 +97,13 @@ fn cuda_engine_matches_the_interpreter_on_the_demo_shapes() {
         let q = m.with_module(c.module.clone(), None);
         let it = q.engine_kind(8, EngineKind::Interp).expect("interp");
         let cu = q
-            .engine_kind(8, EngineKind::Cuda { device: 0 })
+            .engine_kind(
+                8,
+                EngineKind::Cuda {
+                    device: 0,
+                    mma: false,
+                },
+            )
             .expect("cuda engine");
         let mut a = it.session(128);
         let mut b = cu.session(128);
@@ -128,6 +135,30 @@ fn cuda_engine_matches_the_interpreter_on_the_demo_shapes() {
         );
         if kvbits == 16 {
             assert!(maxd < 1e-3, "W4 KV16: max |diff| {maxd}");
+            // the tensor-core prefill (32 rows: the quantized GEMMs take the mma kernel):
+            // activations rounded to f16 (relative 2^-11), so compared by KL divergence
+            let mm = q
+                .engine_kind(
+                    8,
+                    EngineKind::Cuda {
+                        device: 0,
+                        mma: true,
+                    },
+                )
+                .expect("cuda engine (mma)");
+            let mut c = mm.session(128);
+            let rc = c
+                .forward_mode(&ids[..32], RunMode::DecodeEquivalent)
+                .expect("cuda mma");
+            let kl = (0..32)
+                .map(|r| kld(&ra[r * v..][..v], &rc[r * v..][..v]))
+                .sum::<f64>()
+                / 32.0;
+            report(
+                "logits_kv16_mma_prefill",
+                serde_json::json!({"rows": 32, "mean_kld": kl}),
+            );
+            assert!(kl < 3e-2, "mma prefill: mean KLD {kl}");
         } else {
             // the CPU engine's bound for the same comparison (tests/demo_cpu.rs)
             assert!(mean_kld < 3e-2, "W4KV4: mean KLD {mean_kld}");

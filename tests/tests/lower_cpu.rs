@@ -264,7 +264,13 @@ fn cuda_engine_is_a_clean_error_without_a_gpu_and_matches_the_interpreter_with_o
         let c = compile(&m, kvbits, smooth, past_only);
         let q = m.with_module(c.module.clone(), None);
         let bad = q
-            .engine_kind(1, EngineKind::Cuda { device: 999 })
+            .engine_kind(
+                1,
+                EngineKind::Cuda {
+                    device: 999,
+                    mma: false,
+                },
+            )
             .err()
             .expect("no device 999");
         let bad = bad.to_string();
@@ -276,7 +282,13 @@ fn cuda_engine_is_a_clean_error_without_a_gpu_and_matches_the_interpreter_with_o
             }),
             "{bad}"
         );
-        let cuda = match q.engine_kind(1, EngineKind::Cuda { device: 0 }) {
+        let cuda = match q.engine_kind(
+            1,
+            EngineKind::Cuda {
+                device: 0,
+                mma: false,
+            },
+        ) {
             Err(e) => {
                 let e = e.to_string();
                 assert!(!present, "a driver is present but the engine failed: {e}");
