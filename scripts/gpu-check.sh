@@ -8,7 +8,8 @@
 #      against the device's copy bandwidth;
 #   3. `wkvc bench --engine cuda` on that model's W4KV4 plan: prefill 512, decode 128, decode
 #      at 2048 tokens of context.
-# Writes $OUT/gpu-check.json (OUT defaults to ./gpu-check-out) with every figure.
+# Writes $OUT/gpu-check.json (OUT defaults to ./gpu-check-out) with every figure, beside the
+# two test logs and nvidia-smi's output (intermediate files go to a temporary folder).
 #
 #   scripts/gpu-check.sh bundle   # here (any x86-64 machine with cargo): release binaries into
 #                                 # gpu-bundle/ for a GPU machine without a Rust toolchain
@@ -36,6 +37,8 @@ if [ "${1:-}" = bundle ]; then build; exit 0; fi
 T0=$(date +%s)
 OUT=${OUT:-$PWD/gpu-check-out}
 mkdir -p "$OUT"
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
 if command -v cargo >/dev/null 2>&1; then build; fi
 [ -x "$B/wkvc" ] && [ -x "$B/gpu" ] && [ -x "$B/lower_cpu" ] ||
   { echo "error: no $B/ binaries: run 'scripts/gpu-check.sh bundle' on a machine with cargo" >&2; exit 1; }
@@ -57,26 +60,26 @@ PY
     if [ -f "$c" ]; then export WKVC_NVRTC_LIB=$c; break; fi
   done
 fi
-echo "NVRTC: ${WKVC_NVRTC_LIB:-WKVC_NVRTC_LIB unset (wkvc searches its cache and the CUDA paths)}" | tee "$OUT/nvrtc.txt"
-export WKVC_REQUIRE_GPU=1 WKVC_REQUIRE_NVRTC=1 WKVC_GPU_REPORT_DIR=$OUT RUST_BACKTRACE=1
+echo "NVRTC: ${WKVC_NVRTC_LIB:-WKVC_NVRTC_LIB unset (wkvc searches its cache and the CUDA paths)}" | tee "$WORK/nvrtc.txt"
+export WKVC_REQUIRE_GPU=1 WKVC_REQUIRE_NVRTC=1 WKVC_GPU_REPORT_DIR=$WORK RUST_BACKTRACE=1
 
 set +e
 "$B/lower_cpu" --test-threads 1 cuda 2>&1 | tee "$OUT/tiny.log"; tiny=${PIPESTATUS[0]}
 "$B/gpu" --test-threads 1 2>&1 | tee "$OUT/demo.log"; demo=${PIPESTATUS[0]}
 bench=1
-if [ -f "$OUT/demo-shaped.gguf" ] || [ -n "${WKVC_DEMO_MODEL:-}" ]; then
-  M=${WKVC_DEMO_MODEL:-$OUT/demo-shaped.gguf}
-  "$B/wkvc" compile "$M" -o "$OUT/w4kv4.wkv" --calib-tokens 64 --threads 8 2>&1 | tail -3 &&
-  "$B/wkvc" bench "$OUT/w4kv4.wkv" --engine cuda --runs 3 --json > "$OUT/bench.json"
+if [ -f "$WORK/demo-shaped.gguf" ] || [ -n "${WKVC_DEMO_MODEL:-}" ]; then
+  M=${WKVC_DEMO_MODEL:-$WORK/demo-shaped.gguf}
+  "$B/wkvc" compile "$M" -o "$WORK/w4kv4.wkv" --calib-tokens 64 --threads 8 2>&1 | tail -3 &&
+  "$B/wkvc" bench "$WORK/w4kv4.wkv" --engine cuda --runs 3 --json > "$WORK/bench.json"
   bench=$?
-  rm -f "$OUT/w4kv4.wkv" "$OUT/demo-shaped.gguf"
 fi
 set -e
-python3 - "$OUT" "$tiny" "$demo" "$bench" "$(( $(date +%s) - T0 ))" <<'PY'
+python3 - "$WORK" "$OUT" "$tiny" "$demo" "$bench" "$(( $(date +%s) - T0 ))" <<'PY'
 import json, os, sys
-out, tiny, demo, bench, secs = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+work, out = sys.argv[1], sys.argv[2]
+tiny, demo, bench, secs = (int(a) for a in sys.argv[3:7])
 def load(n):
-    p = os.path.join(out, n)
+    p = os.path.join(work, n)
     try:
         return json.load(open(p))
     except Exception:
@@ -93,7 +96,7 @@ r = {
     "logits_kv16_mma_prefill": load("logits_kv16_mma_prefill.json"),
     "qgemv_bandwidth": bw,
     "bench": b,
-    "nvrtc": open(os.path.join(out, "nvrtc.txt")).read().strip(),
+    "nvrtc": open(os.path.join(work, "nvrtc.txt")).read().strip(),
 }
 if bw:
     r["qgemv_target_70pct_of_copy"] = bw["ratio"] >= 0.7
