@@ -637,12 +637,14 @@ impl CpuSession<'_> {
             let f = st.f;
             match &st.spec {
                 KernelSpec::Embed { dim, .. } => {
-                    // in batches of 16 rows: once copied to the arena, a row's pages (and the
-                    // 64 KiB around it that fault-around maps with it) are released again when
-                    // nothing else reads the table
+                    // in batches of 2 rows: once copied to the arena, a row's pages (and the
+                    // 64 KiB around each that fault-around maps with it, up to 128 KiB a row)
+                    // are released again when nothing else reads the table; batches of 16
+                    // left up to 4 MiB of the table resident at a time during a prefill
                     const AROUND: usize = 64 << 10;
-                    for r0 in (0..m).step_by(16) {
-                        let r1 = (r0 + 16).min(m);
+                    const BATCH: usize = 2;
+                    for r0 in (0..m).step_by(BATCH) {
+                        let r1 = (r0 + BATCH).min(m);
                         let a = [
                             p(0) + 4 * r0 as u64,
                             p(1),
