@@ -1186,18 +1186,22 @@ fn real_main(cli: Cli) -> Result<()> {
                         p.source_sha256
                     );
                 }
-                if let Some(t) = &m.tokenizer {
-                    println!(
-                        "tokenizer    {} tokens, bos {:?}, eos {:?}, chat template {}",
-                        t.vocab_size(),
-                        t.spec.bos_token,
-                        t.spec.eos_ids,
-                        if t.spec.chat_template.is_some() {
-                            "yes"
-                        } else {
-                            "no"
-                        }
-                    );
+                match m.tokenizer() {
+                    Ok(t) => {
+                        println!(
+                            "tokenizer    {} tokens, bos {:?}, eos {:?}, chat template {}",
+                            t.vocab_size(),
+                            t.spec.bos_token,
+                            t.spec.eos_ids,
+                            if t.spec.chat_template.is_some() {
+                                "yes"
+                            } else {
+                                "no"
+                            }
+                        );
+                    }
+                    Err(e) if m.tokenizer_spec.is_some() => println!("tokenizer    {e}"),
+                    Err(_) => {}
                 }
             }
             if graph {

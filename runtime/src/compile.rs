@@ -518,7 +518,7 @@ pub fn manifest(
         config: fp.config.clone(),
         quant: c.quant.clone(),
         graph: String::new(),
-        tokenizer: fp.tokenizer.as_ref().map(|t| t.spec.clone()),
+        tokenizer: fp.tokenizer_spec.clone(),
         source: fp.source.clone(),
         source_sha256,
         quality,

@@ -42,7 +42,10 @@ pub enum RuntimeError {
 pub struct Model {
     pub module: Module,
     pub config: ModelConfig,
-    pub tokenizer: Option<Tokenizer>,
+    /// How to build the tokenizer (`tokenizer()` builds it on first use: running by token
+    /// ids never holds its tables).
+    pub tokenizer_spec: Option<wkvc_ir::import::TokenizerSpec>,
+    tokenizer: std::sync::OnceLock<Tokenizer>,
     pub source: Source,
     /// The manifest when the model is a compiled plan.
     pub plan: Option<plan::Manifest>,
@@ -52,11 +55,9 @@ impl Model {
     /// Open a compiled plan, a GGUF file or a Hugging Face directory.
     pub fn open(path: &Path) -> Result<Model, RuntimeError> {
         if path.is_file() && plan::is_plan(path) {
-            let (module, manifest) = plan::open(path)?;
-            let tokenizer = match manifest.tokenizer.clone() {
-                Some(spec) => Some(Tokenizer::from_spec(spec)?),
-                None => None,
-            };
+            let (module, mut manifest) = plan::open(path)?;
+            // one copy of the spec: the model's
+            let tokenizer_spec = manifest.tokenizer.take();
             let mut source = manifest.source.clone();
             source.path = path.to_path_buf();
             source.format = "plan".into();
@@ -64,20 +65,19 @@ impl Model {
             return Ok(Model {
                 module,
                 config: manifest.config.clone(),
-                tokenizer,
+                tokenizer_spec,
+                tokenizer: Default::default(),
                 source,
                 plan: Some(manifest),
             });
         }
         let imp = import::import(path)?;
-        let tokenizer = match imp.tokenizer {
-            Some(spec) => Some(Tokenizer::from_spec(spec)?),
-            None => None,
-        };
+
         Ok(Model {
             module: imp.module,
             config: imp.config,
-            tokenizer,
+            tokenizer_spec: imp.tokenizer,
+            tokenizer: Default::default(),
             source: imp.source,
             plan: None,
         })
@@ -88,19 +88,26 @@ impl Model {
         Model {
             module,
             config: self.config.clone(),
+            tokenizer_spec: self.tokenizer_spec.clone(),
             tokenizer: self.tokenizer.clone(),
             source: self.source.clone(),
             plan,
         }
     }
 
+    /// The tokenizer, built from its spec on first use.
     pub fn tokenizer(&self) -> Result<&Tokenizer, RuntimeError> {
-        self.tokenizer.as_ref().ok_or_else(|| {
+        if let Some(t) = self.tokenizer.get() {
+            return Ok(t);
+        }
+        let spec = self.tokenizer_spec.as_ref().ok_or_else(|| {
             RuntimeError::Invalid(format!(
                 "{} has no tokenizer (no tokenizer.json / tokenizer metadata)",
                 self.source.path.display()
             ))
-        })
+        })?;
+        let t = Tokenizer::from_spec(spec.clone())?;
+        Ok(self.tokenizer.get_or_init(|| t))
     }
 
     /// The reference interpreter on `threads` workers (`engine_auto` picks the compiled CPU
