@@ -131,13 +131,7 @@ pub fn emit(spec: &KernelSpec) -> Result<CudaKernel, CodegenError> {
             residual,
             ..
         } => {
-            let gl = wkvc_ir::quant::group_len(*k, *group);
-            if *bits > 4 || !k.is_multiple_of(2) || !gl.is_multiple_of(2) {
-                return Err(CodegenError::Unsupported(format!(
-                    "qgemm needs <= 4 bits, an even width and an even group, got {bits} bits, \
-                     k = {k}, group {gl}"
-                )));
-            }
+            let gl = crate::qgemm_group(*k, *bits, *group)?;
             emit_gemm(&mut s, &name, *k, Some(gl), *residual);
             let mut e = vec![format!("{name}_gemv"), format!("{name}_tiled")];
             if mma_ok(*k, gl) {

@@ -368,19 +368,7 @@ pub fn build(
                 act,
                 ..
             } => {
-                let gl = wkvc_ir::quant::group_len(*k, *group);
-                if *bits > 4 || !k.is_multiple_of(2) || !gl.is_multiple_of(2) {
-                    return Err(CodegenError::Unsupported(format!(
-                        "qgemm needs <= 4 bits, an even width and an even group, got {bits} \
-                         bits, k = {k}, group {gl}"
-                    )));
-                }
-                let gl = wkvc_ir::quant::group_len(*k, *group);
-                if !gl.is_multiple_of(2) {
-                    return Err(CodegenError::Unsupported(format!(
-                        "qgemm needs an even group length, got {gl}"
-                    )));
-                }
+                let gl = crate::qgemm_group(*k, *bits, *group)?;
                 emit_qgemm(&mut e, *k, gl, *residual, *act);
             }
             KernelSpec::Gemm { k, residual, .. } => emit_gemm(&mut e, *k, *residual),

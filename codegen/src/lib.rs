@@ -20,3 +20,16 @@ pub enum CodegenError {
     #[error("NVRTC: {0}")]
     Nvrtc(String),
 }
+
+/// The group length of a quantized GEMM both back ends can build: codes of at most 4 bits
+/// packed two per byte, an even width and an even group (a group starts on a byte).
+pub fn qgemm_group(k: usize, bits: u32, group: i64) -> Result<usize, CodegenError> {
+    let gl = wkvc_ir::quant::group_len(k, group);
+    if bits > 4 || !k.is_multiple_of(2) || !gl.is_multiple_of(2) {
+        return Err(CodegenError::Unsupported(format!(
+            "qgemm needs <= 4 bits, an even width and an even group, got {bits} bits, k = {k}, \
+             group {gl}"
+        )));
+    }
+    Ok(gl)
+}

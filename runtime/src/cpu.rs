@@ -65,6 +65,8 @@ pub struct CpuEngine {
     vocab: usize,
     /// milliseconds spent lowering and JIT-compiling
     pub jit_ms: f64,
+    /// WKVC_PROFILE, read once: 1 prints each chunk's time, 2 also each kernel's
+    profile: u8,
     /// distinct kernels compiled, machine-code bytes
     pub kernels: usize,
     pub code_bytes: usize,
@@ -274,6 +276,11 @@ impl CpuEngine {
             rope_sets,
             vocab,
             jit_ms: t0.elapsed().as_secs_f64() * 1e3,
+            profile: match std::env::var("WKVC_PROFILE").as_deref() {
+                Ok("2") => 2,
+                Ok(_) => 1,
+                Err(_) => 0,
+            },
             kernels,
             code_bytes,
             act,
@@ -621,7 +628,7 @@ impl CpuSession<'_> {
         let arena = SendPtr(self.arena.as_mut_ptr() as *mut u8);
         let fp = |off: usize| -> u64 { unsafe { (arena.get() as *mut f32).add(off) as u64 } };
         let mut all = all;
-        let prof = std::env::var("WKVC_PROFILE").is_ok_and(|v| v == "2");
+        let prof = eng.profile == 2;
         let mut ksum = 0f64;
         for st in &eng.steps {
             let tk = Instant::now();
@@ -1012,7 +1019,7 @@ impl CpuSession<'_> {
                 );
             }
         }
-        if std::env::var_os("WKVC_PROFILE").is_some() {
+        if eng.profile > 0 {
             eprintln!(
                 "profile chunk {:.3} ms, kernels {:.3} ms, waiting for workers {:.3} ms",
                 t_chunk.elapsed().as_secs_f64() * 1e3,
