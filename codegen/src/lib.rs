@@ -2,10 +2,12 @@
 //! `cpu` holds the JIT (host ISA detection, FMA-aware emission, compilation of kernels);
 //! `kernels` has the Cranelift emitter of every kernel kind of the lowered graph and the
 //! activation prep of the quantized GEMMs; `cuda` emits CUDA C per kernel spec and `nvrtc`
-//! compiles it (CUBIN per architecture with ptxas's report, portable PTX) without a GPU.
+//! compiles it (CUBIN per architecture with ptxas's report, portable PTX) without a GPU;
+//! `cuda_host` runs that CUDA C on the CPU (an emulator that checks kernels without a GPU).
 
 pub mod cpu;
 pub mod cuda;
+pub mod cuda_host;
 pub mod kernels;
 pub mod nvrtc;
 
@@ -19,6 +21,8 @@ pub enum CodegenError {
     Unsupported(String),
     #[error("NVRTC: {0}")]
     Nvrtc(String),
+    #[error("CUDA host emulator: {0}")]
+    HostEmulator(String),
 }
 
 /// The group length of a quantized GEMM both back ends can build: codes of at most 4 bits
