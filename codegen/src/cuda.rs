@@ -58,8 +58,13 @@ pub struct CudaKernel {
 const PRELUDE: &str = r#"typedef unsigned char u8;
 typedef unsigned short u16;
 typedef unsigned int u32;
+#ifndef INFINITY
 #define INFINITY __int_as_float(0x7f800000)
+#endif
 
+// the only PTX: f16 conversions and the tensor-core product (the host emulator, which runs
+// this source on a CPU to check it, defines WKVC_HOST_EMULATION and brings its own)
+#ifndef WKVC_HOST_EMULATION
 __device__ __forceinline__ float h2f(u16 h) {
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
@@ -70,6 +75,23 @@ __device__ __forceinline__ u16 f2h(float f) {
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
     return h;
 }
+// two f32 as an f16x2 register, `lo` in the low half
+__device__ __forceinline__ u32 pack_h2(float lo, float hi) {
+    u32 r;
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+// d += a b for one warp: A 16 x 16 (row-major f16, a0..a3), B 16 x 8 (column-major f16,
+// b0, b1), D 16 x 8 f32 (d0..d3), fragments as PTX's mma.m16n8k16
+__device__ __forceinline__ void mma_16816(float& d0, float& d1, float& d2, float& d3, u32 a0,
+        u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, "
+        "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(d0), "+f"(d1), "+f"(d2), "+f"(d3)
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+#endif
 __device__ __forceinline__ float warp_sum(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     return v;
@@ -465,12 +487,6 @@ fn emit_qgemm_mma(s: &mut String, name: &str) {
         r#"
 #define MMA_M {mm}
 #define MMA_N {mn}
-// two f32 as an f16x2 register, `lo` in the low half
-__device__ __forceinline__ u32 pack_h2(float lo, float hi) {{
-    u32 r;
-    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-    return r;
-}}
 // activations (row i, columns c and c + 1)
 __device__ __forceinline__ u32 xpair(const float* x, int m, int i, int c) {{
     if (i >= m) return 0u;
@@ -504,11 +520,7 @@ extern "C" __global__ void __launch_bounds__(128) {name}_mma(const float* __rest
             int j = j0 + nt * 8 + g;
             u32 b0 = wpair(w, s, z, n, j, k0 + 2 * t);
             u32 b1 = wpair(w, s, z, n, j, k0 + 2 * t + 8);
-            asm volatile(
-                "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {{%0,%1,%2,%3}}, "
-                "{{%4,%5,%6,%7}}, {{%8,%9}}, {{%0,%1,%2,%3}};"
-                : "+f"(c[nt][0]), "+f"(c[nt][1]), "+f"(c[nt][2]), "+f"(c[nt][3])
-                : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+            mma_16816(c[nt][0], c[nt][1], c[nt][2], c[nt][3], a0, a1, a2, a3, b0, b1);
         }}
     }}
     // C (16 x 8 per n tile): rows g and g + 8, columns 2t and 2t + 1
@@ -556,6 +568,7 @@ fn emit_rope_kv(
 #define WIDTH {width}
 #define BITS {bits}
 #define SMOOTH {smooth}
+#define PPL {ppl}
 extern "C" __global__ void {name}(float* __restrict__ x, int m, const int* __restrict__ pos,
         const float* __restrict__ inv_freq, u8* __restrict__ kc, float* __restrict__ kp,
         u8* __restrict__ vc, float* __restrict__ vp, const int* __restrict__ state,
@@ -585,18 +598,27 @@ extern "C" __global__ void {name}(float* __restrict__ x, int m, const int* __res
 #else
         const float* sh = t ? vsh : ksh;
         const float* sc = t ? vsc : ksc;
-        float v[HD / 32];
+        // lane takes the channel pairs (2 p, 2 p + 1), p = lane + 32 u: one byte of codes each
+        float v[2 * PPL];
         float mn = INFINITY, mx = -INFINITY;
 #pragma unroll
-        for (int u = 0; u < HD / 32; u++) {{
-            int c = 2 * lane + 64 * (u / 2) + (u & 1);
-            float a = src[c];
+        for (int u = 0; u < PPL; u++) {{
+            int p = lane + 32 * u;
+            v[2 * u] = 0.0f;
+            v[2 * u + 1] = 0.0f;
+            if (p < HD / 2) {{
+#pragma unroll
+                for (int e = 0; e < 2; e++) {{
+                    int c = 2 * p + e;
+                    float a = src[c];
 #if SMOOTH
-            a = (a - sh[g * HD + c]) / sc[g * HD + c];
+                    a = (a - sh[g * HD + c]) / sc[g * HD + c];
 #endif
-            v[u] = a;
-            mn = fminf(mn, a);
-            mx = fmaxf(mx, a);
+                    v[2 * u + e] = a;
+                    mn = fminf(mn, a);
+                    mx = fmaxf(mx, a);
+                }}
+            }}
         }}
         mn = warp_min(mn);
         mx = warp_max(mx);
@@ -608,11 +630,13 @@ extern "C" __global__ void {name}(float* __restrict__ x, int m, const int* __res
         float zf = fminf(fmaxf(rintf(-mn / sf), -2048.0f), 2048.0f);
         u8* crow = (t ? vc : kc) + row * (KVH * HD / 2) + g * (HD / 2);
 #pragma unroll
-        for (int u = 0; u < HD / 32; u += 2) {{
-            // lane holds channels 2 lane + 64 (u / 2) and the odd one after it
-            float q0 = fminf(fmaxf(rintf(v[u] / sf) + zf, 0.0f), qmax);
-            float q1 = fminf(fmaxf(rintf(v[u + 1] / sf) + zf, 0.0f), qmax);
-            crow[lane + 32 * (u / 2)] = (u8)((int)q0 | ((int)q1 << 4));
+        for (int u = 0; u < PPL; u++) {{
+            int p = lane + 32 * u;
+            if (p < HD / 2) {{
+                float q0 = fminf(fmaxf(rintf(v[2 * u] / sf) + zf, 0.0f), qmax);
+                float q1 = fminf(fmaxf(rintf(v[2 * u + 1] / sf) + zf, 0.0f), qmax);
+                crow[p] = (u8)((int)q0 | ((int)q1 << 4));
+            }}
         }}
         if (lane == 0) {{
             float* prm = (t ? vp : kp) + (row * KVH + g) * 2;
@@ -625,6 +649,7 @@ extern "C" __global__ void {name}(float* __restrict__ x, int m, const int* __res
 "#,
         half = rd / 2,
         width = (heads + 2 * kvh) * hd,
+        ppl = (hd / 2).div_ceil(32),
         smooth = smooth as u8,
     );
 }
