@@ -5,6 +5,8 @@
 
 use std::collections::BTreeMap;
 use wkvc_codegen::cpu::{CpuJit, KernelFn};
+use wkvc_codegen::cuda;
+use wkvc_codegen::cuda_host::{self, HostArg, HostModule};
 use wkvc_codegen::kernels::{prep_f32, prep_int8, tile_codes, tile_params};
 use wkvc_ir::graph::{Attr, Builder, OpKind, Operand, attrs, seq_f32};
 use wkvc_ir::{
@@ -47,6 +49,63 @@ fn run(g: wkvc_ir::Graph, w: WeightStore, inputs: &[(&str, Tensor)]) -> Vec<f32>
     let mut cache = KvCache::new(64);
     let mut out = it.run(inputs, &mut cache).expect("reference runs");
     out.remove("y").and_then(Tensor::into_f32).expect("y")
+}
+
+/// Host memory for the CUDA host emulator: zeroed, 16-byte aligned (the kernels' 128-bit
+/// loads need it, as device allocations are). Kernels write through the pointer taken at
+/// allocation.
+struct HBuf {
+    _mem: Vec<u128>,
+    ptr: *mut u8,
+    len: usize,
+}
+
+impl HBuf {
+    fn new(bytes: usize) -> HBuf {
+        let mut mem = vec![0u128; bytes.div_ceil(16).max(1)];
+        let ptr = mem.as_mut_ptr() as *mut u8;
+        HBuf {
+            _mem: mem,
+            ptr,
+            len: bytes,
+        }
+    }
+    fn from_f32(v: &[f32]) -> HBuf {
+        let b = HBuf::new(4 * v.len());
+        // SAFETY: b holds 4 * v.len() bytes.
+        unsafe { std::ptr::copy_nonoverlapping(v.as_ptr(), b.ptr as *mut f32, v.len()) };
+        b
+    }
+    fn from_bytes(v: &[u8]) -> HBuf {
+        let b = HBuf::new(v.len());
+        // SAFETY: b holds v.len() bytes.
+        unsafe { std::ptr::copy_nonoverlapping(v.as_ptr(), b.ptr, v.len()) };
+        b
+    }
+    fn nan_f32(n: usize) -> HBuf {
+        HBuf::from_f32(&vec![f32::NAN; n])
+    }
+    fn p(&self) -> HostArg {
+        HostArg::Ptr(self.ptr as u64)
+    }
+    fn f32(&self, n: usize) -> Vec<f32> {
+        assert!(4 * n <= self.len);
+        // SAFETY: n f32 within the buffer (checked); any bit pattern is an f32.
+        unsafe { std::slice::from_raw_parts(self.ptr as *const f32, n) }.to_vec()
+    }
+}
+
+/// The CUDA C of a spec built for the host emulator.
+fn emulated(spec: &KernelSpec) -> (cuda::CudaKernel, HostModule) {
+    let k = cuda::emit(spec).expect("CUDA C emits");
+    let m = cuda_host::build(&k).expect("the host emulator builds the CUDA C");
+    (k, m)
+}
+
+fn launch(m: &HostModule, entry: usize, grid: (u32, u32, u32), block: u32, args: &[HostArg]) {
+    // SAFETY: each test passes the kernel's arguments (see wkvc_codegen::cuda) with host
+    // buffers of the sizes it reads and writes.
+    unsafe { m.launch(entry, grid, (block, 1, 1), args) }.expect("emulated launch");
 }
 
 fn check(name: &str, got: &[f32], want: &[f32], bound: &[f64]) {
@@ -588,28 +647,46 @@ fn rope_kv_and_attention_match_rope_and_attention() {
         (3, 3, 32, 16, 3, true, false),
         (2, 1, 64, 64, 16, false, false),
         (4, 2, 32, 32, 4, false, false),
+        (4, 2, 32, 32, 4, true, false),
+        (9, 3, 64, 64, 4, true, true),
     ];
     for &(h, kvh, hd, rd, bits, smooth, past_only) in cases {
         for mode in [RunMode::Prefill, RunMode::DecodeEquivalent] {
             attention_case(
-                &mut jit, &mut rng, h, kvh, hd, rd, bits, smooth, past_only, mode,
+                &mut jit,
+                &mut rng,
+                (h, kvh, hd, rd),
+                bits,
+                smooth,
+                past_only,
+                mode,
+                &[5, 3, 12],
             );
         }
     }
+    // a long context: the CUDA kernel's online softmax over several tiles of 128 tokens
+    attention_case(
+        &mut jit,
+        &mut rng,
+        (4, 2, 32, 32),
+        4,
+        true,
+        true,
+        RunMode::Prefill,
+        &[150, 140, 2],
+    );
 }
 
 #[allow(clippy::too_many_arguments)]
 fn attention_case(
     jit: &mut CpuJit,
     rng: &mut Rng,
-    h: usize,
-    kvh: usize,
-    hd: usize,
-    rd: usize,
+    (h, kvh, hd, rd): (usize, usize, usize, usize),
     bits: u32,
     smooth: bool,
     past_only: bool,
     mode: RunMode,
+    chunks: &[usize],
 ) {
     let (qw, kw) = (h * hd, kvh * hd);
     let width = qw + 2 * kw;
@@ -687,7 +764,8 @@ fn attention_case(
     };
     module.verify().expect("reference verifies");
     let it = Interpreter::new(&module, 1).expect("interpreter");
-    let mut cache = KvCache::new(64);
+    let max: usize = chunks.iter().sum();
+    let mut cache = KvCache::new(max);
 
     let rope_spec = KernelSpec::RopeKv {
         heads: h,
@@ -710,8 +788,25 @@ fn attention_case(
     };
     let (fr, _) = jit.compile_kernel(&rope_spec).expect("rope_kv compiles");
     let (fa, _) = jit.compile_kernel(&attn_spec).expect("attention compiles");
+    // the CUDA kernels on the host emulator, with their own cache in the CUDA layout (codes
+    // as the CPU's; an f32 scale and zero per token and kv head, or the f32 rows at 16 bits)
+    let (_, cr) = emulated(&rope_spec);
+    let (_, ca) = emulated(&attn_spec);
+    let cmax = max;
+    let (gkc, gvc) = (
+        HBuf::new(cmax * kw.div_ceil(2)),
+        HBuf::new(cmax * kw.div_ceil(2)),
+    );
+    let gp = if bits == 16 { kw } else { kvh * 2 };
+    let (gkp, gvp) = (HBuf::new(4 * cmax * gp), HBuf::new(4 * cmax * gp));
+    let gsm: Vec<HBuf> = ["ksh", "ksc", "vsh", "vsc"]
+        .iter()
+        .map(|n| HBuf::from_f32(&sm[n]))
+        .collect();
+    let gsmp = |i: usize| if smooth { gsm[i].p() } else { HostArg::Ptr(0) };
+
     let inv = wkvc_ir::interp::rope_inv_freq(&rope_node, rd, None);
-    let max = 16;
+    let ginv = HBuf::from_f32(&inv);
     let (rb, np) = (kw.div_ceil(2), kvh * 2);
     let (mut kc, mut vc) = (vec![0u8; max * rb], vec![0u8; max * rb]);
     let cache_f = if bits == 16 { kw } else { np };
@@ -727,7 +822,7 @@ fn attention_case(
         }
     };
     let mut past = 0;
-    for s in [5usize, 3] {
+    for &s in chunks {
         let q = rng.vec(s * qw, 1.0);
         let k = rng.vec(s * kw, 1.0);
         let v = rng.vec(s * kw, 1.0);
@@ -766,6 +861,79 @@ fn attention_case(
                 cos[i * half + j] = a.cos() as f32;
                 sin[i * half + j] = a.sin() as f32;
             }
+        }
+        // the CUDA kernels, before the CPU's rope rotates qkv in place; 1 and 3 context splits
+        for splits in [1usize, 3] {
+            let x = HBuf::from_f32(&qkv);
+            let gpos = HBuf::from_bytes(
+                &pos.iter()
+                    .flat_map(|p| p.to_le_bytes())
+                    .collect::<Vec<u8>>(),
+            );
+            let state = HBuf::from_bytes(&(past as i32).to_le_bytes());
+            let si = HostArg::I32(s as i32);
+            launch(
+                &cr,
+                0,
+                (s as u32, 1, 1),
+                128,
+                &[
+                    x.p(),
+                    si,
+                    gpos.p(),
+                    ginv.p(),
+                    gkc.p(),
+                    gkp.p(),
+                    gvc.p(),
+                    gvp.p(),
+                    state.p(),
+                    gsmp(0),
+                    gsmp(1),
+                    gsmp(2),
+                    gsmp(3),
+                ],
+            );
+            let part = HBuf::new(4 * s * kvh * splits * group * (hd + 2));
+            let out = HBuf::nan_f32(s * qw);
+            launch(
+                &ca,
+                0,
+                (splits as u32, kvh as u32, s as u32),
+                cuda::ATTN_TILE,
+                &[
+                    x.p(),
+                    si,
+                    gkc.p(),
+                    gkp.p(),
+                    gvc.p(),
+                    gvp.p(),
+                    state.p(),
+                    HostArg::I32(i32::from(mode == RunMode::DecodeEquivalent)),
+                    gsmp(0),
+                    gsmp(1),
+                    gsmp(2),
+                    gsmp(3),
+                    part.p(),
+                    HostArg::I32(splits as i32),
+                ],
+            );
+            launch(
+                &ca,
+                1,
+                (h as u32, s as u32, 1),
+                hd as u32,
+                &[part.p(), HostArg::I32(splits as i32), out.p(), si],
+            );
+            let vmax = v.iter().fold(0f32, |a, x| a.max(x.abs())) as f64 * 3.0;
+            let bound = vec![1e-5 * vmax.max(1.0) * hd as f64 / 8.0; s * qw];
+            check(
+                &format!(
+                    "CUDA (emulated, {splits} splits) attention h{h} kv{kvh} hd{hd} rd{rd} b{bits} smooth {smooth} past_only {past_only} {mode:?} chunk {s}"
+                ),
+                &out.f32(s * qw),
+                &want,
+                &bound,
+            );
         }
         let (kcp, vcp) = if bits == 16 {
             (kp.as_mut_ptr() as u64, vp.as_mut_ptr() as u64)
@@ -852,5 +1020,287 @@ fn attention_case(
             &bound,
         );
         past += s;
+    }
+}
+
+/// f16 bits of a normal value that f16 represents exactly (the tests pick such scales).
+fn f16_bits(v: f32) -> u16 {
+    let b = v.to_bits();
+    let exp = ((b >> 23) & 0xff) as i32 - 127 + 15;
+    assert!(
+        (1..31).contains(&exp) && b & 0x1fff == 0,
+        "{v} is not an exact f16"
+    );
+    (((b >> 16) & 0x8000) | ((exp as u32) << 10) | ((b >> 13) & 0x3ff)) as u16
+}
+
+/// The CUDA GEMM kernels (`_gemv` for up to 8 rows, `_tiled`, and `_mma` on tensor cores where
+/// the shape has it) on the host emulator against an f64 reference, for quantized (int4 codes,
+/// f16 scale/zero) and f32 weights: block and group tails, per-channel groups, several parts
+/// written at their column offset, residuals, and row counts around the GEMV limit and the
+/// tiles. Bounds from f32 accumulation over k terms of the dequantization algebra
+/// s (x.q - z sum x): 2 k 2^-24 sum s (|q| + |z|) |x|; the mma variant rounds both operands to
+/// f16 (relative 2^-11 each, 2^-25 absolute for subnormal activations) and sums in f32.
+#[test]
+fn cuda_gemm_kernels_on_the_host_emulator_match_f64() {
+    let mut rng = Rng(31);
+    // (k, parts, group (0: f32 weights), residual)
+    let cases: &[(usize, &[usize], i64, bool)] = &[
+        (64, &[5], 32, false),
+        (96, &[7, 3], 64, true),
+        (70, &[9], 32, false),
+        (40, &[8], -1, true),
+        (576, &[40, 24], 128, true),
+        (200, &[11], 128, false),
+        (128, &[70], 32, false),
+        (96, &[6, 5], 0, true),
+        (70, &[9], 0, false),
+    ];
+    for &(k, parts, group, residual) in cases {
+        let quant = group != 0;
+        let spec = if quant {
+            KernelSpec::QGemm {
+                k,
+                parts: parts.to_vec(),
+                bits: 4,
+                group,
+                residual,
+                act: Act::F32,
+            }
+        } else {
+            KernelSpec::Gemm {
+                k,
+                parts: parts.to_vec(),
+                residual,
+            }
+        };
+        let (kern, module) = emulated(&spec);
+        let gl = if quant {
+            wkvc_ir::quant::group_len(k, group)
+        } else {
+            k
+        };
+        let ng = k.div_ceil(gl);
+        let ntot: usize = parts.iter().sum();
+        // per part: weights (codes or f32), scale/zero bits, and the dequantized f64 rows
+        let mut w64 = vec![0f64; ntot * k];
+        // per element: s (|q| + |z|) for the bound
+        let mut wabs = vec![0f64; ntot * k];
+        let mut bufs = Vec::new();
+        let mut base = 0;
+        for &nj in parts {
+            if quant {
+                let mut codes = vec![0u8; nj * k / 2];
+                let mut s16 = Vec::new();
+                let mut z16 = Vec::new();
+                for j in 0..nj {
+                    for g in 0..ng {
+                        let s = (1 + (rng.f().abs() * 63.0) as u32) as f32 / 1024.0;
+                        let z = (rng.f().abs() * 15.0).round();
+                        s16.extend(f16_bits(s).to_le_bytes());
+                        z16.extend(if z == 0.0 { 0 } else { f16_bits(z) }.to_le_bytes());
+                        for c in g * gl..((g + 1) * gl).min(k) {
+                            let q = ((rng.f().abs() * 16.0) as u8).min(15);
+                            codes[j * k / 2 + c / 2] |= if c % 2 == 0 { q } else { q << 4 };
+                            w64[(base + j) * k + c] = s as f64 * (q as f64 - z as f64);
+                            wabs[(base + j) * k + c] = s as f64 * (q as f64 + z as f64);
+                        }
+                    }
+                }
+                bufs.push([
+                    HBuf::from_bytes(&codes),
+                    HBuf::from_bytes(&s16),
+                    HBuf::from_bytes(&z16),
+                ]);
+            } else {
+                let w = rng.vec(nj * k, 0.5);
+                for (i, &v) in w.iter().enumerate() {
+                    w64[base * k + i] = v as f64;
+                    wabs[base * k + i] = v.abs() as f64;
+                }
+                bufs.push([HBuf::from_f32(&w), HBuf::new(16), HBuf::new(16)]);
+            }
+            base += nj;
+        }
+        for m in [1usize, 3, 8, 9, 33, 70] {
+            let x = rng.vec(m * k, 1.0);
+            let r = rng.vec(m * ntot, 1.0);
+            let (xb, rb) = (HBuf::from_f32(&x), HBuf::from_f32(&r));
+            let mut want = vec![0f32; m * ntot];
+            let (mut b32, mut b16) = (vec![0f64; m * ntot], vec![0f64; m * ntot]);
+            for i in 0..m {
+                for j in 0..ntot {
+                    let (mut acc, mut t, mut tx) = (0f64, 0f64, 0f64);
+                    for c in 0..k {
+                        let xv = x[i * k + c] as f64;
+                        acc += xv * w64[j * k + c];
+                        t += xv.abs() * wabs[j * k + c];
+                        tx += w64[j * k + c].abs();
+                    }
+                    let rv = if residual {
+                        r[i * ntot + j] as f64
+                    } else {
+                        0.0
+                    };
+                    want[i * ntot + j] = (acc + rv) as f32;
+                    let f32b = 2.0 * k as f64 * 2f64.powi(-24) * t + 2f64.powi(-23) * rv.abs();
+                    b32[i * ntot + j] = f32b;
+                    b16[i * ntot + j] = f32b + 1.1 * 2f64.powi(-10) * t + 2f64.powi(-24) * tx;
+                }
+            }
+            let names: Vec<&str> = kern.entries.iter().map(String::as_str).collect();
+            for (e, name) in names.iter().enumerate() {
+                let (grid, block, bound) = if name.ends_with("_gemv") {
+                    if m as u32 > cuda::GEMV_MAX_M {
+                        continue;
+                    }
+                    ((0, 1, 1), 32 * cuda::GEMV_ROWS, &b32)
+                } else if name.ends_with("_tiled") {
+                    ((0, (m as u32).div_ceil(cuda::TILE_M), 1), 256, &b32)
+                } else {
+                    ((0, (m as u32).div_ceil(cuda::MMA_M), 1), 128, &b16)
+                };
+                let y = HBuf::nan_f32(m * ntot);
+                let yp = y.ptr as u64;
+                let mut base = 0u64;
+                for (&nj, b) in parts.iter().zip(&bufs) {
+                    let gx = if name.ends_with("_gemv") {
+                        (nj as u32).div_ceil(cuda::GEMV_ROWS)
+                    } else if name.ends_with("_tiled") {
+                        (nj as u32).div_ceil(cuda::TILE_N)
+                    } else {
+                        (nj as u32).div_ceil(cuda::MMA_N)
+                    };
+                    let rp = if residual {
+                        HostArg::Ptr(rb.ptr as u64 + 4 * base)
+                    } else {
+                        HostArg::Ptr(0)
+                    };
+                    launch(
+                        &module,
+                        e,
+                        (gx, grid.1, 1),
+                        block,
+                        &[
+                            xb.p(),
+                            HostArg::I32(m as i32),
+                            b[0].p(),
+                            b[1].p(),
+                            b[2].p(),
+                            HostArg::Ptr(yp + 4 * base),
+                            HostArg::I32(ntot as i32),
+                            HostArg::I32(nj as i32),
+                            rp,
+                            HostArg::I32(ntot as i32),
+                        ],
+                    );
+                    base += nj as u64;
+                }
+                check(
+                    &format!("CUDA (emulated) {name} k {k} parts {parts:?} m {m}"),
+                    &y.f32(m * ntot),
+                    &want,
+                    bound,
+                );
+            }
+        }
+    }
+}
+
+/// The CUDA row kernels on the host emulator: RMSNorm against f64 (bound: f32 sums of the
+/// squares over the row, one rounding per product), SiLU-mul (exp and a division: relative
+/// 2^-21), and the embedding gather (exact); widths that are not multiples of the block.
+#[test]
+fn cuda_row_kernels_on_the_host_emulator_match_f64() {
+    let mut rng = Rng(41);
+    for &(dim, m) in &[(576usize, 3usize), (70, 5), (1000, 1)] {
+        let (_, md) = emulated(&KernelSpec::RmsNorm { dim, eps: 1e-5 });
+        let x = rng.vec(m * dim, 2.0);
+        let w = rng.vec(dim, 1.0);
+        let (xb, wb) = (HBuf::from_f32(&x), HBuf::from_f32(&w));
+        let y = HBuf::nan_f32(m * dim);
+        launch(
+            &md,
+            0,
+            (m as u32, 1, 1),
+            cuda::BLOCK,
+            &[xb.p(), wb.p(), y.p(), HostArg::I32(m as i32)],
+        );
+        let (mut want, mut bound) = (Vec::new(), Vec::new());
+        for i in 0..m {
+            let r = &x[i * dim..][..dim];
+            let ss: f64 = r.iter().map(|&v| v as f64 * v as f64).sum();
+            let inv = 1.0 / (ss / dim as f64 + 1e-5).sqrt();
+            for c in 0..dim {
+                let v = r[c] as f64 * inv * w[c] as f64;
+                want.push(v as f32);
+                bound.push(v.abs() * (dim as f64 * 2f64.powi(-24) + 4.0 * 2f64.powi(-24)));
+            }
+        }
+        check(
+            &format!("CUDA (emulated) rms_norm {dim} x {m}"),
+            &y.f32(m * dim),
+            &want,
+            &bound,
+        );
+
+        let n = dim;
+        let (_, ms) = emulated(&KernelSpec::SiluMul { n });
+        let gu = rng.vec(m * 2 * n, 4.0);
+        let gb = HBuf::from_f32(&gu);
+        let y = HBuf::nan_f32(m * n);
+        launch(
+            &ms,
+            0,
+            (((m * n) as u32).div_ceil(256), 1, 1),
+            256,
+            &[gb.p(), y.p(), HostArg::I32(m as i32)],
+        );
+        let (mut want, mut bound) = (Vec::new(), Vec::new());
+        for i in 0..m {
+            for c in 0..n {
+                let (g, u) = (gu[i * 2 * n + c] as f64, gu[i * 2 * n + n + c] as f64);
+                let v = g / (1.0 + (-g).exp()) * u;
+                want.push(v as f32);
+                bound.push(v.abs() * 2f64.powi(-21) + 1e-30);
+            }
+        }
+        check(
+            &format!("CUDA (emulated) silu_mul {n} x {m}"),
+            &y.f32(m * n),
+            &want,
+            &bound,
+        );
+
+        let vocab = 37;
+        let (_, me) = emulated(&KernelSpec::Embed { vocab, dim });
+        let table = rng.vec(vocab * dim, 1.0);
+        let ids: Vec<i32> = (0..m).map(|i| ((i * 13 + 5) % vocab) as i32).collect();
+        let (tb, ib) = (
+            HBuf::from_f32(&table),
+            HBuf::from_bytes(
+                &ids.iter()
+                    .flat_map(|v| v.to_le_bytes())
+                    .collect::<Vec<u8>>(),
+            ),
+        );
+        let y = HBuf::nan_f32(m * dim);
+        launch(
+            &me,
+            0,
+            (m as u32, 1, 1),
+            128,
+            &[ib.p(), tb.p(), y.p(), HostArg::I32(m as i32)],
+        );
+        let want: Vec<f32> = ids
+            .iter()
+            .flat_map(|&t| table[t as usize * dim..][..dim].to_vec())
+            .collect();
+        check(
+            &format!("CUDA (emulated) embed {dim} x {m}"),
+            &y.f32(m * dim),
+            &want,
+            &vec![0.0; m * dim],
+        );
     }
 }
