@@ -8,6 +8,11 @@
 //!
 //! Without a driver (`libcuda.so.1`) or a device, [`CudaEngine::new`] returns an error before
 //! any cudarc call that would panic.
+//!
+//! [`CudaEngine::emulated`] runs the same engine (kernels, launch geometry, buffers, graph
+//! capture and replay) on the CUDA host emulator of `wkvc_codegen::cuda_host`: host memory
+//! for device memory, the kernels compiled by the host's C++ compiler. It checks the engine
+//! and its kernels without a GPU, slowly; it is not a back end for real work.
 
 use crate::{RuntimeError, plan};
 use cudarc::driver::{
@@ -15,9 +20,10 @@ use cudarc::driver::{
     PushKernelArg, sys,
 };
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use wkvc_codegen::cuda::{self as cg, GEMV_MAX_M, GEMV_ROWS, TILE_M, TILE_N};
+use wkvc_codegen::cuda_host::{self, HostArg, HostModule};
 use wkvc_ir::{DType, Graph, KernelSpec, Module, Operand, RunMode};
 use wkvc_passes::lower::{LowerOptions, MemoryPlan, lower, memplan};
 
@@ -65,6 +71,293 @@ fn open_device(device: usize) -> Result<(Arc<CudaContext>, Arc<CudaStream>, u32)
     Ok((ctx, stream, (10 * maj + min) as u32))
 }
 
+/// Host memory standing for device memory in the emulator: zeroed, 256-byte aligned (as
+/// cudaMalloc's).
+struct HostMem {
+    ptr: *mut u8,
+    layout: std::alloc::Layout,
+}
+
+// SAFETY: a plain heap allocation; the engine orders every access (one stream).
+unsafe impl Send for HostMem {}
+unsafe impl Sync for HostMem {}
+
+impl HostMem {
+    fn new(n: usize) -> Result<HostMem, RuntimeError> {
+        let layout = std::alloc::Layout::from_size_align(n.max(16), 256)
+            .map_err(|e| err(format!("host memory of {n} bytes: {e}")))?;
+        // SAFETY: a non-zero size.
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+        if ptr.is_null() {
+            return Err(err(format!("out of host memory ({n} bytes)")));
+        }
+        Ok(HostMem { ptr, layout })
+    }
+}
+
+impl Drop for HostMem {
+    fn drop(&mut self) {
+        // SAFETY: allocated with this layout in HostMem::new.
+        unsafe { std::alloc::dealloc(self.ptr, self.layout) }
+    }
+}
+
+enum Mem {
+    Cuda(CudaSlice<u8>),
+    Host(HostMem),
+}
+
+/// A device buffer and its address.
+struct DevBuf {
+    ptr: u64,
+    len: usize,
+    mem: Mem,
+}
+
+/// A kernel entry point.
+#[derive(Clone)]
+enum Func {
+    Cuda(CudaFunction),
+    Host(Arc<HostModule>, usize),
+}
+
+/// A launch recorded by the emulator's graph capture.
+struct HostLaunch {
+    module: Arc<HostModule>,
+    entry: usize,
+    grid: (u32, u32, u32),
+    block: u32,
+    args: Vec<HostArg>,
+}
+
+/// A captured decode step.
+enum StepGraph {
+    Cuda(CudaGraph),
+    Host(Vec<HostLaunch>),
+}
+
+/// Where the kernels run: a GPU through the driver (one stream), or the host emulator
+/// (launches run on the calling thread, in order; a capture records them).
+enum Gpu {
+    Cuda {
+        // held for the engine's lifetime
+        _ctx: Arc<CudaContext>,
+        stream: Arc<CudaStream>,
+    },
+    Host {
+        capture: Mutex<Option<Vec<HostLaunch>>>,
+    },
+}
+
+/// A kernel launch argument.
+enum K {
+    P(u64),
+    I(i32),
+}
+
+impl Gpu {
+    /// `n` zeroed bytes.
+    fn alloc(&self, n: usize) -> Result<DevBuf, RuntimeError> {
+        match self {
+            Gpu::Cuda { stream, .. } => {
+                let b = stream
+                    .alloc_zeros::<u8>(n.max(16))
+                    .map_err(|e| derr("allocating device memory", e))?;
+                let ptr = dev_ptr(&b, stream);
+                Ok(DevBuf {
+                    ptr,
+                    len: n,
+                    mem: Mem::Cuda(b),
+                })
+            }
+            Gpu::Host { .. } => {
+                let h = HostMem::new(n)?;
+                Ok(DevBuf {
+                    ptr: h.ptr as u64,
+                    len: n,
+                    mem: Mem::Host(h),
+                })
+            }
+        }
+    }
+
+    /// A buffer holding `bytes`.
+    fn upload(&self, bytes: &[u8]) -> Result<DevBuf, RuntimeError> {
+        let mut b = self.alloc(bytes.len())?;
+        self.htod(bytes, &mut b)?;
+        Ok(b)
+    }
+
+    /// Copy `src` to the start of `dst` (ordered on the stream).
+    fn htod(&self, src: &[u8], dst: &mut DevBuf) -> Result<(), RuntimeError> {
+        if src.len() > dst.len {
+            return Err(err(format!(
+                "a copy of {} bytes into a buffer of {}",
+                src.len(),
+                dst.len
+            )));
+        }
+        match (self, &mut dst.mem) {
+            (Gpu::Cuda { stream, .. }, Mem::Cuda(d)) => {
+                let mut v = d.slice_mut(0..src.len());
+                stream
+                    .memcpy_htod(src, &mut v)
+                    .map_err(|e| derr("copying to the device", e))
+            }
+            (Gpu::Host { .. }, Mem::Host(h)) => {
+                // SAFETY: h holds at least src.len() bytes (checked above).
+                unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), h.ptr, src.len()) };
+                Ok(())
+            }
+            _ => Err(err("a buffer of another device")),
+        }
+    }
+
+    /// Copy the start of `src` into `dst` and wait for it.
+    fn dtoh(&self, src: &DevBuf, dst: &mut [u8]) -> Result<(), RuntimeError> {
+        if dst.len() > src.len {
+            return Err(err(format!(
+                "a copy of {} bytes from a buffer of {}",
+                dst.len(),
+                src.len
+            )));
+        }
+        match (self, &src.mem) {
+            (Gpu::Cuda { stream, .. }, Mem::Cuda(d)) => {
+                let v = d.slice(0..dst.len());
+                stream
+                    .memcpy_dtoh(&v, dst)
+                    .map_err(|e| derr("copying from the device", e))?;
+                stream.synchronize().map_err(|e| derr("synchronize", e))
+            }
+            (Gpu::Host { .. }, Mem::Host(h)) => {
+                // SAFETY: h holds at least dst.len() bytes (checked above).
+                unsafe { std::ptr::copy_nonoverlapping(h.ptr, dst.as_mut_ptr(), dst.len()) };
+                Ok(())
+            }
+            _ => Err(err("a buffer of another device")),
+        }
+    }
+
+    fn sync(&self) -> Result<(), RuntimeError> {
+        match self {
+            Gpu::Cuda { stream, .. } => stream.synchronize().map_err(|e| derr("synchronize", e)),
+            Gpu::Host { .. } => Ok(()),
+        }
+    }
+
+    fn launch(
+        &self,
+        f: &Func,
+        grid: (u32, u32, u32),
+        block: u32,
+        args: &[K],
+    ) -> Result<(), RuntimeError> {
+        match (self, f) {
+            (Gpu::Cuda { stream, .. }, Func::Cuda(f)) => {
+                let mut b = stream.launch_builder(f);
+                for a in args {
+                    match a {
+                        K::P(p) => {
+                            b.arg(p);
+                        }
+                        K::I(i) => {
+                            b.arg(i);
+                        }
+                    }
+                }
+                let cfg = LaunchConfig {
+                    grid_dim: grid,
+                    block_dim: (block, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                // SAFETY: the arguments match the kernel's signature (see wkvc_codegen::cuda)
+                // and every pointer is a live device allocation of the engine or the session.
+                unsafe { b.launch(cfg) }
+                    .map(|_| ())
+                    .map_err(|e| derr("kernel launch", e))
+            }
+            (Gpu::Host { capture }, Func::Host(m, entry)) => {
+                let l = HostLaunch {
+                    module: m.clone(),
+                    entry: *entry,
+                    grid,
+                    block,
+                    args: args
+                        .iter()
+                        .map(|a| match a {
+                            K::P(p) => HostArg::Ptr(*p),
+                            K::I(i) => HostArg::I32(*i),
+                        })
+                        .collect(),
+                };
+                let mut cap = capture.lock().map_err(|_| err("a poisoned capture"))?;
+                match cap.as_mut() {
+                    Some(rec) => {
+                        rec.push(l);
+                        Ok(())
+                    }
+                    None => {
+                        drop(cap);
+                        host_run(&l)
+                    }
+                }
+            }
+            _ => Err(err("a kernel of another device")),
+        }
+    }
+
+    /// Record the launches of `run` as a graph (None where the driver gives no graph: then
+    /// the caller launches directly).
+    fn capture(
+        &self,
+        run: impl FnOnce() -> Result<(), RuntimeError>,
+    ) -> Result<Option<StepGraph>, RuntimeError> {
+        match self {
+            Gpu::Cuda { stream, .. } => {
+                stream
+                    .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+                    .map_err(|e| derr("begin graph capture", e))?;
+                let r = run();
+                let g = stream
+                    .end_capture(sys::CUgraphInstantiate_flags(0))
+                    .map_err(|e| derr("end graph capture", e))?;
+                r?;
+                Ok(g.map(StepGraph::Cuda))
+            }
+            Gpu::Host { capture } => {
+                *capture.lock().map_err(|_| err("a poisoned capture"))? = Some(Vec::new());
+                let r = run();
+                let rec = capture
+                    .lock()
+                    .map_err(|_| err("a poisoned capture"))?
+                    .take()
+                    .unwrap_or_default();
+                r?;
+                Ok(Some(StepGraph::Host(rec)))
+            }
+        }
+    }
+
+    fn replay(&self, g: &StepGraph) -> Result<(), RuntimeError> {
+        match g {
+            StepGraph::Cuda(g) => g.launch().map_err(|e| derr("graph launch", e)),
+            StepGraph::Host(launches) => launches.iter().try_for_each(host_run),
+        }
+    }
+}
+
+/// Run one launch on the host emulator.
+fn host_run(l: &HostLaunch) -> Result<(), RuntimeError> {
+    // SAFETY: the arguments match the kernel's signature (see wkvc_codegen::cuda) and every
+    // pointer is a live host allocation of the engine or the session (HostMem).
+    unsafe {
+        l.module
+            .launch(l.entry, l.grid, (l.block, 1, 1), &l.args)
+            .map_err(|e| err(e.to_string()))
+    }
+}
+
 #[derive(Clone, Copy)]
 enum Arg {
     /// byte offset in the arena
@@ -77,7 +370,7 @@ enum Arg {
 
 struct Step {
     spec: KernelSpec,
-    f: Vec<CudaFunction>,
+    f: Vec<Func>,
     args: Vec<Arg>,
     /// byte offset of the output in the arena
     out: usize,
@@ -85,37 +378,28 @@ struct Step {
     inv: u64,
 }
 
-/// A kernel launch argument.
-enum K {
-    P(u64),
-    I(i32),
-}
+/// Builds a kernel's entry points for the engine's device.
+type LoadFn<'a> = dyn Fn(&cg::CudaKernel, &KernelSpec) -> Result<Vec<Func>, RuntimeError> + 'a;
 
 /// The compiled CUDA engine of a plan.
 pub struct CudaEngine {
-    ctx: Arc<CudaContext>,
-    stream: Arc<CudaStream>,
+    gpu: Gpu,
     steps: Vec<Step>,
     plan: MemoryPlan,
     vocab: usize,
-    _bufs: Vec<CudaSlice<u8>>,
+    _bufs: Vec<DevBuf>,
     pub device_name: String,
-    /// compute capability as 10 * major + minor
+    /// compute capability as 10 * major + minor (0 on the host emulator)
     pub arch: u32,
     /// milliseconds spent compiling (NVRTC) and loading the kernels and uploading weights
     pub load_ms: f64,
     /// distinct kernel modules
     pub kernels: usize,
-    /// how the kernels were built: "cubin sm_XX (NVRTC a.b)" or "plan PTX"
+    /// how the kernels were built: "cubin sm_XX (NVRTC a.b)", "plan PTX" or "host emulator"
     pub code: String,
     /// prefill's quantized GEMMs on tensor cores
     pub mma: bool,
     lowered: Graph,
-}
-
-fn dev_ptr<T>(s: &CudaSlice<T>, stream: &CudaStream) -> u64 {
-    let (p, _sync) = s.device_ptr(stream);
-    p
 }
 
 impl CudaEngine {
@@ -130,11 +414,6 @@ impl CudaEngine {
         let t0 = Instant::now();
         let (ctx, stream, arch) = open_device(device)?;
         let device_name = ctx.name().unwrap_or_else(|_| "CUDA device".into());
-        let lowered = lower(&module.graph, LowerOptions::default())
-            .map_err(|e| err(format!("lowering: {e}")))?;
-        let pb = |p: &str| module.weights.get(p).map(|w| w.size()).unwrap_or((0, 0));
-        let plan =
-            memplan(&lowered, CHUNK, 1, 1, &pb).map_err(|e| err(format!("memory plan: {e}")))?;
         let nvrtc = wkvc_codegen::nvrtc::locate().is_ok();
         if !nvrtc && cuda.is_none() {
             return Err(err(
@@ -148,14 +427,87 @@ impl CudaEngine {
         } else {
             "plan PTX".to_string()
         };
-        let mut modules: HashMap<String, Vec<CudaFunction>> = HashMap::new();
-        let mut bufs: Vec<CudaSlice<u8>> = Vec::new();
+        let load = |k: &cg::CudaKernel, spec: &KernelSpec| -> Result<Vec<Func>, RuntimeError> {
+            let ptx = if nvrtc {
+                let c = wkvc_codegen::nvrtc::cubin(&k.source, &spec.code_name(), arch)
+                    .map_err(|e| err(e.to_string()))?;
+                cudarc::nvrtc::Ptx::from_binary(c.image)
+            } else {
+                let key = plan::sha256_hex(&k.source);
+                let m = cuda
+                    .and_then(|c| c.kernels.iter().find(|m| m.sha256 == key))
+                    .ok_or_else(|| {
+                        err(format!(
+                            "{}: the plan's CUDA code does not have this kernel (recompile the \
+                             plan with this wkvc, or install NVRTC)",
+                            spec.code_name()
+                        ))
+                    })?;
+                cudarc::nvrtc::Ptx::from_src(m.ptx.clone())
+            };
+            let md = ctx
+                .load_module(ptx)
+                .map_err(|e| derr(&format!("loading {}", spec.code_name()), e))?;
+            k.entries
+                .iter()
+                .map(|e| md.load_function(e).map(Func::Cuda).map_err(|x| derr(e, x)))
+                .collect()
+        };
+        let gpu = Gpu::Cuda {
+            _ctx: ctx.clone(),
+            stream: stream.clone(),
+        };
+        Self::build(module, gpu, mma, &load, device_name, arch, code, t0)
+    }
+
+    /// The same engine on the CUDA host emulator (`wkvc_codegen::cuda_host`): host memory
+    /// for device memory, each kernel module built by the host's C++ compiler. For checking
+    /// the engine and its kernels without a GPU; slow.
+    pub fn emulated(module: &Module, mma: bool) -> Result<CudaEngine, RuntimeError> {
+        let t0 = Instant::now();
+        let load = |k: &cg::CudaKernel, _: &KernelSpec| -> Result<Vec<Func>, RuntimeError> {
+            let m = Arc::new(cuda_host::build(k).map_err(|e| err(e.to_string()))?);
+            Ok((0..k.entries.len())
+                .map(|i| Func::Host(m.clone(), i))
+                .collect())
+        };
+        let gpu = Gpu::Host {
+            capture: Mutex::new(None),
+        };
+        Self::build(
+            module,
+            gpu,
+            mma,
+            &load,
+            "CUDA host emulator".into(),
+            0,
+            "host emulator".into(),
+            t0,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn build(
+        module: &Module,
+        gpu: Gpu,
+        mma: bool,
+        load: &LoadFn,
+        device_name: String,
+        arch: u32,
+        code: String,
+        t0: Instant,
+    ) -> Result<CudaEngine, RuntimeError> {
+        let lowered = lower(&module.graph, LowerOptions::default())
+            .map_err(|e| err(format!("lowering: {e}")))?;
+        let pb = |p: &str| module.weights.get(p).map(|w| w.size()).unwrap_or((0, 0));
+        let plan =
+            memplan(&lowered, CHUNK, 1, 1, &pb).map_err(|e| err(format!("memory plan: {e}")))?;
+        let mut modules: HashMap<String, Vec<Func>> = HashMap::new();
+        let mut bufs: Vec<DevBuf> = Vec::new();
         let mut params: HashMap<String, u64> = HashMap::new();
-        let upload = |bytes: &[u8], bufs: &mut Vec<CudaSlice<u8>>| -> Result<u64, RuntimeError> {
-            let b = stream
-                .clone_htod(bytes)
-                .map_err(|e| derr("uploading weights", e))?;
-            let p = dev_ptr(&b, &stream);
+        let upload = |bytes: &[u8], bufs: &mut Vec<DevBuf>| -> Result<u64, RuntimeError> {
+            let b = gpu.upload(bytes)?;
+            let p = b.ptr;
             bufs.push(b);
             Ok(p)
         };
@@ -168,30 +520,7 @@ impl CudaEngine {
             let f = match modules.get(&key) {
                 Some(f) => f.clone(),
                 None => {
-                    let ptx = if nvrtc {
-                        let c = wkvc_codegen::nvrtc::cubin(&k.source, &spec.code_name(), arch)
-                            .map_err(|e| err(e.to_string()))?;
-                        cudarc::nvrtc::Ptx::from_binary(c.image)
-                    } else {
-                        let m = cuda
-                            .and_then(|c| c.kernels.iter().find(|m| m.sha256 == key))
-                            .ok_or_else(|| {
-                                err(format!(
-                                    "{}: the plan's CUDA code does not have this kernel (recompile \
-                                     the plan with this wkvc, or install NVRTC)",
-                                    spec.code_name()
-                                ))
-                            })?;
-                        cudarc::nvrtc::Ptx::from_src(m.ptx.clone())
-                    };
-                    let md = ctx
-                        .load_module(ptx)
-                        .map_err(|e| derr(&format!("loading {}", spec.code_name()), e))?;
-                    let fs = k
-                        .entries
-                        .iter()
-                        .map(|e| md.load_function(e).map_err(|x| derr(e, x)))
-                        .collect::<Result<Vec<_>, _>>()?;
+                    let fs = load(&k, &spec)?;
                     modules.insert(key, fs.clone());
                     fs
                 }
@@ -283,13 +612,10 @@ impl CudaEngine {
         if vocab == 0 {
             return Err(err("the lowered graph has no logits kernel"));
         }
-        stream
-            .synchronize()
-            .map_err(|e| derr("uploading weights", e))?;
+        gpu.sync()?;
         Ok(CudaEngine {
             kernels: modules.len(),
-            ctx,
-            stream,
+            gpu,
             steps,
             plan,
             vocab,
@@ -325,11 +651,7 @@ impl CudaEngine {
     }
 
     fn alloc_session(&self, max_ctx: usize) -> Result<Dev, RuntimeError> {
-        let s = &self.stream;
-        let alloc = |n: usize| -> Result<CudaSlice<u8>, RuntimeError> {
-            s.alloc_zeros::<u8>(n.max(16))
-                .map_err(|e| derr("allocating device memory", e))
-        };
+        let alloc = |n: usize| self.gpu.alloc(n);
         // attention splits: enough blocks to fill the GPU at long contexts
         let splits = max_ctx.div_ceil(256).clamp(1, 32);
         let mut layers = HashMap::new();
@@ -352,29 +674,21 @@ impl CudaEngine {
                     (max_ctx * w.div_ceil(2), max_ctx * kv_heads * 2 * 4)
                 };
                 let b = [alloc(c)?, alloc(p)?, alloc(c)?, alloc(p)?];
-                layers.insert(*layer, [0, 1, 2, 3].map(|i| dev_ptr(&b[i], s)));
+                layers.insert(*layer, [0, 1, 2, 3].map(|i| b[i].ptr));
                 kv.push(b);
                 part = part.max(CHUNK * kv_heads * splits * (heads / kv_heads) * (head_dim + 2));
             }
         }
         let arena = alloc(self.plan.arena_bytes)?;
         let part_b = alloc(4 * part)?;
-        let logits_b = alloc(4 * CHUNK * self.vocab)?;
-        let ids_b = alloc(4 * CHUNK)?;
-        let pos_b = alloc(4 * CHUNK)?;
-        let state_b = alloc(16)?;
         Ok(Dev {
-            p_arena: dev_ptr(&arena, s),
-            p_part: dev_ptr(&part_b, s),
-            p_logits: dev_ptr(&logits_b, s),
-            p_ids: dev_ptr(&ids_b, s),
-            p_pos: dev_ptr(&pos_b, s),
-            p_state: dev_ptr(&state_b, s),
-            logits_b,
+            p_arena: arena.ptr,
+            p_part: part_b.ptr,
+            logits_b: alloc(4 * CHUNK * self.vocab)?,
             _bufs: vec![arena, part_b],
-            ids_b,
-            pos_b,
-            state_b,
+            ids_b: alloc(4 * CHUNK)?,
+            pos_b: alloc(4 * CHUNK)?,
+            state_b: alloc(16)?,
             layers,
             _kv: kv,
             splits: splits as u32,
@@ -382,38 +696,9 @@ impl CudaEngine {
         })
     }
 
-    fn launch(
-        &self,
-        f: &CudaFunction,
-        grid: (u32, u32, u32),
-        block: u32,
-        args: &[K],
-    ) -> Result<(), RuntimeError> {
-        let mut b = self.stream.launch_builder(f);
-        for a in args {
-            match a {
-                K::P(p) => {
-                    b.arg(p);
-                }
-                K::I(i) => {
-                    b.arg(i);
-                }
-            }
-        }
-        let cfg = LaunchConfig {
-            grid_dim: grid,
-            block_dim: (block, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        // SAFETY: the arguments match the kernel's signature (see wkvc_codegen::cuda) and
-        // every pointer is a live device allocation of the engine or the session.
-        unsafe { b.launch(cfg) }
-            .map(|_| ())
-            .map_err(|e| derr("kernel launch", e))
-    }
-
-    pub fn device(&self) -> &Arc<CudaContext> {
-        &self.ctx
+    /// Which device runs the kernels ("cuda" or "host emulator").
+    pub fn is_emulated(&self) -> bool {
+        matches!(self.gpu, Gpu::Host { .. })
     }
 }
 
@@ -428,22 +713,18 @@ pub struct CudaSession<'e> {
 
 /// A session's device memory.
 struct Dev {
-    logits_b: CudaSlice<u8>,
-    _bufs: Vec<CudaSlice<u8>>,
-    ids_b: CudaSlice<u8>,
-    pos_b: CudaSlice<u8>,
-    state_b: CudaSlice<u8>,
+    logits_b: DevBuf,
+    _bufs: Vec<DevBuf>,
+    ids_b: DevBuf,
+    pos_b: DevBuf,
+    state_b: DevBuf,
     p_arena: u64,
     p_part: u64,
-    p_logits: u64,
-    p_ids: u64,
-    p_pos: u64,
-    p_state: u64,
     /// per layer: K codes, K params, V codes, V params
     layers: HashMap<i64, [u64; 4]>,
-    _kv: Vec<[CudaSlice<u8>; 4]>,
+    _kv: Vec<[DevBuf; 4]>,
     splits: u32,
-    graph: Option<CudaGraph>,
+    graph: Option<StepGraph>,
 }
 
 impl CudaSession<'_> {
@@ -497,36 +778,26 @@ impl CudaSession<'_> {
             .dev
             .as_mut()
             .ok_or_else(|| err("session memory is not allocated"))?;
-        let s = &eng.stream;
+        let gpu = &eng.gpu;
         let m = ids.len();
         let tok: Vec<u8> = ids.iter().flat_map(|&t| (t as i32).to_le_bytes()).collect();
         let pos: Vec<u8> = (0..m)
             .flat_map(|i| ((self.len + i) as i32).to_le_bytes())
             .collect();
         let st = (self.len as i32).to_le_bytes();
-        let h2d = |src: &[u8], dst: &mut CudaSlice<u8>| -> Result<(), RuntimeError> {
-            let mut v = dst.slice_mut(0..src.len());
-            s.memcpy_htod(src, &mut v)
-                .map_err(|e| derr("copying the step's inputs", e))
-        };
-        h2d(&tok, &mut d.ids_b)?;
-        h2d(&pos, &mut d.pos_b)?;
-        h2d(&st, &mut d.state_b)?;
+        gpu.htod(&tok, &mut d.ids_b)?;
+        gpu.htod(&pos, &mut d.pos_b)?;
+        gpu.htod(&st, &mut d.state_b)?;
         let whole = all.is_some();
         if m == 1 && !whole {
-            // one token: the captured graph (the same launches every step)
+            // one token: the captured graph (the same launches every step; for one row the
+            // prefill and decode-equivalent protocols see the same tokens)
             if d.graph.is_none() {
-                s.begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
-                    .map_err(|e| derr("begin graph capture", e))?;
-                let r = launch_all(eng, d, 1, mode, false);
-                let g = s
-                    .end_capture(sys::CUgraphInstantiate_flags(0))
-                    .map_err(|e| derr("end graph capture", e))?;
-                r?;
+                let g = gpu.capture(|| launch_all(eng, d, 1, mode, false))?;
                 d.graph = g;
             }
             match &d.graph {
-                Some(g) => g.launch().map_err(|e| derr("graph launch", e))?,
+                Some(g) => gpu.replay(g)?,
                 None => launch_all(eng, d, 1, mode, false)?,
             }
         } else {
@@ -537,18 +808,12 @@ impl CudaSession<'_> {
             Some(a) => {
                 let start = a.len();
                 a.resize(start + m * v, 0.0);
-                let src = d.logits_b.slice(0..4 * m * v);
-                s.memcpy_dtoh(&src, f32_bytes(&mut a[start..]))
-                    .map_err(|e| derr("reading the logits", e))?;
-                s.synchronize().map_err(|e| derr("synchronize", e))?;
+                gpu.dtoh(&d.logits_b, f32_bytes(&mut a[start..]))?;
                 self.logits.copy_from_slice(&a[start + (m - 1) * v..]);
             }
             None => {
                 // the last row only, into the session's buffer (no allocation per step)
-                let src = d.logits_b.slice(0..4 * v);
-                s.memcpy_dtoh(&src, f32_bytes(&mut self.logits))
-                    .map_err(|e| derr("reading the logits", e))?;
-                s.synchronize().map_err(|e| derr("synchronize", e))?;
+                gpu.dtoh(&d.logits_b, f32_bytes(&mut self.logits))?;
             }
         }
         self.len += m;
@@ -572,8 +837,8 @@ fn launch_all(
             let p = |i: usize| -> u64 {
                 match st.args.get(i) {
                     Some(Arg::Buf(o)) => buf(*o),
-                    Some(Arg::Tokens) => d.p_ids,
-                    Some(Arg::Positions) => d.p_pos,
+                    Some(Arg::Tokens) => d.ids_b.ptr,
+                    Some(Arg::Positions) => d.pos_b.ptr,
                     Some(Arg::Param(d)) => *d,
                     None => 0,
                 }
@@ -581,19 +846,19 @@ fn launch_all(
             let y = buf(st.out);
             let f = &st.f;
             match &st.spec {
-                KernelSpec::Embed { .. } => eng.launch(
+                KernelSpec::Embed { .. } => eng.gpu.launch(
                     &f[0],
                     (m as u32, 1, 1),
                     128,
                     &[K::P(p(0)), K::P(p(1)), K::P(y), K::I(mi)],
                 )?,
-                KernelSpec::RmsNorm { .. } => eng.launch(
+                KernelSpec::RmsNorm { .. } => eng.gpu.launch(
                     &f[0],
                     (m as u32, 1, 1),
                     cg::BLOCK,
                     &[K::P(p(0)), K::P(p(1)), K::P(y), K::I(mi)],
                 )?,
-                KernelSpec::SiluMul { n } => eng.launch(
+                KernelSpec::SiluMul { n } => eng.gpu.launch(
                     &f[0],
                     (((m * n) as u32).div_ceil(256), 1, 1),
                     256,
@@ -648,7 +913,7 @@ fn launch_all(
                         K::P(p(1)),
                         K::P(0),
                         K::P(0),
-                        K::P(d.p_logits),
+                        K::P(d.logits_b.ptr),
                         K::I(*vocab as i32),
                         K::I(*vocab as i32),
                         K::P(0),
@@ -667,20 +932,20 @@ fn launch_all(
                     } else {
                         [0; 4]
                     };
-                    eng.launch(
+                    eng.gpu.launch(
                         &f[0],
                         (m as u32, 1, 1),
                         128,
                         &[
                             K::P(p(0)),
                             K::I(mi),
-                            K::P(d.p_pos),
+                            K::P(d.pos_b.ptr),
                             K::P(st.inv),
                             K::P(kv[0]),
                             K::P(kv[1]),
                             K::P(kv[2]),
                             K::P(kv[3]),
-                            K::P(d.p_state),
+                            K::P(d.state_b.ptr),
                             K::P(sm[0]),
                             K::P(sm[1]),
                             K::P(sm[2]),
@@ -706,7 +971,7 @@ fn launch_all(
                         [0; 4]
                     };
                     let decode = i32::from(mode == RunMode::DecodeEquivalent);
-                    eng.launch(
+                    eng.gpu.launch(
                         &f[0],
                         (d.splits, *kv_heads as u32, m as u32),
                         cg::ATTN_TILE,
@@ -717,7 +982,7 @@ fn launch_all(
                             K::P(kv[1]),
                             K::P(kv[2]),
                             K::P(kv[3]),
-                            K::P(d.p_state),
+                            K::P(d.state_b.ptr),
                             K::I(decode),
                             K::P(sm[0]),
                             K::P(sm[1]),
@@ -727,7 +992,7 @@ fn launch_all(
                             K::I(d.splits as i32),
                         ],
                     )?;
-                    eng.launch(
+                    eng.gpu.launch(
                         &f[1],
                         (*heads as u32, m as u32, 1),
                         *head_dim as u32,
@@ -740,6 +1005,11 @@ fn launch_all(
     }
 }
 
+fn dev_ptr<T>(s: &CudaSlice<T>, stream: &CudaStream) -> u64 {
+    let (p, _sync) = s.device_ptr(stream);
+    p
+}
+
 /// The bytes of an f32 slice (for device copies).
 fn f32_bytes(v: &mut [f32]) -> &mut [u8] {
     // SAFETY: f32 has no invalid bit patterns and u8 has alignment 1; the length is exact.
@@ -748,22 +1018,16 @@ fn f32_bytes(v: &mut [f32]) -> &mut [u8] {
 
 /// A GEMM of `m` rows and `n` outputs: the GEMV kernel for a few rows, else the tiled one
 /// (or the tensor-core one, where the engine asks for it and the kernel has it).
-fn gemm(
-    eng: &CudaEngine,
-    f: &[CudaFunction],
-    m: usize,
-    n: usize,
-    args: &[K],
-) -> Result<(), RuntimeError> {
+fn gemm(eng: &CudaEngine, f: &[Func], m: usize, n: usize, args: &[K]) -> Result<(), RuntimeError> {
     if m as u32 <= GEMV_MAX_M {
-        eng.launch(
+        eng.gpu.launch(
             &f[0],
             ((n as u32).div_ceil(GEMV_ROWS), 1, 1),
             32 * GEMV_ROWS,
             args,
         )
     } else if eng.mma && f.len() > 2 {
-        eng.launch(
+        eng.gpu.launch(
             &f[2],
             (
                 (n as u32).div_ceil(cg::MMA_N),
@@ -774,7 +1038,7 @@ fn gemm(
             args,
         )
     } else {
-        eng.launch(
+        eng.gpu.launch(
             &f[1],
             ((n as u32).div_ceil(TILE_N), (m as u32).div_ceil(TILE_M), 1),
             256,

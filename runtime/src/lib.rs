@@ -152,6 +152,9 @@ impl Model {
                 mma,
                 self.plan.as_ref().and_then(|p| p.cuda.as_ref()),
             )?)),
+            EngineKind::CudaEmulated { mma } => {
+                Imp::Cuda(Box::new(cuda::CudaEngine::emulated(&self.module, mma)?))
+            }
         };
         Ok(Engine { model: self, imp })
     }
@@ -168,6 +171,9 @@ pub enum EngineKind {
     /// The CUDA kernels on GPU `device` (an error without a driver or device); `mma`: the
     /// quantized GEMMs of prefill on tensor cores (f16 operands, f32 sums).
     Cuda { device: usize, mma: bool },
+    /// The CUDA engine with its kernels on the CUDA host emulator (`wkvc_codegen::cuda_host`,
+    /// needs a C++ compiler): checks the CUDA kernels and engine without a GPU; slow.
+    CudaEmulated { mma: bool },
 }
 
 enum Imp<'m> {

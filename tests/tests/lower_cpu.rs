@@ -7,7 +7,7 @@
 use wkvc_ir::{Act, RunMode};
 use wkvc_runtime::compile::{self, CompileOptions};
 use wkvc_runtime::cpu::CpuEngine;
-use wkvc_runtime::{EngineKind, Model};
+use wkvc_runtime::{Engine, EngineKind, Model};
 use wkvc_tests::*;
 
 /// A tiny LLaMA with head dim 32 (the kernels' attention works on blocks of 32 channels).
@@ -300,31 +300,95 @@ fn cuda_engine_is_a_clean_error_without_a_gpu_and_matches_the_interpreter_with_o
             }
             Ok(e) => e,
         };
-        let it = q.engine_kind(1, EngineKind::Interp).expect("interp");
-        for mode in [RunMode::Prefill, RunMode::DecodeEquivalent] {
-            let mut a = it.session(64);
-            let mut b = cuda.session(64);
-            let ra = a.forward_mode(&IDS[..7], mode).expect("interp");
-            let rb = b.forward_mode(&IDS[..7], mode).expect("cuda");
-            let mut d = ra
+        let label = format!("cuda kv{kvbits} smooth {smooth} po {past_only}");
+        matches_the_interpreter(&q, &cuda, &label);
+    }
+}
+
+/// The CUDA engine's logits against the interpreter's: a 7-token prefill in one chunk, then
+/// token by token (the first step is captured as a graph, the others replay it), under both
+/// protocols. f32 summation order only, as the CPU engine's bound.
+fn matches_the_interpreter(q: &Model, cuda: &Engine, label: &str) {
+    let it = q.engine_kind(1, EngineKind::Interp).expect("interp");
+    for mode in [RunMode::Prefill, RunMode::DecodeEquivalent] {
+        let mut a = it.session(64);
+        let mut b = cuda.session(64);
+        let ra = a.forward_mode(&IDS[..7], mode).expect("interp");
+        let rb = b.forward_mode(&IDS[..7], mode).expect("cuda");
+        let mut d = ra
+            .iter()
+            .zip(&rb)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        // then token by token: the captured graph replays
+        for &t in &IDS[7..] {
+            let la = a.forward_mode(&[t], mode).expect("interp");
+            let lb = b.step(&[t]).expect("cuda").to_vec();
+            d = la
+                .iter()
+                .zip(&lb)
+                .map(|(x, y)| (x - y).abs())
+                .fold(d, f32::max);
+        }
+        // all 12 at once: more rows than the GEMV kernel takes (the tiled GEMM)
+        let ra = it
+            .session(64)
+            .forward_mode(&IDS, mode)
+            .expect("interp")
+            .to_vec();
+        let rb = cuda
+            .session(64)
+            .forward_mode(&IDS, mode)
+            .expect("cuda")
+            .to_vec();
+        let d = ra
+            .iter()
+            .zip(&rb)
+            .map(|(x, y)| (x - y).abs())
+            .fold(d, f32::max);
+        assert!(d < 1e-3, "{label} {mode:?}: {d}");
+    }
+}
+
+/// The same engine, kernels and launches on the CUDA host emulator (the CUDA C compiled by
+/// the host's C++ compiler, one fiber per CUDA thread): every configuration against the
+/// interpreter without a GPU. The tiled prefill GEMM runs on chunks of more than 8 rows.
+#[test]
+fn cuda_engine_on_the_host_emulator_matches_the_interpreter() {
+    let m = tiny32("lower-cuda-emu", 32);
+    for &(kvbits, smooth, past_only) in &[
+        (16u32, false, false),
+        (4, true, true),
+        (4, false, false),
+        (3, true, true),
+    ] {
+        let c = compile(&m, kvbits, smooth, past_only);
+        let q = m.with_module(c.module.clone(), None);
+        let cuda = q
+            .engine_kind(1, EngineKind::CudaEmulated { mma: false })
+            .expect("the CUDA engine on the host emulator");
+        assert!(cuda.cuda().is_some_and(|c| c.is_emulated()));
+        let label = format!("emulated kv{kvbits} smooth {smooth} po {past_only}");
+        matches_the_interpreter(&q, &cuda, &label);
+        if kvbits == 16 {
+            // the tensor-core prefill: 12 rows through the mma GEMM (f16 operands)
+            let mm = q
+                .engine_kind(1, EngineKind::CudaEmulated { mma: true })
+                .expect("the CUDA engine (mma) on the host emulator");
+            let it = q.engine_kind(1, EngineKind::Interp).expect("interp");
+            let ra = it.session(64).forward(&IDS).expect("interp");
+            let rb = mm.session(64).forward(&IDS).expect("mma");
+            let d = ra
                 .iter()
                 .zip(&rb)
                 .map(|(x, y)| (x - y).abs())
                 .fold(0f32, f32::max);
-            // then token by token: the captured graph replays
-            for &t in &IDS[7..] {
-                let la = a.forward_mode(&[t], mode).expect("interp");
-                let lb = b.step(&[t]).expect("cuda").to_vec();
-                d = la
-                    .iter()
-                    .zip(&lb)
-                    .map(|(x, y)| (x - y).abs())
-                    .fold(d, f32::max);
-            }
-            // f32 summation order only (as the CPU engine's bound)
+            // f16 operands round at 2^-11 each: 2^-10 of the logits' scale (a wrong fragment
+            // or tile is of the order of the logits themselves)
+            let scale = ra.iter().fold(0f32, |a, x| a.max(x.abs()));
             assert!(
-                d < 1e-3,
-                "cuda kv{kvbits} smooth {smooth} po {past_only} {mode:?}: {d}"
+                d < scale / 1024.0,
+                "mma prefill: max |diff| {d}, max |logit| {scale}"
             );
         }
     }
