@@ -376,6 +376,8 @@ struct Step {
     out: usize,
     /// RoPE: device pointer of the inv_freq table
     inv: u64,
+    /// GEMMs: the parts' weights side by side (codes or f32 rows, f16 scales, f16 zeros)
+    wcat: [u64; 3],
 }
 
 /// Builds a kernel's entry points for the engine's device.
@@ -525,6 +527,15 @@ impl CudaEngine {
                     fs
                 }
             };
+            // the weight arguments of a GEMM's parts (codes, scale, zero per part, or the f32
+            // rows), gathered into `cat`
+            let (quant, per, nparts) = match &spec {
+                KernelSpec::QGemm { parts, .. } => (true, 3, parts.len()),
+                KernelSpec::Gemm { parts, .. } => (false, 1, parts.len()),
+                _ => (false, 1, 0),
+            };
+            let wargs = 1..1 + per * nparts;
+            let mut cat: [Vec<u8>; 3] = Default::default();
             let mut args = Vec::new();
             for (ai, a) in n.args.iter().enumerate() {
                 args.push(match a {
@@ -543,6 +554,29 @@ impl CudaEngine {
                             Arg::Buf(*off)
                         }
                     }
+                    Operand::Param(p) if wargs.contains(&ai) => {
+                        let w = module
+                            .weights
+                            .get(p)
+                            .ok_or_else(|| err(format!("param @{p} is not in the weight store")))?;
+                        let slot = (ai - 1) % per;
+                        if !quant {
+                            let f = w.f32();
+                            cat[0].extend(f.iter().flat_map(|v| v.to_le_bytes()));
+                        } else if (slot == 0 && w.dtype() == DType::U4)
+                            || (slot > 0 && w.storage_dtype() == DType::F16)
+                        {
+                            // codes as stored; scale/zero as f16
+                            cat[slot].extend_from_slice(&w.bytes());
+                        } else {
+                            return Err(err(format!(
+                                "@{p}: the CUDA kernels read packed 4-bit codes with f16 scales \
+                                 and zeros, found {:?} (recompile without --f32-params)",
+                                w.storage_dtype()
+                            )));
+                        }
+                        Arg::Param(0)
+                    }
                     Operand::Param(p) => {
                         if let Some(d) = params.get(p) {
                             Arg::Param(*d)
@@ -551,34 +585,21 @@ impl CudaEngine {
                                 .weights
                                 .get(p)
                                 .ok_or_else(|| err(format!("param @{p} is not in the weight store")))?;
-                            let quant_part = matches!(&spec, KernelSpec::QGemm { parts, .. }
-                                if (1..1 + 3 * parts.len()).contains(&ai));
-                            let d = if quant_part {
-                                // codes as stored; scale/zero as f16
-                                match (ai - 1) % 3 {
-                                    0 if w.dtype() == DType::U4 => upload(&w.bytes(), &mut bufs)?,
-                                    1 | 2 if w.storage_dtype() == DType::F16 => {
-                                        upload(&w.bytes(), &mut bufs)?
-                                    }
-                                    _ => {
-                                        return Err(err(format!(
-                                            "@{p}: the CUDA kernels read packed 4-bit codes with f16 \
-                                             scales and zeros, found {:?} (recompile without \
-                                             --f32-params)",
-                                            w.storage_dtype()
-                                        )));
-                                    }
-                                }
-                            } else {
-                                let f = w.f32();
-                                let b: Vec<u8> = f.iter().flat_map(|v| v.to_le_bytes()).collect();
-                                upload(&b, &mut bufs)?
-                            };
+                            let f = w.f32();
+                            let b: Vec<u8> = f.iter().flat_map(|v| v.to_le_bytes()).collect();
+                            let d = upload(&b, &mut bufs)?;
                             params.insert(p.clone(), d);
                             Arg::Param(d)
                         }
                     }
                 });
+            }
+            // a GEMM's parts are rows of one matrix: uploaded side by side, one launch for all
+            let mut wcat = [0u64; 3];
+            for (i, c) in cat.iter().enumerate() {
+                if !c.is_empty() {
+                    wcat[i] = upload(c, &mut bufs)?;
+                }
             }
             let mut inv = 0;
             if let KernelSpec::RopeKv {
@@ -607,6 +628,7 @@ impl CudaEngine {
                 args,
                 out,
                 inv,
+                wcat,
             });
         }
         if vocab == 0 {
@@ -870,36 +892,31 @@ fn launch_all(
                 | KernelSpec::Gemm {
                     parts, residual, ..
                 } => {
-                    let q = matches!(st.spec, KernelSpec::QGemm { .. });
-                    let per = if q { 3 } else { 1 };
+                    // all parts in one launch: their rows are side by side in st.wcat
+                    let per = if matches!(st.spec, KernelSpec::QGemm { .. }) {
+                        3
+                    } else {
+                        1
+                    };
                     let ntot: usize = parts.iter().sum();
                     let r = if *residual {
                         p(1 + per * parts.len())
                     } else {
                         0
                     };
-                    let mut base = 0usize;
-                    for (j, &nj) in parts.iter().enumerate() {
-                        let (w, sc, z) = if q {
-                            (p(1 + 3 * j), p(2 + 3 * j), p(3 + 3 * j))
-                        } else {
-                            (p(1 + j), 0, 0)
-                        };
-                        let args = [
-                            K::P(p(0)),
-                            K::I(mi),
-                            K::P(w),
-                            K::P(sc),
-                            K::P(z),
-                            K::P(y + 4 * base as u64),
-                            K::I(ntot as i32),
-                            K::I(nj as i32),
-                            K::P(if r != 0 { r + 4 * base as u64 } else { 0 }),
-                            K::I(ntot as i32),
-                        ];
-                        gemm(eng, f, m, nj, &args)?;
-                        base += nj;
-                    }
+                    let args = [
+                        K::P(p(0)),
+                        K::I(mi),
+                        K::P(st.wcat[0]),
+                        K::P(st.wcat[1]),
+                        K::P(st.wcat[2]),
+                        K::P(y),
+                        K::I(ntot as i32),
+                        K::I(ntot as i32),
+                        K::P(r),
+                        K::I(ntot as i32),
+                    ];
+                    gemm(eng, f, m, ntot, &args)?;
                 }
                 KernelSpec::Logits { vocab, dim, .. } => {
                     let (x, rows) = if whole {
