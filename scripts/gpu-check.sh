@@ -64,7 +64,7 @@ echo "NVRTC: ${WKVC_NVRTC_LIB:-WKVC_NVRTC_LIB unset (wkvc searches its cache and
 export WKVC_REQUIRE_GPU=1 WKVC_REQUIRE_NVRTC=1 WKVC_GPU_REPORT_DIR=$WORK RUST_BACKTRACE=1
 
 set +e
-"$B/lower_cpu" --test-threads 1 cuda 2>&1 | tee "$OUT/tiny.log"; tiny=${PIPESTATUS[0]}
+"$B/lower_cpu" --test-threads 1 cuda_engine_is_a_clean_error 2>&1 | tee "$OUT/tiny.log"; tiny=${PIPESTATUS[0]}
 "$B/gpu" --test-threads 1 2>&1 | tee "$OUT/demo.log"; demo=${PIPESTATUS[0]}
 bench=1
 if [ -f "$WORK/demo-shaped.gguf" ] || [ -n "${WKVC_DEMO_MODEL:-}" ]; then

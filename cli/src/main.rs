@@ -418,13 +418,15 @@ enum Cmd {
 #[derive(clap::Args, Clone, Debug)]
 struct EngineArgs {
     /// auto (compiled CPU engine for plans, interpreter otherwise), cpu, cuda (the CUDA
-    /// kernels on an NVIDIA GPU), or interp.
+    /// kernels on an NVIDIA GPU), cuda-emulated (the CUDA engine and kernels on the host's
+    /// CPU through the CUDA host emulator: a check without a GPU, very slow), or interp.
     #[arg(long, default_value = "auto")]
     engine: String,
     /// GPU for --engine cuda.
     #[arg(long, default_value_t = 0)]
     device: usize,
-    /// --engine cuda: prefill's quantized GEMMs on tensor cores (f16 operands, f32 sums).
+    /// --engine cuda[-emulated]: prefill's quantized GEMMs on tensor cores (f16 operands, f32
+    /// sums).
     #[arg(long)]
     cuda_mma: bool,
     /// Activations of the CPU engine's quantized GEMMs: f32 (exact) or int8 (fast path);
@@ -460,9 +462,22 @@ fn make_engine<'m>(m: &'m Model, th: usize, ea: &EngineArgs) -> Result<wkvc_runt
                 mma: ea.cuda_mma,
             },
         )?,
-        (other, _) => bail!("--engine must be auto, cpu, cuda or interp, got {other}"),
+        ("cuda-emulated", _) => m.engine_kind(
+            th,
+            wkvc_runtime::EngineKind::CudaEmulated { mma: ea.cuda_mma },
+        )?,
+        (other, _) => {
+            bail!("--engine must be auto, cpu, cuda, cuda-emulated or interp, got {other}")
+        }
     };
-    if let Some(c) = e.cuda() {
+    if let Some(c) = e.cuda().filter(|c| c.is_emulated()) {
+        tracing::info!(
+            "CUDA engine on the host emulator: {} kernel modules built by the C++ compiler and \
+             weights loaded in {:.0} ms (a check, not a back end: every CUDA thread is a fiber)",
+            c.kernels,
+            c.load_ms
+        );
+    } else if let Some(c) = e.cuda() {
         tracing::info!(
             "CUDA engine on {} (sm_{}): {} kernel modules ({}) and weights loaded in {:.0} ms",
             c.device_name,

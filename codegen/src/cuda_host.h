@@ -1,7 +1,7 @@
 // wkvc CUDA host emulator: runs the CUDA C of `wkvc_codegen::cuda` on a CPU, to check the
 // kernels (indexing, shared memory, barriers, warp shuffles, the tensor-core fragments) and
 // the CUDA engine that launches them without a GPU. Each CUDA thread of a block is a fiber
-// (ucontext) on the calling OS thread; blocks run one after another, so `__shared__` arrays
+// on the calling OS thread (a 7-instruction stack switch on x86-64, ucontext elsewhere); blocks run one after another, so `__shared__` arrays
 // are per-OS-thread statics. `__syncthreads` waits for every live thread of the block, a
 // shuffle for every live lane of the warp (as sm_70 and later). A kernel whose threads all
 // wait on barriers that can never complete (divergent barriers) is reported as a deadlock,
@@ -41,7 +41,11 @@ static inline int min(int a, int b) { return a < b ? a : b; }
 static inline int max(int a, int b) { return a > b ? a : b; }
 
 struct WkFiber {
+#if defined(__x86_64__)
+    void* sp;
+#else
     ucontext_t ctx;
+#endif
     dim3 tid;
     unsigned lane, warp;
     bool done;
@@ -56,7 +60,22 @@ enum { WK_MAX_THREADS = 1024, WK_STACK = 64 * 1024 };
 
 static thread_local WkFiber* wk_cur;
 static thread_local dim3 wk_bid, wk_bdim, wk_gdim;
+#if defined(__x86_64__)
+// save the callee-saved registers and the stack pointer in *save, continue on `load` (a stack
+// that wk_swap saved, or a fresh one from wk_fresh_stack)
+extern "C" void wk_swap(void** save, void* load);
+asm(".text\n.p2align 4\nwk_swap:\n"
+    "pushq %rbp\npushq %rbx\npushq %r12\npushq %r13\npushq %r14\npushq %r15\n"
+    "movq %rsp, (%rdi)\nmovq %rsi, %rsp\n"
+    "popq %r15\npopq %r14\npopq %r13\npopq %r12\npopq %rbx\npopq %rbp\nret\n");
+static thread_local void* wk_sched_sp;
+#define WK_YIELD(f) wk_swap(&(f)->sp, wk_sched_sp)
+#define WK_RESUME(f) wk_swap(&wk_sched_sp, (f)->sp)
+#else
 static thread_local ucontext_t wk_sched;
+#define WK_YIELD(f) swapcontext(&(f)->ctx, &wk_sched)
+#define WK_RESUME(f) swapcontext(&wk_sched, &(f)->ctx)
+#endif
 static thread_local WkBar wk_bars[1 + WK_MAX_THREADS / 32];
 // per warp and lane: the values a shuffle or an mma exchanges
 struct WkSlot {
@@ -88,7 +107,7 @@ static inline void wk_wait(int b) {
     f->gen = B.gen;
     B.arrived++;
     wk_release_if_full(B);
-    swapcontext(&f->ctx, &wk_sched);
+    WK_YIELD(f);
     f->bar = -1;
 }
 
@@ -204,8 +223,24 @@ static void wk_trampoline() {
     w.expected--;
     wk_release_if_full(b);
     wk_release_if_full(w);
-    // returns to uc_link: the scheduler
+#if defined(__x86_64__)
+    // back to the scheduler for good
+    WK_YIELD(f);
+    __builtin_unreachable();
+#endif
+    // (ucontext) returns to uc_link: the scheduler
 }
+
+#if defined(__x86_64__)
+// a fiber's first wk_swap "returns" into wk_trampoline as if called (rsp = 8 mod 16)
+static void* wk_fresh_stack(char* base, size_t size) {
+    void** sp = (void**)(((uintptr_t)(base + size)) & ~(uintptr_t)15);
+    *--sp = 0;                     // wk_trampoline's return address: never used
+    *--sp = (void*)wk_trampoline;  // wk_swap's ret
+    for (int i = 0; i < 6; i++) *--sp = 0;  // rbp rbx r12 r13 r14 r15
+    return sp;
+}
+#endif
 
 static thread_local char* wk_stacks;
 static thread_local WkFiber* wk_fibers;
@@ -237,11 +272,15 @@ static int wk_run_grid(const unsigned* g, const unsigned* b) {
                     f.warp = t >> 5;
                     f.done = false;
                     f.bar = -1;
+#if defined(__x86_64__)
+                    f.sp = wk_fresh_stack(wk_stacks + (size_t)t * WK_STACK, WK_STACK);
+#else
                     getcontext(&f.ctx);
                     f.ctx.uc_stack.ss_sp = wk_stacks + (size_t)t * WK_STACK;
                     f.ctx.uc_stack.ss_size = WK_STACK;
                     f.ctx.uc_link = &wk_sched;
                     makecontext(&f.ctx, wk_trampoline, 0);
+#endif
                 }
                 for (;;) {
                     bool all_done = true, ran = false;
@@ -251,7 +290,7 @@ static int wk_run_grid(const unsigned* g, const unsigned* b) {
                         all_done = false;
                         if (f.bar >= 0 && wk_bars[f.bar].gen == f.gen) continue;
                         wk_cur = &f;
-                        swapcontext(&wk_sched, &f.ctx);
+                        WK_RESUME(&f);
                         ran = true;
                     }
                     if (all_done) break;

@@ -483,7 +483,7 @@ impl CudaEngine {
             &load,
             "CUDA host emulator".into(),
             0,
-            "host emulator".into(),
+            "kernels built by the host's C++ compiler".into(),
             t0,
         )
     }
@@ -544,7 +544,9 @@ impl CudaEngine {
                             match i.name.as_str() {
                                 "tokens" => Arg::Tokens,
                                 "positions" => Arg::Positions,
-                                other => return Err(err(format!("unknown graph input \"{other}\""))),
+                                other => {
+                                    return Err(err(format!("unknown graph input \"{other}\"")));
+                                }
                             }
                         } else {
                             let (off, _) = plan
@@ -581,10 +583,9 @@ impl CudaEngine {
                         if let Some(d) = params.get(p) {
                             Arg::Param(*d)
                         } else {
-                            let w = module
-                                .weights
-                                .get(p)
-                                .ok_or_else(|| err(format!("param @{p} is not in the weight store")))?;
+                            let w = module.weights.get(p).ok_or_else(|| {
+                                err(format!("param @{p} is not in the weight store"))
+                            })?;
                             let f = w.f32();
                             let b: Vec<u8> = f.iter().flat_map(|v| v.to_le_bytes()).collect();
                             let d = upload(&b, &mut bufs)?;

@@ -2,7 +2,8 @@
 //! interpreter: a W4KV4 plan with smoothing and past-only attention (RTN, smoothing statistics
 //! from sampled or calibration text), prefill of a 40-token prompt then 8 decode steps, and
 //! the decode-equivalent protocol. The exact path must give the interpreter's logits within
-//! 1e-3; the int8 fast path is checked against a looser bound derived from its rounding.
+//! 1e-3; the int8 fast path is checked against a looser bound derived from its rounding. The
+//! CUDA engine runs the same plan on the CUDA host emulator (a short prompt and two steps).
 //! Skipped (with a message) when the demo model is absent.
 
 use wkvc_ir::{Act, Interpreter, KvCache, RunMode, Tensor};
@@ -176,6 +177,52 @@ fn check(m: &Model, kvbits: u32) {
                 assert!(mk <= 3e-2, "int8 path: mean KLD {mk}");
             }
         }
+    }
+
+    // The CUDA engine and kernels on the host emulator (f32 activations): the first 8 prompt
+    // tokens (the GEMV kernels), then 2 steps (captured, then replayed as a graph); the same
+    // bounds as the CPU engine's exact path.
+    let cuda = wkvc_runtime::cuda::CudaEngine::emulated(&c.module, false)
+        .expect("the CUDA engine on the host emulator");
+    let mut st = Stats::default();
+    let mut s = cuda.session(64);
+    let mut cache = KvCache::new(64);
+    let r = interp_logits(&it, &mut cache, &prompt[..8], RunMode::Prefill);
+    let mut all = Vec::new();
+    s.run(&prompt[..8], RunMode::Prefill, Some(&mut all))
+        .expect("emulated prefill");
+    for (a, b) in r.chunks(vocab).zip(all.chunks(vocab)) {
+        st.add(a, b);
+    }
+    for &t in &more[..2] {
+        let r = interp_logits(&it, &mut cache, &[t], RunMode::Prefill);
+        let j = s
+            .run(&[t], RunMode::Prefill, None)
+            .expect("emulated decode")
+            .to_vec();
+        st.add(&r, &j);
+    }
+    eprintln!(
+        "CUDA (emulated) kv{}: {} rows, max |diff| {:.3e}, mean |diff| {:.3e}, mean KLD {:.3e}",
+        o.kvbits,
+        st.rows,
+        st.max,
+        st.mean(),
+        st.mean_kld()
+    );
+    if o.kvbits == 16 {
+        assert!(st.max <= 1e-3, "CUDA (emulated): max |diff| {}", st.max);
+    } else {
+        assert!(
+            st.mean() <= (3.0 * fmean).max(1e-3),
+            "CUDA (emulated): mean |diff| {} (floor {fmean})",
+            st.mean()
+        );
+        assert!(
+            st.mean_kld() <= (3.0 * fkld).max(1e-5),
+            "CUDA (emulated): mean KLD {} (floor {fkld})",
+            st.mean_kld()
+        );
     }
 }
 
