@@ -64,10 +64,11 @@ static thread_local dim3 wk_bid, wk_bdim, wk_gdim;
 // save the callee-saved registers and the stack pointer in *save, continue on `load` (a stack
 // that wk_swap saved, or a fresh one from wk_fresh_stack)
 extern "C" void wk_swap(void** save, void* load);
-asm(".text\n.p2align 4\nwk_swap:\n"
+asm(".pushsection .text\n.p2align 4\nwk_swap:\n"
     "pushq %rbp\npushq %rbx\npushq %r12\npushq %r13\npushq %r14\npushq %r15\n"
     "movq %rsp, (%rdi)\nmovq %rsi, %rsp\n"
-    "popq %r15\npopq %r14\npopq %r13\npopq %r12\npopq %rbx\npopq %rbp\nret\n");
+    "popq %r15\npopq %r14\npopq %r13\npopq %r12\npopq %rbx\npopq %rbp\nret\n"
+    ".popsection\n");
 static thread_local void* wk_sched_sp;
 #define WK_YIELD(f) wk_swap(&(f)->sp, wk_sched_sp)
 #define WK_RESUME(f) wk_swap(&wk_sched_sp, (f)->sp)

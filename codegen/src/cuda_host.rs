@@ -67,13 +67,22 @@ fn cache_dir() -> PathBuf {
     }
 }
 
-/// Build (or reuse from the cache) the host module of a kernel.
-pub fn build(k: &CudaKernel) -> Result<HostModule, CodegenError> {
-    let tu = translation_unit(k);
-    let cxx = std::env::var("WKVC_CXX")
+/// The C++ compiler the emulator uses: `$WKVC_CXX`, else `c++`.
+pub fn compiler() -> String {
+    std::env::var("WKVC_CXX")
         .ok()
         .filter(|v| !v.is_empty())
-        .unwrap_or_else(|| "c++".into());
+        .unwrap_or_else(|| "c++".into())
+}
+
+/// Build (or reuse from the cache) the host module of a kernel with [`compiler`].
+pub fn build(k: &CudaKernel) -> Result<HostModule, CodegenError> {
+    build_with(k, &compiler())
+}
+
+/// Build (or reuse from the cache) the host module of a kernel with the C++ compiler `cxx`.
+pub fn build_with(k: &CudaKernel, cxx: &str) -> Result<HostModule, CodegenError> {
+    let tu = translation_unit(k);
     let mut h = DefaultHasher::new();
     tu.hash(&mut h);
     cxx.hash(&mut h);
@@ -93,8 +102,15 @@ pub fn build(k: &CudaKernel) -> Result<HostModule, CodegenError> {
         let src = dir.join(format!("{uniq}.cc"));
         let tmp = dir.join(format!("{uniq}.so"));
         std::fs::write(&src, &tu).map_err(|e| err(format!("writing {}: {e}", src.display())))?;
-        let out = Command::new(&cxx)
+        let out = Command::new(cxx)
+            // no CET marking: the fibers' stack switch returns where no call was made, which a
+            // shadow stack would refuse
             .args(["-std=c++17", "-O1", "-shared", "-fPIC", "-w", "-x", "c++"])
+            .args(if cfg!(target_arch = "x86_64") {
+                &["-fcf-protection=none"][..]
+            } else {
+                &[]
+            })
             .arg(&src)
             .arg("-o")
             .arg(&tmp)
