@@ -914,6 +914,7 @@ fn real_main(cli: Cli) -> Result<()> {
                 "model": model.display().to_string(),
                 "engine": engine.describe(),
                 "jit_ms": engine.cpu().map(|c| c.jit_ms),
+                "cuda_launches_per_decode_step": engine.cuda().map(|c| c.launches(1)),
                 "memory_plan_bytes": engine
                     .cpu()
                     .map(|c| c.memory_plan().total_at((long_ctx + ngen).max(prompt + ngen))),

@@ -38,7 +38,10 @@ pub enum Launch {
     PerRow { block: u32 },
     /// grid (ceil(m * n / 256)), block 256
     Elementwise,
-    /// `{name}_gemv` for m <= GEMV_MAX_M: grid (ceil(n / GEMV_ROWS)), block 32 * GEMV_ROWS;
+    /// `{name}_gemv` for m <= GEMV_MAX_M: grid (ceil(n / GEMV_ROWS)), block 32 * GEMV_ROWS
+    /// (also `{name}_gemv_rms`, fused with the RMSNorm before it, two more arguments: the
+    /// norm's weight and eps as a float; and `{name}_gemv_silu`, fused with the SiLU-mul before
+    /// it, x = [g | u] of width 2k);
     /// `{name}_tiled` otherwise: grid (ceil(n / TILE_N), ceil(m / TILE_M)), block 256; a
     /// quantized GEMM whose width and group are multiples of 16 also has `{name}_mma`
     /// (tensor cores): grid (ceil(n / MMA_N), ceil(m / MMA_M)), block 128
@@ -157,7 +160,7 @@ pub fn emit(spec: &KernelSpec) -> Result<CudaKernel, CodegenError> {
         } => {
             let gl = crate::qgemm_group(*k, *bits, *group)?;
             emit_gemm(&mut s, &name, *k, Some(gl), *residual);
-            let mut e = vec![format!("{name}_gemv"), format!("{name}_tiled")];
+            let mut e = gemm_entries(&name);
             if mma_ok(*k, gl) {
                 e.push(format!("{name}_mma"));
             }
@@ -165,19 +168,13 @@ pub fn emit(spec: &KernelSpec) -> Result<CudaKernel, CodegenError> {
         }
         KernelSpec::Gemm { k, residual, .. } => {
             emit_gemm(&mut s, &name, *k, None, *residual);
-            (
-                vec![format!("{name}_gemv"), format!("{name}_tiled")],
-                Launch::Gemm,
-            )
+            (gemm_entries(&name), Launch::Gemm)
         }
         KernelSpec::Logits { dim, .. } => {
             // the tied f32 table (the CPU's int8 activation mode has no CUDA counterpart: the
             // GPU reads the table at f32)
             emit_gemm(&mut s, &name, *dim, None, false);
-            (
-                vec![format!("{name}_gemv"), format!("{name}_tiled")],
-                Launch::Gemm,
-            )
+            (gemm_entries(&name), Launch::Gemm)
         }
         KernelSpec::RopeKv {
             heads,
@@ -223,6 +220,14 @@ pub fn emit(spec: &KernelSpec) -> Result<CudaKernel, CodegenError> {
         source: s,
         launch,
     })
+}
+
+/// The entry points every GEMM kernel has (the tensor-core one is added where it applies).
+fn gemm_entries(name: &str) -> Vec<String> {
+    ["gemv", "tiled", "gemv_rms", "gemv_silu"]
+        .iter()
+        .map(|e| format!("{name}_{e}"))
+        .collect()
 }
 
 /// The spec's code name as a C identifier (a per-channel group is `g-1` in code names).
@@ -343,16 +348,50 @@ __device__ __forceinline__ void store(float v, float* y, int ldy, const float* r
     y[(size_t)i * ldy + j] = v;
 }}
 
+// The activations a GEMV reads, through its prologue PRO: 0 = x itself ([m, K]); 1 = the
+// RMSNorm of x without its 1/rms factor, x * nw (the GEMV scales its sums by 1/rms at the
+// end), summing x^2 into *ss; 2 = SiLU-mul of x = [g | u] ([m, 2K]): g / (1 + e^-g) * u.
+template <int PRO>
+__device__ __forceinline__ float4 ld4(const float* x, const float* nw, int i, int c, float* ss) {{
+    if (PRO == 2) {{
+        float4 g = *(const float4*)(x + (size_t)i * 2 * K + c);
+        float4 u = *(const float4*)(x + (size_t)i * 2 * K + K + c);
+        return make_float4(g.x / (1.0f + expf(-g.x)) * u.x, g.y / (1.0f + expf(-g.y)) * u.y,
+                           g.z / (1.0f + expf(-g.z)) * u.z, g.w / (1.0f + expf(-g.w)) * u.w);
+    }}
+    float4 v = *(const float4*)(x + (size_t)i * K + c);
+    if (PRO == 1) {{
+        float4 a = *(const float4*)(nw + c);
+        *ss = fmaf(v.x, v.x, fmaf(v.y, v.y, fmaf(v.z, v.z, fmaf(v.w, v.w, *ss))));
+        v = make_float4(v.x * a.x, v.y * a.y, v.z * a.z, v.w * a.w);
+    }}
+    return v;
+}}
+template <int PRO>
+__device__ __forceinline__ float ld1(const float* x, const float* nw, int i, int c, float* ss) {{
+    if (PRO == 2) {{
+        float g = x[(size_t)i * 2 * K + c], u = x[(size_t)i * 2 * K + K + c];
+        return g / (1.0f + expf(-g)) * u;
+    }}
+    float v = x[(size_t)i * K + c];
+    if (PRO == 1) {{
+        *ss = fmaf(v, v, *ss);
+        v *= nw[c];
+    }}
+    return v;
+}}
+
 // one warp per weight row, all (up to MAXM) activation rows at once: each weight is read once
-extern "C" __global__ void {name}_gemv(const float* __restrict__ x, int m, const void* __restrict__ w,
+template <int PRO>
+__device__ __forceinline__ void gemv(const float* __restrict__ x, int m, const void* __restrict__ w,
         const u16* __restrict__ s, const u16* __restrict__ z, float* __restrict__ y, int ldy, int n,
-        const float* __restrict__ r, int ldr) {{
+        const float* __restrict__ r, int ldr, const float* __restrict__ nw, float eps) {{
     int j = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     int lane = threadIdx.x & 31;
     if (j >= n) return;
-    float acc[MAXM];
+    float acc[MAXM], ss[MAXM];
 #pragma unroll
-    for (int i = 0; i < MAXM; i++) acc[i] = 0.0f;
+    for (int i = 0; i < MAXM; i++) {{ acc[i] = 0.0f; ss[i] = 0.0f; }}
 #if QUANT && VEC
     // lane takes 32-column blocks: 16 bytes of codes, one 128-bit load; dequantized in
     // registers as s * (x.q - z * sum x)
@@ -365,12 +404,12 @@ extern "C" __global__ void {name}_gemv(const float* __restrict__ x, int m, const
 #pragma unroll
         for (int i = 0; i < MAXM; i++) {{
             if (i >= m) break;
-            const float4* xr = (const float4*)(x + (size_t)i * K + b * 32);
             float d = 0.0f, sx = 0.0f;
 #pragma unroll
             for (int t = 0; t < 4; t++) {{
                 u32 wd = words[t];
-                float4 xa = xr[2 * t], xb = xr[2 * t + 1];
+                float4 xa = ld4<PRO>(x, nw, i, b * 32 + 8 * t, &ss[i]);
+                float4 xb = ld4<PRO>(x, nw, i, b * 32 + 8 * t + 4, &ss[i]);
                 d = fmaf((float)(wd & 15), xa.x, d);
                 d = fmaf((float)((wd >> 4) & 15), xa.y, d);
                 d = fmaf((float)((wd >> 8) & 15), xa.z, d);
@@ -391,7 +430,7 @@ extern "C" __global__ void {name}_gemv(const float* __restrict__ x, int m, const
 #pragma unroll
         for (int i = 0; i < MAXM; i++) {{
             if (i >= m) break;
-            float4 xv = ((const float4*)(x + (size_t)i * K))[c];
+            float4 xv = ld4<PRO>(x, nw, i, 4 * c, &ss[i]);
             acc[i] = fmaf(wv.x, xv.x, fmaf(wv.y, xv.y, fmaf(wv.z, xv.z, fmaf(wv.w, xv.w, acc[i]))));
         }}
     }}
@@ -401,7 +440,7 @@ extern "C" __global__ void {name}_gemv(const float* __restrict__ x, int m, const
 #pragma unroll
         for (int i = 0; i < MAXM; i++) {{
             if (i >= m) break;
-            acc[i] = fmaf(wv, x[(size_t)i * K + c], acc[i]);
+            acc[i] = fmaf(wv, ld1<PRO>(x, nw, i, c, &ss[i]), acc[i]);
         }}
     }}
 #endif
@@ -409,8 +448,32 @@ extern "C" __global__ void {name}_gemv(const float* __restrict__ x, int m, const
     for (int i = 0; i < MAXM; i++) {{
         if (i >= m) break;
         float v = warp_sum(acc[i]);
+        if (PRO == 1) {{
+            // the RMSNorm's factor, as the rms_norm kernel computes it
+            float t = warp_sum(ss[i]);
+            v *= (float)(1.0 / sqrt((double)t / K + (double)eps));
+        }}
         if (lane == 0) store(v, y, ldy, r, ldr, i, j);
     }}
+}}
+
+extern "C" __global__ void {name}_gemv(const float* __restrict__ x, int m, const void* __restrict__ w,
+        const u16* __restrict__ s, const u16* __restrict__ z, float* __restrict__ y, int ldy, int n,
+        const float* __restrict__ r, int ldr) {{
+    gemv<0>(x, m, w, s, z, y, ldy, n, r, ldr, 0, 0.0f);
+}}
+// fused with the RMSNorm before it: x is the norm's input, nw its weight
+extern "C" __global__ void {name}_gemv_rms(const float* __restrict__ x, int m,
+        const void* __restrict__ w, const u16* __restrict__ s, const u16* __restrict__ z,
+        float* __restrict__ y, int ldy, int n, const float* __restrict__ r, int ldr,
+        const float* __restrict__ nw, float eps) {{
+    gemv<1>(x, m, w, s, z, y, ldy, n, r, ldr, nw, eps);
+}}
+// fused with the SiLU-mul before it: x is its input [g | u]
+extern "C" __global__ void {name}_gemv_silu(const float* __restrict__ x, int m,
+        const void* __restrict__ w, const u16* __restrict__ s, const u16* __restrict__ z,
+        float* __restrict__ y, int ldy, int n, const float* __restrict__ r, int ldr) {{
+    gemv<2>(x, m, w, s, z, y, ldy, n, r, ldr, 0, 0.0f);
 }}
 
 // shared-memory tiles: TM activation rows x TN weight rows, TK columns per step; weights

@@ -154,6 +154,7 @@ pub enum HostArg {
     /// a pointer (host address)
     Ptr(u64),
     I32(i32),
+    F32(f32),
 }
 
 impl HostModule {
@@ -185,6 +186,7 @@ impl HostModule {
             .map(|a| match *a {
                 HostArg::Ptr(p) => p,
                 HostArg::I32(i) => i as u32 as u64,
+                HostArg::F32(f) => f.to_bits() as u64,
             })
             .collect();
         let ptrs: Vec<*mut c_void> = vals
@@ -193,8 +195,8 @@ impl HostModule {
             .collect();
         let g = [grid.0, grid.1, grid.2];
         let b = [block.0, block.1, block.2];
-        // SAFETY: the caller vouches for the arguments; an i32 is read from the low 4 bytes of
-        // its u64 (little-endian hosts).
+        // SAFETY: the caller vouches for the arguments; an i32 or f32 is read from the low 4
+        // bytes of its u64 (little-endian hosts).
         let rc = unsafe { f(g.as_ptr(), b.as_ptr(), ptrs.as_ptr()) };
         match rc {
             0 => Ok(()),

@@ -1034,8 +1034,9 @@ fn f16_bits(v: f32) -> u16 {
     (((b >> 16) & 0x8000) | ((exp as u32) << 10) | ((b >> 13) & 0x3ff)) as u16
 }
 
-/// The CUDA GEMM kernels (`_gemv` for up to 8 rows, `_tiled`, and `_mma` on tensor cores where
-/// the shape has it) on the host emulator against an f64 reference, for quantized (int4 codes,
+/// The CUDA GEMM kernels (`_gemv` for up to 8 rows, with the RMSNorm or the SiLU-mul before it
+/// fused (`_gemv_rms`, `_gemv_silu`), `_tiled`, and `_mma` on tensor cores where the shape has
+/// it) on the host emulator against an f64 reference, for quantized (int4 codes,
 /// f16 scale/zero) and f32 weights: block and group tails, per-channel groups, several parts
 /// written at their column offset, residuals, and row counts around the GEMV limit and the
 /// tiles. Bounds from f32 accumulation over k terms of the dequantization algebra
@@ -1125,46 +1126,101 @@ fn cuda_gemm_kernels_on_the_host_emulator_match_f64() {
         for m in [1usize, 3, 8, 9, 33, 70] {
             let x = rng.vec(m * k, 1.0);
             let r = rng.vec(m * ntot, 1.0);
-            let (xb, rb) = (HBuf::from_f32(&x), HBuf::from_f32(&r));
-            let mut want = vec![0f32; m * ntot];
-            let (mut b32, mut b16) = (vec![0f64; m * ntot], vec![0f64; m * ntot]);
-            for i in 0..m {
-                for j in 0..ntot {
-                    let (mut acc, mut t, mut tx) = (0f64, 0f64, 0f64);
-                    for c in 0..k {
-                        let xv = x[i * k + c] as f64;
-                        acc += xv * w64[j * k + c];
-                        t += xv.abs() * wabs[j * k + c];
-                        tx += w64[j * k + c].abs();
+            // the fused prologues' inputs: the RMSNorm's weight, SiLU-mul's [g | u]
+            let nw = rng.vec(k, 1.0);
+            let gu = rng.vec(m * 2 * k, 3.0);
+            let (xb, rb, nwb, gub) = (
+                HBuf::from_f32(&x),
+                HBuf::from_f32(&r),
+                HBuf::from_f32(&nw),
+                HBuf::from_f32(&gu),
+            );
+            let eps = 1e-5f32;
+            // the activations each entry sees, in f64
+            let plain: Vec<f64> = x.iter().map(|&v| v as f64).collect();
+            let normed: Vec<f64> = (0..m)
+                .flat_map(|i| {
+                    let row = &x[i * k..][..k];
+                    let ss: f64 = row.iter().map(|&v| v as f64 * v as f64).sum();
+                    let inv = 1.0 / (ss / k as f64 + eps as f64).sqrt();
+                    row.iter()
+                        .zip(&nw)
+                        .map(move |(&v, &w)| v as f64 * inv * w as f64)
+                        .collect::<Vec<_>>()
+                })
+                .collect();
+            let silu: Vec<f64> = (0..m)
+                .flat_map(|i| {
+                    let row = &gu[i * 2 * k..][..2 * k];
+                    (0..k)
+                        .map(|c| {
+                            let (g, u) = (row[c] as f64, row[k + c] as f64);
+                            g / (1.0 + (-g).exp()) * u
+                        })
+                        .collect::<Vec<_>>()
+                })
+                .collect();
+            // y = xe . w (+ r) in f64; bounds: f32 sums (b32), plus f16 operands (b16), plus
+            // the prologue's own rounding (the norm's 1/rms over k squares; exp and a division)
+            let reference = |xe: &[f64], extra: f64| {
+                let (mut want, mut b32, mut b16) = (
+                    vec![0f32; m * ntot],
+                    vec![0f64; m * ntot],
+                    vec![0f64; m * ntot],
+                );
+                for i in 0..m {
+                    for j in 0..ntot {
+                        let (mut acc, mut t, mut tx) = (0f64, 0f64, 0f64);
+                        for c in 0..k {
+                            let xv = xe[i * k + c];
+                            acc += xv * w64[j * k + c];
+                            t += xv.abs() * wabs[j * k + c];
+                            tx += w64[j * k + c].abs();
+                        }
+                        let rv = if residual {
+                            r[i * ntot + j] as f64
+                        } else {
+                            0.0
+                        };
+                        want[i * ntot + j] = (acc + rv) as f32;
+                        let f32b = 2.0 * k as f64 * 2f64.powi(-24) * t
+                            + 2f64.powi(-23) * rv.abs()
+                            + extra * t;
+                        b32[i * ntot + j] = f32b;
+                        b16[i * ntot + j] = f32b + 1.1 * 2f64.powi(-10) * t + 2f64.powi(-24) * tx;
                     }
-                    let rv = if residual {
-                        r[i * ntot + j] as f64
-                    } else {
-                        0.0
-                    };
-                    want[i * ntot + j] = (acc + rv) as f32;
-                    let f32b = 2.0 * k as f64 * 2f64.powi(-24) * t + 2f64.powi(-23) * rv.abs();
-                    b32[i * ntot + j] = f32b;
-                    b16[i * ntot + j] = f32b + 1.1 * 2f64.powi(-10) * t + 2f64.powi(-24) * tx;
                 }
-            }
+                (want, b32, b16)
+            };
+            let (want, b32, b16) = reference(&plain, 0.0);
+            let (want_rms, b_rms, _) = reference(&normed, k as f64 * 2f64.powi(-24));
+            let (want_silu, b_silu, _) = reference(&silu, 2f64.powi(-20));
             let names: Vec<&str> = kern.entries.iter().map(String::as_str).collect();
             for (e, name) in names.iter().enumerate() {
-                let (grid, block, bound) = if name.ends_with("_gemv") {
-                    if m as u32 > cuda::GEMV_MAX_M {
-                        continue;
-                    }
-                    ((0, 1, 1), 32 * cuda::GEMV_ROWS, &b32)
+                let gemv = name.contains("_gemv");
+                if gemv && m as u32 > cuda::GEMV_MAX_M {
+                    continue;
+                }
+                let (gy, block, want, bound, xin) = if gemv {
+                    let (w, b, xin) = if name.ends_with("_gemv_rms") {
+                        (&want_rms, &b_rms, &xb)
+                    } else if name.ends_with("_gemv_silu") {
+                        (&want_silu, &b_silu, &gub)
+                    } else {
+                        (&want, &b32, &xb)
+                    };
+                    (1, 32 * cuda::GEMV_ROWS, w, b, xin)
                 } else if name.ends_with("_tiled") {
-                    ((0, (m as u32).div_ceil(cuda::TILE_M), 1), 256, &b32)
+                    ((m as u32).div_ceil(cuda::TILE_M), 256, &want, &b32, &xb)
                 } else {
-                    ((0, (m as u32).div_ceil(cuda::MMA_M), 1), 128, &b16)
+                    assert!(name.ends_with("_mma"), "{name}");
+                    ((m as u32).div_ceil(cuda::MMA_M), 128, &want, &b16, &xb)
                 };
                 let y = HBuf::nan_f32(m * ntot);
                 let yp = y.ptr as u64;
                 let mut base = 0u64;
                 for (&nj, b) in parts.iter().zip(&bufs) {
-                    let gx = if name.ends_with("_gemv") {
+                    let gx = if gemv {
                         (nj as u32).div_ceil(cuda::GEMV_ROWS)
                     } else if name.ends_with("_tiled") {
                         (nj as u32).div_ceil(cuda::TILE_N)
@@ -1176,30 +1232,28 @@ fn cuda_gemm_kernels_on_the_host_emulator_match_f64() {
                     } else {
                         HostArg::Ptr(0)
                     };
-                    launch(
-                        &module,
-                        e,
-                        (gx, grid.1, 1),
-                        block,
-                        &[
-                            xb.p(),
-                            HostArg::I32(m as i32),
-                            b[0].p(),
-                            b[1].p(),
-                            b[2].p(),
-                            HostArg::Ptr(yp + 4 * base),
-                            HostArg::I32(ntot as i32),
-                            HostArg::I32(nj as i32),
-                            rp,
-                            HostArg::I32(ntot as i32),
-                        ],
-                    );
+                    let mut args = vec![
+                        xin.p(),
+                        HostArg::I32(m as i32),
+                        b[0].p(),
+                        b[1].p(),
+                        b[2].p(),
+                        HostArg::Ptr(yp + 4 * base),
+                        HostArg::I32(ntot as i32),
+                        HostArg::I32(nj as i32),
+                        rp,
+                        HostArg::I32(ntot as i32),
+                    ];
+                    if name.ends_with("_gemv_rms") {
+                        args.extend([nwb.p(), HostArg::F32(eps)]);
+                    }
+                    launch(&module, e, (gx, gy, 1), block, &args);
                     base += nj as u64;
                 }
                 check(
                     &format!("CUDA (emulated) {name} k {k} parts {parts:?} m {m}"),
                     &y.f32(m * ntot),
-                    &want,
+                    want,
                     bound,
                 );
             }

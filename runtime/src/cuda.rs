@@ -153,6 +153,7 @@ enum Gpu {
 enum K {
     P(u64),
     I(i32),
+    F(f32),
 }
 
 impl Gpu {
@@ -264,6 +265,9 @@ impl Gpu {
                         K::I(i) => {
                             b.arg(i);
                         }
+                        K::F(x) => {
+                            b.arg(x);
+                        }
                     }
                 }
                 let cfg = LaunchConfig {
@@ -288,6 +292,7 @@ impl Gpu {
                         .map(|a| match a {
                             K::P(p) => HostArg::Ptr(*p),
                             K::I(i) => HostArg::I32(*i),
+                            K::F(x) => HostArg::F32(*x),
                         })
                         .collect(),
                 };
@@ -378,6 +383,20 @@ struct Step {
     inv: u64,
     /// GEMMs: the parts' weights side by side (codes or f32 rows, f16 scales, f16 zeros)
     wcat: [u64; 3],
+    /// entry point names (as `f`)
+    entries: Vec<String>,
+    /// RMSNorm or SiLU-mul whose only reader is the next step, a GEMM with a fused GEMV
+    /// (`_gemv_rms` / `_gemv_silu`): not launched when that GEMM runs as a GEMV
+    fuse_next: bool,
+}
+
+impl Step {
+    fn entry(&self, suffix: &str) -> Option<&Func> {
+        self.entries
+            .iter()
+            .position(|e| e.ends_with(suffix))
+            .map(|i| &self.f[i])
+    }
 }
 
 /// Builds a kernel's entry points for the engine's device.
@@ -630,10 +649,37 @@ impl CudaEngine {
                 out,
                 inv,
                 wcat,
+                entries: k.entries.clone(),
+                fuse_next: false,
             });
         }
         if vocab == 0 {
             return Err(err("the lowered graph has no logits kernel"));
+        }
+        // decode GEMVs fused with the RMSNorm or SiLU-mul before them: where the next node is
+        // the only reader of its value
+        for i in 0..steps.len().saturating_sub(1) {
+            let (a, b) = (&lowered.nodes[i], &lowered.nodes[i + 1]);
+            let suffix = match steps[i].spec {
+                KernelSpec::RmsNorm { .. } => "_gemv_rms",
+                KernelSpec::SiluMul { .. } => "_gemv_silu",
+                _ => continue,
+            };
+            let reads = |n: &wkvc_ir::Node| {
+                n.args
+                    .iter()
+                    .filter(|x| matches!(x, Operand::Value(v) if *v == a.out))
+                    .count()
+            };
+            let readers: usize = lowered.nodes.iter().map(reads).sum();
+            let output = lowered.outputs.iter().any(|o| o.value == a.out);
+            if matches!(b.args.first(), Some(Operand::Value(v)) if *v == a.out)
+                && readers == 1
+                && !output
+                && steps[i + 1].entry(suffix).is_some()
+            {
+                steps[i].fuse_next = true;
+            }
         }
         gpu.sync()?;
         Ok(CudaEngine {
@@ -719,7 +765,29 @@ impl CudaEngine {
         })
     }
 
-    /// Which device runs the kernels ("cuda" or "host emulator").
+    /// Is step `si` (a norm or SiLU-mul) done by the GEMV after it in a call of `m` rows?
+    fn fused_away(&self, si: usize, m: usize, whole: bool) -> bool {
+        self.steps[si].fuse_next
+            && self
+                .steps
+                .get(si + 1)
+                .is_some_and(|b| runs_gemv(&b.spec, m, whole))
+    }
+
+    /// Kernel launches of a call of `m` rows (logits of the last row): the lowered graph's
+    /// kernels, two for attention (split and merge), less the norms and SiLU-muls fused into
+    /// the GEMVs after them.
+    pub fn launches(&self, m: usize) -> usize {
+        (0..self.steps.len())
+            .filter(|&si| !self.fused_away(si, m, false))
+            .map(|si| match self.steps[si].spec {
+                KernelSpec::Attention { .. } => 2,
+                _ => 1,
+            })
+            .sum()
+    }
+
+    /// Is the engine on the CUDA host emulator rather than a GPU?
     pub fn is_emulated(&self) -> bool {
         matches!(self.gpu, Gpu::Host { .. })
     }
@@ -856,16 +924,35 @@ fn launch_all(
     {
         let mi = m as i32;
         let buf = |o: usize| d.p_arena + o as u64;
-        for st in &eng.steps {
-            let p = |i: usize| -> u64 {
-                match st.args.get(i) {
-                    Some(Arg::Buf(o)) => buf(*o),
-                    Some(Arg::Tokens) => d.ids_b.ptr,
-                    Some(Arg::Positions) => d.pos_b.ptr,
-                    Some(Arg::Param(d)) => *d,
-                    None => 0,
-                }
-            };
+        let ptr = |st: &Step, i: usize| -> u64 {
+            match st.args.get(i) {
+                Some(Arg::Buf(o)) => buf(*o),
+                Some(Arg::Tokens) => d.ids_b.ptr,
+                Some(Arg::Positions) => d.pos_b.ptr,
+                Some(Arg::Param(d)) => *d,
+                None => 0,
+            }
+        };
+        let gemv = |spec: &KernelSpec| runs_gemv(spec, m, whole);
+        for (si, st) in eng.steps.iter().enumerate() {
+            let p = |i: usize| ptr(st, i);
+            if eng.fused_away(si, m, whole) {
+                continue;
+            }
+            // this GEMV does the step before it: its input replaces x, plus its arguments
+            let pro = si
+                .checked_sub(1)
+                .map(|j| &eng.steps[j])
+                .filter(|a| a.fuse_next && gemv(&st.spec))
+                .map(|a| match a.spec {
+                    KernelSpec::RmsNorm { eps, .. } => (
+                        "_gemv_rms",
+                        ptr(a, 0),
+                        vec![K::P(ptr(a, 1)), K::F(eps as f32)],
+                    ),
+                    _ => ("_gemv_silu", ptr(a, 0), vec![]),
+                });
+            let x0 = pro.as_ref().map_or(p(0), |f| f.1);
             let y = buf(st.out);
             let f = &st.f;
             match &st.spec {
@@ -906,7 +993,7 @@ fn launch_all(
                         0
                     };
                     let args = [
-                        K::P(p(0)),
+                        K::P(x0),
                         K::I(mi),
                         K::P(st.wcat[0]),
                         K::P(st.wcat[1]),
@@ -917,13 +1004,13 @@ fn launch_all(
                         K::P(r),
                         K::I(ntot as i32),
                     ];
-                    gemm(eng, f, m, ntot, &args)?;
+                    gemm(eng, st, m, ntot, args, pro)?;
                 }
                 KernelSpec::Logits { vocab, dim, .. } => {
                     let (x, rows) = if whole {
-                        (p(0), m)
+                        (x0, m)
                     } else {
-                        (p(0) + 4 * ((m - 1) * dim) as u64, 1)
+                        (x0 + 4 * ((m - 1) * dim) as u64, 1)
                     };
                     let args = [
                         K::P(x),
@@ -937,7 +1024,7 @@ fn launch_all(
                         K::P(0),
                         K::I(0),
                     ];
-                    gemm(eng, f, rows, *vocab, &args)?;
+                    gemm(eng, st, rows, *vocab, args, pro)?;
                 }
                 KernelSpec::RopeKv { layer, smooth, .. } => {
                     let kv = d
@@ -1028,6 +1115,18 @@ fn dev_ptr<T>(s: &CudaSlice<T>, stream: &CudaStream) -> u64 {
     p
 }
 
+/// Does a GEMM step of a call of `m` rows run as a GEMV (logits: of all rows when `whole`, else
+/// of the last)? (Other kinds: no.)
+fn runs_gemv(spec: &KernelSpec, m: usize, whole: bool) -> bool {
+    let rows = match spec {
+        KernelSpec::QGemm { .. } | KernelSpec::Gemm { .. } => m,
+        KernelSpec::Logits { .. } if !whole => 1,
+        KernelSpec::Logits { .. } => m,
+        _ => return false,
+    };
+    rows <= GEMV_MAX_M as usize
+}
+
 /// The bytes of an f32 slice (for device copies).
 fn f32_bytes(v: &mut [f32]) -> &mut [u8] {
     // SAFETY: f32 has no invalid bit patterns and u8 has alignment 1; the length is exact.
@@ -1036,31 +1135,45 @@ fn f32_bytes(v: &mut [f32]) -> &mut [u8] {
 
 /// A GEMM of `m` rows and `n` outputs: the GEMV kernel for a few rows, else the tiled one
 /// (or the tensor-core one, where the engine asks for it and the kernel has it).
-fn gemm(eng: &CudaEngine, f: &[Func], m: usize, n: usize, args: &[K]) -> Result<(), RuntimeError> {
+fn gemm(
+    eng: &CudaEngine,
+    st: &Step,
+    m: usize,
+    n: usize,
+    args: [K; 10],
+    pro: Option<(&str, u64, Vec<K>)>,
+) -> Result<(), RuntimeError> {
+    let entry = |suffix: &str| {
+        st.entry(suffix)
+            .ok_or_else(|| err(format!("{}: no entry point *{suffix}", st.spec.code_name())))
+    };
     if m as u32 <= GEMV_MAX_M {
+        let (suffix, extra) = pro.map_or(("_gemv", vec![]), |p| (p.0, p.2));
+        let mut a = Vec::from(args);
+        a.extend(extra);
         eng.gpu.launch(
-            &f[0],
+            entry(suffix)?,
             ((n as u32).div_ceil(GEMV_ROWS), 1, 1),
             32 * GEMV_ROWS,
-            args,
+            &a,
         )
-    } else if eng.mma && f.len() > 2 {
+    } else if let Some(f) = st.entry("_mma").filter(|_| eng.mma) {
         eng.gpu.launch(
-            &f[2],
+            f,
             (
                 (n as u32).div_ceil(cg::MMA_N),
                 (m as u32).div_ceil(cg::MMA_M),
                 1,
             ),
             128,
-            args,
+            &args,
         )
     } else {
         eng.gpu.launch(
-            &f[1],
+            entry("_tiled")?,
             ((n as u32).div_ceil(TILE_N), (m as u32).div_ceil(TILE_M), 1),
             256,
-            args,
+            &args,
         )
     }
 }

@@ -367,7 +367,16 @@ fn cuda_engine_on_the_host_emulator_matches_the_interpreter() {
         let cuda = q
             .engine_kind(1, EngineKind::CudaEmulated { mma: false })
             .expect("the CUDA engine on the host emulator");
-        assert!(cuda.cuda().is_some_and(|c| c.is_emulated()));
+        let ce = cuda.cuda().expect("a CUDA engine");
+        assert!(ce.is_emulated());
+        // a decode step: embed, then per layer qkv (its norm fused), rope_kv, attention split
+        // and merge, o, gate/up (its norm fused), down (SiLU-mul fused), then the logits (the
+        // final norm fused); a prefill of 12 rows also runs the 2 norms and the SiLU-mul of
+        // every layer (the tiled GEMMs have no prologue) but not the final norm (logits of
+        // one row)
+        let layers = q.config.num_layers;
+        assert_eq!(ce.launches(1), 2 + 7 * layers);
+        assert_eq!(ce.launches(12), 2 + 10 * layers);
         let label = format!("emulated kv{kvbits} smooth {smooth} po {past_only}");
         matches_the_interpreter(&q, &cuda, &label);
         if kvbits == 16 {
