@@ -153,18 +153,7 @@ fn check(m: &Model, kvbits: u32) {
             // rounding boundary (one code, one step of that token's scale), and single logits
             // then move by 1e-1. The bound is the interpreter's own noise floor measured
             // above, with a factor 3 (which flips happen is a matter of chance).
-            (Act::F32, _) => {
-                assert!(
-                    st.mean() <= (3.0 * fmean).max(1e-3),
-                    "exact path: mean |diff| {} (floor {fmean})",
-                    st.mean()
-                );
-                assert!(
-                    st.mean_kld() <= (3.0 * fkld).max(1e-5),
-                    "exact path: mean KLD {} (floor {fkld})",
-                    st.mean_kld()
-                );
-            }
+            (Act::F32, _) => st.assert_within_floor("exact path", fmean, fkld),
             // int8 activations (step max|x|/127 per block of 32): logits move by ~1e-1,
             // the next-token distribution by a KLD of ~1e-3.
             // Without KV rounding only; with a 4-bit cache the int8 path's perturbation of
@@ -213,16 +202,7 @@ fn check(m: &Model, kvbits: u32) {
     if o.kvbits == 16 {
         assert!(st.max <= 1e-3, "CUDA (emulated): max |diff| {}", st.max);
     } else {
-        assert!(
-            st.mean() <= (3.0 * fmean).max(1e-3),
-            "CUDA (emulated): mean |diff| {} (floor {fmean})",
-            st.mean()
-        );
-        assert!(
-            st.mean_kld() <= (3.0 * fkld).max(1e-5),
-            "CUDA (emulated): mean KLD {} (floor {fkld})",
-            st.mean_kld()
-        );
+        st.assert_within_floor("CUDA (emulated)", fmean, fkld);
     }
 }
 
@@ -243,6 +223,20 @@ impl Stats {
 
     fn mean_kld(&self) -> f64 {
         self.kld_sum / self.rows.max(1) as f64
+    }
+
+    /// Within 3 times the noise floor of a quantized cache (mean |diff| and mean KLD).
+    fn assert_within_floor(&self, what: &str, fmean: f64, fkld: f64) {
+        assert!(
+            self.mean() <= (3.0 * fmean).max(1e-3),
+            "{what}: mean |diff| {} (floor {fmean})",
+            self.mean()
+        );
+        assert!(
+            self.mean_kld() <= (3.0 * fkld).max(1e-5),
+            "{what}: mean KLD {} (floor {fkld})",
+            self.mean_kld()
+        );
     }
 
     fn add(&mut self, reference: &[f32], got: &[f32]) {

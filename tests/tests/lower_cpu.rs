@@ -44,6 +44,14 @@ fn compile(
     compile::quantize(m, &o, Some(&data), &mut |_| {}).expect("compile")
 }
 
+/// The engines' configurations against the interpreter: (KV bits, smoothing, past-only).
+const CONFIGS: [(u32, bool, bool); 4] = [
+    (16, false, false),
+    (4, true, true),
+    (4, false, false),
+    (3, true, true),
+];
+
 const IDS: [u32; 12] = [5, 17, 290, 3, 3, 100, 42, 7, 255, 1, 0, 64];
 
 #[test]
@@ -114,12 +122,7 @@ fn lowered_graph_and_memory_plan() {
 #[test]
 fn engine_matches_interpreter_on_tiny_models() {
     let m = tiny32("lower-eng", 32);
-    for &(kvbits, smooth, past_only) in &[
-        (16u32, false, false),
-        (4, true, true),
-        (4, false, false),
-        (3, true, true),
-    ] {
+    for &(kvbits, smooth, past_only) in &CONFIGS {
         let c = compile(&m, kvbits, smooth, past_only);
         let q = m.with_module(c.module.clone(), None);
         let it = q.engine_kind(1, EngineKind::Interp).expect("interp");
@@ -255,12 +258,7 @@ fn cuda_engine_is_a_clean_error_without_a_gpu_and_matches_the_interpreter_with_o
         present || std::env::var_os("WKVC_REQUIRE_GPU").is_none(),
         "WKVC_REQUIRE_GPU is set but no NVIDIA driver (libcuda.so.1) was found"
     );
-    for &(kvbits, smooth, past_only) in &[
-        (16u32, false, false),
-        (4, true, true),
-        (4, false, false),
-        (3, true, true),
-    ] {
+    for &(kvbits, smooth, past_only) in &CONFIGS {
         let c = compile(&m, kvbits, smooth, past_only);
         let q = m.with_module(c.module.clone(), None);
         let bad = q
@@ -356,12 +354,7 @@ fn matches_the_interpreter(q: &Model, cuda: &Engine, label: &str) {
 #[test]
 fn cuda_engine_on_the_host_emulator_matches_the_interpreter() {
     let m = tiny32("lower-cuda-emu", 32);
-    for &(kvbits, smooth, past_only) in &[
-        (16u32, false, false),
-        (4, true, true),
-        (4, false, false),
-        (3, true, true),
-    ] {
+    for &(kvbits, smooth, past_only) in &CONFIGS {
         let c = compile(&m, kvbits, smooth, past_only);
         let q = m.with_module(c.module.clone(), None);
         let cuda = q
