@@ -1,7 +1,9 @@
 //! Every kernel kind of the CPU back end against the interpreter running the kernel's
 //! reference subgraph (the unfused ops), on random inputs over several shapes, including
-//! widths and groups that are not multiples of the vector width or of the 32-column block.
-//! Tolerances come from f32 accumulation: |err| <= c * n * 2^-24 * sum|terms|.
+//! widths and groups that are not multiples of the vector width or of the 32-column block;
+//! and every CUDA kernel kind on the CUDA host emulator (`wkvc_codegen::cuda_host`) against
+//! the same references or f64. Tolerances come from f32 accumulation:
+//! |err| <= c * n * 2^-24 * sum|terms| (plus f16 operand rounding for the tensor-core GEMM).
 
 use std::collections::BTreeMap;
 use wkvc_codegen::cpu::{CpuJit, KernelFn};
