@@ -14,5 +14,18 @@ if [ -f ../shared/reference/smollm2.json ] && [ -f ../shared/data/wikitext2-eval
 else
   echo "NOTE: ../shared/reference or ../shared/data is absent: tests comparing with the reference figures are skipped" >&2
 fi
+# the CUDA host emulator's tests build the CUDA C with a C++ compiler
+CXX_BIN=${WKVC_CXX:-c++}
+if ! command -v "$CXX_BIN" >/dev/null 2>&1; then
+  echo "no C++ compiler ($CXX_BIN) for the CUDA host emulator: installing g++" >&2
+  if command -v apt-get >/dev/null 2>&1; then
+    { apt-get update -qq && apt-get install -y -qq g++ >/dev/null; } ||
+      sudo sh -c 'apt-get update -qq && apt-get install -y -qq g++ >/dev/null' ||
+      { echo "error: could not install g++; set WKVC_CXX to a C++17 compiler" >&2; exit 1; }
+  else
+    echo "error: no C++ compiler; set WKVC_CXX to a C++17 compiler" >&2
+    exit 1
+  fi
+fi
 export INSTA_UPDATE=no
 cargo test --release --workspace "$@"
