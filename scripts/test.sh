@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
-# Run every test in release mode. Fetches the demo model and NVRTC first (tests then require
-# them), and requires the shared reference figures when ../shared is present beside the
-# repository.
+# Run every test in release mode, every test binary even after a failure, and end with a
+# one-line summary. Fetches the demo model and NVRTC first; their checks are then required
+# (a skip is a failure), as are the reference figures when ../shared is beside the repository.
+# Without ../shared the reference checks are skipped (said in the summary), and without a GPU
+# the GPU checks (scripts/gpu-check.sh runs them on a GPU machine).
+# Arguments go to cargo test (e.g. scripts/test.sh -p wkvc-tests --test demo_cpu).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+start=$(date +%s)
 WKVC_DEMO_MODEL=$(scripts/fetch-demo-model.sh)
 export WKVC_DEMO_MODEL WKVC_REQUIRE_DEMO=1
 # NVRTC from PyPI: the CUDA kernels are compiled to CUBIN in the tests (no GPU needed)
@@ -12,7 +16,7 @@ export WKVC_NVRTC_LIB WKVC_REQUIRE_NVRTC=1
 if [ -f ../shared/reference/smollm2.json ] && [ -f ../shared/data/wikitext2-eval.txt ]; then
   export WKVC_REQUIRE_REFERENCE=1
 else
-  echo "NOTE: ../shared/reference or ../shared/data is absent: tests comparing with the reference figures are skipped" >&2
+  echo "NOTE: ../shared/reference or ../shared/data is absent: the checks against the reference figures are skipped" >&2
 fi
 # the CUDA host emulator's tests build the CUDA C with a C++ compiler
 CXX_BIN=${WKVC_CXX:-c++}
@@ -28,4 +32,30 @@ if ! command -v "$CXX_BIN" >/dev/null 2>&1; then
   fi
 fi
 export INSTA_UPDATE=no
-cargo test --release --workspace "$@"
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+export WKVC_SKIP_LOG="$work/skips"
+: >"$WKVC_SKIP_LOG"
+set +e
+cargo test --release --workspace --no-fail-fast "$@" 2>&1 | tee "$work/log"
+rc=${PIPESTATUS[0]}
+set -e
+# one line: tests passed/failed/ignored over all binaries, the failing binaries, the skips
+summary=$(awk '
+  /^test result:/ {
+    for (i = 1; i <= NF; i++) {
+      if ($(i+1) ~ /^passed/) p += $i
+      if ($(i+1) ~ /^failed/) f += $i
+      if ($(i+1) ~ /^ignored/) g += $i
+    }
+    bins++
+  }
+  END { printf "%d passed, %d failed, %d ignored in %d test binaries", p, f, g, bins }
+' "$work/log")
+failing=$(grep -E "^error: test failed, to rerun pass|^error: [0-9]+ targets? failed" "$work/log" | sed -E 's/.*pass `(.*)`/\1/' | tr '\n' ' ' || true)
+skipped=$(sed -E 's/^SKIPPED ([^(]*) \(.*/\1/' "$WKVC_SKIP_LOG" | sed 's/ *$//' | sort -u | paste -sd, - | sed 's/,/, /g')
+elapsed=$(( $(date +%s) - start ))
+if [ "$rc" -eq 0 ]; then verdict=PASS; else verdict=FAIL; fi
+echo
+echo "wkvc tests: $verdict: $summary${failing:+ (failing: $failing)}; skipped: ${skipped:-none}; $((elapsed / 60)) min $((elapsed % 60)) s"
+exit "$rc"

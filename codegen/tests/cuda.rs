@@ -12,10 +12,7 @@ fn nvrtc_present() -> bool {
     match nvrtc::locate() {
         Ok(_) => true,
         Err(e) => {
-            if std::env::var_os("WKVC_REQUIRE_NVRTC").is_some() {
-                panic!("{e}");
-            }
-            eprintln!("SKIPPED (set WKVC_REQUIRE_NVRTC to fail instead): {e}");
+            wkvc_testkit::skip(wkvc_testkit::Group::Nvrtc, &e.to_string());
             false
         }
     }

@@ -56,7 +56,7 @@ fn fmt_err(path: &Path, msg: impl Into<String>) -> Error {
 fn io_err(path: &Path, e: std::io::Error) -> Error {
     Error::Io {
         path: path.to_path_buf(),
-        source: e,
+        cause: e,
     }
 }
 
@@ -937,6 +937,13 @@ fn hf_tokenizer(dir: &Path) -> Result<Option<TokenizerSpec>, Error> {
 
 pub fn import_hf(dir: &Path) -> Result<Imported, Error> {
     let cfg_path = dir.join("config.json");
+    if !cfg_path.is_file() {
+        return Err(fmt_err(
+            dir,
+            "a folder without config.json: not a Hugging Face model directory (give a .gguf \
+             file, a .wkv plan or a model directory)",
+        ));
+    }
     let c = read_json(&cfg_path)?;
     let cfg = hf_config(&cfg_path, &c)?;
     let mut weights = WeightStore::new();

@@ -3,6 +3,7 @@
 //! for incremental decoding.
 
 use crate::graph::{Attr, Graph, Node, OpKind, Operand};
+use crate::kvcache::{KvCache, KvLayer};
 use crate::types::DType;
 use crate::{Error, Module};
 use rayon::prelude::*;
@@ -63,36 +64,6 @@ impl Tensor {
     }
 }
 
-/// K and V of one attention layer: `len` rows of `width` floats each.
-#[derive(Clone, Debug, Default)]
-struct LayerKv {
-    /// FP rows (a layer without KV quantization), `width` floats each
-    k: Vec<f32>,
-    v: Vec<f32>,
-    /// floats per row (kv_heads * head_dim)
-    width: usize,
-    /// bytes per row of packed codes; 0 for an FP layer
-    row_bytes: usize,
-    /// packed codes of the smoothed K/V (two per byte for <= 4 bits)
-    kc: Vec<u8>,
-    vc: Vec<u8>,
-    /// per (token, kv head): scale and zero (f16 values unless the op asks for f32)
-    kp: Vec<(f32, f32)>,
-    vp: Vec<(f32, f32)>,
-    /// bytes per stored scale or zero
-    param_bytes: usize,
-    heads: usize,
-}
-
-impl LayerKv {
-    fn rows(&self) -> usize {
-        match self.kc.len().checked_div(self.row_bytes) {
-            Some(rows) => rows,
-            None => self.k.len().checked_div(self.width).unwrap_or(0),
-        }
-    }
-}
-
 /// How a run treats the KV of the chunk it processes (DESIGN.md, runtime semantics).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RunMode {
@@ -102,67 +73,6 @@ pub enum RunMode {
     /// Parallel simulation of token-by-token decoding: position i reads quantized K/V of every
     /// earlier position (also inside the chunk) and, with past-only, FP K/V of itself only.
     DecodeEquivalent,
-}
-
-/// Full-precision KV cache for the `attention` op, one slot per `layer` attribute.
-#[derive(Clone, Debug)]
-pub struct KvCache {
-    layers: BTreeMap<i64, LayerKv>,
-    len: usize,
-    max_len: usize,
-}
-
-impl KvCache {
-    pub fn new(max_len: usize) -> Self {
-        KvCache {
-            layers: BTreeMap::new(),
-            len: 0,
-            max_len,
-        }
-    }
-
-    /// Tokens held (the `past` length).
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    pub fn max_len(&self) -> usize {
-        self.max_len
-    }
-
-    /// Forget everything after the first `n` tokens.
-    pub fn truncate(&mut self, n: usize) {
-        for l in self.layers.values_mut() {
-            l.k.truncate(n * l.width);
-            l.v.truncate(n * l.width);
-            l.kc.truncate(n * l.row_bytes);
-            l.vc.truncate(n * l.row_bytes);
-            l.kp.truncate(n * l.heads);
-            l.vp.truncate(n * l.heads);
-        }
-        self.len = self.len.min(n);
-    }
-
-    pub fn clear(&mut self) {
-        self.truncate(0);
-    }
-
-    /// Bytes held by the cache now.
-    pub fn bytes(&self) -> usize {
-        self.layers
-            .values()
-            .map(|l| {
-                4 * (l.k.len() + l.v.len())
-                    + l.kc.len()
-                    + l.vc.len()
-                    + 4 * (l.kp.len() + l.vp.len())
-            })
-            .sum()
-    }
 }
 
 fn ierr(node: &Node, msg: impl std::fmt::Display) -> Error {
@@ -358,6 +268,7 @@ impl<'a> Interpreter<'a> {
         mode: RunMode,
     ) -> Result<BTreeMap<String, Tensor>, Error> {
         let before = cache.len;
+        cache.computed.clear();
         let r = self.pool.install(|| self.run_inner(inputs, cache, mode));
         match r {
             Ok((out, seq)) => {
@@ -976,15 +887,46 @@ impl<'a> Interpreter<'a> {
             slot.heads = kvh;
             slot.param_bytes = pd.bytes();
         }
-        if slot.width != kvw || slot.row_bytes != row_bytes || slot.rows() != past {
+        let held = slot.rows();
+        if slot.width != kvw
+            || slot.heads != kvh
+            || slot.row_bytes != row_bytes
+            || (held != past && held != past + s)
+        {
             return Err(ierr(
                 node,
-                format!("KV cache slot holds {} rows, expected {past}", slot.rows()),
+                format!(
+                    "KV cache slot holds {held} rows of {} values ({} bytes each), expected \
+                     {past} (or {} to replay) of {kvw} ({row_bytes} bytes)",
+                    slot.width,
+                    slot.row_bytes,
+                    past + s
+                ),
             ));
         }
+        // Held rows past the cache's length are replayed (crate::kvcache): the chunk reads
+        // them where it would read its own quantized K/V, and what it computes itself is kept
+        // in `computed` instead of being appended.
+        let replay = held > past;
+        let mut own = KvLayer {
+            width: kvw,
+            heads: kvh,
+            row_bytes,
+            param_bytes: slot.param_bytes,
+            ..Default::default()
+        };
         // Keys/values as attention reads them: past rows from the cache, then the chunk's rows
         // in full precision (fp) and as they come back from the cache (deq).
         let (kall, vall, kdeq, vdeq) = match bits {
+            None if replay => {
+                own.k = k.to_vec();
+                own.v = v.to_vec();
+                let mut kall = slot.k[..past * kvw].to_vec();
+                let mut vall = slot.v[..past * kvw].to_vec();
+                kall.extend_from_slice(k);
+                vall.extend_from_slice(v);
+                (Cow::Owned(kall), Cow::Owned(vall), None, None)
+            }
             None => {
                 slot.k.extend_from_slice(k);
                 slot.v.extend_from_slice(v);
@@ -997,19 +939,29 @@ impl<'a> Interpreter<'a> {
             }
             Some(b) => {
                 let (ks, kd) = (smooth.map(|x| (x[0], x[1])), smooth.map(|x| (x[2], x[3])));
-                let (kc, kp, kq) = quantize_kv(k, kvh, hd, b, pd, ks);
-                let (vc, vp, vq) = quantize_kv(v, kvh, hd, b, pd, kd);
-                let mut kall = dequantize_kv(&slot.kc, &slot.kp, kvh, hd, b, ks);
-                let mut vall = dequantize_kv(&slot.vc, &slot.vp, kvh, hd, b, kd);
-                slot.kc.extend_from_slice(&kc);
-                slot.vc.extend_from_slice(&vc);
-                slot.kp.extend_from_slice(&kp);
-                slot.vp.extend_from_slice(&vp);
+                let (kc, kp, mut kq) = quantize_kv(k, kvh, hd, b, pd, ks);
+                let (vc, vp, mut vq) = quantize_kv(v, kvh, hd, b, pd, kd);
+                let (cp, pp) = (past * row_bytes, past * kvh);
+                let mut kall = dequantize_kv(&slot.kc[..cp], &slot.kp[..pp], kvh, hd, b, ks);
+                let mut vall = dequantize_kv(&slot.vc[..cp], &slot.vp[..pp], kvh, hd, b, kd);
+                if replay {
+                    kq = dequantize_kv(&slot.kc[cp..], &slot.kp[pp..], kvh, hd, b, ks);
+                    vq = dequantize_kv(&slot.vc[cp..], &slot.vp[pp..], kvh, hd, b, kd);
+                    (own.kc, own.vc, own.kp, own.vp) = (kc, vc, kp, vp);
+                } else {
+                    slot.kc.extend_from_slice(&kc);
+                    slot.vc.extend_from_slice(&vc);
+                    slot.kp.extend_from_slice(&kp);
+                    slot.vp.extend_from_slice(&vp);
+                }
                 kall.extend_from_slice(k);
                 vall.extend_from_slice(v);
                 (Cow::Owned(kall), Cow::Owned(vall), Some(kq), Some(vq))
             }
         };
+        if replay {
+            cache.computed.insert(layer, own);
+        }
         // Does chunk position j (as seen by chunk query i) read the quantized value?
         let quantized = |i: usize, j: usize| -> bool {
             if bits.is_none() {

@@ -10,6 +10,7 @@ pub mod graph;
 pub mod import;
 pub mod interp;
 pub mod kernel;
+pub mod kvcache;
 pub mod quant;
 pub mod text;
 pub mod types;
@@ -18,8 +19,9 @@ pub mod weights;
 
 pub use config::{ModelConfig, RopeScaling};
 pub use graph::{Attr, Attrs, Builder, Graph, Node, OpKind, Operand, ValueId};
-pub use interp::{Interpreter, KvCache, RunMode, Tensor, TensorData};
+pub use interp::{Interpreter, RunMode, Tensor, TensorData};
 pub use kernel::{Act, KernelSpec};
+pub use kvcache::{KvCache, KvLayer};
 pub use types::{DType, Dim, TensorType};
 pub use weights::{Weight, WeightStore};
 
@@ -40,12 +42,23 @@ impl Module {
     }
 }
 
+/// An I/O error's reason without the OS error number ("No such file or directory").
+pub fn io_reason(e: &std::io::Error) -> String {
+    let s = e.to_string();
+    match s.find(" (os error") {
+        Some(i) => s[..i].to_string(),
+        None => s,
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{}: {source}", path.display())]
+    /// A file that could not be read (the cause is part of the message, not a separate
+    /// source, so that an error chain names it once).
+    #[error("{}: {}", path.display(), io_reason(cause))]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("{}: {msg}", path.display())]
     Format { path: PathBuf, msg: String },

@@ -4,8 +4,9 @@
 use crate::{Pass, PassError, PassReport};
 use half::f16;
 use std::collections::BTreeMap;
+use wkvc_ir::KvCache;
 use wkvc_ir::graph::{Attr, OpKind, Operand, ValueId, attrs};
-use wkvc_ir::interp::{Interpreter, KvCache, Tensor};
+use wkvc_ir::interp::{Interpreter, Tensor};
 use wkvc_ir::types::{DType, Dim, TensorType};
 use wkvc_ir::{Module, Node, Weight};
 

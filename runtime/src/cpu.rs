@@ -10,7 +10,7 @@ use std::time::Instant;
 use wkvc_codegen::cpu::{CpuJit, KernelFn};
 use wkvc_codegen::kernels::{QTILE, prep_f32, prep_int8};
 use wkvc_ir::graph::{Node, Operand};
-use wkvc_ir::{Act, DType, Graph, KernelSpec, Module, RunMode};
+use wkvc_ir::{Act, DType, Graph, KernelSpec, KvCache, KvLayer, Module, RunMode};
 use wkvc_passes::lower::{LowerOptions, MemoryPlan, lower, memplan};
 
 /// Default rows per prefill chunk (the arena is sized for it).
@@ -321,11 +321,15 @@ impl CpuEngine {
                     let w = kv_heads * head_dim;
                     let kv = if *kv_bits == 16 {
                         LayerCache {
+                            width: w,
+                            heads: *kv_heads,
                             codes: [Vec::new(), Vec::new()],
                             params: [vec![0f32; max_ctx * w], vec![0f32; max_ctx * w]],
                         }
                     } else {
                         LayerCache {
+                            width: w,
+                            heads: *kv_heads,
                             codes: [
                                 vec![0u8; max_ctx * w.div_ceil(2)],
                                 vec![0u8; max_ctx * w.div_ceil(2)],
@@ -523,6 +527,9 @@ fn qgemm_param(
 }
 
 struct LayerCache {
+    /// values per token (kv heads x head dim) and kv heads
+    width: usize,
+    heads: usize,
     /// K and V codes (empty for an f32 cache)
     codes: [Vec<u8>; 2],
     /// K and V (scale, zero) per (token, kv head); or the f32 rows for a 16-bit cache
@@ -578,6 +585,95 @@ impl CpuSession<'_> {
     /// Bytes allocated for the cache (at max context).
     pub fn kv_capacity_bytes(&self) -> usize {
         self.max_ctx * self.engine.plan.kv_bytes_per_token
+    }
+
+    /// The cache's contents in the interpreter's form (the layout is the same).
+    pub fn kv_cache(&self) -> Result<KvCache, RuntimeError> {
+        let n = self.len;
+        let layers = self
+            .layers
+            .iter()
+            .map(|(&id, lc)| {
+                let l = if lc.codes[0].is_empty() {
+                    KvLayer {
+                        width: lc.width,
+                        heads: lc.heads,
+                        k: lc.params[0][..n * lc.width].to_vec(),
+                        v: lc.params[1][..n * lc.width].to_vec(),
+                        ..Default::default()
+                    }
+                } else {
+                    let rb = lc.width.div_ceil(2);
+                    let pairs = |p: &[f32]| {
+                        p[..2 * n * lc.heads]
+                            .chunks(2)
+                            .map(|c| (c[0], c[1]))
+                            .collect()
+                    };
+                    KvLayer {
+                        width: lc.width,
+                        heads: lc.heads,
+                        row_bytes: rb,
+                        kc: lc.codes[0][..n * rb].to_vec(),
+                        vc: lc.codes[1][..n * rb].to_vec(),
+                        kp: pairs(&lc.params[0]),
+                        vp: pairs(&lc.params[1]),
+                        param_bytes: 2,
+                        ..Default::default()
+                    }
+                };
+                (id, l)
+            })
+            .collect();
+        Ok(KvCache::from_layers(self.max_ctx, n, layers)?)
+    }
+
+    /// Replace the cache's contents by `cache`'s (exported by any engine of the same plan).
+    pub fn load_kv(&mut self, cache: &KvCache) -> Result<(), RuntimeError> {
+        let n = cache.len();
+        if n > self.max_ctx {
+            return Err(err(format!(
+                "a cache of {n} tokens does not fit this session's context of {}",
+                self.max_ctx
+            )));
+        }
+        let fits = |lc: &LayerCache, l: &KvLayer| {
+            l.width == lc.width
+                && l.heads == lc.heads
+                && l.rows() == n
+                && l.is_quantized() != lc.codes[0].is_empty()
+                && (!l.is_quantized() || l.row_bytes == lc.width.div_ceil(2))
+        };
+        if let Some(id) = self
+            .layers
+            .iter()
+            .find(|(id, lc)| !cache.layer(**id).is_some_and(|l| fits(lc, l)))
+            .map(|(id, _)| *id)
+        {
+            return Err(err(format!(
+                "the cache has no layer {id} of this plan's shape with {n} rows"
+            )));
+        }
+        for (id, lc) in self.layers.iter_mut() {
+            let Some(l) = cache.layer(*id) else { continue };
+            if l.is_quantized() {
+                for (dst, src) in lc.codes.iter_mut().zip([&l.kc, &l.vc]) {
+                    dst[..src.len()].copy_from_slice(src);
+                }
+                for (dst, src) in lc.params.iter_mut().zip([&l.kp, &l.vp]) {
+                    for (d, &(s, z)) in dst.chunks_mut(2).zip(src.iter()) {
+                        d[0] = s;
+                        d[1] = z;
+                    }
+                }
+            } else {
+                for (dst, src) in lc.params.iter_mut().zip([&l.k, &l.v]) {
+                    dst[..src.len()].copy_from_slice(src);
+                }
+            }
+        }
+        self.len = n;
+        Ok(())
     }
 
     /// Run `ids`; logits of the last token (`&self.logits`) or, with `all`, of every token

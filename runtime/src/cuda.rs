@@ -19,12 +19,12 @@ use cudarc::driver::{
     CudaContext, CudaFunction, CudaGraph, CudaSlice, CudaStream, DevicePtr, LaunchConfig,
     PushKernelArg, sys,
 };
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use wkvc_codegen::cuda::{self as cg, GEMV_MAX_M, GEMV_ROWS, TILE_M, TILE_N};
 use wkvc_codegen::cuda_host::{self, HostArg, HostModule};
-use wkvc_ir::{DType, Graph, KernelSpec, Module, Operand, RunMode};
+use wkvc_ir::{DType, Graph, KernelSpec, KvCache, KvLayer, Module, Operand, RunMode};
 use wkvc_passes::lower::{LowerOptions, MemoryPlan, lower, memplan};
 
 /// Rows per launch (prefill chunks), as the CPU engine.
@@ -744,7 +744,13 @@ impl CudaEngine {
                 };
                 let b = [alloc(c)?, alloc(p)?, alloc(c)?, alloc(p)?];
                 layers.insert(*layer, [0, 1, 2, 3].map(|i| b[i].ptr));
-                kv.push(b);
+                kv.push(DevKv {
+                    layer: *layer,
+                    width: w,
+                    heads: *kv_heads,
+                    quantized: *kv_bits != 16,
+                    bufs: b,
+                });
                 part = part.max(CHUNK * kv_heads * splits * (heads / kv_heads) * (head_dim + 2));
             }
         }
@@ -759,7 +765,7 @@ impl CudaEngine {
             pos_b: alloc(4 * CHUNK)?,
             state_b: alloc(16)?,
             layers,
-            _kv: kv,
+            kv,
             splits: splits as u32,
             graph: None,
         })
@@ -802,6 +808,16 @@ pub struct CudaSession<'e> {
     logits: Vec<f32>,
 }
 
+/// One layer's KV cache in device memory: K codes, K (scale, zero) pairs, V codes, V pairs
+/// (f32 rows in the params buffers for a 16-bit cache), the CPU engine's layout.
+struct DevKv {
+    layer: i64,
+    width: usize,
+    heads: usize,
+    quantized: bool,
+    bufs: [DevBuf; 4],
+}
+
 /// A session's device memory.
 struct Dev {
     logits_b: DevBuf,
@@ -813,7 +829,7 @@ struct Dev {
     p_part: u64,
     /// per layer: K codes, K params, V codes, V params
     layers: HashMap<i64, [u64; 4]>,
-    _kv: Vec<[DevBuf; 4]>,
+    kv: Vec<DevKv>,
     splits: u32,
     graph: Option<StepGraph>,
 }
@@ -838,6 +854,118 @@ impl CudaSession<'_> {
     /// Bytes the KV cache holds now.
     pub fn kv_bytes(&self) -> usize {
         self.len * self.engine.kv_bytes_per_token()
+    }
+
+    /// The cache's contents in the interpreter's form (copied from the device).
+    pub fn kv_cache(&self) -> Result<KvCache, RuntimeError> {
+        let n = self.len;
+        let mut layers = BTreeMap::new();
+        let gpu = &self.engine.gpu;
+        for d in self.dev.iter().flat_map(|d| &d.kv) {
+            let f32s = |b: &DevBuf, count: usize| -> Result<Vec<f32>, RuntimeError> {
+                let mut raw = vec![0u8; 4 * count];
+                gpu.dtoh(b, &mut raw)?;
+                Ok(raw
+                    .chunks(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect())
+            };
+            let l = if d.quantized {
+                let rb = d.width.div_ceil(2);
+                let codes = |b: &DevBuf| -> Result<Vec<u8>, RuntimeError> {
+                    let mut v = vec![0u8; n * rb];
+                    gpu.dtoh(b, &mut v)?;
+                    Ok(v)
+                };
+                let pairs = |b: &DevBuf| -> Result<Vec<(f32, f32)>, RuntimeError> {
+                    Ok(f32s(b, 2 * n * d.heads)?
+                        .chunks(2)
+                        .map(|c| (c[0], c[1]))
+                        .collect())
+                };
+                KvLayer {
+                    width: d.width,
+                    heads: d.heads,
+                    row_bytes: rb,
+                    kc: codes(&d.bufs[0])?,
+                    kp: pairs(&d.bufs[1])?,
+                    vc: codes(&d.bufs[2])?,
+                    vp: pairs(&d.bufs[3])?,
+                    param_bytes: 2,
+                    ..Default::default()
+                }
+            } else {
+                KvLayer {
+                    width: d.width,
+                    heads: d.heads,
+                    k: f32s(&d.bufs[1], n * d.width)?,
+                    v: f32s(&d.bufs[3], n * d.width)?,
+                    ..Default::default()
+                }
+            };
+            layers.insert(d.layer, l);
+        }
+        Ok(KvCache::from_layers(self.max_ctx, n, layers)?)
+    }
+
+    /// Replace the cache's contents by `cache`'s (exported by any engine of the same plan).
+    pub fn load_kv(&mut self, cache: &KvCache) -> Result<(), RuntimeError> {
+        let n = cache.len();
+        if n > self.max_ctx {
+            return Err(err(format!(
+                "a cache of {n} tokens does not fit this session's context of {}",
+                self.max_ctx
+            )));
+        }
+        if self.dev.is_none() {
+            self.dev = Some(self.engine.alloc_session(self.max_ctx)?);
+        }
+        let Some(dev) = self.dev.as_mut() else {
+            return Err(err("no device memory"));
+        };
+        let fits = |d: &DevKv, l: &KvLayer| {
+            l.width == d.width
+                && l.heads == d.heads
+                && l.rows() == n
+                && l.is_quantized() == d.quantized
+                && (!d.quantized || l.row_bytes == d.width.div_ceil(2))
+        };
+        if let Some(d) = dev
+            .kv
+            .iter()
+            .find(|d| !cache.layer(d.layer).is_some_and(|l| fits(d, l)))
+        {
+            return Err(err(format!(
+                "the cache has no layer {} of this plan's shape with {n} rows",
+                d.layer
+            )));
+        }
+        let gpu = &self.engine.gpu;
+        let bytes = |v: &[f32]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
+        let pairs = |p: &[(f32, f32)]| -> Vec<u8> {
+            p.iter()
+                .flat_map(|&(s, z)| [s.to_le_bytes(), z.to_le_bytes()])
+                .flatten()
+                .collect()
+        };
+        for d in dev.kv.iter_mut() {
+            let Some(l) = cache.layer(d.layer) else {
+                continue;
+            };
+            let [kc, kp, vc, vp] = &mut d.bufs;
+            if d.quantized {
+                gpu.htod(&l.kc, kc)?;
+                gpu.htod(&pairs(&l.kp), kp)?;
+                gpu.htod(&l.vc, vc)?;
+                gpu.htod(&pairs(&l.vp), vp)?;
+            } else {
+                gpu.htod(&bytes(&l.k), kp)?;
+                gpu.htod(&bytes(&l.v), vp)?;
+            }
+        }
+        gpu.sync()?;
+        self.len = n;
+        Ok(())
     }
 
     /// Run `ids` after the cache; the last row's logits (all rows appended to `all` when

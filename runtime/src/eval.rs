@@ -12,6 +12,9 @@ pub struct PplReport {
     pub mean_nll: f64,
     /// Mean KL(P_ref || P_model) over the scored positions, when a reference model was given.
     pub kld: Option<f64>,
+    /// Fraction of the scored positions whose most likely next token is the reference's,
+    /// when a reference model was given.
+    pub top1: Option<f64>,
     /// Predictions scored.
     pub tokens: usize,
     pub windows: usize,
@@ -125,7 +128,7 @@ pub fn evaluate_with(
         )));
     }
     let t0 = std::time::Instant::now();
-    let (mut sum, mut kl, mut count) = (0f64, 0f64, 0usize);
+    let (mut sum, mut kl, mut count, mut same) = (0f64, 0f64, 0usize, 0usize);
     let mut session = engine.session(ctx);
     if session.max_ctx() < ctx {
         return Err(RuntimeError::Invalid(format!(
@@ -160,7 +163,11 @@ pub fn evaluate_with(
             let row = &logits[t * vocab..(t + 1) * vocab];
             sum += nll(row, win[t + 1] as usize);
             if let Some(r) = &rlogits {
-                kl += kl_divergence(&r[t * vocab..(t + 1) * vocab], row);
+                let rrow = &r[t * vocab..(t + 1) * vocab];
+                kl += kl_divergence(rrow, row);
+                if crate::sample::argmax(rrow) == crate::sample::argmax(row) {
+                    same += 1;
+                }
             }
             count += 1;
         }
@@ -172,6 +179,7 @@ pub fn evaluate_with(
         perplexity: mean.exp(),
         mean_nll: mean,
         kld: reference.as_ref().map(|_| kl / count as f64),
+        top1: reference.as_ref().map(|_| same as f64 / count as f64),
         tokens: count,
         windows,
         ctx,

@@ -293,6 +293,38 @@ impl Session<'_, '_> {
         }
     }
 
+    /// The KV cache's contents in the interpreter's form: every engine uses the same layout
+    /// (`wkvc_ir::kvcache`), so a cache exported from one engine loads into another.
+    pub fn kv_cache(&self) -> Result<KvCache, RuntimeError> {
+        match &self.imp {
+            SessImp::Interp(c) => Ok(c.clone()),
+            SessImp::Cpu(s) => s.kv_cache(),
+            SessImp::Cuda(s) => s.kv_cache(),
+        }
+    }
+
+    /// Replace the KV cache's contents by `cache`'s (from `kv_cache` of a session of the
+    /// same plan, on any engine). The interpreter also takes a cache holding the next chunk's
+    /// rows, which it then replays (`wkvc_ir::kvcache`); the compiled engines need a cache of
+    /// exactly `cache.len()` rows.
+    pub fn load_kv(&mut self, cache: &KvCache) -> Result<(), RuntimeError> {
+        match &mut self.imp {
+            SessImp::Interp(c) => {
+                if cache.len() > c.max_len() {
+                    return Err(RuntimeError::Invalid(format!(
+                        "a cache of {} tokens does not fit this session's context of {}",
+                        cache.len(),
+                        c.max_len()
+                    )));
+                }
+                *c = KvCache::from_layers(c.max_len(), cache.len(), cache.layers().clone())?;
+                Ok(())
+            }
+            SessImp::Cpu(s) => s.load_kv(cache),
+            SessImp::Cuda(s) => s.load_kv(cache),
+        }
+    }
+
     /// Run `ids` after what the cache holds; returns logits `[ids.len(), vocab]` row-major.
     /// Out-of-range ids or a context overflow are errors that leave the session unchanged.
     pub fn forward(&mut self, ids: &[u32]) -> Result<Vec<f32>, RuntimeError> {

@@ -197,6 +197,38 @@ fn physical_shape(d: DType, shape: &[usize]) -> Vec<usize> {
     }
 }
 
+/// Can a plan be written to `path`? Its folder must exist and take a new file (checked by
+/// creating and removing one), and `path` must not be a folder. Run before long work, so that
+/// a compile fails at once rather than after calibrating.
+pub fn check_destination(path: &Path) -> Result<(), RuntimeError> {
+    if path.is_dir() {
+        return Err(perr(path, "is a folder: give the plan file's name"));
+    }
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if !dir.is_dir() {
+        return Err(perr(
+            path,
+            format!("the folder {} does not exist", dir.display()),
+        ));
+    }
+    let probe = dir.join(format!(".wkvc-probe-{}", std::process::id()));
+    std::fs::write(&probe, b"").map_err(|e| {
+        perr(
+            path,
+            format!(
+                "cannot write to {}: {}",
+                dir.display(),
+                wkvc_ir::io_reason(&e)
+            ),
+        )
+    })?;
+    let _ = std::fs::remove_file(&probe);
+    Ok(())
+}
+
 /// Write `module` with `manifest` (its `tensors` and `graph` are filled in here) to `path`
 /// atomically: a temp file in the same directory, renamed at the end.
 pub fn write(path: &Path, module: &Module, mut manifest: Manifest) -> Result<u64, RuntimeError> {

@@ -2,6 +2,8 @@
 //! model and the shared reference figures, and writing tiny synthetic models as Hugging Face
 //! directories and GGUF files (with llama.cpp's q/k row permutation) for import tests.
 
+pub mod agree;
+
 use half::{bf16, f16};
 use serde_json::json;
 use std::collections::BTreeMap;
@@ -13,45 +15,55 @@ pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-/// `../shared/reference` beside the repository, if present.
+pub use wkvc_testkit::{Group, skip};
+
+/// `../shared/reference` beside the repository, if present (a skip of the reference checks,
+/// said once, otherwise).
 pub fn reference_dir() -> Option<PathBuf> {
     let d = repo_root().join("../shared/reference");
     if d.join("smollm2.json").exists() {
         return Some(d);
     }
-    if std::env::var_os("WKVC_REQUIRE_REFERENCE").is_some() {
-        panic!(
-            "WKVC_REQUIRE_REFERENCE is set but {} is missing",
-            d.display()
-        );
-    }
-    eprintln!(
-        "NOTE: {} is absent: reference comparisons are skipped in this run",
-        d.display()
-    );
+    skip(Group::Reference, &format!("{} is absent", d.display()));
     None
 }
 
-/// `../shared/data` beside the repository, if present.
+/// `../shared/data` beside the repository (WikiText-2), if present (a skip of the reference
+/// checks otherwise).
 pub fn data_dir() -> Option<PathBuf> {
     let d = repo_root().join("../shared/data");
     if d.join("wikitext2-eval.txt").exists() {
         return Some(d);
     }
-    if std::env::var_os("WKVC_REQUIRE_REFERENCE").is_some() {
-        panic!(
-            "WKVC_REQUIRE_REFERENCE is set but {} is missing",
-            d.display()
-        );
-    }
-    eprintln!(
-        "NOTE: {} is absent: data-based checks are skipped",
-        d.display()
-    );
+    skip(Group::Reference, &format!("{} is absent", d.display()));
     None
 }
 
-/// The demo GGUF (SmolLM2-135M-Instruct), fetched by scripts/fetch-demo-model.sh.
+/// Calibration text for tests that compile the demo model: `$WKVC_TEST_CALIB` when set, none
+/// (text sampled from the model) when `WKVC_TEST_SAMPLED` is set, else the WikiText-2
+/// calibration split where `../shared/data` is present (sampled text without it). Checks that
+/// use it must hold for any text.
+pub fn calib_text() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("WKVC_TEST_CALIB") {
+        return Some(PathBuf::from(p));
+    }
+    if std::env::var_os("WKVC_TEST_SAMPLED").is_some() {
+        return None;
+    }
+    let d = repo_root().join("../shared/data/wikitext2-calib.txt");
+    d.exists().then_some(d)
+}
+
+/// The calibration seed of tests that compile (`$WKVC_TEST_SEED`, default 0).
+pub fn test_seed() -> u64 {
+    std::env::var("WKVC_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The demo GGUF (SmolLM2-135M-Instruct), fetched by scripts/fetch-demo-model.sh (a skip of
+/// the demo-model checks, said once, when it is absent).
 pub fn demo_model() -> Option<PathBuf> {
     let p = match std::env::var_os("WKVC_DEMO_MODEL") {
         Some(p) => PathBuf::from(p),
@@ -66,17 +78,25 @@ pub fn demo_model() -> Option<PathBuf> {
     if p.exists() {
         return Some(p);
     }
-    if std::env::var_os("WKVC_REQUIRE_DEMO").is_some() {
-        panic!(
-            "WKVC_REQUIRE_DEMO is set but the demo model {} is missing: run scripts/fetch-demo-model.sh",
+    skip(
+        Group::DemoModel,
+        &format!(
+            "the demo model {} is absent (scripts/fetch-demo-model.sh fetches it)",
             p.display()
-        );
-    }
-    eprintln!(
-        "NOTE: demo model {} is absent (run scripts/fetch-demo-model.sh): demo-model checks are skipped",
-        p.display()
+        ),
     );
     None
+}
+
+/// libnvrtc, when it can be found (a skip of the NVRTC checks otherwise).
+pub fn nvrtc_present() -> bool {
+    match wkvc_codegen::nvrtc::locate() {
+        Ok(_) => true,
+        Err(e) => {
+            skip(Group::Nvrtc, &e.to_string());
+            false
+        }
+    }
 }
 
 /// A deterministic pseudo-random generator (SplitMix64) for fixtures.

@@ -14,8 +14,9 @@
 //! the difference quotient's noise bound.
 
 use std::collections::BTreeMap;
+use wkvc_ir::KvCache;
 use wkvc_ir::graph::{Attr, Graph, Input, Node, OpKind, Operand, Output, ParamDecl, ValueId};
-use wkvc_ir::interp::{Interpreter, KvCache, RunMode, Tensor};
+use wkvc_ir::interp::{Interpreter, RunMode, Tensor};
 use wkvc_ir::types::{DType, Dim, TensorType};
 use wkvc_ir::{Module, Weight, WeightStore};
 use wkvc_passes::autodiff::{differentiate, grad_output};

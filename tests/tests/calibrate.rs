@@ -4,9 +4,10 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::AtomicBool;
+use wkvc_ir::KvCache;
 use wkvc_ir::Module;
 use wkvc_ir::graph::{Attr, Input, Node, OpKind, Operand, Output, ValueId};
-use wkvc_ir::interp::{Interpreter, KvCache, RunMode, Tensor};
+use wkvc_ir::interp::{Interpreter, RunMode, Tensor};
 use wkvc_ir::types::{Dim, TensorType};
 use wkvc_passes::PassManager;
 use wkvc_passes::autodiff::{differentiate, grad_output};
@@ -329,6 +330,7 @@ fn weight_only_wkvquant_learns_clipping_only() {
     let data = wkvc_runtime::compile::CalibData {
         windows: seqs(&mut r, 3, 16),
         held_out: seqs(&mut r, 1, 16).remove(0),
+        held_out_sampled: false,
         source: "test".into(),
     };
     let o = wkvc_runtime::compile::CompileOptions {

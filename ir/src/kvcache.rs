@@ -1,0 +1,247 @@
+//! The KV cache of the reference interpreter, in the layout every engine shares: per attention
+//! layer, K and V as packed codes of the smoothed values (two 4-bit codes per byte, low nibble
+//! = even channel; one byte per code above 4 bits) with a (scale, zero) pair per (token, kv
+//! head), or as f32 rows for a layer without KV quantization.
+//!
+//! A cache can be exported from one engine and loaded into another (`KvCache::layer`,
+//! `KvCache::from_layers`). A cache whose layers hold more rows than its length *replays*
+//! them: the next run's attention reads those rows wherever it would read its own quantized
+//! K/V of the chunk, and keeps what it computed itself in `KvCache::computed` instead of
+//! appending it. Replaying another engine's cache makes the interpreter's output a
+//! deterministic function of that engine's cache contents, which is how the engines are
+//! checked against it without depending on where 4-bit rounding boundaries fall.
+
+use crate::Error;
+use std::collections::BTreeMap;
+
+/// K and V of one attention layer, `rows()` tokens.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct KvLayer {
+    /// f32 values per row (kv_heads * head_dim)
+    pub width: usize,
+    /// kv heads (one (scale, zero) pair per token and kv head)
+    pub heads: usize,
+    /// bytes per row of codes: ceil(width / 2) for <= 4 bits, width above; 0 for an FP layer
+    pub row_bytes: usize,
+    /// FP rows (an FP layer only), `width` floats each
+    pub k: Vec<f32>,
+    pub v: Vec<f32>,
+    /// codes of the smoothed K/V, `row_bytes` per row
+    pub kc: Vec<u8>,
+    pub vc: Vec<u8>,
+    /// per (token, kv head): scale and zero
+    pub kp: Vec<(f32, f32)>,
+    pub vp: Vec<(f32, f32)>,
+    /// bytes per stored scale or zero (2 for f16 values, 4 for f32)
+    pub param_bytes: usize,
+}
+
+impl KvLayer {
+    /// Tokens held.
+    pub fn rows(&self) -> usize {
+        match self.kc.len().checked_div(self.row_bytes) {
+            Some(rows) => rows,
+            None => self.k.len().checked_div(self.width).unwrap_or(0),
+        }
+    }
+
+    /// Does the layer hold codes (a quantized cache) rather than f32 rows?
+    pub fn is_quantized(&self) -> bool {
+        self.row_bytes > 0
+    }
+
+    /// Channels per kv head.
+    pub fn head_dim(&self) -> usize {
+        self.width / self.heads.max(1)
+    }
+
+    /// Code `c` of row `r` of K (`v == false`) or V.
+    pub fn code(&self, v: bool, r: usize, c: usize) -> u8 {
+        let codes = if v { &self.vc } else { &self.kc };
+        let row = &codes[r * self.row_bytes..][..self.row_bytes];
+        if self.row_bytes == self.width {
+            row[c]
+        } else if c.is_multiple_of(2) {
+            row[c / 2] & 0x0F
+        } else {
+            row[c / 2] >> 4
+        }
+    }
+
+    /// (scale, zero) of row `r`, kv head `h`, of K or V.
+    pub fn param(&self, v: bool, r: usize, h: usize) -> (f32, f32) {
+        (if v { &self.vp } else { &self.kp })[r * self.heads + h]
+    }
+
+    /// Row `r` of K or V as the cache gives it back: `scale * (code - zero)` (still smoothed)
+    /// for a quantized layer, the f32 row otherwise.
+    pub fn row(&self, v: bool, r: usize) -> Vec<f32> {
+        if !self.is_quantized() {
+            return (if v { &self.v } else { &self.k })[r * self.width..][..self.width].to_vec();
+        }
+        let hd = self.head_dim();
+        (0..self.width)
+            .map(|c| {
+                let (s, z) = self.param(v, r, c / hd);
+                (self.code(v, r, c) as f32 - z) * s
+            })
+            .collect()
+    }
+
+    /// Keep the first `n` rows.
+    pub fn truncate(&mut self, n: usize) {
+        self.k.truncate(n * self.width);
+        self.v.truncate(n * self.width);
+        self.kc.truncate(n * self.row_bytes);
+        self.vc.truncate(n * self.row_bytes);
+        self.kp.truncate(n * self.heads);
+        self.vp.truncate(n * self.heads);
+    }
+
+    /// Rows `from..` only.
+    pub fn tail(&self, from: usize) -> KvLayer {
+        KvLayer {
+            k: self.k.get(from * self.width..).unwrap_or(&[]).to_vec(),
+            v: self.v.get(from * self.width..).unwrap_or(&[]).to_vec(),
+            kc: self.kc.get(from * self.row_bytes..).unwrap_or(&[]).to_vec(),
+            vc: self.vc.get(from * self.row_bytes..).unwrap_or(&[]).to_vec(),
+            kp: self.kp.get(from * self.heads..).unwrap_or(&[]).to_vec(),
+            vp: self.vp.get(from * self.heads..).unwrap_or(&[]).to_vec(),
+            ..self.clone()
+        }
+    }
+
+    /// Are the parts' lengths consistent (the same number of rows in each)?
+    fn consistent(&self) -> bool {
+        if self.heads == 0 || self.width == 0 || !self.width.is_multiple_of(self.heads) {
+            return false;
+        }
+        let n = self.rows();
+        let same = self.kc.len() == self.vc.len()
+            && self.kp.len() == self.vp.len()
+            && self.k.len() == self.v.len();
+        let parts = if self.is_quantized() {
+            (self.row_bytes == self.width.div_ceil(2) || self.row_bytes == self.width)
+                && self.kc.len() == n * self.row_bytes
+                && self.kp.len() == n * self.heads
+                && self.k.is_empty()
+        } else {
+            self.k.len() == n * self.width && self.kc.is_empty() && self.kp.is_empty()
+        };
+        same && parts
+    }
+
+    pub(crate) fn bytes(&self) -> usize {
+        4 * (self.k.len() + self.v.len())
+            + self.kc.len()
+            + self.vc.len()
+            + 2 * self.param_bytes * (self.kp.len() + self.vp.len())
+    }
+}
+
+/// The interpreter's KV cache: one `KvLayer` per `layer` attribute of the attention ops.
+#[derive(Clone, Debug)]
+pub struct KvCache {
+    pub(crate) layers: BTreeMap<i64, KvLayer>,
+    /// what a replaying run computed itself for the replayed rows
+    pub(crate) computed: BTreeMap<i64, KvLayer>,
+    pub(crate) len: usize,
+    pub(crate) max_len: usize,
+}
+
+impl KvCache {
+    pub fn new(max_len: usize) -> Self {
+        KvCache {
+            layers: BTreeMap::new(),
+            computed: BTreeMap::new(),
+            len: 0,
+            max_len,
+        }
+    }
+
+    /// A cache of `len` tokens from layers exported by an engine. Layers may hold more rows
+    /// than `len` (the same number each): the next run, which must then be of exactly that
+    /// many tokens, replays them (see the module docs).
+    pub fn from_layers(
+        max_len: usize,
+        len: usize,
+        layers: BTreeMap<i64, KvLayer>,
+    ) -> Result<KvCache, Error> {
+        let mut held = None;
+        for (id, l) in &layers {
+            if !l.consistent() {
+                return Err(Error::Interp(format!(
+                    "KV cache layer {id}: inconsistent sizes (width {}, heads {}, {} bytes per \
+                     row, {} codes, {} params, {} f32 values)",
+                    l.width,
+                    l.heads,
+                    l.row_bytes,
+                    l.kc.len(),
+                    l.kp.len(),
+                    l.k.len()
+                )));
+            }
+            let rows = l.rows();
+            if rows < len || held.is_some_and(|h| h != rows) || rows > max_len {
+                return Err(Error::Interp(format!(
+                    "KV cache layer {id} holds {rows} rows: expected the same number in every \
+                     layer, at least {len} and at most {max_len}"
+                )));
+            }
+            held = Some(rows);
+        }
+        Ok(KvCache {
+            layers,
+            computed: BTreeMap::new(),
+            len,
+            max_len,
+        })
+    }
+
+    /// Tokens held (the `past` length).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn max_len(&self) -> usize {
+        self.max_len
+    }
+
+    /// The layers by `layer` attribute.
+    pub fn layers(&self) -> &BTreeMap<i64, KvLayer> {
+        &self.layers
+    }
+
+    /// One layer.
+    pub fn layer(&self, layer: i64) -> Option<&KvLayer> {
+        self.layers.get(&layer)
+    }
+
+    /// After a run that replayed held rows: per layer, the rows it computed itself for them
+    /// (codes and scale/zero of its own K/V, or its f32 rows), which it did not store.
+    pub fn computed(&self) -> &BTreeMap<i64, KvLayer> {
+        &self.computed
+    }
+
+    /// Forget everything after the first `n` tokens.
+    pub fn truncate(&mut self, n: usize) {
+        for l in self.layers.values_mut() {
+            l.truncate(n);
+        }
+        self.len = self.len.min(n);
+    }
+
+    pub fn clear(&mut self) {
+        self.truncate(0);
+        self.computed.clear();
+    }
+
+    /// Bytes held by the cache now.
+    pub fn bytes(&self) -> usize {
+        self.layers.values().map(KvLayer::bytes).sum()
+    }
+}
