@@ -52,7 +52,7 @@ summary=$(awk '
   }
   END { printf "%d passed, %d failed, %d ignored in %d test binaries", p, f, g, bins }
 ' "$work/log")
-failing=$(grep -E "^error: test failed, to rerun pass|^error: [0-9]+ targets? failed" "$work/log" | sed -E 's/.*pass `(.*)`/\1/' | tr '\n' ' ' || true)
+failing=$(grep -E "^error: test failed, to rerun pass" "$work/log" | sed -E 's/.*pass `(.*)`/\1/' | paste -sd';' - | sed 's/;/; /g' || true)
 skipped=$(sed -E 's/^SKIPPED ([^(]*) \(.*/\1/' "$WKVC_SKIP_LOG" | sed 's/ *$//' | sort -u | paste -sd, - | sed 's/,/, /g')
 elapsed=$(( $(date +%s) - start ))
 if [ "$rc" -eq 0 ]; then verdict=PASS; else verdict=FAIL; fi

@@ -29,7 +29,7 @@ pub struct CpuJit {
 /// A compiled kernel: `fn(args)` with the kind's argument words (`kernels::*_ARGS`).
 pub type KernelFn = unsafe extern "C" fn(*const u64);
 
-fn cl<E: std::fmt::Display>(e: E) -> CodegenError {
+fn cranelift_err<E: std::fmt::Display>(e: E) -> CodegenError {
     CodegenError::Cranelift(e.to_string())
 }
 
@@ -42,12 +42,12 @@ impl CpuJit {
             ("is_pic", "false"),
             ("use_colocated_libcalls", "false"),
         ] {
-            fb.set(k, v).map_err(cl)?;
+            fb.set(k, v).map_err(cranelift_err)?;
         }
         let isa = cranelift_native::builder()
             .map_err(|e| CodegenError::Isa(e.to_string()))?
             .finish(settings::Flags::new(fb))
-            .map_err(cl)?;
+            .map_err(cranelift_err)?;
         let has_fma = isa
             .isa_flags()
             .iter()
@@ -120,15 +120,17 @@ impl CpuJit {
         let id = self
             .module
             .declare_function(&name, Linkage::Local, &ctx.func.signature)
-            .map_err(cl)?;
+            .map_err(cranelift_err)?;
         ctx.func.name = UserFuncName::user(0, id.as_u32());
-        self.module.define_function(id, &mut ctx).map_err(cl)?;
+        self.module
+            .define_function(id, &mut ctx)
+            .map_err(cranelift_err)?;
         let size = ctx
             .compiled_code()
             .map(|c| c.code_buffer().len())
             .unwrap_or(0);
         self.module.clear_context(&mut ctx);
-        self.module.finalize_definitions().map_err(cl)?;
+        self.module.finalize_definitions().map_err(cranelift_err)?;
         let code = self.module.get_finalized_function(id);
         // SAFETY: every kernel is built with the signature fn(*const u64) in the host's
         // default calling convention.
@@ -158,11 +160,13 @@ impl CpuJit {
         let id = self
             .module
             .declare_function(name, Linkage::Local, &ctx.func.signature)
-            .map_err(cl)?;
+            .map_err(cranelift_err)?;
         ctx.func.name = UserFuncName::user(0, id.as_u32());
-        self.module.define_function(id, &mut ctx).map_err(cl)?;
+        self.module
+            .define_function(id, &mut ctx)
+            .map_err(cranelift_err)?;
         self.module.clear_context(&mut ctx);
-        self.module.finalize_definitions().map_err(cl)?;
+        self.module.finalize_definitions().map_err(cranelift_err)?;
         let code = self.module.get_finalized_function(id);
         // SAFETY: the function was built with exactly this signature (ptr, ptr, ptr-sized int)
         // -> f32 in the host's default C calling convention.

@@ -148,31 +148,23 @@ pub fn build_with(k: &CudaKernel, cxx: &str) -> Result<HostModule, CodegenError>
     Ok(HostModule { _lib: lib, entries })
 }
 
-/// A kernel argument, as the CUDA engine passes them.
-#[derive(Clone, Copy, Debug)]
-pub enum HostArg {
-    /// a pointer (host address)
-    Ptr(u64),
-    I32(i32),
-    F32(f32),
-}
-
 impl HostModule {
     pub fn entries(&self) -> impl Iterator<Item = &str> {
         self.entries.iter().map(|e| e.0.as_str())
     }
 
-    /// Run entry `entry` on a grid of `grid` blocks of `block` threads, on the calling thread.
+    /// Run entry `entry` on a grid of `grid` blocks of `block` threads, on the calling thread,
+    /// with `args`, the words of the kernel's argument struct (`wkvc_ir::kernel::args`).
     ///
     /// # Safety
-    /// The arguments must match the kernel's parameters in number and type, and every pointer
-    /// must address host memory that holds what the kernel reads and writes.
+    /// `args` must be the argument struct of the kernel's kind, and every pointer in it must
+    /// address host memory that holds what the kernel reads and writes.
     pub unsafe fn launch(
         &self,
         entry: usize,
         grid: (u32, u32, u32),
         block: (u32, u32, u32),
-        args: &[HostArg],
+        args: &[u64],
     ) -> Result<(), CodegenError> {
         let (name, f) = self
             .entries
@@ -181,22 +173,12 @@ impl HostModule {
         if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
             return Err(err(format!("{name}: an empty grid {grid:?}")));
         }
-        let mut vals: Vec<u64> = args
-            .iter()
-            .map(|a| match *a {
-                HostArg::Ptr(p) => p,
-                HostArg::I32(i) => i as u32 as u64,
-                HostArg::F32(f) => f.to_bits() as u64,
-            })
-            .collect();
-        let ptrs: Vec<*mut c_void> = vals
-            .iter_mut()
-            .map(|v| v as *mut u64 as *mut c_void)
-            .collect();
+        // cuLaunchKernel's kernelParams: a pointer to the one (struct) argument
+        let ptrs: [*mut c_void; 1] = [args.as_ptr() as *mut c_void];
         let g = [grid.0, grid.1, grid.2];
         let b = [block.0, block.1, block.2];
-        // SAFETY: the caller vouches for the arguments; an i32 or f32 is read from the low 4
-        // bytes of its u64 (little-endian hosts).
+        // SAFETY: the caller vouches for the argument struct; the kernel reads it by value
+        // through the pointer.
         let rc = unsafe { f(g.as_ptr(), b.as_ptr(), ptrs.as_ptr()) };
         match rc {
             0 => Ok(()),

@@ -1,9 +1,10 @@
 //! The CUDA host emulator itself: its execution model (barriers across the block, shuffles
-//! within a warp, shared memory per block, every block of a 3-D grid), and its errors: a
-//! missing compiler, a compile error, a deadlock on a divergent barrier.
+//! within a warp, shared memory per block, every block of a 3-D grid), its argument passing
+//! (one struct by value, as every wkvc kernel takes), and its errors: a missing compiler, a
+//! compile error, a deadlock on a divergent barrier.
 
 use wkvc_codegen::cuda::{CudaKernel, Launch};
-use wkvc_codegen::cuda_host::{self, HostArg};
+use wkvc_codegen::cuda_host;
 
 fn kernel(entry: &str, body: &str) -> CudaKernel {
     CudaKernel {
@@ -20,7 +21,10 @@ fn the_emulator_runs_blocks_barriers_and_shuffles() {
     let k = kernel(
         "probe",
         r#"
-extern "C" __global__ void probe(float* out, int* grid) {
+struct ProbeArgs { unsigned long long out, grid; };
+extern "C" __global__ void probe(const ProbeArgs a) {
+    float* out = (float*)a.out;
+    int* grid = (int*)a.grid;
     __shared__ float buf[64];
     int t = threadIdx.x;
     int b = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
@@ -45,10 +49,7 @@ extern "C" __global__ void probe(float* out, int* grid) {
             0,
             (2, 3, 2),
             (64, 1, 1),
-            &[
-                HostArg::Ptr(out.as_mut_ptr() as u64),
-                HostArg::Ptr(grid.as_mut_ptr() as u64),
-            ],
+            &[out.as_mut_ptr() as u64, grid.as_mut_ptr() as u64],
         )
     }
     .expect("runs");
@@ -70,7 +71,9 @@ fn a_divergent_barrier_is_a_deadlock_error_not_a_hang() {
     let k = kernel(
         "stuck",
         r#"
-extern "C" __global__ void stuck(int* x) {
+struct StuckArgs { unsigned long long x; };
+extern "C" __global__ void stuck(const StuckArgs a) {
+    int* x = (int*)a.x;
     // half the warp shuffles (waiting for the other half), the other half waits at the block
     // barrier (waiting for the first)
     if (threadIdx.x < 16) { float v = __shfl_xor_sync(0xffffffffu, 1.0f, 1); x[1] = (int)v; }
@@ -81,15 +84,8 @@ extern "C" __global__ void stuck(int* x) {
     let m = cuda_host::build(&k).expect("builds");
     let mut x = [0i32; 2];
     // SAFETY: the kernel's one argument.
-    let e = unsafe {
-        m.launch(
-            0,
-            (1, 1, 1),
-            (32, 1, 1),
-            &[HostArg::Ptr(x.as_mut_ptr() as u64)],
-        )
-    }
-    .expect_err("deadlocks");
+    let e = unsafe { m.launch(0, (1, 1, 1), (32, 1, 1), &[x.as_mut_ptr() as u64]) }
+        .expect_err("deadlocks");
     assert!(e.to_string().contains("deadlocked"), "{e}");
 }
 

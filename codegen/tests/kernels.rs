@@ -1,16 +1,19 @@
-//! Every kernel kind of the CPU back end against the interpreter running the kernel's
-//! reference subgraph (the unfused ops), on random inputs over several shapes, including
-//! widths and groups that are not multiples of the vector width or of the 32-column block;
-//! and every CUDA kernel kind on the CUDA host emulator (`wkvc_codegen::cuda_host`) against
-//! the same references or f64. Tolerances come from f32 accumulation:
+//! The kernel checks that the table of `kernel_table.rs` does not cover: `rope_kv` and
+//! `attention` (they change the KV cache) against `rope` and `attention` with a cache, on
+//! the Cranelift back end and the CUDA host emulator; the int8 head against the same int8
+//! arithmetic in f64; and the CUDA GEMMs' fused prologues (`_gemv_rms`, `_gemv_silu`) and
+//! GEMM parts launched one by one, against f64. Tolerances come from f32 accumulation:
 //! |err| <= c * n * 2^-24 * sum|terms| (plus f16 operand rounding for the tensor-core GEMM).
 
 use std::collections::BTreeMap;
 use wkvc_codegen::cpu::{CpuJit, KernelFn};
 use wkvc_codegen::cuda;
-use wkvc_codegen::cuda_host::{self, HostArg, HostModule};
-use wkvc_codegen::kernels::{prep_f32, prep_int8, tile_codes, tile_params};
+use wkvc_codegen::cuda_host::{self, HostModule};
+use wkvc_codegen::kernels::prep_int8;
 use wkvc_ir::graph::{Attr, Builder, OpKind, Operand, attrs, seq_f32};
+use wkvc_ir::kernel::args::{
+    AttentionArgs, GemmArgs, KernelArgs, LogitsArgs, QGemmArgs, RopeKvArgs, f32_word,
+};
 use wkvc_ir::{
     Act, DType, Dim, Interpreter, KernelSpec, KvCache, Module, RunMode, Tensor, TensorType, Weight,
     WeightStore,
@@ -35,22 +38,10 @@ fn ty(shape: &[usize]) -> TensorType {
     TensorType::new(DType::F32, shape.iter().map(|&d| Dim::Const(d)).collect())
 }
 
-fn call(f: KernelFn, args: &[u64]) {
-    // SAFETY: each test passes the argument words of the kind (`kernels::*_ARGS`) with
-    // buffers of the sizes the kernel reads and writes.
-    unsafe { f(args.as_ptr()) }
-}
-
-fn run(g: wkvc_ir::Graph, w: WeightStore, inputs: &[(&str, Tensor)]) -> Vec<f32> {
-    let m = Module {
-        graph: g,
-        weights: w,
-    };
-    m.verify().expect("reference graph verifies");
-    let it = Interpreter::new(&m, 1).expect("interpreter");
-    let mut cache = KvCache::new(64);
-    let mut out = it.run(inputs, &mut cache).expect("reference runs");
-    out.remove("y").and_then(Tensor::into_f32).expect("y")
+fn call<A: KernelArgs>(f: KernelFn, args: &A) {
+    // SAFETY: each test passes the argument struct of the kernel's kind with buffers of the
+    // sizes the kernel reads and writes.
+    unsafe { f(args as *const A as *const u64) }
 }
 
 /// Host memory for the CUDA host emulator: zeroed, 16-byte aligned (the kernels' 128-bit
@@ -87,8 +78,8 @@ impl HBuf {
     fn nan_f32(n: usize) -> HBuf {
         HBuf::from_f32(&vec![f32::NAN; n])
     }
-    fn p(&self) -> HostArg {
-        HostArg::Ptr(self.ptr as u64)
+    fn p(&self) -> u64 {
+        self.ptr as u64
     }
     fn f32(&self, n: usize) -> Vec<f32> {
         assert!(4 * n <= self.len);
@@ -104,10 +95,16 @@ fn emulated(spec: &KernelSpec) -> (cuda::CudaKernel, HostModule) {
     (k, m)
 }
 
-fn launch(m: &HostModule, entry: usize, grid: (u32, u32, u32), block: u32, args: &[HostArg]) {
-    // SAFETY: each test passes the kernel's arguments (see wkvc_codegen::cuda) with host
-    // buffers of the sizes it reads and writes.
-    unsafe { m.launch(entry, grid, (block, 1, 1), args) }.expect("emulated launch");
+fn launch<A: KernelArgs>(
+    m: &HostModule,
+    entry: usize,
+    grid: (u32, u32, u32),
+    block: u32,
+    args: &A,
+) {
+    // SAFETY: each test passes the kernel's argument struct with host buffers of the sizes it
+    // reads and writes.
+    unsafe { m.launch(entry, grid, (block, 1, 1), args.words()) }.expect("emulated launch");
 }
 
 fn check(name: &str, got: &[f32], want: &[f32], bound: &[f64]) {
@@ -118,418 +115,6 @@ fn check(name: &str, got: &[f32], want: &[f32], bound: &[f64]) {
             d <= *b,
             "{name}[{i}]: got {g}, want {w}, |diff| {d:e} > {b:e}"
         );
-    }
-}
-
-/// qlinear (+ add) reference vs the qgemm kernel, exact and int8 paths.
-#[test]
-fn qgemm_matches_qlinear() {
-    let mut jit = CpuJit::host().expect("host JIT");
-    let mut rng = Rng(7);
-    // (m, n, k, group, residual): tails of the group (96 % 64), of the block (70, 40, 200 %
-    // 128 = 72 -> 2 blocks + 8), per-channel groups, one and several rows
-    for &(m, n, k, group, residual) in &[
-        (1usize, 5usize, 64usize, 32i64, false),
-        (3, 7, 96, 64, true),
-        (5, 9, 70, 32, false),
-        (4, 8, 40, -1, true),
-        (6, 11, 200, 128, true),
-        (9, 4, 576, 128, false),
-        // whole tiles of 8 rows in both calls, calls that start and end mid-tile, tails in
-        // tiles
-        (2, 37, 96, 32, true),
-        (1, 24, 40, -1, false),
-        (1, 40, 200, 128, true),
-    ] {
-        let gl = wkvc_ir::quant::group_len(k, group);
-        let ng = k.div_ceil(gl);
-        let w = rng.vec(n * k, 0.5);
-        let ones = vec![1f32; n * ng];
-        let (codes, s16, z16) = wkvc_ir::quant::quantize_rows(&w, k, 4, group, &ones, &ones);
-        let x = rng.vec(m * k, 1.0);
-        let r = rng.vec(m * n, 1.0);
-        // reference
-        let mut b = Builder::new("qgemm");
-        let xi = b.input("x", seq_f32(k));
-        let c = b.param(
-            "c",
-            TensorType::new(DType::U4, vec![Dim::Const(n), Dim::Const(k)]),
-        );
-        let sp = b.param(
-            "s",
-            TensorType::new(DType::F16, vec![Dim::Const(n), Dim::Const(ng)]),
-        );
-        let zp = b.param(
-            "z",
-            TensorType::new(DType::F16, vec![Dim::Const(n), Dim::Const(ng)]),
-        );
-        let q = b.push(
-            OpKind::QLinear,
-            vec![Operand::Value(xi), c, sp, zp],
-            attrs([("bits", Attr::Int(4)), ("group", Attr::Int(group))]),
-            seq_f32(n),
-        );
-        let y = if residual {
-            let ri = b.input("r", seq_f32(n));
-            b.push(
-                OpKind::Add,
-                vec![Operand::Value(ri), Operand::Value(q)],
-                Default::default(),
-                seq_f32(n),
-            )
-        } else {
-            q
-        };
-        b.output("y", y);
-        let mut ws = WeightStore::new();
-        ws.insert(
-            "c",
-            Weight::from_bytes(vec![n, k], DType::U4, wkvc_ir::quant::pack_u4(&codes, k)),
-        );
-        ws.insert("s", Weight::from_f16(vec![n, ng], &s16));
-        ws.insert("z", Weight::from_f16(vec![n, ng], &z16));
-        let mut inputs = vec![("x", Tensor::f32(vec![m, k], x.clone()))];
-        if residual {
-            inputs.push(("r", Tensor::f32(vec![m, n], r.clone())));
-        }
-        let want = run(b.finish(), ws, &inputs);
-        let packed = wkvc_ir::quant::pack_u4(&codes, k);
-        let sf: Vec<f32> = s16.iter().map(|v| v.to_f32()).collect();
-        let zf: Vec<f32> = z16.iter().map(|v| v.to_f32()).collect();
-        // the kernel's weight layout
-        let (packed_t, sf_t, zf_t) = (
-            tile_codes(&packed, n, k, gl),
-            tile_params(&sf, n, ng),
-            tile_params(&zf, n, ng),
-        );
-        // f32 error bound per output: terms |x| * 15 * s plus the zero-point term
-        let mag: Vec<f64> = (0..m * n)
-            .map(|o| {
-                let (i, j) = (o / n, o % n);
-                (0..k)
-                    .map(|c| {
-                        let g = j * ng + c / gl;
-                        (x[i * k + c].abs() * (15.0 + zf[g].abs()) * sf[g]) as f64
-                    })
-                    .sum::<f64>()
-                    + if residual { r[o].abs() as f64 } else { 0.0 }
-            })
-            .collect();
-        for act in [Act::F32, Act::Int8] {
-            let spec = KernelSpec::QGemm {
-                k,
-                parts: vec![n],
-                bits: 4,
-                group,
-                residual,
-                act,
-            };
-            let (f, _) = jit.compile_kernel(&spec).expect("compiles");
-            let nb = (k / gl) * (gl / 32) + (k % gl) / 32;
-            let mut xp = vec![0f32; m * k];
-            let mut xq = vec![0i8; m * k];
-            let mut dx = vec![0f32; m * nb.max(1)];
-            let mut gs = vec![0f32; m * ng];
-            for i in 0..m {
-                let xr = &x[i * k..][..k];
-                match act {
-                    Act::F32 => prep_f32(xr, k, gl, &mut xp[i * k..][..k], &mut gs[i * ng..][..ng]),
-                    Act::Int8 => prep_int8(
-                        xr,
-                        k,
-                        gl,
-                        &mut xq[i * k..][..k],
-                        &mut dx[i * nb..][..nb],
-                        &mut gs[i * ng..][..ng],
-                    ),
-                }
-            }
-            let mut y = vec![f32::NAN; m * n];
-            // two calls over a split of the rows, as two threads would
-            for (n0, n1) in [(0, n / 2), (n / 2, n)] {
-                let xpp = match act {
-                    Act::F32 => xp.as_ptr() as u64,
-                    Act::Int8 => xq.as_ptr() as u64,
-                };
-                call(
-                    f,
-                    &[
-                        xpp,
-                        gs.as_ptr() as u64,
-                        dx.as_ptr() as u64,
-                        x.as_ptr() as u64,
-                        m as u64,
-                        packed_t.as_ptr() as u64,
-                        sf_t.as_ptr() as u64,
-                        zf_t.as_ptr() as u64,
-                        y.as_mut_ptr() as u64,
-                        n as u64,
-                        n0 as u64,
-                        n1 as u64,
-                        r.as_ptr() as u64,
-                        n as u64,
-                    ],
-                );
-            }
-            let name = format!("qgemm m{m} n{n} k{k} g{group} {act:?}");
-            match act {
-                // f32 sums of k terms in a different order
-                Act::F32 => {
-                    let bound: Vec<f64> = mag
-                        .iter()
-                        .map(|v| 4.0 * k as f64 * 6e-8 * v + 1e-6)
-                        .collect();
-                    check(&name, &y, &want, &bound);
-                }
-                // int8 activations: each x moves by at most half a step (max|x|/127 of its
-                // block), so y moves by at most sum |w| * step / 2 (plus f32 rounding)
-                Act::Int8 => {
-                    let bound: Vec<f64> = (0..m * n)
-                        .map(|o| {
-                            let (i, j) = (o / n, o % n);
-                            let mut e = 0f64;
-                            for c in 0..k {
-                                let g = j * ng + c / gl;
-                                let start = (c / gl) * gl;
-                                let inb = (c - start) / 32 * 32 + 32 <= gl.min(k - start);
-                                if inb {
-                                    let b0 = start + (c - start) / 32 * 32;
-                                    let amax = x[i * k + b0..i * k + b0 + 32]
-                                        .iter()
-                                        .fold(0f32, |a, v| a.max(v.abs()));
-                                    let wq = (codes[j * k + c] as f32 - zf[g]) * sf[g];
-                                    e += (wq.abs() * amax / 127.0 * 0.5) as f64;
-                                }
-                            }
-                            e * 1.0001 + 4.0 * k as f64 * 6e-8 * mag[o] + 1e-6
-                        })
-                        .collect();
-                    check(&name, &y, &want, &bound);
-                }
-            }
-        }
-    }
-}
-
-/// linear (+ add) with f32 weights vs the gemm kernel, and the f32 logits kernel.
-#[test]
-fn gemm_and_logits_match_linear() {
-    let mut jit = CpuJit::host().expect("host JIT");
-    let mut rng = Rng(11);
-    for &(m, n, k, residual) in &[
-        (1usize, 7usize, 5usize, false),
-        (3, 9, 33, true),
-        (2, 16, 576, false),
-    ] {
-        let w = rng.vec(n * k, 0.5);
-        let x = rng.vec(m * k, 1.0);
-        let r = rng.vec(m * n, 1.0);
-        let mut b = Builder::new("gemm");
-        let xi = b.input("x", seq_f32(k));
-        let wp = b.param("w", ty(&[n, k]));
-        let l = b.push(
-            OpKind::Linear,
-            vec![Operand::Value(xi), wp],
-            Default::default(),
-            seq_f32(n),
-        );
-        let y = if residual {
-            let ri = b.input("r", seq_f32(n));
-            b.push(
-                OpKind::Add,
-                vec![Operand::Value(ri), Operand::Value(l)],
-                Default::default(),
-                seq_f32(n),
-            )
-        } else {
-            l
-        };
-        b.output("y", y);
-        let mut ws = WeightStore::new();
-        ws.insert("w", Weight::from_f32(vec![n, k], w.clone()));
-        let mut inputs = vec![("x", Tensor::f32(vec![m, k], x.clone()))];
-        if residual {
-            inputs.push(("r", Tensor::f32(vec![m, n], r.clone())));
-        }
-        let want = run(b.finish(), ws, &inputs);
-        let bound: Vec<f64> = (0..m * n)
-            .map(|o| {
-                let (i, j) = (o / n, o % n);
-                let s: f64 = (0..k)
-                    .map(|c| (x[i * k + c] * w[j * k + c]).abs() as f64)
-                    .sum();
-                4.0 * k as f64 * 6e-8 * s + 1e-6
-            })
-            .collect();
-        let specs = if residual {
-            vec![KernelSpec::Gemm {
-                k,
-                parts: vec![n],
-                residual,
-            }]
-        } else {
-            vec![
-                KernelSpec::Gemm {
-                    k,
-                    parts: vec![n],
-                    residual,
-                },
-                KernelSpec::Logits {
-                    vocab: n,
-                    dim: k,
-                    act: Act::F32,
-                },
-            ]
-        };
-        for spec in specs {
-            let (f, _) = jit.compile_kernel(&spec).expect("compiles");
-            let mut y = vec![f32::NAN; m * n];
-            for (n0, n1) in [(0, n / 2), (n / 2, n)] {
-                call(
-                    f,
-                    &[
-                        x.as_ptr() as u64,
-                        m as u64,
-                        w.as_ptr() as u64,
-                        y.as_mut_ptr() as u64,
-                        n as u64,
-                        n0 as u64,
-                        n1 as u64,
-                        r.as_ptr() as u64,
-                        n as u64,
-                    ],
-                );
-            }
-            check(
-                &format!("{} m{m} n{n} k{k}", spec.code_name()),
-                &y,
-                &want,
-                &bound,
-            );
-        }
-    }
-}
-
-/// rms_norm, silu+mul and embedding vs their ops.
-#[test]
-fn small_kernels_match_their_ops() {
-    let mut jit = CpuJit::host().expect("host JIT");
-    let mut rng = Rng(5);
-    for &(m, d) in &[(1usize, 5usize), (3, 64), (2, 577), (4, 1536)] {
-        // rms_norm: the mean and root in f64 like the interpreter; products in f32
-        let x = rng.vec(m * d, 2.0);
-        let w = rng.vec(d, 1.0);
-        let mut b = Builder::new("rms");
-        let xi = b.input("x", seq_f32(d));
-        let wp = b.param("w", ty(&[d]));
-        let y = b.push(
-            OpKind::RmsNorm,
-            vec![Operand::Value(xi), wp],
-            attrs([("eps", Attr::Float(1e-5))]),
-            seq_f32(d),
-        );
-        b.output("y", y);
-        let mut ws = WeightStore::new();
-        ws.insert("w", Weight::from_f32(vec![d], w.clone()));
-        let want = run(b.finish(), ws, &[("x", Tensor::f32(vec![m, d], x.clone()))]);
-        let (f, _) = jit
-            .compile_kernel(&KernelSpec::RmsNorm { dim: d, eps: 1e-5 })
-            .expect("compiles");
-        let mut got = vec![f32::NAN; m * d];
-        call(
-            f,
-            &[
-                x.as_ptr() as u64,
-                w.as_ptr() as u64,
-                got.as_mut_ptr() as u64,
-                m as u64,
-            ],
-        );
-        // the f64 sum of squares in another order, then two f32 roundings
-        let bound: Vec<f64> = want.iter().map(|v| v.abs() as f64 * 4e-7 + 1e-7).collect();
-        check(&format!("rms_norm m{m} d{d}"), &got, &want, &bound);
-
-        // silu_mul: exp by a polynomial (a few ulp) vs libm
-        let g = rng.vec(m * d, 6.0);
-        let u = rng.vec(m * d, 2.0);
-        let mut b = Builder::new("silu");
-        let gi = b.input("g", seq_f32(d));
-        let ui = b.input("u", seq_f32(d));
-        let s = b.push(
-            OpKind::Silu,
-            vec![Operand::Value(gi)],
-            Default::default(),
-            seq_f32(d),
-        );
-        let y = b.push(
-            OpKind::Mul,
-            vec![Operand::Value(s), Operand::Value(ui)],
-            Default::default(),
-            seq_f32(d),
-        );
-        b.output("y", y);
-        let want = run(
-            b.finish(),
-            WeightStore::new(),
-            &[
-                ("g", Tensor::f32(vec![m, d], g.clone())),
-                ("u", Tensor::f32(vec![m, d], u.clone())),
-            ],
-        );
-        let gu: Vec<f32> = (0..m)
-            .flat_map(|i| {
-                g[i * d..(i + 1) * d]
-                    .iter()
-                    .chain(&u[i * d..(i + 1) * d])
-                    .copied()
-            })
-            .collect();
-        let (f, _) = jit
-            .compile_kernel(&KernelSpec::SiluMul { n: d })
-            .expect("compiles");
-        let mut got = vec![f32::NAN; m * d];
-        call(f, &[gu.as_ptr() as u64, got.as_mut_ptr() as u64, m as u64]);
-        let bound: Vec<f64> = want.iter().map(|v| v.abs() as f64 * 2e-6 + 1e-7).collect();
-        check(&format!("silu_mul m{m} n{d}"), &got, &want, &bound);
-
-        // embedding: exact copies
-        let vocab = 13;
-        let table = rng.vec(vocab * d, 1.0);
-        let ids: Vec<i32> = (0..m).map(|i| ((i * 5 + 3) % vocab) as i32).collect();
-        let mut b = Builder::new("embed");
-        let ii = b.input(
-            "ids",
-            TensorType::new(DType::I32, vec![Dim::Sym("seq".into())]),
-        );
-        let tp = b.param("t", ty(&[vocab, d]));
-        let y = b.push(
-            OpKind::Embedding,
-            vec![Operand::Value(ii), tp],
-            Default::default(),
-            seq_f32(d),
-        );
-        b.output("y", y);
-        let mut ws = WeightStore::new();
-        ws.insert("t", Weight::from_f32(vec![vocab, d], table.clone()));
-        let want = run(
-            b.finish(),
-            ws,
-            &[("ids", Tensor::i32(vec![m], ids.clone()))],
-        );
-        let (f, _) = jit
-            .compile_kernel(&KernelSpec::Embed { vocab, dim: d })
-            .expect("compiles");
-        let mut got = vec![f32::NAN; m * d];
-        call(
-            f,
-            &[
-                ids.as_ptr() as u64,
-                table.as_ptr() as u64,
-                got.as_mut_ptr() as u64,
-                m as u64,
-            ],
-        );
-        assert_eq!(got, want, "embed m{m} d{d}");
     }
 }
 
@@ -580,17 +165,18 @@ fn logits_int8_is_the_int8_dot() {
     let mut y = vec![f32::NAN; m * vocab];
     call(
         f,
-        &[
-            xq.as_ptr() as u64,
-            dx.as_ptr() as u64,
-            m as u64,
-            wq.as_ptr() as u64,
-            wsc.as_ptr() as u64,
-            y.as_mut_ptr() as u64,
-            vocab as u64,
-            0,
-            vocab as u64,
-        ],
+        &LogitsArgs {
+            xq: xq.as_ptr() as u64,
+            dx: dx.as_ptr() as u64,
+            m: m as u64,
+            wq: wq.as_ptr() as u64,
+            ws: wsc.as_ptr() as u64,
+            y: y.as_mut_ptr() as u64,
+            ldy: vocab as u64,
+            n0: 0,
+            n1: vocab as u64,
+            ..Default::default()
+        },
     );
     for i in 0..m {
         for v in 0..vocab {
@@ -805,7 +391,7 @@ fn attention_case(
         .iter()
         .map(|n| HBuf::from_f32(&sm[n]))
         .collect();
-    let gsmp = |i: usize| if smooth { gsm[i].p() } else { HostArg::Ptr(0) };
+    let gsmp = |i: usize| if smooth { gsm[i].p() } else { 0 };
 
     let inv = wkvc_ir::interp::rope_inv_freq(&rope_node, rd, None);
     let ginv = HBuf::from_f32(&inv);
@@ -873,59 +459,56 @@ fn attention_case(
                     .collect::<Vec<u8>>(),
             );
             let state = HBuf::from_bytes(&(past as i32).to_le_bytes());
-            let si = HostArg::I32(s as i32);
             launch(
                 &cr,
                 0,
                 (s as u32, 1, 1),
                 128,
-                &[
-                    x.p(),
-                    si,
-                    gpos.p(),
-                    ginv.p(),
-                    gkc.p(),
-                    gkp.p(),
-                    gvc.p(),
-                    gvp.p(),
-                    state.p(),
-                    gsmp(0),
-                    gsmp(1),
-                    gsmp(2),
-                    gsmp(3),
-                ],
+                &RopeKvArgs {
+                    x: x.p(),
+                    m: s as u64,
+                    pos: gpos.p(),
+                    inv_freq: ginv.p(),
+                    kc: gkc.p(),
+                    kp: gkp.p(),
+                    vc: gvc.p(),
+                    vp: gvp.p(),
+                    state: state.p(),
+                    ksh: gsmp(0),
+                    ksc: gsmp(1),
+                    vsh: gsmp(2),
+                    vsc: gsmp(3),
+                    ..Default::default()
+                },
             );
             let part = HBuf::new(4 * s * kvh * splits * group * (hd + 2));
             let out = HBuf::nan_f32(s * qw);
+            let args = AttentionArgs {
+                q: x.p(),
+                m: s as u64,
+                kc: gkc.p(),
+                kp: gkp.p(),
+                vc: gvc.p(),
+                vp: gvp.p(),
+                state: state.p(),
+                decode: u64::from(mode == RunMode::DecodeEquivalent),
+                ksh: gsmp(0),
+                ksc: gsmp(1),
+                vsh: gsmp(2),
+                vsc: gsmp(3),
+                part: part.p(),
+                splits: splits as u64,
+                out: out.p(),
+                ..Default::default()
+            };
             launch(
                 &ca,
                 0,
                 (splits as u32, kvh as u32, s as u32),
                 cuda::ATTN_TILE,
-                &[
-                    x.p(),
-                    si,
-                    gkc.p(),
-                    gkp.p(),
-                    gvc.p(),
-                    gvp.p(),
-                    state.p(),
-                    HostArg::I32(i32::from(mode == RunMode::DecodeEquivalent)),
-                    gsmp(0),
-                    gsmp(1),
-                    gsmp(2),
-                    gsmp(3),
-                    part.p(),
-                    HostArg::I32(splits as i32),
-                ],
+                &args,
             );
-            launch(
-                &ca,
-                1,
-                (h as u32, s as u32, 1),
-                hd as u32,
-                &[part.p(), HostArg::I32(splits as i32), out.p(), si],
-            );
+            launch(&ca, 1, (h as u32, s as u32, 1), hd as u32, &args);
             let vmax = v.iter().fold(0f32, |a, x| a.max(x.abs())) as f64 * 3.0;
             let bound = vec![1e-5 * vmax.max(1.0) * hd as f64 / 8.0; s * qw];
             check(
@@ -944,21 +527,22 @@ fn attention_case(
         };
         call(
             fr,
-            &[
-                qkv.as_mut_ptr() as u64,
-                s as u64,
-                cos.as_ptr() as u64,
-                sin.as_ptr() as u64,
-                kcp,
-                kp.as_mut_ptr() as u64,
-                vcp,
-                vp.as_mut_ptr() as u64,
-                past as u64,
-                smp("ksh"),
-                smp("ksc"),
-                smp("vsh"),
-                smp("vsc"),
-            ],
+            &RopeKvArgs {
+                x: qkv.as_mut_ptr() as u64,
+                m: s as u64,
+                cos: cos.as_ptr() as u64,
+                sin: sin.as_ptr() as u64,
+                kc: kcp,
+                kp: kp.as_mut_ptr() as u64,
+                vc: vcp,
+                vp: vp.as_mut_ptr() as u64,
+                row0: past as u64,
+                ksh: smp("ksh"),
+                ksc: smp("ksc"),
+                vsh: smp("vsh"),
+                vsc: smp("vsc"),
+                ..Default::default()
+            },
         );
         let mut got = vec![f32::NAN; s * qw];
         let base = qkv.as_ptr() as u64;
@@ -985,26 +569,27 @@ fn attention_case(
                 };
                 call(
                     fa,
-                    &[
-                        row,
-                        kc.as_ptr() as u64,
-                        kp.as_ptr() as u64,
-                        vc.as_ptr() as u64,
-                        vp.as_ptr() as u64,
-                        nq as u64,
+                    &AttentionArgs {
+                        q: row,
+                        kc: kc.as_ptr() as u64,
+                        kp: kp.as_ptr() as u64,
+                        vc: vc.as_ptr() as u64,
+                        vp: vp.as_ptr() as u64,
+                        nq: nq as u64,
                         kf,
                         vf,
-                        ldf as u64,
-                        f0 as u64,
-                        f1 as u64,
-                        gk as u64,
-                        got.as_mut_ptr() as u64 + (i * qw * 4) as u64,
-                        scratch.as_mut_ptr() as u64,
-                        smp("ksh"),
-                        smp("ksc"),
-                        smp("vsh"),
-                        smp("vsc"),
-                    ],
+                        ldf: ldf as u64,
+                        f0: f0 as u64,
+                        f1: f1 as u64,
+                        g: gk as u64,
+                        out: got.as_mut_ptr() as u64 + (i * qw * 4) as u64,
+                        scratch: scratch.as_mut_ptr() as u64,
+                        ksh: smp("ksh"),
+                        ksc: smp("ksc"),
+                        vsh: smp("vsh"),
+                        vsc: smp("vsc"),
+                        ..Default::default()
+                    },
                 );
             }
         }
@@ -1229,27 +814,49 @@ fn cuda_gemm_kernels_on_the_host_emulator_match_f64() {
                     } else {
                         (nj as u32).div_ceil(cuda::MMA_N)
                     };
-                    let rp = if residual {
-                        HostArg::Ptr(rb.ptr as u64 + 4 * base)
+                    let r = if residual {
+                        rb.ptr as u64 + 4 * base
                     } else {
-                        HostArg::Ptr(0)
+                        0
                     };
-                    let mut args = vec![
-                        xin.p(),
-                        HostArg::I32(m as i32),
-                        b[0].p(),
-                        b[1].p(),
-                        b[2].p(),
-                        HostArg::Ptr(yp + 4 * base),
-                        HostArg::I32(ntot as i32),
-                        HostArg::I32(nj as i32),
-                        rp,
-                        HostArg::I32(ntot as i32),
-                    ];
-                    if name.ends_with("_gemv_rms") {
-                        args.extend([nwb.p(), HostArg::F32(eps)]);
+                    let (nw, eps) = if name.ends_with("_gemv_rms") {
+                        (nwb.p(), f32_word(eps))
+                    } else {
+                        (0, 0)
+                    };
+                    let a = QGemmArgs {
+                        x: xin.p(),
+                        m: m as u64,
+                        w: b[0].p(),
+                        s: b[1].p(),
+                        z: b[2].p(),
+                        y: yp + 4 * base,
+                        ldy: ntot as u64,
+                        n1: nj as u64,
+                        r,
+                        ldr: ntot as u64,
+                        nw,
+                        eps,
+                        ..Default::default()
+                    };
+                    if quant {
+                        launch(&module, e, (gx, gy, 1), block, &a);
+                    } else {
+                        let a = GemmArgs {
+                            x: a.x,
+                            m: a.m,
+                            w: a.w,
+                            y: a.y,
+                            ldy: a.ldy,
+                            n1: a.n1,
+                            r: a.r,
+                            ldr: a.ldr,
+                            nw: a.nw,
+                            eps: a.eps,
+                            ..Default::default()
+                        };
+                        launch(&module, e, (gx, gy, 1), block, &a);
                     }
-                    launch(&module, e, (gx, gy, 1), block, &args);
                     base += nj as u64;
                 }
                 check(
@@ -1260,103 +867,5 @@ fn cuda_gemm_kernels_on_the_host_emulator_match_f64() {
                 );
             }
         }
-    }
-}
-
-/// The CUDA row kernels on the host emulator: RMSNorm against f64 (bound: f32 sums of the
-/// squares over the row, one rounding per product), SiLU-mul (exp and a division: relative
-/// 2^-21), and the embedding gather (exact); widths that are not multiples of the block.
-#[test]
-fn cuda_row_kernels_on_the_host_emulator_match_f64() {
-    let mut rng = Rng(41);
-    for &(dim, m) in &[(576usize, 3usize), (70, 5), (1000, 1)] {
-        let (_, md) = emulated(&KernelSpec::RmsNorm { dim, eps: 1e-5 });
-        let x = rng.vec(m * dim, 2.0);
-        let w = rng.vec(dim, 1.0);
-        let (xb, wb) = (HBuf::from_f32(&x), HBuf::from_f32(&w));
-        let y = HBuf::nan_f32(m * dim);
-        launch(
-            &md,
-            0,
-            (m as u32, 1, 1),
-            cuda::BLOCK,
-            &[xb.p(), wb.p(), y.p(), HostArg::I32(m as i32)],
-        );
-        let (mut want, mut bound) = (Vec::new(), Vec::new());
-        for i in 0..m {
-            let r = &x[i * dim..][..dim];
-            let ss: f64 = r.iter().map(|&v| v as f64 * v as f64).sum();
-            let inv = 1.0 / (ss / dim as f64 + 1e-5).sqrt();
-            for c in 0..dim {
-                let v = r[c] as f64 * inv * w[c] as f64;
-                want.push(v as f32);
-                bound.push(v.abs() * (dim as f64 * 2f64.powi(-24) + 4.0 * 2f64.powi(-24)));
-            }
-        }
-        check(
-            &format!("CUDA (emulated) rms_norm {dim} x {m}"),
-            &y.f32(m * dim),
-            &want,
-            &bound,
-        );
-
-        let n = dim;
-        let (_, ms) = emulated(&KernelSpec::SiluMul { n });
-        let gu = rng.vec(m * 2 * n, 4.0);
-        let gb = HBuf::from_f32(&gu);
-        let y = HBuf::nan_f32(m * n);
-        launch(
-            &ms,
-            0,
-            (((m * n) as u32).div_ceil(256), 1, 1),
-            256,
-            &[gb.p(), y.p(), HostArg::I32(m as i32)],
-        );
-        let (mut want, mut bound) = (Vec::new(), Vec::new());
-        for i in 0..m {
-            for c in 0..n {
-                let (g, u) = (gu[i * 2 * n + c] as f64, gu[i * 2 * n + n + c] as f64);
-                let v = g / (1.0 + (-g).exp()) * u;
-                want.push(v as f32);
-                bound.push(v.abs() * 2f64.powi(-21) + 1e-30);
-            }
-        }
-        check(
-            &format!("CUDA (emulated) silu_mul {n} x {m}"),
-            &y.f32(m * n),
-            &want,
-            &bound,
-        );
-
-        let vocab = 37;
-        let (_, me) = emulated(&KernelSpec::Embed { vocab, dim });
-        let table = rng.vec(vocab * dim, 1.0);
-        let ids: Vec<i32> = (0..m).map(|i| ((i * 13 + 5) % vocab) as i32).collect();
-        let (tb, ib) = (
-            HBuf::from_f32(&table),
-            HBuf::from_bytes(
-                &ids.iter()
-                    .flat_map(|v| v.to_le_bytes())
-                    .collect::<Vec<u8>>(),
-            ),
-        );
-        let y = HBuf::nan_f32(m * dim);
-        launch(
-            &me,
-            0,
-            (m as u32, 1, 1),
-            128,
-            &[ib.p(), tb.p(), y.p(), HostArg::I32(m as i32)],
-        );
-        let want: Vec<f32> = ids
-            .iter()
-            .flat_map(|&t| table[t as usize * dim..][..dim].to_vec())
-            .collect();
-        check(
-            &format!("CUDA (emulated) embed {dim} x {m}"),
-            &y.f32(m * dim),
-            &want,
-            &vec![0.0; m * dim],
-        );
     }
 }

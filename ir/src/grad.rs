@@ -8,67 +8,9 @@
 //! identity everywhere, quantize-dequantize would be the identity and every such gradient 0.
 //! f16 rounding of a scale (plans store f16) is passed straight through as well.
 
+use crate::math::{dot, matmul, sigmoid, softmax_in_place};
 use crate::quant::{ParamDtype, group_len, params_in};
 use rayon::prelude::*;
-
-#[inline]
-pub fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
-}
-
-/// c[m,n] = a[m,k] b[k,n] with element strides (row stride, column stride) for each operand.
-#[allow(clippy::too_many_arguments)]
-pub fn matmul(
-    m: usize,
-    n: usize,
-    k: usize,
-    a: &[f32],
-    (a_rs, a_cs): (usize, usize),
-    b: &[f32],
-    (b_rs, b_cs): (usize, usize),
-    c: &mut [f32],
-    threads: usize,
-) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    c[..m * n].fill(0.0);
-    if k == 0 {
-        return;
-    }
-    let last = |rs: usize, cs: usize, r: usize, cc: usize| (r - 1) * rs + (cc - 1) * cs;
-    assert!(a.len() > last(a_rs, a_cs, m, k) && b.len() > last(b_rs, b_cs, k, n));
-    assert!(c.len() >= m * n);
-    // SAFETY: the asserts above bound every element gemm reads through the given strides; c
-    // holds m*n elements and is a distinct (mutable) borrow.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            c.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
-            a.as_ptr(),
-            a_cs as isize,
-            a_rs as isize,
-            b.as_ptr(),
-            b_cs as isize,
-            b_rs as isize,
-            0.0f32,
-            1.0f32,
-            false,
-            false,
-            false,
-            if threads > 1 {
-                gemm::Parallelism::Rayon(threads)
-            } else {
-                gemm::Parallelism::None
-            },
-        );
-    }
-}
 
 /// `linear` wrt x: dx[m,k] = dy[m,n] w[n,k].
 pub fn linear_dx(dy: &[f32], w: &[f32], m: usize, n: usize, k: usize, threads: usize) -> Vec<f32> {
@@ -144,7 +86,7 @@ pub fn silu_vjp(x: &[f32], dy: &[f32]) -> Vec<f32> {
 pub fn softmax_vjp(x: &[f32], dy: &[f32], n: usize) -> Vec<f32> {
     let mut y = x.to_vec();
     for (row, gr) in y.chunks_mut(n).zip(dy.chunks(n)) {
-        crate::interp::softmax_in_place(row);
+        softmax_in_place(row);
         let s: f64 = row.iter().zip(gr).map(|(&a, &b)| a as f64 * b as f64).sum();
         for (v, &g) in row.iter_mut().zip(gr) {
             *v *= g - s as f32;
@@ -173,20 +115,6 @@ pub fn loss_vjp(kind: &str, p: &[f32], t: &[f32], wrt: usize) -> Vec<f32> {
             sign * g
         })
         .collect()
-}
-
-/// The loss value, accumulated in f64.
-pub fn loss_value(kind: &str, p: &[f32], t: &[f32]) -> f32 {
-    let n = p.len().max(1) as f64;
-    let s: f64 = p
-        .iter()
-        .zip(t)
-        .map(|(&a, &b)| {
-            let d = (a - b) as f64;
-            if kind == "mse" { d * d } else { d.abs() }
-        })
-        .sum();
-    (s / n) as f32
 }
 
 /// Gradient of one group's quantize-dequantize with clipping factors `gamma`, `beta`.
@@ -464,14 +392,14 @@ pub fn attention_grads(
                 for j in 0..n {
                     let (qz, o) = row(j);
                     let kj = if qz { &khat[o..o + hd] } else { &k[o..o + hd] };
-                    p.push(crate::interp::dot(qi, kj) * scale);
+                    p.push(dot(qi, kj) * scale);
                 }
-                crate::interp::softmax_in_place(&mut p);
+                softmax_in_place(&mut p);
                 let mut sum = 0f64;
                 for (j, &pj) in p.iter().enumerate() {
                     let (qz, o) = row(j);
                     let vj = if qz { &vhat[o..o + hd] } else { &v[o..o + hd] };
-                    let d = crate::interp::dot(doi, vj);
+                    let d = dot(doi, vj);
                     dp.push(d);
                     sum += (pj * d) as f64;
                 }

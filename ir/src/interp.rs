@@ -4,6 +4,7 @@
 
 use crate::graph::{Attr, Graph, Node, OpKind, Operand};
 use crate::kvcache::{KvCache, KvLayer};
+use crate::math::{dot, softmax_in_place};
 use crate::types::DType;
 use crate::{Error, Module};
 use rayon::prelude::*;
@@ -607,7 +608,7 @@ impl<'a> Interpreter<'a> {
             OpKind::Loss => {
                 let p = self.arg_f32(node, vals, 0)?;
                 let t = self.arg_f32(node, vals, 1)?;
-                vec![crate::grad::loss_value(loss_kind(node), p, t)]
+                vec![crate::math::loss_value(loss_kind(node), p, t)]
             }
             OpKind::Vjp => self.vjp(index, node, vals)?,
             OpKind::Kernel => {
@@ -875,11 +876,7 @@ impl<'a> Interpreter<'a> {
         let kvw = kvh * hd;
         let s = q.len() / (h * hd);
         let past = cache.len;
-        let row_bytes = match bits {
-            Some(b) if b <= 4 => kvw.div_ceil(2),
-            Some(_) => kvw,
-            None => 0,
-        };
+        let row_bytes = bits.map_or(0, |b| crate::kvcache::row_bytes(kvw, b));
         let slot = cache.layers.entry(layer).or_default();
         if slot.rows() == 0 && slot.width == 0 {
             slot.width = kvw;
@@ -1125,8 +1122,8 @@ fn fake_quant_node(node: &Node, w: &[f32], cols: usize, gamma: &[f32], beta: &[f
     let group = node.int_attr("group").unwrap_or(-1);
     let pd = param_dtype(node, "param_dtype");
     if node.bool_attr("lwc") == Some(true) {
-        let g: Vec<f32> = gamma.iter().map(|&u| crate::grad::sigmoid(u)).collect();
-        let b: Vec<f32> = beta.iter().map(|&u| crate::grad::sigmoid(u)).collect();
+        let g: Vec<f32> = gamma.iter().map(|&u| crate::math::sigmoid(u)).collect();
+        let b: Vec<f32> = beta.iter().map(|&u| crate::math::sigmoid(u)).collect();
         return crate::quant::fake_quant_rows(w, cols, bits, group, &g, &b, pd);
     }
     crate::quant::fake_quant_rows(w, cols, bits, group, gamma, beta, pd)
@@ -1164,37 +1161,6 @@ pub fn rms_norm_row(x: &[f32], w: &[f32], eps: f64, y: &mut [f32]) {
     }
 }
 
-/// Numerically stable softmax in place.
-pub fn softmax_in_place(x: &mut [f32]) {
-    let m = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut s = 0f32;
-    for v in x.iter_mut() {
-        *v = (*v - m).exp();
-        s += *v;
-    }
-    for v in x.iter_mut() {
-        *v /= s;
-    }
-}
-
-/// Dot product with 8 independent accumulators (vectorisable).
-pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let ca = a.chunks_exact(8);
-    let cb = b.chunks_exact(8);
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    let mut s = (acc[0] + acc[4]) + (acc[1] + acc[5]) + (acc[2] + acc[6]) + (acc[3] + acc[7]);
-    for (x, y) in ra.iter().zip(rb) {
-        s += x * y;
-    }
-    s
-}
-
 /// y[m,n] = x[m,k] * w[n,k]^T through the gemm crate. Rows are padded to a multiple of 8:
 /// gemm's kernels then treat every row alike (checked bitwise for the demo model's shapes),
 /// so a row's result does not depend on the batch it is in and decoding one token gives
@@ -1216,7 +1182,7 @@ pub fn linear(x: &[f32], w: &[f32], y: &mut [f32], m: usize, n: usize, k: usize,
         y[..m * n].copy_from_slice(&yp[..m * n]);
         return;
     }
-    crate::grad::matmul(m, n, k, x, (k, 1), w, (1, k), y, threads);
+    crate::math::matmul(m, n, k, x, (k, 1), w, (1, k), y, threads);
 }
 
 /// Inverse frequencies of the rotated pairs, with the node's scaling applied.

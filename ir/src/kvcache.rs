@@ -14,6 +14,23 @@
 use crate::Error;
 use std::collections::BTreeMap;
 
+/// Bytes one token takes in one layer's cache (K and V): `width` values over `heads` kv
+/// heads, as f32 (`bits` 16 or more) or as codes of `bits` bits (two per byte up to 4 bits)
+/// with a (scale, zero) pair of `param_bytes` each per kv head. The one definition every
+/// engine's accounting uses.
+pub fn bytes_per_token(width: usize, heads: usize, bits: u32, param_bytes: usize) -> usize {
+    if bits >= 16 {
+        2 * 4 * width
+    } else {
+        2 * (row_bytes(width, bits) + heads * 2 * param_bytes)
+    }
+}
+
+/// Bytes of one row of `width` codes of `bits` bits.
+pub fn row_bytes(width: usize, bits: u32) -> usize {
+    if bits <= 4 { width.div_ceil(2) } else { width }
+}
+
 /// K and V of one attention layer, `rows()` tokens.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct KvLayer {

@@ -11,6 +11,7 @@ pub mod import;
 pub mod interp;
 pub mod kernel;
 pub mod kvcache;
+pub mod math;
 pub mod quant;
 pub mod text;
 pub mod types;

@@ -21,9 +21,9 @@ use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 use wkvc_ir::KvCache;
-use wkvc_ir::grad::sigmoid;
 use wkvc_ir::graph::{Attr, Graph, Input, Node, OpKind, Operand, Output, ParamDecl, ValueId};
 use wkvc_ir::interp::{Interpreter, RunMode, Tensor};
+use wkvc_ir::math::sigmoid;
 use wkvc_ir::types::{Dim, TensorType};
 use wkvc_ir::{Module, Weight};
 

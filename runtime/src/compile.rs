@@ -2,10 +2,9 @@
 //! given), the WKVQuant pass pipeline, the memory plan and the quality check on held-out
 //! text, ready to be written as a plan.
 
-use crate::plan::{self, Manifest, MemoryPlan, QuantConfig};
-use crate::{Model, RuntimeError, Sampler, eval};
+use crate::plan::{self, Manifest, QuantConfig};
+use crate::{CancelToken, Model, RuntimeError, Sampler, eval};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
 use wkvc_ir::{Module, RunMode};
 use wkvc_passes::calibrate::calibrate;
 pub use wkvc_passes::calibrate::{CalibConfig, CalibLoss};
@@ -13,6 +12,26 @@ use wkvc_passes::quant::{
     KvQuant, KvSmooth, KvStats, Pack, PastOnly, WeightQuant, collect_kv_stats,
 };
 use wkvc_passes::{Dce, PassManager, PassReport};
+
+/// How weights are quantized.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Method {
+    /// round to nearest (smoothing, where on, from calibration statistics)
+    #[default]
+    Rtn,
+    /// learn weight clipping and K/V smoothing block by block with the cross-block
+    /// reconstruction loss
+    WkvQuant,
+}
+
+impl Method {
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::Rtn => "rtn",
+            Method::WkvQuant => "wkvquant",
+        }
+    }
+}
 
 #[derive(Clone, Debug)]
 pub struct CompileOptions {
@@ -24,8 +43,8 @@ pub struct CompileOptions {
     pub kvbits: u32,
     pub past_only: bool,
     pub smooth: bool,
-    /// "rtn", or "wkvquant" (learned clipping and smoothing, `calib_cfg`)
-    pub method: String,
+    /// RTN, or WKVQuant (learned clipping and smoothing, `calib_cfg`)
+    pub method: Method,
     /// Settings of `--method wkvquant` (samples = calib_tokens / calib_window).
     pub calib_cfg: CalibConfig,
     pub calib: Option<PathBuf>,
@@ -38,6 +57,9 @@ pub struct CompileOptions {
     pub cpu_act: wkvc_ir::Act,
     /// Scales and zeros in f32 (the reference definition; weights stay unpacked).
     pub f32_params: bool,
+    /// Stops calibration when cancelled (`quantize` then fails with
+    /// `RuntimeError::Cancelled` and nothing is written).
+    pub cancel: CancelToken,
 }
 
 impl Default for CompileOptions {
@@ -48,7 +70,7 @@ impl Default for CompileOptions {
             kvbits: 4,
             past_only: true,
             smooth: true,
-            method: "rtn".into(),
+            method: Method::Rtn,
             calib_cfg: CalibConfig::default(),
             calib: None,
             calib_tokens: None,
@@ -59,6 +81,7 @@ impl Default for CompileOptions {
             // exact path (README, CPU back end)
             cpu_act: wkvc_ir::Act::Int8,
             f32_params: false,
+            cancel: CancelToken::default(),
         }
     }
 }
@@ -69,7 +92,7 @@ impl CompileOptions {
     }
 
     pub fn wkvquant(&self) -> bool {
-        self.method == "wkvquant"
+        self.method == Method::WkvQuant
     }
 
     /// K/V smoothing applies: a quantized cache with smoothing enabled.
@@ -95,12 +118,6 @@ impl CompileOptions {
             return Err(RuntimeError::Invalid(format!(
                 "--wgroup must be positive or -1, got {}",
                 self.wgroup
-            )));
-        }
-        if self.method != "rtn" && self.method != "wkvquant" {
-            return Err(RuntimeError::Invalid(format!(
-                "--method must be rtn or wkvquant, got `{}`",
-                self.method
             )));
         }
         if self.wkvquant() {
@@ -240,10 +257,6 @@ pub fn calibration_data(
     }
 }
 
-/// Set (by a Ctrl-C handler) to stop calibration; `quantize` then fails with
-/// `RuntimeError::Interrupted` and nothing is written.
-pub static CANCEL: AtomicBool = AtomicBool::new(false);
-
 /// An f32 setting as the shortest decimal that reads back to it (0.1, not 0.10000000149).
 fn short(x: f32) -> f64 {
     format!("{x}").parse().unwrap_or(x as f64)
@@ -333,11 +346,11 @@ pub fn quantize(
             &c.windows,
             &cfg,
             &mut show,
-            &CANCEL,
+            opts.cancel.flag(),
         )
         .map_err(|e| {
-            if CANCEL.load(Ordering::Relaxed) {
-                RuntimeError::Interrupted
+            if opts.cancel.is_cancelled() {
+                RuntimeError::Cancelled
             } else {
                 RuntimeError::Pass(e)
             }
@@ -394,7 +407,7 @@ pub fn quantize(
             kvbits: opts.kvbits,
             past_only: opts.past_only && opts.kvbits < 16,
             smooth: opts.smoothing(),
-            method: opts.method.clone(),
+            method: opts.method.name().into(),
             calibration: if opts.needs_calibration() {
                 calib.map_or("none".into(), |c| c.source.clone())
             } else {
@@ -411,56 +424,37 @@ pub fn quantize(
     })
 }
 
-pub fn memory_plan(m: &Module, max_context: usize) -> MemoryPlan {
-    let kv = plan::kv_bytes_per_token(m);
-    MemoryPlan {
-        weight_bytes: m.weights.total_storage_bytes(),
-        kv_bytes_per_token: kv,
-        max_context,
-        kv_bytes_at_max_context: kv * max_context,
+/// The lowered plan of a compiled model for the plan file (its activation mode's); None when
+/// the graph has something the compiled back ends do not implement (the interpreter runs it).
+pub fn lowered_record(q: &Model, act: wkvc_ir::Act) -> Option<plan::LoweredRecord> {
+    match q.lowered(act) {
+        Ok(l) => Some(plan::LoweredRecord {
+            act,
+            graph: wkvc_ir::text::print(&l.graph),
+            memory: l.memory.clone(),
+        }),
+        Err(e) => {
+            tracing::warn!("the plan will run on the interpreter: {e}");
+            None
+        }
     }
-}
-
-/// The CPU back end's lowered graph and memory plan (exact path) of a compiled module; None
-/// when it cannot be lowered (the interpreter runs such plans).
-pub fn cpu_plan(
-    m: &Module,
-    max_context: usize,
-    threads: usize,
-    act: wkvc_ir::Act,
-) -> Option<plan::CpuPlan> {
-    let g = wkvc_passes::lower::lower(&m.graph, wkvc_passes::lower::LowerOptions { act }).ok()?;
-    let pb = |p: &str| m.weights.get(p).map(|w| w.size()).unwrap_or((0, 0));
-    let memory =
-        wkvc_passes::lower::memplan(&g, crate::cpu::CHUNK, max_context, threads, &pb).ok()?;
-    Some(plan::CpuPlan {
-        act,
-        lowered: wkvc_ir::text::print(&g),
-        memory,
-    })
 }
 
 /// The CUDA back end's code of a compiled module: every distinct kernel of its lowered graph
 /// as CUDA C and PTX for `compute_{ptx_arch}` (NVRTC, no GPU needed).
-pub fn cuda_plan(
-    m: &Module,
-    act: wkvc_ir::Act,
-    ptx_arch: u32,
-) -> Result<plan::CudaPlan, RuntimeError> {
-    let cerr = |e: wkvc_codegen::CodegenError| RuntimeError::Invalid(format!("CUDA: {e}"));
-    let g = wkvc_passes::lower::lower(&m.graph, wkvc_passes::lower::LowerOptions { act })
-        .map_err(|e| RuntimeError::Invalid(format!("CUDA: {e}")))?;
-    let (maj, min) = wkvc_codegen::nvrtc::version().map_err(cerr)?;
+pub fn cuda_plan(q: &Model, ptx_arch: u32) -> Result<plan::CudaPlan, RuntimeError> {
+    // the plan the CUDA engine runs (f32 activations)
+    let l = q.lowered(wkvc_ir::Act::F32)?;
+    let (maj, min) = wkvc_codegen::nvrtc::version()?;
     let mut kernels: Vec<plan::CudaModule> = Vec::new();
-    for n in &g.nodes {
-        let spec = wkvc_ir::KernelSpec::from_node(n).map_err(RuntimeError::Invalid)?;
+    for spec in l.kernels() {
         let name = spec.code_name();
-        let k = wkvc_codegen::cuda::emit(&spec).map_err(cerr)?;
+        let k = wkvc_codegen::cuda::emit(spec)?;
         let sha256 = plan::sha256_hex(&k.source);
         if kernels.iter().any(|x| x.sha256 == sha256) {
             continue;
         }
-        let ptx = wkvc_codegen::nvrtc::ptx(&k.source, &name, ptx_arch).map_err(cerr)?;
+        let ptx = wkvc_codegen::nvrtc::ptx(&k.source, &name, ptx_arch)?;
         kernels.push(plan::CudaModule {
             name,
             sha256,
@@ -530,8 +524,7 @@ pub fn manifest(
         source: fp.source.clone(),
         source_sha256,
         quality,
-        memory: memory_plan(&c.module, fp.config.max_position_embeddings),
-        cpu: cpu_plan(&c.module, fp.config.max_position_embeddings, 1, c.cpu_act),
+        lowered: lowered_record(&fp.with_module(c.module.clone(), None), c.cpu_act),
         cuda: None,
         passes: serde_json::to_value(&c.reports).unwrap_or_default(),
         tensors: Default::default(),

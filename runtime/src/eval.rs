@@ -50,16 +50,16 @@ pub fn kl_divergence(p_logits: &[f32], q_logits: &[f32]) -> f64 {
 }
 
 /// Where KL divergence takes its reference distributions from.
-pub enum Reference<'a, 'm> {
+pub enum Reference<'a> {
     /// Run this (FP) engine on each window.
-    Engine(&'a Engine<'m>),
+    Engine(&'a Engine),
     /// Logits already computed, one `[ctx, vocab]` vector per window.
     Logits(&'a [Vec<f32>]),
 }
 
 /// Logits of the first `windows` windows (for `Reference::Logits`).
 pub fn window_logits(
-    engine: &Engine<'_>,
+    engine: &Engine,
     ids: &[u32],
     ctx: usize,
     windows: usize,
@@ -76,8 +76,8 @@ pub fn window_logits(
 /// Score tokens 1..ctx-1 of each window of `ctx` tokens of `ids` (at most `max_windows`
 /// windows); with `reference`, also the mean KL divergence from its distributions.
 pub fn evaluate(
-    engine: &Engine<'_>,
-    reference: Option<&Engine<'_>>,
+    engine: &Engine,
+    reference: Option<&Engine>,
     ids: &[u32],
     ctx: usize,
     max_windows: Option<usize>,
@@ -97,8 +97,8 @@ pub fn evaluate(
 
 /// `evaluate` with any kind of reference.
 pub fn evaluate_with(
-    engine: &Engine<'_>,
-    reference: Option<Reference<'_, '_>>,
+    engine: &Engine,
+    reference: Option<Reference<'_>>,
     ids: &[u32],
     ctx: usize,
     max_windows: Option<usize>,
@@ -194,7 +194,7 @@ pub fn evaluate_with(
 
 /// Perplexity with the decode-equivalent protocol and no reference.
 pub fn perplexity(
-    engine: &Engine<'_>,
+    engine: &Engine,
     ids: &[u32],
     ctx: usize,
     max_windows: Option<usize>,

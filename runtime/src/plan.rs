@@ -15,7 +15,7 @@ use wkvc_ir::weights::{map_file, mapped_weight, storage_bytes};
 use wkvc_ir::{DType, ModelConfig, Module, WeightStore};
 
 pub const FORMAT: &str = "wkvc-plan";
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 const META_KEY: &str = "wkvc.manifest";
 
 /// How a plan was quantized.
@@ -38,26 +38,14 @@ pub struct QuantConfig {
     pub calibrate: Option<serde_json::Value>,
 }
 
-/// Byte counts of the memory plan.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct MemoryPlan {
-    pub weight_bytes: usize,
-    pub kv_bytes_per_token: usize,
-    pub max_context: usize,
-    pub kv_bytes_at_max_context: usize,
-}
-
-fn exact() -> wkvc_ir::Act {
-    wkvc_ir::Act::F32
-}
-
-/// The lowered graph and memory plan of the CPU back end, as recorded at compile time.
+/// The lowered plan as recorded at compile time (`wkvc_passes::lower::LoweredPlan`): the
+/// kernel graph's text and its memory plan. Engines rebuild the plan's steps from the text
+/// without lowering again.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct CpuPlan {
+pub struct LoweredRecord {
     /// The GEMMs' activation mode the plan selects (`wkvc compile --cpu-act`).
-    #[serde(default = "exact")]
     pub act: wkvc_ir::Act,
-    pub lowered: String,
+    pub graph: String,
     pub memory: wkvc_passes::lower::MemoryPlan,
 }
 
@@ -106,12 +94,11 @@ pub struct Manifest {
     pub source: Source,
     pub source_sha256: String,
     pub quality: serde_json::Value,
-    pub memory: MemoryPlan,
-    /// The CPU back end's view: the lowered graph (kernel nodes, text form) and its memory
-    /// plan (exact path, chunks of `cpu::CHUNK` rows, the model's maximum context). Absent
-    /// when the graph has something the kernels do not implement.
+    /// The lowered plan of the compiled back ends (chunks of `CHUNK` rows, the model's
+    /// maximum context). Absent when the graph has something the kernels do not implement
+    /// (the interpreter runs such plans).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cpu: Option<CpuPlan>,
+    pub lowered: Option<LoweredRecord>,
     /// The CUDA back end's sources and PTX (only with `--target cuda`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cuda: Option<CudaPlan>,
@@ -146,30 +133,6 @@ pub fn file_sha256(path: &Path) -> std::io::Result<String> {
         h.update(&buf[..n]);
     }
     Ok(hex(&h.finalize()))
-}
-
-/// KV cache bytes per token of a graph: per attention, K and V codes plus an f16 scale and
-/// zero per kv head (or 4 bytes per value without KV quantization).
-pub fn kv_bytes_per_token(m: &Module) -> usize {
-    m.graph
-        .nodes
-        .iter()
-        .filter(|n| n.op == wkvc_ir::OpKind::Attention)
-        .map(|n| {
-            let kvh = n.int_attr("kv_heads").unwrap_or(1) as usize;
-            let hd = n.int_attr("head_dim").unwrap_or(1) as usize;
-            let w = kvh * hd;
-            let pb = match n.attr("kv_param_dtype") {
-                Some(wkvc_ir::Attr::Str(s)) if s == "f32" => 8,
-                _ => 4,
-            };
-            2 * match n.int_attr("kv_bits") {
-                Some(b) if b <= 4 => w.div_ceil(2) + pb * kvh,
-                Some(_) => w + pb * kvh,
-                None => 4 * w,
-            }
-        })
-        .sum()
 }
 
 fn st_dtype(d: DType) -> safetensors::Dtype {
@@ -423,6 +386,10 @@ pub fn open(path: &Path) -> Result<(Module, Manifest), RuntimeError> {
     module
         .verify()
         .map_err(|e| perr(path, format!("manifest graph: {e}")))?;
+    if let Some(l) = &manifest.lowered {
+        wkvc_ir::text::parse(&l.graph)
+            .map_err(|e| perr(path, format!("manifest lowered graph: {e}")))?;
+    }
     manifest
         .config
         .validate()

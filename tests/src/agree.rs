@@ -146,6 +146,44 @@ pub fn kld(p: &[f32], q: &[f32]) -> f64 {
         .sum()
 }
 
+/// Check one call of an engine: `chunk` ran under `mode` after `past` cached tokens, the
+/// engine's cache is now `written` and its logits `got` (the last rows of the chunk: all, or
+/// only the last). The interpreter replays the engine's cache (module docs) and the result
+/// is added to `a`.
+pub fn check_call(
+    interp: &Engine,
+    ctx: usize,
+    past: usize,
+    written: &KvCache,
+    (chunk, mode): (&[u32], RunMode),
+    got: &[f32],
+    a: &mut Agreement,
+) {
+    let vocab = interp.vocab_size();
+    let mut is = interp.session(ctx);
+    let replay = KvCache::from_layers(ctx, past, written.layers().clone())
+        .expect("the engine's cache replays");
+    is.load_kv(&replay)
+        .expect("the interpreter takes the cache");
+    let reference = is.forward_mode(chunk, mode).expect("interpreter run");
+    for (r, g) in reference
+        .chunks(vocab)
+        .skip(reference.len() / vocab - got.len() / vocab)
+        .zip(got.chunks(vocab))
+    {
+        a.add_logits(r, g);
+    }
+    let own = is.kv_cache().expect("the interpreter's cache");
+    assert_eq!(
+        own.computed().len(),
+        written.layers().len(),
+        "the interpreter replayed every layer"
+    );
+    for (id, l) in own.computed() {
+        a.add_kv(&written.layers()[id], past, l);
+    }
+}
+
 /// Run `chunks` one after another through a session of `engine` under `mode` (a chunk of one
 /// token through `Session::step`, the engines' decode path), and check every chunk against
 /// the interpreter replaying the engine's cache (module docs). `interp` is the reference
@@ -157,10 +195,8 @@ pub fn agreement(
     mode: RunMode,
     ctx: usize,
 ) -> Agreement {
-    let vocab = engine.vocab_size();
     let mut a = Agreement::default();
     let mut es = engine.session(ctx);
-    let mut is = interp.session(ctx);
     for chunk in chunks {
         let past = es.len();
         let got = if chunk.len() == 1 {
@@ -169,27 +205,7 @@ pub fn agreement(
             es.forward_mode(chunk, mode).expect("engine run")
         };
         let written = es.kv_cache().expect("the engine's cache");
-        let replay = KvCache::from_layers(ctx, past, written.layers().clone())
-            .expect("the engine's cache replays");
-        is.load_kv(&replay)
-            .expect("the interpreter takes the cache");
-        let reference = is.forward_mode(chunk, mode).expect("interpreter run");
-        for (r, g) in reference
-            .chunks(vocab)
-            .skip(reference.len() / vocab - got.len() / vocab)
-            .zip(got.chunks(vocab))
-        {
-            a.add_logits(r, g);
-        }
-        let own = is.kv_cache().expect("the interpreter's cache");
-        assert_eq!(
-            own.computed().len(),
-            written.layers().len(),
-            "the interpreter replayed every layer"
-        );
-        for (id, l) in own.computed() {
-            a.add_kv(&written.layers()[id], past, l);
-        }
+        check_call(interp, ctx, past, &written, (chunk, mode), &got, &mut a);
     }
     a
 }

@@ -355,8 +355,8 @@ fn loss_gradients() {
             a[e] += h;
             let mut b = p.clone();
             b[e] -= h;
-            let fd = (wkvc_ir::grad::loss_value(kind, &a, &t) as f64
-                - wkvc_ir::grad::loss_value(kind, &b, &t) as f64)
+            let fd = (wkvc_ir::math::loss_value(kind, &a, &t) as f64
+                - wkvc_ir::math::loss_value(kind, &b, &t) as f64)
                 / (2.0 * h as f64);
             assert!(
                 (fd - g[e] as f64).abs() < 1e-4,

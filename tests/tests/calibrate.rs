@@ -334,7 +334,7 @@ fn weight_only_wkvquant_learns_clipping_only() {
         source: "test".into(),
     };
     let o = wkvc_runtime::compile::CompileOptions {
-        method: "wkvquant".into(),
+        method: wkvc_runtime::compile::Method::WkvQuant,
         kvbits: 16,
         wgroup: 16,
         calib_cfg: CalibConfig {

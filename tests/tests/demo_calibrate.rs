@@ -14,7 +14,7 @@ fn wkvquant_tiny_setting_end_to_end() {
     };
     let m = Model::open(&path).expect("demo model opens");
     let o = CompileOptions {
-        method: "wkvquant".into(),
+        method: wkvc_runtime::compile::Method::WkvQuant,
         calib: data_dir().map(|d| d.join("wikitext2-calib.txt")),
         calib_tokens: Some(2 * 64),
         calib_window: 64,
@@ -55,7 +55,7 @@ fn wkvquant_tiny_setting_end_to_end() {
     let rtn = compile::quantize(
         &m,
         &CompileOptions {
-            method: "rtn".into(),
+            method: wkvc_runtime::compile::Method::Rtn,
             ..o.clone()
         },
         Some(&data),

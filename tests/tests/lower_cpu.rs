@@ -6,7 +6,6 @@
 
 use wkvc_ir::{Act, RunMode};
 use wkvc_runtime::compile::{self, CompileOptions};
-use wkvc_runtime::cpu::CpuEngine;
 use wkvc_runtime::{Engine, EngineKind, Model};
 use wkvc_tests::*;
 
@@ -58,8 +57,10 @@ const IDS: [u32; 12] = [5, 17, 290, 3, 3, 100, 42, 7, 255, 1, 0, 64];
 fn lowered_graph_and_memory_plan() {
     let m = tiny32("lower-snap", 32);
     let c = compile(&m, 4, true, true);
-    let g = wkvc_passes::lower::lower(&c.module.graph, Default::default()).expect("lowers");
-    let text = wkvc_ir::text::print(&g);
+    let q = m.with_module(c.module.clone(), None);
+    let lp = q.lowered(Act::F32).expect("lowers");
+    let g = &lp.graph;
+    let text = wkvc_ir::text::print(g);
     // the text form parses back to the same graph
     assert_eq!(
         wkvc_ir::text::print(&wkvc_ir::text::parse(&text).expect("parses")),
@@ -76,7 +77,7 @@ fn lowered_graph_and_memory_plan() {
     // down+residual) + embed, final norm, logits
     assert_eq!(g.nodes.len(), 2 * 9 + 3);
     let pb = |p: &str| c.module.weights.get(p).map(|w| w.size()).unwrap_or((0, 0));
-    let mp = wkvc_passes::lower::memplan(&g, 8, 100, 2, &pb).expect("plans");
+    let mp = wkvc_passes::lower::memplan(g, 8, 100, &pb).expect("plans");
     // per layer and token: K and V, 2 kv heads x 32 channels as 4-bit codes, f32 scale and
     // zero per kv head
     assert_eq!(mp.kv_bytes_per_token, 2 * 2 * (64 / 2 + 2 * 8));
@@ -88,9 +89,9 @@ fn lowered_graph_and_memory_plan() {
     assert!(mp.arena_bytes >= 8 * (128 + 2 * 64) * 4);
     // the engine's own copies (tiled codes, f32 scale/zero, int8 head) are what the plan
     // says, and the plan's pages of the quantized GEMMs are not counted again
-    let q = m.with_module(c.module.clone(), None);
     for act in [Act::F32, Act::Int8] {
-        let eng = CpuEngine::new(&q.module, 1, act, 16).expect("engine");
+        let e = q.engine_kind(1, EngineKind::Cpu { act }).expect("engine");
+        let eng = e.cpu().expect("a CPU engine");
         assert_eq!(
             eng.derived_bytes,
             eng.memory_plan().derived_bytes,
@@ -167,27 +168,25 @@ fn engine_errors_and_fallback() {
     let m = tiny32("lower-err", 32);
     let c = compile(&m, 4, true, true);
     let q = m.with_module(c.module.clone(), None);
-    let eng = CpuEngine::new(&q.module, 1, Act::Int8, 16).expect("engine");
+    let eng = q
+        .engine_kind(1, EngineKind::Cpu { act: Act::Int8 })
+        .expect("engine");
     let mut s = eng.session(8);
     let vocab = q.config.vocab_size as u32;
-    let err = s
-        .run(&[1, vocab], RunMode::Prefill, None)
-        .unwrap_err()
-        .to_string();
+    let err = s.step(&[1, vocab]).unwrap_err().to_string();
     assert!(err.contains("out of range"), "{err}");
     assert_eq!(s.len(), 0, "a refused call leaves the session unchanged");
-    s.run(&IDS[..6], RunMode::Prefill, None).expect("fits");
-    let err = s
-        .run(&IDS[..3], RunMode::Prefill, None)
-        .unwrap_err()
-        .to_string();
+    s.step(&IDS[..6]).expect("fits");
+    let err = s.step(&IDS[..3]).unwrap_err().to_string();
     assert!(err.contains("context overflow"), "{err}");
     assert_eq!(s.len(), 6);
     // head dim 8: the attention kernel needs blocks of 32 channels -> a clear error, and
     // engine_auto falls back to the interpreter for such a plan
     let m8 = tiny32("lower-hd8", 8);
     let c8 = compile(&m8, 4, true, true);
-    let err = CpuEngine::new(&c8.module, 1, Act::F32, 16)
+    let err = m8
+        .with_module(c8.module.clone(), None)
+        .engine_kind(1, EngineKind::Cpu { act: Act::F32 })
         .err()
         .expect("unsupported")
         .to_string();
@@ -229,13 +228,14 @@ fn cuda_code_is_stored_in_the_plan() {
     }
     let m = tiny32("lower-cuda", 32);
     let c = compile(&m, 4, true, true);
-    let cp = compile::cuda_plan(&c.module, Act::F32, 80).expect("cuda plan");
+    let q = m.with_module(c.module.clone(), None);
+    let cp = compile::cuda_plan(&q, 80).expect("cuda plan");
     assert_eq!(cp.ptx_arch, 80);
-    let g = wkvc_passes::lower::lower(&c.module.graph, Default::default()).expect("lowers");
+    let lp = q.lowered(Act::F32).expect("lowers");
     let mut sources = std::collections::BTreeSet::new();
-    for n in &g.nodes {
-        let spec = wkvc_ir::KernelSpec::from_node(n).expect("spec");
-        let src = wkvc_codegen::cuda::emit(&spec).expect("emits").source;
+    for st in &lp.steps {
+        let spec = &st.spec;
+        let src = wkvc_codegen::cuda::emit(spec).expect("emits").source;
         let sha = wkvc_runtime::plan::sha256_hex(&src);
         let k = cp
             .kernels
@@ -250,7 +250,7 @@ fn cuda_code_is_stored_in_the_plan() {
     }
     // the layers share their kernels
     assert_eq!(cp.kernels.len(), sources.len());
-    assert!(cp.kernels.len() < g.nodes.len());
+    assert!(cp.kernels.len() < lp.steps.len());
     // written and read back with the plan
     let dir = temp_dir("lower-cuda-plan");
     let path = dir.join("p.wkv");

@@ -243,7 +243,9 @@ fn plan_round_trip_and_corruption() {
         man.quant.calibration
     );
     assert!(man.quality["kld_vs_fp"].as_f64().expect("kld") > 0.0);
-    assert!(man.memory.kv_bytes_per_token > 0 && man.memory.weight_bytes > 0);
+    // the lowered plan is recorded with its memory plan
+    let lowered = man.lowered.as_ref().expect("the lowered record");
+    assert!(lowered.memory.kv_bytes_per_token > 0 && lowered.memory.weights_bytes > 0);
     // the plan runs on its own and equals the in-memory compile
     let opts = CompileOptions {
         wgroup: 16,
@@ -295,7 +297,7 @@ fn plan_round_trip_and_corruption() {
     };
     for (from, to, want) in [
         (
-            "\\\"version\\\":1",
+            "\\\"version\\\":2",
             "\\\"version\\\":9",
             "version 9 is not supported",
         ),

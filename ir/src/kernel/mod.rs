@@ -5,6 +5,9 @@
 //! Reference semantics: each kind equals a subgraph of ordinary ops (documented per kind);
 //! kernel tests run that subgraph in the interpreter against the generated code.
 
+pub mod args;
+mod reference;
+
 use crate::graph::{Attr, Attrs, Node};
 use serde::{Deserialize, Serialize};
 

@@ -1,7 +1,8 @@
 //! A small spinning thread pool for the compiled engine: `run(f)` calls `f(t)` on every
 //! worker t (the caller is worker 0) and returns when all are done. Workers spin briefly for
 //! the next task (a decode step dispatches hundreds of short kernels), then park. `run`
-//! allocates nothing.
+//! allocates nothing. One caller at a time: a `Pool` is not `Sync` (so no two threads can
+//! share one), and the engine keeps its pool inside its workspace lock.
 
 use std::cell::UnsafeCell;
 use std::sync::Arc;
@@ -25,18 +26,20 @@ struct Shared {
 unsafe impl Sync for Shared {}
 unsafe impl Send for Shared {}
 
-pub struct Pool {
+pub(crate) struct Pool {
     shared: Arc<Shared>,
     workers: Vec<JoinHandle<()>>,
     n: usize,
+    /// nanoseconds the caller spent waiting for workers (profiling)
+    wait_ns: AtomicUsize,
+    /// not `Sync`: `run` assumes one caller at a time
+    _one_caller: std::marker::PhantomData<std::cell::Cell<()>>,
 }
 
-/// Nanoseconds the caller spent waiting for workers (profiling).
-pub static WAIT_NS: AtomicUsize = AtomicUsize::new(0);
 const SPIN: Duration = Duration::from_millis(2);
 
 impl Pool {
-    pub fn new(threads: usize) -> std::io::Result<Pool> {
+    pub(crate) fn new(threads: usize) -> std::io::Result<Pool> {
         let n = threads.max(1);
         let shared = Arc::new(Shared {
             epoch: AtomicUsize::new(0),
@@ -54,15 +57,21 @@ impl Pool {
                     .spawn(move || worker(sh, t))?,
             );
         }
-        Ok(Pool { shared, workers, n })
+        Ok(Pool {
+            shared,
+            workers,
+            n,
+            wait_ns: AtomicUsize::new(0),
+            _one_caller: std::marker::PhantomData,
+        })
     }
 
-    pub fn threads(&self) -> usize {
+    pub(crate) fn threads(&self) -> usize {
         self.n
     }
 
     /// Run `f(t)` for t in 0..threads, the caller doing t = 0.
-    pub fn run(&self, f: &(dyn Fn(usize) + Sync)) {
+    pub(crate) fn run(&self, f: &(dyn Fn(usize) + Sync)) {
         if self.n == 1 {
             f(0);
             return;
@@ -86,14 +95,25 @@ impl Pool {
         while sh.done.load(Ordering::Acquire) < self.n - 1 {
             std::hint::spin_loop();
         }
-        WAIT_NS.fetch_add(tw.elapsed().as_nanos() as usize, Ordering::Relaxed);
+        self.wait_ns
+            .fetch_add(tw.elapsed().as_nanos() as usize, Ordering::Relaxed);
+    }
+
+    /// Nanoseconds spent waiting for workers since the last call.
+    pub(crate) fn take_wait_ns(&self) -> usize {
+        self.wait_ns.swap(0, Ordering::Relaxed)
     }
 }
 
 impl Pool {
     /// Run `f(t, lo, hi)` over `0..n` in chunks of `grain` that the workers take in turn
     /// (balances uneven workers; no allocation).
-    pub fn run_chunks(&self, n: usize, grain: usize, f: &(dyn Fn(usize, usize, usize) + Sync)) {
+    pub(crate) fn run_chunks(
+        &self,
+        n: usize,
+        grain: usize,
+        f: &(dyn Fn(usize, usize, usize) + Sync),
+    ) {
         let grain = grain.max(1);
         let next = AtomicUsize::new(0);
         self.run(&|t| {
@@ -110,7 +130,7 @@ impl Pool {
 
 /// Rows per chunk so that each of `threads` workers takes about 8 chunks, a multiple of
 /// `align` and at least `align`.
-pub fn grain(n: usize, threads: usize, align: usize) -> usize {
+pub(crate) fn grain(n: usize, threads: usize, align: usize) -> usize {
     (n.div_ceil(8 * threads.max(1))).div_ceil(align).max(1) * align
 }
 
@@ -159,14 +179,6 @@ impl Drop for Pool {
     }
 }
 
-/// The part of `0..n` worker `t` of `threads` takes, in multiples of `align`.
-pub fn split(n: usize, t: usize, threads: usize, align: usize) -> (usize, usize) {
-    let units = n.div_ceil(align);
-    let a = units * t / threads;
-    let b = units * (t + 1) / threads;
-    ((a * align).min(n), (b * align).min(n))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -196,58 +208,6 @@ mod tests {
                 }
             });
             assert!(seen.iter().all(|s| s.load(Ordering::Relaxed) == 1));
-        }
-    }
-
-    #[test]
-    fn split_covers_the_range() {
-        for n in [0, 1, 5, 17, 960] {
-            for th in 1..4 {
-                let mut next = 0;
-                for t in 0..th {
-                    let (a, b) = split(n, t, th, 4);
-                    assert_eq!(a, next);
-                    assert!(b >= a);
-                    next = b;
-                }
-                assert_eq!(next, n);
-            }
-        }
-    }
-
-    #[test]
-    #[ignore = "timing probe, run by hand"]
-    fn pool_dispatch_probe() {
-        let p = Pool::new(2).expect("pool");
-        let t0 = Instant::now();
-        for _ in 0..100_000 {
-            p.run(&|_| {});
-        }
-        eprintln!(
-            "empty dispatch: {:.2} us",
-            t0.elapsed().as_secs_f64() * 1e6 / 1e5
-        );
-    }
-
-    #[test]
-    #[ignore = "timing probe, run by hand"]
-    fn pool_speedup_probe() {
-        for th in [1, 2] {
-            let p = Pool::new(th).expect("pool");
-            let t0 = Instant::now();
-            for _ in 0..200 {
-                p.run(&|t| {
-                    let (a, b) = split(4_000_000, t, th, 1);
-                    let mut x = 0u64;
-                    for i in a..b {
-                        x = std::hint::black_box(
-                            x.wrapping_mul(6364136223846793005).wrapping_add(i as u64),
-                        );
-                    }
-                    std::hint::black_box(x);
-                });
-            }
-            eprintln!("{th} threads: {:.1} ms", t0.elapsed().as_secs_f64() * 1e3);
         }
     }
 }

@@ -12,7 +12,13 @@
 //! Anything else is reported as unsupported, naming the node, so an engine can fall back to
 //! the interpreter.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+mod memplan;
+mod plan;
+
+pub use memplan::{MemoryPlan, kv_bytes_per_token, memplan, scratch_bytes};
+pub use plan::{Buffer, CHUNK, LoweredPlan, Step, StepOperand};
+
+use std::collections::{HashMap, HashSet};
 use wkvc_ir::graph::{Attr, Node, OpKind, Operand, ValueId};
 use wkvc_ir::{Act, Dim, Graph, KernelSpec, TensorType};
 
@@ -37,7 +43,7 @@ fn cols(t: &TensorType) -> Option<usize> {
     t.shape.last().and_then(|d| d.as_const())
 }
 
-fn val(o: &Operand) -> Option<ValueId> {
+pub(crate) fn val(o: &Operand) -> Option<ValueId> {
     match o {
         Operand::Value(v) => Some(*v),
         Operand::Param(_) => None,
@@ -110,7 +116,7 @@ impl<'g> Ctx<'g> {
     }
 }
 
-fn unsupported(n: &Node, why: &str) -> LowerError {
+pub(crate) fn unsupported(n: &Node, why: &str) -> LowerError {
     LowerError(format!(
         "{} ({}): {why}",
         wkvc_ir::text::print_node(n),
@@ -492,259 +498,4 @@ fn try_mlp(
         return Ok(Some(vec![gi, ui, cx.index_of(s), cx.index_of(m)]));
     }
     Ok(None)
-}
-
-/// Static memory plan of a lowered graph (DESIGN.md "memory planning"): every kernel output
-/// gets an offset in one workspace arena, reused once its value is dead; exact byte counts of
-/// weights, KV cache and workspace.
-#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct MemoryPlan {
-    /// Rows of the largest chunk the workspace holds (prefill runs in chunks of this size).
-    pub chunk: usize,
-    /// Context the KV numbers are for.
-    pub max_ctx: usize,
-    /// Bytes of the params the kernels read, as stored (the plan's pages in memory). A table
-    /// read only by the embedding (an int8 head keeps its own copy) counts the rows a context
-    /// can touch: min(vocab, max_ctx) rows, each with a page of slack.
-    pub weights_bytes: usize,
-    /// Bytes of the engine's own copies (the plan's pages are released): the quantized GEMMs'
-    /// codes in tiles of `QGEMM_TILE` rows with f32 scale/zero, the int8 head, f32 copies of
-    /// the small vectors of norms, RoPE and smoothing.
-    #[serde(default)]
-    pub derived_bytes: usize,
-    /// For a table read only by the embedding: rows and bytes per row (with a page of slack)
-    /// that `weights_bytes` counts per token of context.
-    #[serde(default)]
-    pub embed_rows: usize,
-    #[serde(default)]
-    pub embed_row_bytes: usize,
-    /// KV cache bytes per token (all layers, K and V, codes plus f32 scale/zero per kv head).
-    pub kv_bytes_per_token: usize,
-    /// KV cache at `max_ctx`.
-    pub kv_bytes: usize,
-    /// The activation arena (kernel outputs).
-    pub arena_bytes: usize,
-    /// Per-call scratch: activation prep of the GEMMs (int8 codes, sums), rope tables,
-    /// attention accumulators per thread, the logits row.
-    pub scratch_bytes: usize,
-    /// weights + KV + arena + scratch
-    pub total_bytes: usize,
-    /// value id -> (offset, bytes) in the arena
-    pub buffers: BTreeMap<u32, (usize, usize)>,
-}
-
-impl MemoryPlan {
-    /// The total for a session of `ctx` tokens instead of `max_ctx`.
-    pub fn total_at(&self, ctx: usize) -> usize {
-        let embed = |c: usize| self.embed_rows.min(c) * self.embed_row_bytes;
-        self.weights_bytes - embed(self.max_ctx)
-            + embed(ctx)
-            + self.derived_bytes
-            + self.kv_bytes_per_token * ctx
-            + self.arena_bytes
-            + self.scratch_bytes
-    }
-}
-
-/// KV bytes per token of one layer for an attention kernel.
-pub fn kv_bytes_per_token(spec: &KernelSpec) -> usize {
-    match spec {
-        KernelSpec::Attention {
-            kv_heads,
-            head_dim,
-            kv_bits,
-            ..
-        } => {
-            let w = kv_heads * head_dim;
-            if *kv_bits == 16 {
-                2 * 4 * w
-            } else {
-                2 * (w.div_ceil(2) + kv_heads * 2 * 4)
-            }
-        }
-        _ => 0,
-    }
-}
-
-/// May a kernel write its output over operand `i` (element-wise in place)?
-fn in_place(spec: &KernelSpec, i: usize) -> bool {
-    match spec {
-        KernelSpec::QGemm {
-            parts, residual, ..
-        } => *residual && i == 1 + 3 * parts.len(),
-        KernelSpec::Gemm {
-            parts, residual, ..
-        } => *residual && i == 1 + parts.len(),
-        KernelSpec::RopeKv { .. } | KernelSpec::RmsNorm { .. } => i == 0,
-        _ => false,
-    }
-}
-
-/// Plan the lowered graph for chunks of up to `chunk` rows, `threads` workers and a context
-/// of `max_ctx` tokens. `param_size` gives the stored bytes and the element count of a param.
-pub fn memplan(
-    g: &Graph,
-    chunk: usize,
-    max_ctx: usize,
-    threads: usize,
-    param_size: &dyn Fn(&str) -> (usize, usize),
-) -> Result<MemoryPlan, LowerError> {
-    let param_bytes = |p: &str| param_size(p).0;
-    let param_elems = |p: &str| param_size(p).1;
-    let mut last = HashMap::new();
-    for (i, n) in g.nodes.iter().enumerate() {
-        for v in n.value_args() {
-            last.insert(v, i);
-        }
-    }
-    for o in &g.outputs {
-        last.insert(o.value, usize::MAX);
-    }
-    let mut plan = MemoryPlan {
-        chunk,
-        max_ctx,
-        ..Default::default()
-    };
-    let mut free: Vec<(usize, usize)> = Vec::new(); // (offset, bytes)
-    let mut top = 0usize;
-    let mut live: HashMap<ValueId, (usize, usize)> = HashMap::new();
-    let mut scratch = 0usize;
-    let mut params = HashSet::new();
-    let mut embed_only: HashSet<String> = HashSet::new();
-    let mut copied: HashSet<String> = HashSet::new();
-    for (i, n) in g.nodes.iter().enumerate() {
-        let spec = KernelSpec::from_node(n).map_err(|e| unsupported(n, &e))?;
-        for a in &n.args {
-            if let Operand::Param(p) = a {
-                match &spec {
-                    KernelSpec::Embed { .. } => {
-                        embed_only.insert(p.clone());
-                    }
-                    // the engine holds the codes, scales and zeros as its own copies
-                    KernelSpec::Logits { act: Act::Int8, .. } | KernelSpec::QGemm { .. } => {}
-                    // small vectors read every step: f32 copies (a mapped page would bring
-                    // its neighbours in with it)
-                    KernelSpec::RmsNorm { .. }
-                    | KernelSpec::RopeKv { .. }
-                    | KernelSpec::Attention { .. } => {
-                        if copied.insert(p.clone()) {
-                            plan.derived_bytes += 4 * param_elems(p);
-                        }
-                    }
-                    _ => {
-                        params.insert(p.clone());
-                    }
-                }
-            }
-        }
-        match &spec {
-            KernelSpec::QGemm {
-                k, parts, group, ..
-            } => {
-                // codes in tiles of rows (the last one padded), f32 scale and zero
-                let ng = k.div_ceil(wkvc_ir::quant::group_len(*k, *group));
-                plan.derived_bytes += parts
-                    .iter()
-                    .map(|n| n.next_multiple_of(wkvc_ir::kernel::QGEMM_TILE) * (k / 2 + ng * 8))
-                    .sum::<usize>();
-            }
-            KernelSpec::Logits {
-                vocab,
-                dim,
-                act: Act::Int8,
-            } => plan.derived_bytes += vocab * dim + vocab * (dim / 32) * 4,
-            _ => {}
-        }
-        plan.kv_bytes_per_token += kv_bytes_per_token(&spec);
-        // a value that dies here and may be overwritten in place
-        let mut slot = None;
-        for (ai, a) in n.args.iter().enumerate() {
-            if let Some(v) = val(a)
-                && last.get(&v) == Some(&i)
-                && in_place(&spec, ai)
-                && slot.is_none()
-            {
-                slot = live.remove(&v);
-            }
-        }
-        // logits go to the session's own row (scratch), not the arena
-        let bytes = if matches!(spec, KernelSpec::Logits { .. }) {
-            0
-        } else {
-            chunk * spec.out_cols() * 4
-        };
-        let place = match slot {
-            Some(s) if s.1 >= bytes => s,
-            other => {
-                if let Some(s) = other {
-                    free.push(s);
-                }
-                let best = free
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, f)| f.1 >= bytes)
-                    .min_by_key(|(_, f)| f.1)
-                    .map(|(j, _)| j);
-                match best {
-                    Some(j) => free.swap_remove(j),
-                    None => {
-                        top += bytes;
-                        (top - bytes, bytes)
-                    }
-                }
-            }
-        };
-        plan.buffers.insert(n.out.0, (place.0, bytes));
-        // operands that die here go back to the free list
-        for a in &n.args {
-            if let Some(v) = val(a)
-                && last.get(&v) == Some(&i)
-                && let Some(s) = live.remove(&v)
-            {
-                free.push(s);
-            }
-        }
-        live.insert(n.out, place);
-        scratch = scratch.max(scratch_bytes(&spec, chunk, max_ctx, threads));
-    }
-    plan.arena_bytes = top;
-    plan.scratch_bytes = scratch;
-    plan.weights_bytes = params.iter().map(|p| param_bytes(p)).sum();
-    for p in embed_only.difference(&params) {
-        let (rows, row_bytes) = g
-            .nodes
-            .iter()
-            .find_map(|n| match KernelSpec::from_node(n) {
-                Ok(KernelSpec::Embed { vocab, dim }) => Some((vocab, dim * 4)),
-                _ => None,
-            })
-            .unwrap_or((0, 0));
-        plan.embed_rows = rows;
-        plan.embed_row_bytes = row_bytes + 4096;
-        plan.weights_bytes += param_bytes(p).min(rows.min(max_ctx) * (row_bytes + 4096));
-    }
-    plan.kv_bytes = plan.kv_bytes_per_token * max_ctx;
-    plan.total_bytes = plan.weights_bytes
-        + plan.derived_bytes
-        + plan.kv_bytes
-        + plan.arena_bytes
-        + plan.scratch_bytes;
-    Ok(plan)
-}
-
-/// Scratch a kernel needs beside its output.
-pub fn scratch_bytes(spec: &KernelSpec, chunk: usize, _max_ctx: usize, threads: usize) -> usize {
-    match spec {
-        KernelSpec::QGemm { k, group, .. } => {
-            let gl = wkvc_ir::quant::group_len(*k, *group);
-            let ng = k.div_ceil(gl);
-            // permuted/quantized rows (f32 either way), per-block scales, per-group sums
-            chunk * (k * 4 + k.div_ceil(32) * 4 + ng * 4)
-        }
-        KernelSpec::RopeKv { rope_dim, .. } => chunk * rope_dim * 4,
-        KernelSpec::Attention { head_dim, .. } => threads * 4 * head_dim * 4,
-        // the logits row, and the int8 prep of the input rows
-        KernelSpec::Logits { vocab, dim, .. } => *vocab * 4 + chunk * (dim + dim / 32 * 4 + 4),
-        _ => 0,
-    }
 }

@@ -1,0 +1,357 @@
+//! The command line: subcommands and their options (clap), every enumerated option a
+//! `ValueEnum`.
+
+use clap::{Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+use wkvc_runtime::Act;
+
+#[derive(Parser)]
+#[command(
+    name = "wkvc",
+    version,
+    about = "A compiler and runtime for quantized LLM inference (WKVQuant)"
+)]
+pub struct Cli {
+    /// More logging (-v info, -vv debug).
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    pub cmd: Cmd,
+}
+
+/// The quantized GEMMs' activations on the CPU back end.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum CpuAct {
+    /// exact: int4 dequantized in registers, f32 multiply-add
+    F32,
+    /// fast path: activations quantized per 32 columns on the fly, int8 head
+    Int8,
+}
+
+impl From<CpuAct> for Act {
+    fn from(a: CpuAct) -> Act {
+        match a {
+            CpuAct::F32 => Act::F32,
+            CpuAct::Int8 => Act::Int8,
+        }
+    }
+}
+
+/// How weights are quantized.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Method {
+    /// round to nearest
+    Rtn,
+    /// learn weight clipping and K/V smoothing block by block with the cross-block
+    /// reconstruction loss
+    Wkvquant,
+}
+
+/// The calibration loss of `--method wkvquant`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Loss {
+    /// cross-block reconstruction, mean absolute error (the paper's)
+    Mae,
+    /// cross-block reconstruction, mean squared error
+    Mse,
+    /// local block MSE plus CRR MAE
+    #[value(name = "local-mse+crr")]
+    LocalMseCrr,
+}
+
+/// Which engine runs the model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum EngineChoice {
+    /// the compiled CPU engine for plans, the interpreter otherwise
+    Auto,
+    /// the compiled CPU engine (Cranelift JIT)
+    Cpu,
+    /// the CUDA kernels on an NVIDIA GPU
+    Cuda,
+    /// the CUDA engine and kernels on the host's CPU through the CUDA host emulator (a check
+    /// without a GPU, very slow)
+    CudaEmulated,
+    /// the reference interpreter
+    Interp,
+}
+
+/// Where an evaluation text comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum TextOrigin {
+    /// written by people (perplexity is meaningful)
+    Corpus,
+    /// sampled from the FP model (its perplexity is low by construction: compare by KL
+    /// divergence and top-1 agreement)
+    Sampled,
+}
+
+/// The KV protocol of an evaluation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Protocol {
+    /// decode-equivalent: every position reads the quantized K/V of all earlier positions
+    Decode,
+    /// prefill: a window's own K/V in full precision
+    Prefill,
+}
+
+/// A back end whose code is shown or recorded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Target {
+    Cpu,
+    Cuda,
+}
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct QuantArgs {
+    /// The CPU back end's activations that the plan selects (int8: on the demo model within
+    /// the noise of the exact path; see the README).
+    #[arg(long, value_enum, default_value_t = CpuAct::Int8)]
+    pub cpu_act: CpuAct,
+    /// Weight bits (2..8); 16 keeps weights in full precision.
+    #[arg(long, default_value_t = 4)]
+    pub wbits: u32,
+    /// Input channels per weight group; -1 for one group per output channel.
+    #[arg(long, default_value_t = 128, allow_negative_numbers = true)]
+    pub wgroup: i64,
+    /// KV cache bits (2..8); 16 keeps the cache in full precision.
+    #[arg(long, default_value_t = 4)]
+    pub kvbits: u32,
+    /// Let every position read quantized K/V of itself too (the "without POQ" baseline).
+    #[arg(long)]
+    pub no_poq: bool,
+    /// No K/V channel smoothing.
+    #[arg(long)]
+    pub no_smooth: bool,
+    /// Quantization method.
+    #[arg(long, value_enum, default_value_t = Method::Rtn)]
+    pub method: Method,
+    /// wkvquant: calibration samples (windows of --calib-len tokens).
+    #[arg(long, default_value_t = 16)]
+    pub calib_samples: usize,
+    /// Tokens per calibration window (wkvquant default 256; rtn smoothing statistics 512).
+    #[arg(long)]
+    pub calib_len: Option<usize>,
+    /// wkvquant: epochs over the samples per block.
+    #[arg(long, default_value_t = 4)]
+    pub epochs: usize,
+    /// wkvquant: blocks after the learned one in the reconstruction target (k).
+    #[arg(long, default_value_t = 5)]
+    pub crr_k: usize,
+    /// wkvquant: the calibration loss.
+    #[arg(long, value_enum, default_value_t = Loss::Mae)]
+    pub loss: Loss,
+    /// wkvquant: AdamW learning rate of the clipping logits (OmniQuant's 1e-2 is for its
+    /// ~2560 steps per block; this default suits the CPU setting's 64).
+    #[arg(long, default_value_t = 1e-1)]
+    pub lr_lwc: f32,
+    /// wkvquant: AdamW learning rate of the smoothing shift and scale (OmniQuant: 5e-3).
+    #[arg(long, default_value_t = 2e-2)]
+    pub lr_smooth: f32,
+    /// wkvquant: keep the RTN clipping (learn only the smoothing).
+    #[arg(long)]
+    pub no_learn_lwc: bool,
+    /// wkvquant: keep the initial smoothing (learn only the clipping).
+    #[arg(long)]
+    pub no_learn_smooth: bool,
+    /// Keep scales and zeros in f32 (the reference definition) instead of f16; weights are
+    /// then not packed. For comparisons with fake-quant figures.
+    #[arg(long)]
+    pub f32_params: bool,
+}
+
+/// Engine selection shared by run, eval and bench.
+#[derive(clap::Args, Clone, Debug)]
+pub struct EngineArgs {
+    /// The engine.
+    #[arg(long, value_enum, default_value_t = EngineChoice::Auto)]
+    pub engine: EngineChoice,
+    /// GPU for --engine cuda.
+    #[arg(long, default_value_t = 0)]
+    pub device: usize,
+    /// --engine cuda[-emulated]: prefill's quantized GEMMs on tensor cores (f16 operands, f32
+    /// sums).
+    #[arg(long)]
+    pub cuda_mma: bool,
+    /// Activations of the CPU engine's quantized GEMMs (default: what the plan selects).
+    #[arg(long, value_enum)]
+    pub cpu_act: Option<CpuAct>,
+    /// CPU workers (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Time every kernel and call (logged with -v).
+    #[arg(long)]
+    pub profile: bool,
+}
+
+#[derive(Subcommand)]
+pub enum Cmd {
+    /// Generate text from a prompt, streaming tokens as they are produced.
+    Run(RunArgs),
+    /// Compile a model into a plan: quantize (WKVQuant), lower, plan memory, write.
+    Compile(CompileArgs),
+    /// Measure perplexity (and KL divergence) on a text file.
+    Eval(EvalArgs),
+    /// Measure prefill and decode speed.
+    Bench(BenchArgs),
+    /// Show a model's architecture, sizes and (with --graph) its graph.
+    Inspect(InspectArgs),
+    /// Print the generated code of a kernel of the lowered plan (without --kernel: list them).
+    Emit(EmitArgs),
+}
+
+#[derive(clap::Args)]
+pub struct RunArgs {
+    /// A plan (.wkv), a .gguf file or a Hugging Face model directory.
+    pub model: PathBuf,
+    /// The prompt text.
+    #[arg(short, long)]
+    pub prompt: String,
+    /// Maximum new tokens.
+    #[arg(short = 'n', long, default_value_t = 64)]
+    pub max_tokens: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    /// Nucleus sampling: keep the smallest set of tokens whose probability reaches P.
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Wrap the prompt in the model's chat template as a user message.
+    #[arg(long)]
+    pub chat: bool,
+    /// Context length of the session.
+    #[arg(long, default_value_t = 2048)]
+    pub ctx: usize,
+    /// Never sample end-of-generation tokens: always produce -n tokens.
+    #[arg(long)]
+    pub ignore_eos: bool,
+    #[command(flatten)]
+    pub eng: EngineArgs,
+}
+
+#[derive(clap::Args)]
+pub struct CompileArgs {
+    /// A .gguf file or a Hugging Face model directory.
+    pub model: PathBuf,
+    /// The plan to write (written atomically).
+    #[arg(short, long)]
+    pub output: PathBuf,
+    #[command(flatten)]
+    pub q: QuantArgs,
+    /// Calibration text; without it, text is sampled from the FP model (data-free).
+    #[arg(long)]
+    pub calib: Option<PathBuf>,
+    /// Calibration tokens (default 8192 from --calib, 512 when sampling).
+    #[arg(long)]
+    pub calib_tokens: Option<usize>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Back ends to record code for: cpu (the lowered graph and memory plan), or cpu,cuda
+    /// (also every kernel's CUDA C and its PTX for compute_80, made with NVRTC).
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "cpu")]
+    pub target: Vec<Target>,
+}
+
+#[derive(clap::Args)]
+pub struct EvalArgs {
+    pub model: PathBuf,
+    /// Text file to score (read as UTF-8, tokenized whole, no special tokens).
+    #[arg(long)]
+    pub ppl: PathBuf,
+    /// Also report the mean KL divergence from this (FP) model's next-token distribution.
+    #[arg(long)]
+    pub kld_vs: Option<PathBuf>,
+    /// Compile the standard configurations of MODEL in memory and print a Markdown table.
+    #[arg(long)]
+    pub table: bool,
+    /// Calibration text for --table's smoothing rows (default: sampled from the model).
+    #[arg(long)]
+    pub calib: Option<PathBuf>,
+    /// Where the --ppl text comes from (sampled: the KL divergence and top-1 agreement with
+    /// the FP model lead the report and perplexities are labelled as on sampled text).
+    #[arg(long, value_enum, default_value_t = TextOrigin::Corpus)]
+    pub text_origin: TextOrigin,
+    /// KV protocol.
+    #[arg(long, value_enum, default_value_t = Protocol::Decode)]
+    pub protocol: Protocol,
+    /// Tokens per window.
+    #[arg(long, default_value_t = 512)]
+    pub ctx: usize,
+    /// Score at most this many windows.
+    #[arg(long)]
+    pub windows: Option<usize>,
+    /// Print one JSON object on stdout.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub eng: EngineArgs,
+}
+
+#[derive(clap::Args)]
+pub struct BenchArgs {
+    pub model: PathBuf,
+    /// Prompt tokens to prefill.
+    #[arg(long, default_value_t = 512)]
+    pub prompt: usize,
+    /// Tokens to decode after the prompt (and again from an empty cache, as llama-bench's tg
+    /// test does).
+    #[arg(long = "gen", default_value_t = 128)]
+    pub gen_tokens: usize,
+    /// Timed runs after one warm-up run; the median is reported.
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    /// Also time --gen decode steps after this many tokens of context (0: skip).
+    #[arg(long, default_value_t = 2048)]
+    pub long_ctx: usize,
+    /// Aggregate decode speed of this many sequences advanced together in batched steps
+    /// (comma separated, e.g. 1,4,8,16), each after a short prompt of its own.
+    #[arg(long, value_delimiter = ',')]
+    pub batch: Vec<usize>,
+    #[command(flatten)]
+    pub eng: EngineArgs,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(clap::Args)]
+pub struct InspectArgs {
+    pub model: PathBuf,
+    /// Print the graph in text form.
+    #[arg(long)]
+    pub graph: bool,
+    #[arg(long)]
+    pub json: bool,
+    /// Print the memory plan of the compiled CPU engine (and the lowered kernels).
+    #[arg(long)]
+    pub memory: bool,
+    /// Context the memory plan is computed for (default: the model's maximum).
+    #[arg(long)]
+    pub ctx: Option<usize>,
+    /// Activation mode the memory plan is for (default: the plan's).
+    #[arg(long, value_enum)]
+    pub cpu_act: Option<CpuAct>,
+}
+
+#[derive(clap::Args)]
+pub struct EmitArgs {
+    pub model: PathBuf,
+    /// A kernel name as listed (e.g. qgemm_k576_b4_g128_f32).
+    #[arg(long)]
+    pub kernel: Option<String>,
+    /// cpu (Cranelift IR) or cuda (CUDA C).
+    #[arg(long, value_enum, default_value_t = Target::Cpu)]
+    pub target: Target,
+    /// Activation mode of the quantized GEMMs (default: the plan's).
+    #[arg(long, value_enum)]
+    pub cpu_act: Option<CpuAct>,
+    /// Print the machine code instead: for cpu after register allocation; for cuda the PTX
+    /// from NVRTC for compute_ARCH, with ptxas's register/spill report for sm_ARCH on stderr.
+    #[arg(long)]
+    pub asm: bool,
+    /// GPU architecture for --target cuda --asm (80: A100, 90: H100/H200).
+    #[arg(long, default_value_t = 90)]
+    pub arch: u32,
+}

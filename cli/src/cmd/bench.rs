@@ -1,0 +1,243 @@
+//! `wkvc bench`: prefill and decode speed (medians of timed runs), decode at a long context,
+//! aggregate decode speed of batched sequences, peak memory.
+
+use crate::args::BenchArgs;
+use crate::common::{make_engine, median, open, threads};
+
+fn median_or_zero(v: &serde_json::Value) -> f64 {
+    v.as_f64().unwrap_or(0.0)
+}
+use anyhow::{Result, bail};
+use std::time::Instant;
+use wkvc_runtime::{BatchItem, Engine, peak_rss_bytes};
+
+/// Aggregate decode tokens/s of `n` sequences advanced together: each prefilled with a
+/// prompt of its own (one batched step), then `gen` batched steps of one token each.
+fn batch_decode(engine: &Engine, n: usize, gen_tokens: usize) -> Result<f64> {
+    let vocab = engine.vocab_size();
+    let prompt = 32;
+    let mut sessions: Vec<_> = (0..n)
+        .map(|_| engine.session(prompt + gen_tokens + 1))
+        .collect();
+    let prompts: Vec<Vec<u32>> = (0..n)
+        .map(|s| {
+            (0..prompt)
+                .map(|i| ((1000 + s * 131 + i * 7919) % 20000 % vocab) as u32)
+                .collect()
+        })
+        .collect();
+    let mut items: Vec<BatchItem> = sessions
+        .iter_mut()
+        .zip(&prompts)
+        .map(|(s, p)| BatchItem::new(s, p))
+        .collect();
+    engine.step(&mut items)?;
+    drop(items);
+    let mut next: Vec<[u32; 1]> = sessions
+        .iter()
+        .map(|s| [wkvc_runtime::sample::argmax(s.logits()) as u32])
+        .collect();
+    let t = Instant::now();
+    for _ in 0..gen_tokens {
+        let mut items: Vec<BatchItem> = sessions
+            .iter_mut()
+            .zip(&next)
+            .map(|(s, t)| BatchItem::new(s, t))
+            .collect();
+        engine.step(&mut items)?;
+        drop(items);
+        for (s, t) in sessions.iter().zip(next.iter_mut()) {
+            t[0] = wkvc_runtime::sample::argmax(s.logits()) as u32;
+        }
+    }
+    Ok((n * gen_tokens) as f64 / t.elapsed().as_secs_f64())
+}
+
+pub fn run(a: BenchArgs) -> Result<()> {
+    let BenchArgs {
+        model,
+        prompt,
+        gen_tokens: ngen,
+        runs,
+        long_ctx,
+        batch,
+        eng,
+        json,
+    } = a;
+    if prompt == 0 {
+        bail!("--prompt must be at least 1");
+    }
+    let m = open(&model)?;
+    let th = threads(eng.threads);
+    let engine = make_engine(&m, &eng)?;
+    let vocab = engine.vocab_size();
+    // A fixed, deterministic prompt of ordinary token ids.
+    let ids: Vec<u32> = (0..prompt)
+        .map(|i| (1000 + (i * 7919) % 20000) as u32 % vocab as u32)
+        .collect();
+    let mut pre = Vec::new();
+    let mut dec = Vec::new();
+    let mut dec0 = Vec::new();
+    let load_peak = peak_rss_bytes();
+    let mut run_peak = None;
+    for r in 0..runs.max(1) + 1 {
+        if r == 1 && wkvc_runtime::reset_peak_rss() {
+            run_peak = Some(());
+        }
+        let mut s = engine.session(prompt + ngen);
+        if s.max_ctx() < prompt + ngen {
+            bail!(
+                "--prompt + --gen exceed the model's context of {}",
+                s.max_ctx()
+            );
+        }
+        let t0 = Instant::now();
+        let mut id = wkvc_runtime::sample::argmax(s.step(&ids)?) as u32;
+        let tp = t0.elapsed().as_secs_f64();
+        let t1 = Instant::now();
+        for _ in 0..ngen {
+            id = wkvc_runtime::sample::argmax(s.step(&[id])?) as u32;
+        }
+        let td = t1.elapsed().as_secs_f64();
+        drop(s);
+        // decode from an empty cache, one token per step (what llama-bench's tg
+        // measures)
+        let mut s = engine.session(ngen.max(1));
+        let mut id = ids[0];
+        let t2 = Instant::now();
+        for _ in 0..ngen {
+            id = wkvc_runtime::sample::argmax(s.step(&[id])?) as u32;
+        }
+        let te = t2.elapsed().as_secs_f64();
+        if r > 0 {
+            pre.push(prompt as f64 / tp);
+            if ngen > 0 {
+                dec.push(ngen as f64 / td);
+                dec0.push(ngen as f64 / te);
+            }
+        }
+        tracing::info!(
+            "run {r}: prefill {:.1} tok/s, decode {:.1} tok/s",
+            prompt as f64 / tp,
+            ngen as f64 / td
+        );
+    }
+    // decode at a long context: fill the cache, then time --gen steps
+    let mut long = serde_json::Value::Null;
+    if long_ctx > 0 && ngen > 0 {
+        let mut s = engine.session(long_ctx + ngen);
+        if s.max_ctx() >= long_ctx + ngen {
+            let fill: Vec<u32> = (0..long_ctx)
+                .map(|i| (1000 + (i * 7919) % 20000) as u32 % vocab as u32)
+                .collect();
+            let mut id = 0;
+            for c in fill.chunks(512) {
+                id = wkvc_runtime::sample::argmax(s.step(c)?) as u32;
+            }
+            let t1 = Instant::now();
+            for _ in 0..ngen {
+                id = wkvc_runtime::sample::argmax(s.step(&[id])?) as u32;
+            }
+            long = serde_json::json!(ngen as f64 / t1.elapsed().as_secs_f64());
+        }
+    }
+    let weight_bytes: usize = m
+        .module
+        .weights
+        .iter()
+        .map(|(_, w)| w.storage_bytes())
+        .sum();
+    let out = serde_json::json!({
+        "model": model.display().to_string(),
+        "engine": engine.describe(),
+        "jit_ms": engine.cpu().map(|c| c.jit_ms),
+        "cuda_launches_per_decode_step": engine.cuda().map(|c| c.launches(1)),
+        "memory_plan_bytes": engine
+            .cpu()
+            .map(|c| c.memory_plan().total_at((long_ctx + ngen).max(prompt + ngen), th)),
+        "long_ctx": (long_ctx > 0).then_some(long_ctx),
+        "decode_at_long_ctx_tokens_per_s": long,
+        "threads": th,
+        "prompt_tokens": prompt,
+        "gen_tokens": ngen,
+        "runs": runs.max(1),
+        "prefill_tokens_per_s": median(pre),
+        "decode_tokens_per_s": median(dec),
+        "decode_from_empty_tokens_per_s": median(dec0),
+        "peak_rss_bytes": load_peak.max(peak_rss_bytes()),
+        "peak_rss_running_bytes": run_peak.and_then(|_| peak_rss_bytes()),
+        "model_file_bytes": m.source.file_bytes,
+        "weight_bytes": weight_bytes,
+    });
+    let mut out = out;
+    // batched decode: aggregate tokens/s of N sequences advanced together
+    let mut batched = Vec::new();
+    for &n in &batch {
+        if n == 0 {
+            bail!("--batch takes sequence counts of at least 1");
+        }
+        let agg = median(
+            (0..runs.max(1))
+                .map(|_| batch_decode(&engine, n, ngen.max(1)))
+                .collect::<Result<Vec<_>>>()?,
+        );
+        batched.push(serde_json::json!({
+            "batch": n,
+            "aggregate_decode_tokens_per_s": agg,
+            "per_sequence_tokens_per_s": agg.map(|a| a / n as f64),
+        }));
+    }
+    if !batched.is_empty() {
+        out["batched"] = serde_json::json!(batched);
+    }
+    if json {
+        println!("{out}");
+    } else {
+        // only what was measured
+        let mib = |k: &str| out[k].as_f64().map(|b| b / 1048576.0);
+        let mut parts = vec![format!(
+            "prefill {:.1} tokens/s ({prompt} tokens)",
+            median_or_zero(&out["prefill_tokens_per_s"])
+        )];
+        if ngen > 0 {
+            parts.push(format!(
+                "decode {:.2} tokens/s ({ngen} tokens after the prompt; {:.2} from an \
+                 empty cache)",
+                median_or_zero(&out["decode_tokens_per_s"]),
+                median_or_zero(&out["decode_from_empty_tokens_per_s"])
+            ));
+        }
+        if let Some(l) = out["decode_at_long_ctx_tokens_per_s"].as_f64() {
+            parts.push(format!("decode at {long_ctx} context {l:.2} tokens/s"));
+        }
+        parts.push(format!("{th} threads"));
+        let mut mem = Vec::new();
+        if let Some(r) = mib("peak_rss_running_bytes") {
+            mem.push(format!("while running {r:.0} MiB"));
+        }
+        if let Some(p) = mib("memory_plan_bytes") {
+            mem.push(format!("memory plan {p:.0} MiB"));
+        }
+        if let Some(p) = mib("peak_rss_bytes") {
+            parts.push(if mem.is_empty() {
+                format!("peak RSS {p:.0} MiB")
+            } else {
+                format!("peak RSS {p:.0} MiB ({})", mem.join(", "))
+            });
+        }
+        parts.push(format!(
+            "weights {:.0} MiB in memory",
+            weight_bytes as f64 / 1048576.0
+        ));
+        println!("{}: {}", engine.describe(), parts.join(", "));
+        for b in &batched {
+            println!(
+                "  batch of {:>2} sequences: aggregate decode {:.1} tokens/s ({:.1} per sequence)",
+                b["batch"],
+                median_or_zero(&b["aggregate_decode_tokens_per_s"]),
+                median_or_zero(&b["per_sequence_tokens_per_s"])
+            );
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,199 @@
+//! `wkvc compile`: calibration text, the WKVQuant pipeline, the lowered plan, the quality
+//! check on held-out text, the plan file (written atomically).
+
+use crate::args::{CompileArgs, Loss, Method, QuantArgs, Target};
+use crate::common::{note, open, spinner, threads};
+use anyhow::{Context, Result, bail};
+use std::path::PathBuf;
+use std::time::Instant;
+use wkvc_runtime::CancelToken;
+use wkvc_runtime::compile::{self, CalibConfig, CalibLoss, CompileOptions};
+
+/// The runtime's options from the command line's.
+pub fn compile_options(
+    q: &QuantArgs,
+    calib: Option<PathBuf>,
+    calib_tokens: Option<usize>,
+    seed: u64,
+    threads: usize,
+) -> Result<CompileOptions> {
+    let wkv = q.method == Method::Wkvquant;
+    let window = q.calib_len.unwrap_or(if wkv { 256 } else { 512 });
+    let calib_tokens = if wkv {
+        if calib_tokens.is_some() {
+            bail!("--method wkvquant takes --calib-samples and --calib-len, not --calib-tokens");
+        }
+        Some(q.calib_samples.max(1) * window)
+    } else {
+        calib_tokens
+    };
+    Ok(CompileOptions {
+        wbits: q.wbits,
+        wgroup: q.wgroup,
+        kvbits: q.kvbits,
+        past_only: !q.no_poq,
+        smooth: !q.no_smooth,
+        method: match q.method {
+            Method::Rtn => compile::Method::Rtn,
+            Method::Wkvquant => compile::Method::WkvQuant,
+        },
+        calib_cfg: CalibConfig {
+            epochs: q.epochs,
+            crr_k: q.crr_k,
+            loss: match q.loss {
+                Loss::Mae => CalibLoss::Mae,
+                Loss::Mse => CalibLoss::Mse,
+                Loss::LocalMseCrr => CalibLoss::LocalMseCrr,
+            },
+            lr_lwc: q.lr_lwc,
+            lr_smooth: q.lr_smooth,
+            learn_lwc: !q.no_learn_lwc,
+            learn_smooth: !q.no_learn_smooth,
+            ..CalibConfig::default()
+        },
+        calib,
+        calib_tokens,
+        calib_window: window,
+        threads,
+        seed,
+        cpu_act: q.cpu_act.into(),
+        f32_params: q.f32_params,
+        cancel: CancelToken::new(),
+    })
+}
+
+pub fn run(a: CompileArgs) -> Result<()> {
+    let t0 = Instant::now();
+    let cuda = a.target.contains(&Target::Cuda);
+    if cuda {
+        // before any long work: NVRTC must be there
+        wkvc_codegen::nvrtc::locate()?;
+    }
+    wkvc_runtime::plan::check_destination(&a.output)?;
+    let fp = open(&a.model)?;
+    let opts = compile_options(&a.q, a.calib, a.calib_tokens, a.seed, threads(a.threads))?;
+    opts.validate()?;
+    if opts.wkvquant() {
+        // First Ctrl-C: stop calibration cleanly (no plan is written); second: exit.
+        let cancel = opts.cancel.clone();
+        let _ = ctrlc::set_handler(move || {
+            if cancel.is_cancelled() {
+                std::process::exit(130);
+            }
+            cancel.cancel();
+        });
+    }
+    let sp = spinner();
+    let mut say = |s: &str| sp.set_message(s.to_string());
+    let data = compile::calibration_data(&fp, &opts, &mut say)?;
+    if opts.calib.is_none() {
+        note(
+            &sp,
+            format!("calibration: no --calib given, using text {}", data.source),
+        );
+    }
+    let c = compile::quantize(&fp, &opts, Some(&data), &mut say)?;
+    say("measuring quality on held-out text");
+    let qm = fp.with_module(c.module.clone(), None);
+    let mut quality = compile::measure_quality(&fp, &qm, &data.held_out, opts.threads)?;
+    quality["held_out_text"] = serde_json::json!(if data.held_out_sampled {
+        "sampled from the FP model"
+    } else {
+        "from the calibration file, after the calibration windows"
+    });
+    say("hashing the source model");
+    let sha = if a.model.is_file() {
+        wkvc_runtime::plan::file_sha256(&a.model)
+            .with_context(|| format!("cannot read {}", a.model.display()))?
+    } else {
+        String::new()
+    };
+    let mut manifest = compile::manifest(&fp, &c, quality.clone(), sha);
+    if cuda {
+        say("CUDA kernels: CUDA C and PTX (NVRTC)");
+        manifest.cuda = Some(compile::cuda_plan(&qm, 80)?);
+    }
+    let kv = manifest.lowered.as_ref().map(|l| l.memory.clone());
+    if opts.cancel.is_cancelled() {
+        bail!("interrupted (Ctrl-C): nothing was written");
+    }
+    say("writing the plan");
+    let size = wkvc_runtime::plan::write(&a.output, &c.module, manifest)?;
+    sp.finish_and_clear();
+    println!(
+        "wrote {} ({:.1} MiB) in {:.1}s",
+        a.output.display(),
+        size as f64 / 1048576.0,
+        t0.elapsed().as_secs_f64()
+    );
+    println!(
+        "  quantization  W{} (group {}) KV{} past-only {} smoothing {} method {}",
+        opts.wbits,
+        opts.wgroup,
+        opts.kvbits,
+        c.quant.past_only,
+        c.quant.smooth,
+        opts.method.name()
+    );
+    println!("  calibration   {}", c.quant.calibration);
+    if let Some(info) = &c.quant.calibrate {
+        let s = &info["settings"];
+        let blocks = info["blocks"].as_array().cloned().unwrap_or_default();
+        let first = blocks
+            .first()
+            .map(|b| b["first_loss"].as_f64().unwrap_or(f64::NAN));
+        let last = blocks
+            .last()
+            .map(|b| b["last_loss"].as_f64().unwrap_or(f64::NAN));
+        println!(
+            "  wkvquant      {} samples x {} tokens, {} epochs, k {}, loss {}, lr {}/{}: {} steps \
+             in {:.0}s, peak RSS {:.0} MiB",
+            s["samples"],
+            s["tokens_per_sample"],
+            s["epochs"],
+            s["crr_k"],
+            s["loss"].as_str().unwrap_or("?"),
+            s["lr_lwc"],
+            s["lr_smooth"],
+            info["steps"],
+            info["seconds"].as_f64().unwrap_or(0.0),
+            info["peak_rss_bytes"].as_f64().unwrap_or(0.0) / 1048576.0
+        );
+        if let (Some(a), Some(b)) = (first, last) {
+            println!(
+                "                block 1 first-epoch loss {a:.5}, last block final loss {b:.5}"
+            );
+        }
+    }
+    let mib = |b: usize| b as f64 / 1048576.0;
+    println!(
+        "  weights       {:.1} MiB -> {:.1} MiB (as stored)",
+        mib(fp.module.weights.total_storage_bytes()),
+        mib(c.module.weights.total_storage_bytes())
+    );
+    if let Some(mem) = kv {
+        println!(
+            "  KV cache      {} bytes/token on the compiled engines ({:.1} MiB at {} tokens)",
+            mem.kv_bytes_per_token,
+            mib(mem.kv_bytes),
+            mem.max_ctx
+        );
+    }
+    let q = |k: &str| quality[k].as_f64().unwrap_or(f64::NAN);
+    println!(
+        "  quality       KLD vs FP {:.4}, top-1 agreement {:.1}%, perplexity {:.3} (FP {:.3}){} \
+         ({} held-out tokens {}, decode-equivalent)",
+        q("kld_vs_fp"),
+        100.0 * q("top1_agreement"),
+        q("perplexity"),
+        q("perplexity_fp"),
+        if data.held_out_sampled {
+            " on sampled text"
+        } else {
+            ""
+        },
+        quality["held_out_tokens"],
+        quality["held_out_text"].as_str().unwrap_or("")
+    );
+    Ok(())
+}

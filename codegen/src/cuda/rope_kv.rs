@@ -1,0 +1,135 @@
+//! `rope_kv`: RoPE on q and k in place, then K/V smoothed, quantized per (token, kv head) by
+//! one warp each and appended to the cache.
+
+use super::*;
+use std::fmt::Write;
+use wkvc_ir::kernel::args::*;
+
+/// `(float* x, int m, const int* pos, const float* inv_freq, u8* kc, float* kp, u8* vc,
+/// float* vp, const int* state, const float* ksh, const float* ksc, const float* vsh,
+/// const float* vsc)` (state[0] = cached tokens: row i goes to cache row state[0] + i; kept in
+/// device memory so that a captured decode graph replays unchanged):
+/// RoPE (rotate-half, angle pos * inv_freq in f32, its cos/sin in f64) on the q and k heads of
+/// each row in place, then K and V of row i appended at cache row row0 + i: smoothed
+/// ((x - shift) / scale), per (token, kv head) min/max, scale rounded up to an f16, zero
+/// round-half-even, codes clamped and packed two per byte (low nibble = even channel); a
+/// 16-bit cache stores the f32 rows in kp/vp instead.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn emit_rope_kv(
+    s: &mut String,
+    name: &str,
+    heads: usize,
+    kvh: usize,
+    hd: usize,
+    rd: usize,
+    bits: u32,
+    smooth: bool,
+) {
+    s.push_str(&declare_cuda::<RopeKvArgs>());
+    let unpack = unpack(&[
+        ("float*", "x", "x"),
+        ("int", "m", "m"),
+        ("const int*", "pos", "pos"),
+        ("const float*", "inv_freq", "inv_freq"),
+        ("u8*", "kc", "kc"),
+        ("float*", "kp", "kp"),
+        ("u8*", "vc", "vc"),
+        ("float*", "vp", "vp"),
+        ("const int*", "state", "state"),
+        ("const float*", "ksh", "ksh"),
+        ("const float*", "ksc", "ksc"),
+        ("const float*", "vsh", "vsh"),
+        ("const float*", "vsc", "vsc"),
+    ]);
+    let _ = write!(
+        s,
+        r#"
+#define HEADS {heads}
+#define KVH {kvh}
+#define HD {hd}
+#define HALF {half}
+#define WIDTH {width}
+#define BITS {bits}
+#define SMOOTH {smooth}
+#define PPL {ppl}
+extern "C" __global__ void {name}(const RopeKvArgs a) {{
+{unpack}
+    int i = blockIdx.x;
+    if (i >= m) return;
+    float* xr = x + (size_t)i * WIDTH;
+    for (int e = threadIdx.x; e < (HEADS + KVH) * HALF; e += blockDim.x) {{
+        int h = e / HALF, j = e % HALF;
+        float ang = (float)pos[i] * inv_freq[j];
+        float c = (float)cos((double)ang), sn = (float)sin((double)ang);
+        float a = xr[h * HD + j], b = xr[h * HD + j + HALF];
+        xr[h * HD + j] = a * c - b * sn;
+        xr[h * HD + j + HALF] = b * c + a * sn;
+    }}
+    __syncthreads();
+    size_t row = (size_t)state[0] + i;
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    // one warp per (K or V, kv head)
+    for (int item = warp; item < 2 * KVH; item += blockDim.x >> 5) {{
+        int t = item / KVH, g = item % KVH;
+        const float* src = xr + (HEADS + t * KVH) * HD + g * HD;
+#if BITS == 16
+        float* dst = (t ? vp : kp) + row * (KVH * HD) + g * HD;
+        for (int c = lane; c < HD; c += 32) dst[c] = src[c];
+#else
+        const float* sh = t ? vsh : ksh;
+        const float* sc = t ? vsc : ksc;
+        // lane takes the channel pairs (2 p, 2 p + 1), p = lane + 32 u: one byte of codes each
+        float v[2 * PPL];
+        float mn = INFINITY, mx = -INFINITY;
+#pragma unroll
+        for (int u = 0; u < PPL; u++) {{
+            int p = lane + 32 * u;
+            v[2 * u] = 0.0f;
+            v[2 * u + 1] = 0.0f;
+            if (p < HD / 2) {{
+#pragma unroll
+                for (int e = 0; e < 2; e++) {{
+                    int c = 2 * p + e;
+                    float a = src[c];
+#if SMOOTH
+                    a = (a - sh[g * HD + c]) / sc[g * HD + c];
+#endif
+                    v[2 * u + e] = a;
+                    mn = fminf(mn, a);
+                    mx = fmaxf(mx, a);
+                }}
+            }}
+        }}
+        mn = warp_min(mn);
+        mx = warp_max(mx);
+        const float qmax = (float)((1 << BITS) - 1);
+        float st = fmaxf((mx - mn) / qmax, 1e-8f);
+        u16 h = f2h(st);
+        float sf = h2f(h);
+        if (sf < st) sf = h2f((u16)(h + 1));
+        float zf = fminf(fmaxf(rintf(-mn / sf), -2048.0f), 2048.0f);
+        u8* crow = (t ? vc : kc) + row * (KVH * HD / 2) + g * (HD / 2);
+#pragma unroll
+        for (int u = 0; u < PPL; u++) {{
+            int p = lane + 32 * u;
+            if (p < HD / 2) {{
+                float q0 = fminf(fmaxf(rintf(v[2 * u] / sf) + zf, 0.0f), qmax);
+                float q1 = fminf(fmaxf(rintf(v[2 * u + 1] / sf) + zf, 0.0f), qmax);
+                crow[p] = (u8)((int)q0 | ((int)q1 << 4));
+            }}
+        }}
+        if (lane == 0) {{
+            float* prm = (t ? vp : kp) + (row * KVH + g) * 2;
+            prm[0] = sf;
+            prm[1] = zf;
+        }}
+#endif
+    }}
+}}
+"#,
+        half = rd / 2,
+        width = (heads + 2 * kvh) * hd,
+        ppl = (hd / 2).div_ceil(32),
+        smooth = smooth as u8,
+    );
+}
