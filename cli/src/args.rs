@@ -197,6 +197,8 @@ pub enum Cmd {
     Inspect(InspectArgs),
     /// Print the generated code of a kernel of the lowered plan (without --kernel: list them).
     Emit(EmitArgs),
+    /// Serve a model over HTTP: OpenAI-compatible completions and chat, continuous batching.
+    Serve(ServeArgs),
 }
 
 #[derive(clap::Args)]
@@ -354,4 +356,38 @@ pub struct EmitArgs {
     /// GPU architecture for --target cuda --asm (80: A100, 90: H100/H200).
     #[arg(long, default_value_t = 90)]
     pub arch: u32,
+}
+
+#[derive(clap::Args, Clone)]
+pub struct ServeArgs {
+    /// A plan (.wkv), a .gguf file or a Hugging Face model directory.
+    pub model: PathBuf,
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// Port (0: any free one; the address is printed).
+    #[arg(long, default_value_t = 8080)]
+    pub port: u16,
+    /// Sequences generated together at most (continuous batching).
+    #[arg(long, default_value_t = 4)]
+    pub parallel: usize,
+    /// Context of each sequence: prompt plus generated tokens (at most the model's).
+    #[arg(long, default_value_t = 2048)]
+    pub ctx: usize,
+    /// Requests that may wait for a free sequence; more get 503 with Retry-After.
+    #[arg(long, default_value_t = 64)]
+    pub queue: usize,
+    /// Require `Authorization: Bearer KEY` on the API endpoints.
+    #[arg(long)]
+    pub api_key: Option<String>,
+    /// Read the API key from a file (first line).
+    #[arg(long)]
+    pub api_key_file: Option<PathBuf>,
+    /// The model's name in responses and /v1/models (default: the file's stem).
+    #[arg(long)]
+    pub model_name: Option<String>,
+    /// Seconds running requests may take to finish after SIGINT/SIGTERM.
+    #[arg(long, default_value_t = 10)]
+    pub grace: u64,
+    #[command(flatten)]
+    pub eng: EngineArgs,
 }

@@ -4,6 +4,7 @@
 mod args;
 mod cmd;
 mod common;
+mod serve;
 
 use args::{Cli, Cmd};
 use clap::Parser;
@@ -29,6 +30,7 @@ fn main() {
         Cmd::Bench(a) => cmd::bench::run(a),
         Cmd::Inspect(a) => cmd::inspect::run(a),
         Cmd::Emit(a) => cmd::emit::run(a),
+        Cmd::Serve(a) => serve::run(a),
     };
     if let Err(e) = r {
         eprintln!("error: {e:#}");

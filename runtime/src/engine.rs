@@ -117,6 +117,54 @@ pub(crate) struct Work<'a, K> {
     pub logits: &'a mut [f32],
 }
 
+/// One item's rows in a round of a batched call (the engines run a call in rounds of up to
+/// `CHUNK` rows).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Seg {
+    /// the work item
+    pub item: usize,
+    /// first row in the round
+    pub at: usize,
+    pub rows: usize,
+    /// tokens in the item's cache before these rows
+    pub past: usize,
+    pub mode: RunMode,
+    /// do these rows end the item's tokens?
+    pub last: bool,
+    /// are all of the item's logits wanted?
+    pub all: bool,
+}
+
+/// The next round of a batched call: each item with tokens left contributes its next piece
+/// of up to `CHUNK` tokens, whole, while the round has room (an item that does not fit waits
+/// for the next round). A piece always starts a multiple of `CHUNK` tokens into the item's
+/// tokens, as when the item runs alone: with past-only attention a chunk's own K/V are read in
+/// full precision, so the pieces' boundaries decide what is quantized, and a batch must not
+/// move them. Returns false when no tokens are left.
+pub(crate) fn next_round<K>(work: &[Work<'_, K>], done: &[usize], segs: &mut Vec<Seg>) -> bool {
+    use wkvc_passes::lower::CHUNK;
+    segs.clear();
+    let mut used = 0;
+    for (i, w) in work.iter().enumerate() {
+        let rest = w.tokens.len() - done[i];
+        let take = rest.min(CHUNK);
+        if take == 0 || used + take > CHUNK {
+            continue;
+        }
+        segs.push(Seg {
+            item: i,
+            at: used,
+            rows: take,
+            past: w.past + done[i],
+            mode: w.mode,
+            last: take == rest,
+            all: w.all_logits.is_some(),
+        });
+        used += take;
+    }
+    !segs.is_empty()
+}
+
 impl Engine {
     pub(crate) fn new(
         model: &Model,

@@ -28,6 +28,7 @@ mod interp;
 mod model;
 pub mod plan;
 pub mod sample;
+pub mod scheduler;
 pub mod tokenizer;
 
 pub use engine::{BatchItem, Engine, EngineKind, EngineOptions, Session};

@@ -88,10 +88,17 @@ impl Tokenizer {
     }
 }
 
-/// Turns generated ids into text pieces as they arrive, holding back incomplete UTF-8.
+/// Turns generated ids into text pieces as they arrive, holding back incomplete UTF-8. Each
+/// step decodes only the ids since the last complete piece (with the ids before it as
+/// context for the tokenizer's decoder), so a step costs the same however long the text
+/// grows (the algorithm of the `tokenizers` crate's `DecodeStream`, which borrows its
+/// tokenizer and so cannot live in a session beside it).
 pub struct StreamDecoder {
+    /// ids from the start of the current window
     ids: Vec<u32>,
-    emitted: usize,
+    /// how many of them are context (already emitted), and their text
+    prefix_ids: usize,
+    prefix: String,
 }
 
 impl Default for StreamDecoder {
@@ -104,7 +111,8 @@ impl StreamDecoder {
     pub fn new() -> Self {
         StreamDecoder {
             ids: Vec::new(),
-            emitted: 0,
+            prefix_ids: 0,
+            prefix: String::new(),
         }
     }
 
@@ -112,11 +120,19 @@ impl StreamDecoder {
     pub fn push(&mut self, tok: &Tokenizer, id: u32) -> Result<String, RuntimeError> {
         self.ids.push(id);
         let text = tok.decode(&self.ids, true)?;
-        if text.ends_with('\u{FFFD}') || text.len() < self.emitted {
+        if text.len() <= self.prefix.len() || text.ends_with('\u{FFFD}') {
             return Ok(String::new());
         }
-        let piece = text.get(self.emitted..).unwrap_or("").to_string();
-        self.emitted = text.len();
+        let piece = match text.strip_prefix(self.prefix.as_str()) {
+            Some(p) => p.to_string(),
+            // the decoder changed the context's text (a merge across the boundary): send
+            // what is new after its length
+            None => text.get(self.prefix.len()..).unwrap_or("").to_string(),
+        };
+        // the window restarts at the ids just emitted (context for the next step)
+        self.ids.drain(..self.prefix_ids);
+        self.prefix = tok.decode(&self.ids, true)?;
+        self.prefix_ids = self.ids.len();
         Ok(piece)
     }
 }

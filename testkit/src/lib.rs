@@ -3,7 +3,7 @@
 //!
 //! A skipped group is never silent. Where the environment requires the group
 //! (`WKVC_REQUIRE_DEMO`, `WKVC_REQUIRE_REFERENCE`, `WKVC_REQUIRE_NVRTC`, `WKVC_REQUIRE_GPU`,
-//! as `scripts/test.sh` sets them) it is a failure. Otherwise one line per group and test
+//! `WKVC_REQUIRE_PYTHON`, as `scripts/test.sh` sets them) it is a failure. Otherwise one line per group and test
 //! process goes straight to the terminal (past the test harness's output capture), and a line
 //! to the file named by `WKVC_SKIP_LOG`, which `scripts/test.sh` reads for its summary.
 
@@ -22,6 +22,8 @@ pub enum Group {
     Nvrtc,
     /// an NVIDIA driver and GPU
     Gpu,
+    /// a Python with the official `openai` package (`$WKVC_PYTHON`, set by scripts/test.sh)
+    PythonClient,
 }
 
 impl Group {
@@ -32,6 +34,7 @@ impl Group {
             Group::Reference => "WKVC_REQUIRE_REFERENCE",
             Group::Nvrtc => "WKVC_REQUIRE_NVRTC",
             Group::Gpu => "WKVC_REQUIRE_GPU",
+            Group::PythonClient => "WKVC_REQUIRE_PYTHON",
         }
     }
 
@@ -41,6 +44,7 @@ impl Group {
             Group::Reference => "reference-figure checks",
             Group::Nvrtc => "NVRTC checks",
             Group::Gpu => "GPU checks",
+            Group::PythonClient => "OpenAI-client checks",
         }
     }
 

@@ -7,7 +7,7 @@
 use super::pool::{Pool, grain};
 use super::{Bound, CpuEngine, CpuKv, CpuStep, Workspace, err};
 use crate::RuntimeError;
-use crate::engine::Work;
+use crate::engine::{Seg, Work, next_round};
 use std::time::Instant;
 use wkvc_codegen::cpu::KernelFn;
 use wkvc_codegen::kernels::{QTILE, prep_f32, prep_int8};
@@ -39,23 +39,6 @@ impl SendPtr {
     fn get(self) -> *mut u8 {
         self.0
     }
-}
-
-/// One item's rows in a round.
-#[derive(Clone, Copy, Debug)]
-struct Seg {
-    /// the work item
-    item: usize,
-    /// first row in the round
-    at: usize,
-    rows: usize,
-    /// tokens in the item's cache before these rows
-    past: usize,
-    mode: RunMode,
-    /// do these rows end the item's tokens?
-    last: bool,
-    /// are all of the item's logits wanted?
-    all: bool,
 }
 
 /// For the output columns a..b of GEMM parts laid side by side: `f(part, part start, lo, hi)`
@@ -100,35 +83,13 @@ impl CpuEngine {
             .map_err(|_| err("the engine's workspace is poisoned by an earlier panic"))?;
         let t0 = Instant::now();
         let mut done = vec![0usize; work.len()];
-        let mut segs = Vec::with_capacity(work.len());
         for w in work.iter_mut() {
             if let Some(a) = w.all_logits.as_deref_mut() {
                 a.reserve(w.tokens.len() * self.vocab);
             }
         }
-        loop {
-            segs.clear();
-            let mut used = 0;
-            for (i, w) in work.iter().enumerate() {
-                let rest = w.tokens.len() - done[i];
-                let take = rest.min(CHUNK - used);
-                if take == 0 {
-                    continue;
-                }
-                segs.push(Seg {
-                    item: i,
-                    at: used,
-                    rows: take,
-                    past: w.past + done[i],
-                    mode: w.mode,
-                    last: take == rest,
-                    all: w.all_logits.is_some(),
-                });
-                used += take;
-            }
-            if segs.is_empty() {
-                break;
-            }
+        let mut segs = Vec::with_capacity(work.len());
+        while next_round(work, &done, &mut segs) {
             self.round(&mut ws, work, &segs, &done)?;
             for s in &segs {
                 done[s.item] += s.rows;

@@ -7,7 +7,7 @@
 use super::device::{Gpu, f32_bytes};
 use super::{Bound, Captured, CudaEngine, CudaKv, CudaStep, SPLITS_MAX, Workspace, err};
 use crate::RuntimeError;
-use crate::engine::Work;
+use crate::engine::{Seg, Work, next_round};
 use std::time::Instant;
 use wkvc_codegen::cuda::{self as cg, GEMV_MAX_M, GEMV_ROWS, TILE_M, TILE_N};
 use wkvc_ir::kernel::args::{
@@ -16,18 +16,6 @@ use wkvc_ir::kernel::args::{
 };
 use wkvc_ir::{KernelSpec, RunMode};
 use wkvc_passes::lower::CHUNK;
-
-/// One item's rows in a round.
-#[derive(Clone, Copy, Debug)]
-struct Seg {
-    item: usize,
-    at: usize,
-    rows: usize,
-    past: usize,
-    mode: RunMode,
-    last: bool,
-    all: bool,
-}
 
 /// A round's view of its sessions' caches: per segment, the pointers of the layer at hand.
 struct Round<'a> {
@@ -46,29 +34,8 @@ impl CudaEngine {
             .map_err(|_| err("the engine's workspace is poisoned by an earlier panic"))?;
         let t0 = Instant::now();
         let mut done = vec![0usize; work.len()];
-        loop {
-            let mut segs = Vec::with_capacity(work.len());
-            let mut used = 0;
-            for (i, w) in work.iter().enumerate() {
-                let rest = w.tokens.len() - done[i];
-                let take = rest.min(CHUNK - used);
-                if take == 0 {
-                    continue;
-                }
-                segs.push(Seg {
-                    item: i,
-                    at: used,
-                    rows: take,
-                    past: w.past + done[i],
-                    mode: w.mode,
-                    last: take == rest,
-                    all: w.all_logits.is_some(),
-                });
-                used += take;
-            }
-            if segs.is_empty() {
-                break;
-            }
+        let mut segs = Vec::with_capacity(work.len());
+        while next_round(work, &done, &mut segs) {
             self.round(&mut ws, work, &segs, &done)?;
             for s in &segs {
                 done[s.item] += s.rows;
