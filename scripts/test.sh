@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Run every test in release mode, every test binary even after a failure, and end with a
-# one-line summary. Fetches the demo model and NVRTC first; their checks are then required
-# (a skip is a failure), as are the reference figures when ../shared is beside the repository.
+# Run every test in release mode (doc-tests included), every test binary even after a
+# failure, and end with a one-line summary. Fetches the demo model, NVRTC and the openai
+# Python client first; their checks are then required (a skip is a failure), as are the
+# reference figures when ../shared is beside the repository.
 # Without ../shared the reference checks are skipped (said in the summary), and without a GPU
 # the GPU checks (scripts/gpu-check.sh runs them on a GPU machine).
 # Arguments go to cargo test (e.g. scripts/test.sh -p wkvc-tests --test demo_cpu).
@@ -13,6 +14,15 @@ export WKVC_DEMO_MODEL WKVC_REQUIRE_DEMO=1
 # NVRTC from PyPI: the CUDA kernels are compiled to CUBIN in the tests (no GPU needed)
 WKVC_NVRTC_LIB=$(scripts/fetch-nvrtc.sh)
 export WKVC_NVRTC_LIB WKVC_REQUIRE_NVRTC=1
+# the official openai client for the wkvc serve tests, in a cached virtual environment
+VENV=${WKVC_CACHE:-$HOME/.cache/wkvc}/venv-openai
+OPENAI_VERSION=3.57.0
+if ! "$VENV/bin/python" -c "import openai, sys; sys.exit(openai.__version__ != '$OPENAI_VERSION')" 2>/dev/null; then
+  echo "installing openai==$OPENAI_VERSION into $VENV ..." >&2
+  python3 -m venv "$VENV" >&2
+  "$VENV/bin/python" -m pip install -q "openai==$OPENAI_VERSION" >&2
+fi
+export WKVC_PYTHON="$VENV/bin/python" WKVC_REQUIRE_PYTHON=1
 if [ -f ../shared/reference/smollm2.json ] && [ -f ../shared/data/wikitext2-eval.txt ]; then
   export WKVC_REQUIRE_REFERENCE=1
 else

@@ -4,16 +4,40 @@
 //! tokenizer and chat template, the compile pipeline and plan files, and perplexity/KL
 //! evaluation.
 //!
-//! ```no_run
-//! use wkvc_runtime::{EngineKind, Model};
-//! # fn main() -> Result<(), wkvc_runtime::RuntimeError> {
-//! let model = Model::open(std::path::Path::new("smollm2.wkv"))?;
-//! let engine = model.engine_auto(2)?; // Send + Sync: share it between threads
-//! let mut session = engine.session(2048); // one sequence, its own KV cache
-//! let ids = model.tokenizer()?.encode("The capital of France is", false)?;
-//! let logits = session.step(&ids)?;
-//! let next = wkvc_runtime::sample::argmax(logits);
-//! # let _ = (next, EngineKind::Interp);
+//! Open a model, compile it to a W4KV4 plan in memory, and generate from it on the compiled
+//! CPU engine: one session alone, then two sessions in one batched step.
+//!
+//! ```
+//! use wkvc_runtime::compile::{self, CompileOptions};
+//! use wkvc_runtime::{BatchItem, EngineKind, Model, RuntimeError, Sampler, StreamDecoder};
+//! # fn main() -> Result<(), RuntimeError> {
+//! # let dir = wkvc_tests::temp_dir("doc-runtime");
+//! # let path = wkvc_tests::tiny_gguf(&dir);
+//! let fp = Model::open(&path)?; // a GGUF file, a Hugging Face directory or a plan
+//! // 4-bit weights and KV cache (text sampled from the model calibrates the smoothing)
+//! let opts = CompileOptions { wgroup: 32, calib_tokens: Some(64), calib_window: 32, ..Default::default() };
+//! let data = compile::calibration_data(&fp, &opts, &mut |_| {})?;
+//! let c = compile::quantize(&fp, &opts, Some(&data), &mut |_| {})?;
+//! let model = fp.with_module(c.module, None);
+//!
+//! // Send + Sync and cheap to clone: share it between threads
+//! let engine = model.engine_kind(2, EngineKind::Cpu { act: c.cpu_act })?;
+//! let tok = model.tokenizer()?;
+//!
+//! // one sequence: its own KV cache; greedy, streamed as text
+//! let mut session = engine.session(64);
+//! let (mut sampler, mut dec) = (Sampler::greedy(), StreamDecoder::new());
+//! let mut next = sampler.sample(session.step(&tok.encode("hello", true)?)?);
+//! for _ in 0..8 {
+//!     print!("{}", dec.push(tok, next)?);
+//!     next = sampler.sample(session.step(&[next])?);
+//! }
+//!
+//! // two sequences advanced by one call: a prompt for one, a decode token for the other
+//! let mut other = engine.session(64);
+//! let prompt = tok.encode("world", true)?;
+//! engine.step(&mut [BatchItem::new(&mut other, &prompt), BatchItem::new(&mut session, &[next])])?;
+//! assert_eq!(other.logits().len(), model.config.vocab_size);
 //! # Ok(())
 //! # }
 //! ```

@@ -683,6 +683,18 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> (f32, f32) {
 }
 
 /// A new empty temporary directory under the target dir.
+/// A tiny LLaMA GGUF with random weights in `dir` (head dim 32: the compiled kernels cover
+/// it), for examples and doc-tests.
+pub fn tiny_gguf(dir: &Path) -> PathBuf {
+    let mut cfg = tiny_config("llama");
+    cfg.head_dim = 32;
+    cfg.hidden_size = 128;
+    cfg.intermediate_size = 160;
+    let path = dir.join("tiny.gguf");
+    write_gguf(&path, &cfg, &tiny_weights(&cfg, 9), false);
+    path
+}
+
 pub fn temp_dir(tag: &str) -> PathBuf {
     let base = std::env::var_os("CARGO_TARGET_TMPDIR")
         .map(PathBuf::from)
