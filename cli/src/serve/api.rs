@@ -110,6 +110,9 @@ pub struct Sampling {
     pub stream: Option<bool>,
     #[serde(default)]
     pub stream_options: Option<StreamOptions>,
+    /// (an extension, as llama.cpp's server has it) never stop at an end-of-generation token
+    #[serde(default)]
+    pub ignore_eos: Option<bool>,
 }
 
 #[derive(Clone, Debug, Deserialize)]

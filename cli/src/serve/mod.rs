@@ -420,7 +420,7 @@ fn gen_request(
         top_p,
         seed: s.seed.unwrap_or(0),
         stop,
-        ignore_eos: false,
+        ignore_eos: s.ignore_eos.unwrap_or(false),
         cancel: CancelToken::new(),
     })
 }
