@@ -167,9 +167,11 @@ pub fn run(a: InspectArgs) -> Result<()> {
                     l.memory.kv_bytes,
                     l.memory.max_ctx
                 );
+                let lp = m.lowered(l.act)?;
                 println!(
-                    "lowered      {} kernels, {} activations",
-                    l.graph.lines().filter(|x| x.contains("= kernel(")).count(),
+                    "lowered      {} kernel launches ({} distinct kernels), {} activations",
+                    lp.steps.len(),
+                    lp.kernels().len(),
                     l.act.name()
                 );
             }
