@@ -45,7 +45,7 @@ WK=http://127.0.0.1:8181
 PEER=../shared/tools/peer-llamacpp.sh
 LL=
 if [ -x "$PEER" ] || [ -f "$PEER" ]; then
-  bash "$PEER" build >/dev/null
+  bash "$PEER" build >/dev/null 2>&1
   Q4=$(bash "$PEER" q4_0 "$MODEL")
   bash "$PEER" serve "$Q4" --port 8182 -np $PAR -c $((PAR * CTX)) >"$OUT/llama.log" 2>&1 &
   pids+=($!)
@@ -68,6 +68,6 @@ for c in "${CS[@]}"; do
     fi
     r=$("$PY" scripts/bench_serve.py "$url" "$c" "$PER" "$MAXT")
     echo "$r" >>"$OUT/results.jsonl"
-    python3 -c 'import json,sys; r=json.loads(sys.argv[1]); print(f"| {r[\"clients\"]} | {sys.argv[2]} | {r[\"aggregate_tokens_per_s\"]:.1f} | {r[\"ttft_p50_s\"]:.3f} | {r[\"ttft_p99_s\"]:.3f} |")' "$r" "$name"
+    python3 -c 'import json,sys; r=json.loads(sys.argv[1]); print("| %d | %s | %.1f | %.3f | %.3f |" % (r["clients"], sys.argv[2], r["aggregate_tokens_per_s"], r["ttft_p50_s"], r["ttft_p99_s"]))' "$r" "$name"
   done
 done
