@@ -68,8 +68,9 @@ fn check(m: &Model, kvbits: u32) {
                     assert!(a.max_abs <= 1e-3, "exact path: max |diff| {}", a.max_abs);
                     assert!(a.kv_excess <= 1e-3, "exact path: K/V {}", a.summary());
                 }
-                // int8 activations (step max|x|/127 per block of 32): logits move by ~1e-1,
-                // the next-token distribution by a KLD of ~1e-3 (bound 3e-2). Its K/V are
+                // int8 activations (step max|x|/127 per block of 32): logits move by ~2e-1
+                // on average, the next-token distribution by a mean KLD of ~6e-3 on the demo
+                // plans (any calibration; bound 3e-2, 5x that). Its K/V are
                 // those of other activations, so their codes are not compared; the cache
                 // kernels are the exact path's, checked above.
                 Act::Int8 => {
