@@ -3,7 +3,7 @@
 
 use clap::{Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
-use wkvc_runtime::Act;
+use wkvc_runtime::{Act, CpuIsa};
 
 #[derive(Parser)]
 #[command(
@@ -33,6 +33,28 @@ impl From<CpuAct> for Act {
         match a {
             CpuAct::F32 => Act::F32,
             CpuAct::Int8 => Act::Int8,
+        }
+    }
+}
+
+/// The CPU engine's kernel variants by instruction set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum CpuIsaArg {
+    /// the widest this CPU runs
+    Auto,
+    /// Cranelift's kernels only (128-bit vectors; every x86-64 with SSE4.1)
+    Base,
+    /// 256-bit AVX2 + FMA native kernels for the int8-activation quantized GEMMs
+    Avx2,
+}
+
+impl CpuIsaArg {
+    /// `None` for auto.
+    pub fn isa(self) -> Option<CpuIsa> {
+        match self {
+            CpuIsaArg::Auto => None,
+            CpuIsaArg::Base => Some(CpuIsa::Base),
+            CpuIsaArg::Avx2 => Some(CpuIsa::Avx2),
         }
     }
 }
@@ -175,6 +197,10 @@ pub struct EngineArgs {
     /// Activations of the CPU engine's quantized GEMMs (default: what the plan selects).
     #[arg(long, value_enum)]
     pub cpu_act: Option<CpuAct>,
+    /// Instruction set of the CPU engine's kernels (for comparisons; default: the widest this
+    /// CPU runs).
+    #[arg(long, value_enum, default_value_t = CpuIsaArg::Auto)]
+    pub cpu_isa: CpuIsaArg,
     /// CPU workers (default: all cores).
     #[arg(long)]
     pub threads: Option<usize>,
@@ -349,6 +375,10 @@ pub struct EmitArgs {
     /// Activation mode of the quantized GEMMs (default: the plan's).
     #[arg(long, value_enum)]
     pub cpu_act: Option<CpuAct>,
+    /// Instruction set of the CPU kernels (default: the widest this CPU runs): a kernel with a
+    /// native variant for it is shown as that variant.
+    #[arg(long, value_enum, default_value_t = CpuIsaArg::Auto)]
+    pub cpu_isa: CpuIsaArg,
     /// Print the machine code instead: for cpu after register allocation; for cuda the PTX
     /// from NVRTC for compute_ARCH, with ptxas's register/spill report for sm_ARCH on stderr.
     #[arg(long)]

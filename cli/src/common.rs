@@ -47,6 +47,7 @@ pub fn make_engine(m: &Model, ea: &EngineArgs) -> Result<Engine> {
     let opts = EngineOptions {
         threads: threads(ea.threads),
         profile: ea.profile,
+        cpu_isa: ea.cpu_isa.isa(),
     };
     let act = ea.cpu_act.map(wkvc_runtime::Act::from);
     let e = match (ea.engine, act) {
@@ -86,8 +87,11 @@ pub fn make_engine(m: &Model, ea: &EngineArgs) -> Result<Engine> {
     }
     if let Some(c) = e.cpu() {
         tracing::info!(
-            "CPU engine: {} kernels JIT-compiled in {:.1} ms ({} bytes of code)",
+            "CPU engine ({}): {} kernels JIT-compiled and {} native, in {:.1} ms ({} bytes of \
+             generated code)",
+            c.isa.name(),
             c.kernels,
+            c.native_kernels,
             c.jit_ms,
             c.code_bytes
         );

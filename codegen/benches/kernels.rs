@@ -2,17 +2,22 @@
 //! (or cache) read per second for the memory-bound kinds, and a memcpy of the same size as
 //! the machine's reference bandwidth.
 //!
+//! The quantized GEMM runs on each kernel variant of the host (Cranelift, and the native
+//! kernels of each ISA it supports).
+//!
 //!   cargo bench -p wkvc-codegen --bench kernels
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use std::hint::black_box;
-use wkvc_codegen::cpu::{CpuJit, KernelFn};
+use wkvc_codegen::cpu::CpuJit;
 use wkvc_codegen::kernels::{prep_f32, prep_int8, tile_codes, tile_params};
+use wkvc_codegen::native::{self, CpuIsa, CpuKernel};
+use wkvc_ir::kernel::args::{AttentionArgs, KernelArgs, LogitsArgs, QGemmArgs};
 use wkvc_ir::{Act, KernelSpec};
 
-fn call(f: KernelFn, a: &[u64]) {
-    // SAFETY: the argument words of each kind with buffers of the sizes the kernel uses.
-    unsafe { f(a.as_ptr()) }
+fn call<A: KernelArgs>(f: CpuKernel, a: &A) {
+    // SAFETY: the argument struct of each kind with buffers of the sizes the kernel uses.
+    unsafe { f.call(a as *const A as *const u64) }
 }
 
 fn rnd(n: usize, seed: u64) -> Vec<f32> {
@@ -47,7 +52,7 @@ fn benches(c: &mut Criterion) {
         let codes = tile_codes(&codes, n, k, gl);
         let s = tile_params(&vec![0.01f32; n * ng], n, ng);
         let z = tile_params(&vec![8f32; n * ng], n, ng);
-        for &m in &[1usize, 64] {
+        for &m in &[1usize, 64, 512] {
             let x = rnd(m * k, 3);
             let mut xp = vec![0f32; m * k];
             let mut xq = vec![0i8; m * k];
@@ -88,22 +93,21 @@ fn benches(c: &mut Criterion) {
                 } else {
                     xq.as_ptr() as u64
                 };
-                let args = [
-                    xpp,
-                    gs.as_ptr() as u64,
-                    dx.as_ptr() as u64,
-                    x.as_ptr() as u64,
-                    m as u64,
-                    codes.as_ptr() as u64,
-                    s.as_ptr() as u64,
-                    z.as_ptr() as u64,
-                    y.as_mut_ptr() as u64,
-                    n as u64,
-                    0,
-                    n as u64,
-                    0,
-                    0,
-                ];
+                let args = QGemmArgs {
+                    x: x.as_ptr() as u64,
+                    xp: xpp,
+                    gsum: gs.as_ptr() as u64,
+                    dx: dx.as_ptr() as u64,
+                    m: m as u64,
+                    w: codes.as_ptr() as u64,
+                    s: s.as_ptr() as u64,
+                    z: z.as_ptr() as u64,
+                    y: y.as_mut_ptr() as u64,
+                    ldy: n as u64,
+                    n0: 0,
+                    n1: n as u64,
+                    ..Default::default()
+                };
                 let mut g = c.benchmark_group(format!("qgemm_n{n}_k{k}_m{m}"));
                 if m == 1 {
                     // GB/s of packed weights + scales/zeros (f32 copies)
@@ -112,7 +116,14 @@ fn benches(c: &mut Criterion) {
                     // multiply-adds (criterion prints elements/s: read as GMAC/s)
                     g.throughput(Throughput::Elements((m * n * k) as u64));
                 }
+                let f = CpuKernel::Jit(f);
                 g.bench_function(act.name(), |b| b.iter(|| call(f, black_box(&args))));
+                for isa in CpuIsa::available() {
+                    if let Some(f) = native::kernel(&spec, isa) {
+                        let name = format!("{}_{}", act.name(), isa.name());
+                        g.bench_function(name, |b| b.iter(|| call(f, black_box(&args))));
+                    }
+                }
                 g.finish();
             }
         }
@@ -130,17 +141,17 @@ fn benches(c: &mut Criterion) {
                 act: Act::F32,
             })
             .expect("compiles");
-        let a = [
-            x.as_ptr() as u64,
-            1,
-            table.as_ptr() as u64,
-            y.as_mut_ptr() as u64,
-            vocab as u64,
-            0,
-            vocab as u64,
-            0,
-            0,
-        ];
+        let f = CpuKernel::Jit(f);
+        let a = LogitsArgs {
+            x: x.as_ptr() as u64,
+            m: 1,
+            w: table.as_ptr() as u64,
+            y: y.as_mut_ptr() as u64,
+            ldy: vocab as u64,
+            n0: 0,
+            n1: vocab as u64,
+            ..Default::default()
+        };
         let mut g = c.benchmark_group("logits_49152x576");
         g.throughput(Throughput::Bytes((vocab * dim * 4) as u64));
         g.bench_function("f32", |b| b.iter(|| call(f, black_box(&a))));
@@ -157,17 +168,19 @@ fn benches(c: &mut Criterion) {
                 act: Act::Int8,
             })
             .expect("compiles");
-        let a8 = [
-            xq.as_ptr() as u64,
-            dx.as_ptr() as u64,
-            1,
-            wq.as_ptr() as u64,
-            ws.as_ptr() as u64,
-            y.as_mut_ptr() as u64,
-            vocab as u64,
-            0,
-            vocab as u64,
-        ];
+        let f8 = CpuKernel::Jit(f8);
+        let a8 = LogitsArgs {
+            xq: xq.as_ptr() as u64,
+            dx: dx.as_ptr() as u64,
+            m: 1,
+            wq: wq.as_ptr() as u64,
+            ws: ws.as_ptr() as u64,
+            y: y.as_mut_ptr() as u64,
+            ldy: vocab as u64,
+            n0: 0,
+            n1: vocab as u64,
+            ..Default::default()
+        };
         g.throughput(Throughput::Bytes((vocab * dim + vocab * dim / 8) as u64));
         g.bench_function("int8", |b| b.iter(|| call(f8, black_box(&a8))));
         g.finish();
@@ -200,26 +213,28 @@ fn benches(c: &mut Criterion) {
         let (f, _) = jit.compile_kernel(&spec).expect("compiles");
         let kf = rnd(kw, 4);
         let vf = rnd(kw, 6);
-        let a = [
-            q.as_ptr() as u64,
-            kc.as_ptr() as u64,
-            kp.as_ptr() as u64,
-            vc.as_ptr() as u64,
-            vp.as_ptr() as u64,
-            ctx as u64,
-            kf.as_ptr() as u64,
-            vf.as_ptr() as u64,
-            kw as u64,
-            0,
-            1,
-            0,
-            out.as_mut_ptr() as u64,
-            scr.as_mut_ptr() as u64,
-            sm.as_ptr() as u64,
-            sm.as_ptr() as u64,
-            sm.as_ptr() as u64,
-            sm.as_ptr() as u64,
-        ];
+        let f = CpuKernel::Jit(f);
+        let a = AttentionArgs {
+            q: q.as_ptr() as u64,
+            kc: kc.as_ptr() as u64,
+            kp: kp.as_ptr() as u64,
+            vc: vc.as_ptr() as u64,
+            vp: vp.as_ptr() as u64,
+            nq: ctx as u64,
+            kf: kf.as_ptr() as u64,
+            vf: vf.as_ptr() as u64,
+            ldf: kw as u64,
+            f0: 0,
+            f1: 1,
+            g: 0,
+            out: out.as_mut_ptr() as u64,
+            scratch: scr.as_mut_ptr() as u64,
+            ksh: sm.as_ptr() as u64,
+            ksc: sm.as_ptr() as u64,
+            vsh: sm.as_ptr() as u64,
+            vsc: sm.as_ptr() as u64,
+            ..Default::default()
+        };
         let mut g = c.benchmark_group(format!("attention_decode_ctx{ctx}"));
         // the kv head's codes and params read: K and V
         g.throughput(Throughput::Bytes((2 * ctx * (hd / 2 + 8)) as u64));

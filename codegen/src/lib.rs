@@ -9,6 +9,7 @@ pub mod cpu;
 pub mod cuda;
 pub mod cuda_host;
 pub mod kernels;
+pub mod native;
 pub mod nvrtc;
 
 #[derive(Debug, thiserror::Error)]

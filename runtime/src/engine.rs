@@ -13,6 +13,7 @@
 
 use crate::{Model, RuntimeError, cpu, cuda, interp};
 use std::sync::Arc;
+use wkvc_codegen::native::CpuIsa;
 use wkvc_ir::{Act, KvCache, RunMode};
 
 /// Which engine runs a model.
@@ -39,6 +40,9 @@ pub struct EngineOptions {
     /// Time every kernel and call and log the figures through `tracing` (target
     /// `wkvc::profile`, level info).
     pub profile: bool,
+    /// The CPU engine's native kernels: the widest the host runs when `None`
+    /// (`CpuIsa::detect`); `Some(CpuIsa::Base)` keeps Cranelift's kernels only.
+    pub cpu_isa: Option<CpuIsa>,
 }
 
 impl Default for EngineOptions {
@@ -46,6 +50,7 @@ impl Default for EngineOptions {
         EngineOptions {
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
             profile: false,
+            cpu_isa: None,
         }
     }
 }
@@ -223,11 +228,11 @@ impl Engine {
         }
     }
 
-    /// "interp", "cpu (f32 activations)", "cuda (DEVICE, CODE)".
+    /// "interp", "cpu (f32 activations, avx2)", "cuda (DEVICE, CODE)".
     pub fn describe(&self) -> String {
         match &self.0.backend {
             Backend::Interp(_) => "interp".into(),
-            Backend::Cpu(c) => format!("cpu ({} activations)", c.act.name()),
+            Backend::Cpu(c) => format!("cpu ({} activations, {})", c.act.name(), c.isa.name()),
             Backend::Cuda(c) => format!("cuda ({}, {})", c.device_name, c.code),
         }
     }

@@ -60,6 +60,7 @@ pub use error::RuntimeError;
 pub use model::{Model, ModelData};
 pub use sample::Sampler;
 pub use tokenizer::{Message, StreamDecoder, Tokenizer};
+pub use wkvc_codegen::native::CpuIsa;
 pub use wkvc_ir::{Act, KvCache, RunMode};
 
 /// A token that asks a long call to stop: clones share it; `cancel` from any thread (a Ctrl-C

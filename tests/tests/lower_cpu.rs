@@ -204,9 +204,10 @@ fn engine_errors_and_fallback() {
     // (int8 by default, f32 where the plan asks for it)
     let mf = compile::manifest(&m, &c, serde_json::Value::Null, String::new());
     let qp = m.with_module(c.module.clone(), Some(mf));
+    let isa = wkvc_runtime::CpuIsa::detect().name();
     assert_eq!(
         qp.engine_auto(1).expect("engine").describe(),
-        "cpu (int8 activations)"
+        format!("cpu (int8 activations, {isa})")
     );
     let mut exact = compile(&m, 4, true, true);
     exact.cpu_act = Act::F32;
@@ -214,7 +215,7 @@ fn engine_errors_and_fallback() {
     let qp = m.with_module(c.module.clone(), Some(mf));
     assert_eq!(
         qp.engine_auto(1).expect("engine").describe(),
-        "cpu (f32 activations)"
+        format!("cpu (f32 activations, {isa})")
     );
 }
 

@@ -4,6 +4,7 @@
 use crate::args::{EmitArgs, Target};
 use crate::common::open;
 use anyhow::{Context, Result};
+use wkvc_codegen::native::{self, CpuIsa};
 use wkvc_runtime::Act;
 
 pub fn run(a: EmitArgs) -> Result<()> {
@@ -12,9 +13,22 @@ pub fn run(a: EmitArgs) -> Result<()> {
         kernel,
         target,
         cpu_act,
+        cpu_isa,
         asm,
         arch,
     } = a;
+    let isa = cpu_isa.isa().unwrap_or_else(CpuIsa::detect);
+    if target == Target::Cpu && !isa.supported() {
+        anyhow::bail!(
+            "--cpu-isa {}: this CPU lacks the instructions (it runs: {})",
+            isa.name(),
+            CpuIsa::available()
+                .iter()
+                .map(|i| i.name())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
     let m = open(&model)?;
     let act = cpu_act.map_or_else(|| m.plan_act(), Act::from);
     let lowered = m.lowered(act)?;
@@ -25,8 +39,13 @@ pub fn run(a: EmitArgs) -> Result<()> {
         .collect();
     match kernel {
         None => {
-            for name in specs.keys() {
-                println!("{name}");
+            for (name, spec) in &specs {
+                match native::kernel(spec, isa).and_then(|k| k.native_name()) {
+                    Some(n) if target == Target::Cpu => {
+                        println!("{name}  (native {}: {n})", isa.name())
+                    }
+                    _ => println!("{name}"),
+                }
             }
         }
         Some(k) => {
@@ -59,6 +78,12 @@ pub fn run(a: EmitArgs) -> Result<()> {
                     print!("{}", k.source);
                 }
                 return Ok(());
+            }
+            if let Some(d) = native::describe(spec, isa) {
+                // a native kernel is Rust compiled with wkvc: its description, then (for
+                // comparison) the generated kernel that --cpu-isa base runs
+                print!("{d}");
+                println!("; the generated kernel (--cpu-isa base) follows");
             }
             let mut jit = wkvc_codegen::cpu::CpuJit::host()?;
             if asm {

@@ -52,9 +52,14 @@ pub fn run(a: RunArgs) -> Result<()> {
         .cpu()
         .map(|c| {
             format!(
-                "; {}, {} kernels JIT-compiled in {:.0} ms",
+                "; {}, {} kernels JIT-compiled{} in {:.0} ms",
                 engine.describe(),
                 c.kernels,
+                if c.native_kernels > 0 {
+                    format!(" and {} native", c.native_kernels)
+                } else {
+                    String::new()
+                },
                 c.jit_ms
             )
         })

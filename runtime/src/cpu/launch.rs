@@ -9,8 +9,8 @@ use super::{Bound, CpuEngine, CpuKv, CpuStep, Workspace, err};
 use crate::RuntimeError;
 use crate::engine::{Seg, Work, next_round};
 use std::time::Instant;
-use wkvc_codegen::cpu::KernelFn;
 use wkvc_codegen::kernels::{QTILE, prep_f32, prep_int8};
+use wkvc_codegen::native::CpuKernel;
 use wkvc_ir::kernel::args::{
     AttentionArgs, EmbedArgs, GemmArgs, KernelArgs, LogitsArgs, QGemmArgs, RmsNormArgs, RopeKvArgs,
     SiluMulArgs,
@@ -19,12 +19,12 @@ use wkvc_ir::{Act, KernelSpec, RunMode};
 use wkvc_passes::lower::CHUNK;
 
 /// Call a kernel with its argument struct.
-fn call<A: KernelArgs>(f: KernelFn, a: &A) {
+fn call<A: KernelArgs>(f: CpuKernel, a: &A) {
     // SAFETY: `f` was compiled for this step's spec, which reads `A` (the argument struct of
     // its kind) at the fields' offsets; every pointer in `a` addresses memory sized for the
     // rows and columns it describes (the engine's workspace, the sessions' caches sized for
     // their context, the weights).
-    unsafe { f(a as *const A as *const u64) }
+    unsafe { f.call(a as *const A as *const u64) }
 }
 
 /// A raw pointer handed to the pool's workers.

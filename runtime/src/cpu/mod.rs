@@ -14,7 +14,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 use std::time::Instant;
 use weights::{Ptr, Weights};
-use wkvc_codegen::cpu::{CpuJit, KernelFn};
+use wkvc_codegen::cpu::CpuJit;
+use wkvc_codegen::native::{self, CpuIsa, CpuKernel};
 use wkvc_ir::{Act, KernelSpec, KvCache, KvLayer};
 use wkvc_passes::lower::{CHUNK, LoweredPlan, MemoryPlan, StepOperand};
 
@@ -36,7 +37,7 @@ enum Bound {
 /// A step of the plan with its kernel and bound operands.
 struct CpuStep {
     spec: KernelSpec,
-    f: KernelFn,
+    f: CpuKernel,
     operands: Vec<Bound>,
     /// arena byte offset of the output
     out: usize,
@@ -51,7 +52,7 @@ struct CpuStep {
 /// The JIT module that holds the kernels' code.
 struct Code(#[allow(dead_code)] CpuJit);
 // SAFETY: after `CpuEngine::new` the module is never touched again: its code is only
-// executed (through the `KernelFn`s, which are plain function pointers) and the module is
+// executed (through the `CpuKernel`s, which hold plain function pointers) and the module is
 // dropped with the engine. Executing immutable code from several threads is safe.
 unsafe impl Send for Code {}
 unsafe impl Sync for Code {}
@@ -100,6 +101,9 @@ pub struct CpuEngine {
     pub jit_ms: f64,
     /// distinct kernels compiled, machine-code bytes
     pub kernels: usize,
+    /// distinct kernels served by native code for `isa` (`wkvc_codegen::native`)
+    pub native_kernels: usize,
+    pub isa: CpuIsa,
     pub code_bytes: usize,
     pub act: Act,
 }
@@ -115,7 +119,20 @@ impl CpuEngine {
         let module = &model.module;
         let threads = opts.threads.max(1);
         let mut jit = CpuJit::host()?;
-        let mut compiled: HashMap<String, KernelFn> = HashMap::new();
+        let isa = opts.cpu_isa.unwrap_or_else(CpuIsa::detect);
+        if !isa.supported() {
+            return Err(err(format!(
+                "--cpu-isa {}: this CPU lacks the instructions (it runs: {})",
+                isa.name(),
+                CpuIsa::available()
+                    .iter()
+                    .map(|i| i.name())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+        let mut compiled: HashMap<String, CpuKernel> = HashMap::new();
+        let mut natives = 0;
         let mut w = Weights::default();
         let mut steps = Vec::with_capacity(lowered.steps.len());
         let mut rope_sets: Vec<Vec<f32>> = Vec::new();
@@ -126,8 +143,17 @@ impl CpuEngine {
             let f = match compiled.get(&key) {
                 Some(f) => *f,
                 None => {
-                    let (f, size) = jit.compile_kernel(&spec)?;
-                    code_bytes += size;
+                    let f = match native::kernel(&spec, isa) {
+                        Some(f) => {
+                            natives += 1;
+                            f
+                        }
+                        None => {
+                            let (f, size) = jit.compile_kernel(&spec)?;
+                            code_bytes += size;
+                            CpuKernel::Jit(f)
+                        }
+                    };
                     compiled.insert(key, f);
                     f
                 }
@@ -227,7 +253,9 @@ impl CpuEngine {
         let work = Workspace::new(&steps, &plan, rope_sets.len(), threads)?;
         Ok(CpuEngine {
             derived_bytes: w.derived_bytes(),
-            kernels: compiled.len(),
+            kernels: compiled.len() - natives,
+            native_kernels: natives,
+            isa,
             code_bytes,
             steps,
             plan,
