@@ -53,6 +53,27 @@ fn batch_decode(engine: &Engine, n: usize, gen_tokens: usize) -> Result<f64> {
     Ok((n * gen_tokens) as f64 / t.elapsed().as_secs_f64())
 }
 
+/// This machine's copy bandwidth on `threads` threads: bytes read plus bytes written per
+/// second while copying 256 MiB (far past the caches), the best of 3.
+fn copy_bandwidth(threads: usize) -> f64 {
+    const BYTES: usize = 256 << 20;
+    let src = vec![1u8; BYTES];
+    let mut dst = vec![0u8; BYTES];
+    let part = BYTES.div_ceil(threads.max(1));
+    let mut best = 0f64;
+    for _ in 0..3 {
+        let t = Instant::now();
+        std::thread::scope(|sc| {
+            for (d, s) in dst.chunks_mut(part).zip(src.chunks(part)) {
+                sc.spawn(move || d.copy_from_slice(std::hint::black_box(s)));
+            }
+        });
+        best = best.max(2.0 * BYTES as f64 / t.elapsed().as_secs_f64());
+    }
+    std::hint::black_box(&dst);
+    best
+}
+
 pub fn run(a: BenchArgs) -> Result<()> {
     let BenchArgs {
         model,
@@ -170,6 +191,44 @@ pub fn run(a: BenchArgs) -> Result<()> {
         "weight_bytes": weight_bytes,
     });
     let mut out = out;
+    // decode against memory bandwidth: the bytes a step reads (memory plan) x steps/s, next to
+    // this machine's copy bandwidth
+    if let Some(plan) = engine.cpu().map(|c| c.memory_plan().clone())
+        && ngen > 0
+    {
+        let copy = copy_bandwidth(th);
+        let mut rows = Vec::new();
+        for (name, tps, ctx) in [
+            (
+                "decode",
+                out["decode_tokens_per_s"].as_f64(),
+                prompt + ngen / 2,
+            ),
+            (
+                "decode_from_empty",
+                out["decode_from_empty_tokens_per_s"].as_f64(),
+                ngen / 2,
+            ),
+            (
+                "decode_at_long_ctx",
+                out["decode_at_long_ctx_tokens_per_s"].as_f64(),
+                long_ctx + ngen / 2,
+            ),
+        ] {
+            let Some(tps) = tps else { continue };
+            let bytes = plan.decode_bytes(ctx);
+            let gbs = bytes as f64 * tps / 1e9;
+            rows.push(serde_json::json!({
+                "test": name,
+                "mean_context": ctx,
+                "bytes_per_token": bytes,
+                "achieved_gb_per_s": gbs,
+                "roofline_fraction": gbs / (copy / 1e9),
+            }));
+        }
+        out["copy_bandwidth_gb_per_s"] = serde_json::json!(copy / 1e9);
+        out["bandwidth"] = serde_json::json!(rows);
+    }
     // batched decode: aggregate tokens/s of N sequences advanced together
     let mut batched = Vec::new();
     for &n in &batch {
@@ -230,6 +289,25 @@ pub fn run(a: BenchArgs) -> Result<()> {
             weight_bytes as f64 / 1048576.0
         ));
         println!("{}: {}", engine.describe(), parts.join(", "));
+        if let Some(rows) = out["bandwidth"].as_array() {
+            let copy = median_or_zero(&out["copy_bandwidth_gb_per_s"]);
+            let txt: Vec<String> = rows
+                .iter()
+                .map(|r| {
+                    format!(
+                        "{} {:.1} MB/token {:.2} GB/s ({:.0}%)",
+                        r["test"].as_str().unwrap_or("?").replace('_', " "),
+                        median_or_zero(&r["bytes_per_token"]) / 1e6,
+                        median_or_zero(&r["achieved_gb_per_s"]),
+                        100.0 * median_or_zero(&r["roofline_fraction"])
+                    )
+                })
+                .collect();
+            println!(
+                "  memory: {}; of the copy bandwidth {copy:.1} GB/s on {th} threads",
+                txt.join(", ")
+            );
+        }
         for b in &batched {
             println!(
                 "  batch of {:>2} sequences: aggregate decode {:.1} tokens/s ({:.1} per sequence)",

@@ -59,6 +59,19 @@ impl MemoryPlan {
             + self.scratch(threads)
     }
 
+    /// Bytes one decode step reads from memory at `ctx` tokens of context: every weight the
+    /// kernels read (the engine's copies and the params read as stored), one row of an
+    /// embedding-only table, and the KV cache of `ctx` tokens. Activations stay in cache and
+    /// are not counted: this is the floor a decode step at memory bandwidth needs.
+    pub fn decode_bytes(&self, ctx: usize) -> usize {
+        let embed_all = self.embed_rows.min(self.max_ctx) * self.embed_row_bytes;
+        let embed_one = self.embed_row_bytes.min(embed_all);
+        self.weights_bytes - embed_all
+            + embed_one
+            + self.derived_bytes
+            + self.kv_bytes_per_token * ctx
+    }
+
     /// Per-call scratch on `threads` workers.
     pub fn scratch(&self, threads: usize) -> usize {
         self.scratch_bytes + threads.saturating_sub(1) * self.thread_scratch_bytes
