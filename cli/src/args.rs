@@ -102,7 +102,8 @@ pub enum EngineChoice {
 pub enum TextOrigin {
     /// written by people (perplexity is meaningful)
     Corpus,
-    /// sampled from the FP model (its perplexity is low by construction: compare by KL
+    /// sampled from the FP model (its perplexity is the floor by construction: another
+    /// model's log-perplexity exceeds it by their KL divergence, in expectation; compare by KL
     /// divergence and top-1 agreement)
     Sampled,
 }

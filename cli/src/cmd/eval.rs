@@ -112,8 +112,10 @@ fn quality_table(
     if sampled {
         println!(
             "The text was sampled from the FP model: KL divergence and top-1 agreement with the \
-             FP model measure quality; perplexities are on the model's own samples (low for the \
-             FP model by construction) and are not comparable with figures on written text.\n"
+             FP model measure quality; perplexities are on the model's own samples (the FP \
+             model's is the floor by construction: another model's log-perplexity exceeds it by \
+             their KL divergence, in expectation) and are not comparable with figures on written \
+             text.\n"
         );
         println!(
             "| config | KLD vs FP | top-1 agreement | perplexity on sampled text | weight bytes | \
