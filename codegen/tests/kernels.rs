@@ -1,6 +1,7 @@
 //! The kernel checks that the table of `kernel_table.rs` does not cover: `rope_kv` and
 //! `attention` (they change the KV cache) against `rope` and `attention` with a cache, on
-//! the Cranelift back end and the CUDA host emulator; the int8 head against the same int8
+//! the Cranelift back end, the native attention of each CPU ISA variant the host runs
+//! (`wkvc_codegen::native`) and the CUDA host emulator; the int8 head against the same int8
 //! arithmetic in f64; and the CUDA GEMMs' fused prologues (`_gemv_rms`, `_gemv_silu`) and
 //! GEMM parts launched one by one, against f64. Tolerances come from f32 accumulation:
 //! |err| <= c * n * 2^-24 * sum|terms| (plus f16 operand rounding for the tensor-core GEMM).
@@ -10,6 +11,7 @@ use wkvc_codegen::cpu::{CpuJit, KernelFn};
 use wkvc_codegen::cuda;
 use wkvc_codegen::cuda_host::{self, HostModule};
 use wkvc_codegen::kernels::prep_int8;
+use wkvc_codegen::native::{self, CpuIsa, CpuKernel};
 use wkvc_ir::graph::{Attr, Builder, OpKind, Operand, attrs, seq_f32};
 use wkvc_ir::kernel::args::{
     AttentionArgs, GemmArgs, KernelArgs, LogitsArgs, QGemmArgs, RopeKvArgs, f32_word,
@@ -36,6 +38,11 @@ impl Rng {
 
 fn ty(shape: &[usize]) -> TensorType {
     TensorType::new(DType::F32, shape.iter().map(|&d| Dim::Const(d)).collect())
+}
+
+fn call_k<A: KernelArgs>(f: CpuKernel, args: &A) {
+    // SAFETY: as for `call`
+    unsafe { f.call(args as *const A as *const u64) }
 }
 
 fn call<A: KernelArgs>(f: KernelFn, args: &A) {
@@ -109,6 +116,23 @@ fn launch<A: KernelArgs>(
 
 fn check(name: &str, got: &[f32], want: &[f32], bound: &[f64]) {
     assert_eq!(got.len(), want.len(), "{name}: length");
+    let worst = got
+        .iter()
+        .zip(want)
+        .zip(bound)
+        .map(|((g, w), b)| {
+            let d = (*g as f64 - *w as f64).abs();
+            match (*b > 0.0, d == 0.0) {
+                (true, _) => d / b,
+                (false, true) => 0.0,
+                (false, false) => f64::INFINITY,
+            }
+        })
+        .fold(
+            0f64,
+            |a, q| if q.is_nan() { f64::INFINITY } else { a.max(q) },
+        );
+    eprintln!("{name}: worst |diff| / bound {worst:.3}");
     for (i, ((g, w), b)) in got.iter().zip(want).zip(bound).enumerate() {
         let d = (*g as f64 - *w as f64).abs();
         assert!(
@@ -223,7 +247,8 @@ fn logits_int8_is_the_int8_dot() {
 
 /// rope + attention with a packed cache (two chunks: the second reads the first from the
 /// cache) vs the rope_kv and attention kernels, for GQA ratios, head dims, partial rotary,
-/// 3/4-bit and f32 caches, smoothing, past-only or not, prefill and decode-equivalent.
+/// 3/4-bit and f32 caches, smoothing, past-only or not, prefill and decode-equivalent; the
+/// attention kernel generated and native (each ISA variant the host runs).
 #[test]
 fn rope_kv_and_attention_match_rope_and_attention() {
     let mut jit = CpuJit::host().expect("host JIT");
@@ -544,68 +569,77 @@ fn attention_case(
                 ..Default::default()
             },
         );
-        let mut got = vec![f32::NAN; s * qw];
         let base = qkv.as_ptr() as u64;
-        for i in 0..s {
-            for gk in 0..kvh {
-                let row = base + (i * width * 4) as u64;
-                let kf = base + (qw * 4) as u64;
-                let vf = base + ((qw + kw) * 4) as u64;
-                let (nq, kf, vf, ldf, f0, f1) = if bits == 16 {
-                    (
-                        0,
-                        kp.as_ptr() as u64,
-                        vp.as_ptr() as u64,
-                        kw,
-                        0,
-                        past + i + 1,
-                    )
-                } else if !past_only {
-                    (past + i + 1, 0, 0, 0, 0, 0)
-                } else if mode == RunMode::Prefill {
-                    (past, kf, vf, width, 0, i + 1)
-                } else {
-                    (past + i, kf, vf, width, i, i + 1)
-                };
-                call(
-                    fa,
-                    &AttentionArgs {
-                        q: row,
-                        kc: kc.as_ptr() as u64,
-                        kp: kp.as_ptr() as u64,
-                        vc: vc.as_ptr() as u64,
-                        vp: vp.as_ptr() as u64,
-                        nq: nq as u64,
-                        kf,
-                        vf,
-                        ldf: ldf as u64,
-                        f0: f0 as u64,
-                        f1: f1 as u64,
-                        g: gk as u64,
-                        out: got.as_mut_ptr() as u64 + (i * qw * 4) as u64,
-                        scratch: scratch.as_mut_ptr() as u64,
-                        ksh: smp("ksh"),
-                        ksc: smp("ksc"),
-                        vsh: smp("vsh"),
-                        vsc: smp("vsc"),
-                        ..Default::default()
-                    },
-                );
+        // the generated kernel, then the native kernel of each ISA variant the host runs
+        let mut kernels = vec![("cranelift".to_string(), CpuKernel::Jit(fa))];
+        for isa in CpuIsa::available() {
+            if let Some(f) = native::kernel(&attn_spec, isa) {
+                kernels.push((format!("native {}", isa.name()), f));
             }
         }
-        // rope is bit-exact and the quantizer the same, so the codes agree; what differs is
-        // the order of f32 sums (scores over hd terms, softmax over the tokens, V sums) and
-        // exp by polynomial: relative 1e-5 of the values' scale
-        let vmax = v.iter().fold(0f32, |a, x| a.max(x.abs())) as f64 * 3.0;
-        let bound = vec![1e-5 * vmax.max(1.0) * hd as f64 / 8.0; got.len()];
-        check(
-            &format!(
-                "attention h{h} kv{kvh} hd{hd} rd{rd} b{bits} smooth {smooth} past_only {past_only} {mode:?} chunk {s}"
-            ),
-            &got,
-            &want,
-            &bound,
-        );
+        for (kname, fk) in &kernels {
+            let mut got = vec![f32::NAN; s * qw];
+            for i in 0..s {
+                for gk in 0..kvh {
+                    let row = base + (i * width * 4) as u64;
+                    let kf = base + (qw * 4) as u64;
+                    let vf = base + ((qw + kw) * 4) as u64;
+                    let (nq, kf, vf, ldf, f0, f1) = if bits == 16 {
+                        (
+                            0,
+                            kp.as_ptr() as u64,
+                            vp.as_ptr() as u64,
+                            kw,
+                            0,
+                            past + i + 1,
+                        )
+                    } else if !past_only {
+                        (past + i + 1, 0, 0, 0, 0, 0)
+                    } else if mode == RunMode::Prefill {
+                        (past, kf, vf, width, 0, i + 1)
+                    } else {
+                        (past + i, kf, vf, width, i, i + 1)
+                    };
+                    call_k(
+                        *fk,
+                        &AttentionArgs {
+                            q: row,
+                            kc: kc.as_ptr() as u64,
+                            kp: kp.as_ptr() as u64,
+                            vc: vc.as_ptr() as u64,
+                            vp: vp.as_ptr() as u64,
+                            nq: nq as u64,
+                            kf,
+                            vf,
+                            ldf: ldf as u64,
+                            f0: f0 as u64,
+                            f1: f1 as u64,
+                            g: gk as u64,
+                            out: got.as_mut_ptr() as u64 + (i * qw * 4) as u64,
+                            scratch: scratch.as_mut_ptr() as u64,
+                            ksh: smp("ksh"),
+                            ksc: smp("ksc"),
+                            vsh: smp("vsh"),
+                            vsc: smp("vsc"),
+                            ..Default::default()
+                        },
+                    );
+                }
+            }
+            // rope is bit-exact and the quantizer the same, so the codes agree; what differs is
+            // the order of f32 sums (scores over hd terms, softmax over the tokens, V sums) and
+            // exp by polynomial: relative 1e-5 of the values' scale
+            let vmax = v.iter().fold(0f32, |a, x| a.max(x.abs())) as f64 * 3.0;
+            let bound = vec![1e-5 * vmax.max(1.0) * hd as f64 / 8.0; got.len()];
+            check(
+                &format!(
+                    "{kname} attention h{h} kv{kvh} hd{hd} rd{rd} b{bits} smooth {smooth} past_only {past_only} {mode:?} chunk {s}"
+                ),
+                &got,
+                &want,
+                &bound,
+            );
+        }
         past += s;
     }
 }
