@@ -439,7 +439,8 @@ pub fn write_hf_dir(
 
 // ------------------------------------------------------------------ GGUF writer
 
-fn put_str(b: &mut Vec<u8>, s: &str) {
+/// A GGUF string: u64 length, bytes.
+pub fn put_str(b: &mut Vec<u8>, s: &str) {
     b.extend_from_slice(&(s.len() as u64).to_le_bytes());
     b.extend_from_slice(s.as_bytes());
 }
@@ -454,7 +455,8 @@ pub enum Meta {
     F32s(Vec<f32>),
 }
 
-fn put_meta(b: &mut Vec<u8>, key: &str, v: &Meta) {
+/// A GGUF metadata entry: key, type, value.
+pub fn put_meta(b: &mut Vec<u8>, key: &str, v: &Meta) {
     put_str(b, key);
     match v {
         Meta::U32(x) => {

@@ -354,3 +354,64 @@ fn corrupted_gguf_never_panics() {
     assert!(errors > 100, "most corruptions must be detected ({errors})");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `scripts/make-random-model.sh` (the bench tool for 1B-class shapes): the file it writes
+/// opens with the asked shapes, tied or not, and runs; a bad option is a clear error and
+/// leaves no file.
+#[test]
+fn random_model_generator_writes_the_asked_shapes() {
+    let dir = std::env::temp_dir().join(format!("wkvc-rnd-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let bin = env!("CARGO_BIN_EXE_make-random-model");
+    for (tied, layers) in [(true, 2usize), (false, 3)] {
+        let out = dir.join(format!("r{layers}.gguf"));
+        let mut cmd = std::process::Command::new(bin);
+        cmd.args(["-o", out.to_str().expect("utf-8 path")]);
+        for (k, v) in [
+            ("--hidden", 128usize),
+            ("--layers", layers),
+            ("--heads", 4),
+            ("--kv-heads", 2),
+            ("--ffn", 320),
+            ("--vocab", 700),
+            ("--ctx", 256),
+        ] {
+            cmd.args([k, &v.to_string()]);
+        }
+        if !tied {
+            cmd.arg("--untied");
+        }
+        let st = cmd.output().expect("runs");
+        assert!(
+            st.status.success(),
+            "{}",
+            String::from_utf8_lossy(&st.stderr)
+        );
+        let m = Model::open(&out).expect("opens");
+        let c = &m.config;
+        assert_eq!(
+            (c.hidden_size, c.num_layers, c.num_heads, c.num_kv_heads),
+            (128, layers, 4, 2)
+        );
+        assert_eq!(
+            (c.intermediate_size, c.vocab_size, c.head_dim),
+            (320, 700, 32)
+        );
+        assert_eq!(c.max_position_embeddings, 256);
+        assert_eq!(c.tie_word_embeddings, tied);
+        let e = m.engine(1).expect("engine");
+        let mut s = e.session(8);
+        let l = s.step(&[5, 6, 7]).expect("runs");
+        assert_eq!(l.len(), 700);
+        assert!(l.iter().all(|v| v.is_finite()));
+    }
+    let bad = dir.join("bad.gguf");
+    let st = std::process::Command::new(bin)
+        .args(["-o", bad.to_str().expect("utf-8"), "--heads", "5"])
+        .output()
+        .expect("runs");
+    assert!(!st.status.success());
+    assert!(String::from_utf8_lossy(&st.stderr).contains("multiple of --heads"));
+    assert!(!bad.exists() && !bad.with_extension("gguf.tmp").exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}
