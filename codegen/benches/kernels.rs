@@ -183,6 +183,17 @@ fn benches(c: &mut Criterion) {
         };
         g.throughput(Throughput::Bytes((vocab * dim + vocab * dim / 8) as u64));
         g.bench_function("int8", |b| b.iter(|| call(f8, black_box(&a8))));
+        let spec8 = KernelSpec::Logits {
+            vocab,
+            dim,
+            act: Act::Int8,
+        };
+        for isa in CpuIsa::available() {
+            if let Some(f) = native::kernel(&spec8, isa) {
+                let name = format!("int8_{}", isa.name());
+                g.bench_function(name, |b| b.iter(|| call(f, black_box(&a8))));
+            }
+        }
         g.finish();
     }
     // attention decode over a packed 4-bit cache: one query row, one kv head with its 3 query

@@ -239,8 +239,8 @@ pub fn describe(spec: &KernelSpec, isa: CpuIsa) -> Option<String> {
             avx2_rows()
         ),
         _ => format!(
-            "k {}, group length {}: per 32-column block, 4 weight rows x up to {} activation \
-             rows; weights as 16-byte nibble blocks of a {}-row tile, codes 0..15 x int8 \
+            "k {}, group length {}: per 32-column block, a whole tile of 8 weight rows for one \
+             activation row, 4 weight rows x up to {} activation rows for more; weights as 16-byte nibble blocks of a {}-row tile, codes 0..15 x int8 \
              activations by vpmaddubsw (pairs in i16), vpmaddwd to i32, cvt, FMA by the \
              block's activation scale; per group x the weights' scale; zero points and the \
              group's tail columns in f32",
@@ -338,7 +338,7 @@ mod avx2 {
         let blk = (16384 / (k / 2).max(1))
             .clamp(QTILE, 64)
             .next_multiple_of(QTILE);
-        let mut nb0 = c.n0 & !3;
+        let mut nb0 = c.n0 & !(QTILE - 1);
         while nb0 < c.n1 {
             let nb1 = (nb0 + blk).min(c.n1);
             let mut i = 0;
@@ -356,24 +356,37 @@ mod avx2 {
                     _ => {}
                 }
             }
-            nb0 = nb1.next_multiple_of(4);
+            nb0 = nb1.next_multiple_of(QTILE);
         }
     }
 
+    /// Micro-tiles of R activation rows over the weight rows nb0..nb1: one row takes whole
+    /// tiles (8 weight rows: one sequential read of the tile), several take 4 at a time
+    /// (registers). Either way each output is summed the same way (batch invariance).
     #[target_feature(enable = "avx2,fma")]
     unsafe fn quads<const R: usize>(c: &Call, i: usize, nb0: usize, nb1: usize) {
-        let mut n = nb0 & !3;
-        while n < nb1 {
-            // SAFETY: the caller's bounds
-            unsafe { micro::<R>(c, i, n) };
-            n += 4;
+        if R == 1 {
+            let mut n = nb0 & !(QTILE - 1);
+            while n < nb1 {
+                // SAFETY: the caller's bounds
+                unsafe { micro::<R, 4>(c, i, n) };
+                n += QTILE;
+            }
+        } else {
+            let mut n = nb0 & !3;
+            while n < nb1 {
+                // SAFETY: the caller's bounds
+                unsafe { micro::<R, 2>(c, i, n) };
+                n += 4;
+            }
         }
     }
 
-    /// Outputs (i..i+R) x (n..n+4), n a multiple of 4; stores those in n0..n1.
+    /// Outputs (i..i+R) x (n..n+2P), n a multiple of 2P within a tile; stores those in
+    /// n0..n1.
     #[target_feature(enable = "avx2,fma")]
     #[inline]
-    unsafe fn micro<const R: usize>(c: &Call, i: usize, n: usize) {
+    unsafe fn micro<const R: usize, const P: usize>(c: &Call, i: usize, n: usize) {
         let (k, gl, ng, nb) = (c.k, c.gl, c.ng, c.nb);
         let kb = k / 2;
         let qt = QTILE;
@@ -387,27 +400,27 @@ mod avx2 {
             let zbase = c.z.add(tile * ng);
             let low4 = _mm256_set1_epi8(0x0f);
             let ones = _mm256_set1_epi16(1);
-            let pair_idx = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
             // tot[r][p]: rows j0 + 2p (lanes 0..4) and j0 + 2p + 1 (lanes 4..8)
-            let mut tot = [[_mm256_setzero_ps(); 2]; R];
-            let mut corr = [[0f32; 4]; R];
+            let mut tot = [[_mm256_setzero_ps(); P]; R];
+            let mut corr = [[0f32; 8]; R];
             let mut blk = 0usize;
             for g in 0..ng {
                 let c0 = g * gl;
                 let len = gl.min(k - c0);
                 let full = len / 32;
-                let mut acc = [[_mm256_setzero_ps(); 2]; R];
+                let mut acc = [[_mm256_setzero_ps(); P]; R];
                 for b in 0..full {
                     let col = c0 + 32 * b;
-                    // the block of 4 rows: 16 bytes each, side by side in the tile
+                    // the block of 2P rows: 16 bytes each, side by side in the tile
                     let wp = tbase.add(col * qt / 2 + 16 * j0);
-                    let w01 = _mm256_loadu_si256(wp as *const __m256i);
-                    let w23 = _mm256_loadu_si256(wp.add(32) as *const __m256i);
                     // even columns (low nibbles) and odd columns (high nibbles) of 2 rows
-                    let lo01 = _mm256_and_si256(w01, low4);
-                    let hi01 = _mm256_and_si256(_mm256_srli_epi16::<4>(w01), low4);
-                    let lo23 = _mm256_and_si256(w23, low4);
-                    let hi23 = _mm256_and_si256(_mm256_srli_epi16::<4>(w23), low4);
+                    let mut lo = [_mm256_setzero_si256(); P];
+                    let mut hi = [_mm256_setzero_si256(); P];
+                    for p in 0..P {
+                        let w = _mm256_loadu_si256(wp.add(32 * p) as *const __m256i);
+                        lo[p] = _mm256_and_si256(w, low4);
+                        hi[p] = _mm256_and_si256(_mm256_srli_epi16::<4>(w), low4);
+                    }
                     for r in 0..R {
                         let xr = c.xq.add((i + r) * k + col);
                         // the activation block: evens then odds (prep_int8), each half in
@@ -417,29 +430,25 @@ mod avx2 {
                             xr.add(16) as *const __m128i
                         ));
                         let sx = _mm256_set1_ps(*c.dx.add((i + r) * nb + blk));
-                        let p01 = _mm256_add_epi16(
-                            _mm256_maddubs_epi16(lo01, xe),
-                            _mm256_maddubs_epi16(hi01, xo),
-                        );
-                        let p23 = _mm256_add_epi16(
-                            _mm256_maddubs_epi16(lo23, xe),
-                            _mm256_maddubs_epi16(hi23, xo),
-                        );
-                        let d01 = _mm256_cvtepi32_ps(_mm256_madd_epi16(p01, ones));
-                        let d23 = _mm256_cvtepi32_ps(_mm256_madd_epi16(p23, ones));
-                        acc[r][0] = _mm256_fmadd_ps(d01, sx, acc[r][0]);
-                        acc[r][1] = _mm256_fmadd_ps(d23, sx, acc[r][1]);
+                        for p in 0..P {
+                            let pq = _mm256_add_epi16(
+                                _mm256_maddubs_epi16(lo[p], xe),
+                                _mm256_maddubs_epi16(hi[p], xo),
+                            );
+                            let d = _mm256_cvtepi32_ps(_mm256_madd_epi16(pq, ones));
+                            acc[r][p] = _mm256_fmadd_ps(d, sx, acc[r][p]);
+                        }
                     }
                     blk += 1;
                 }
-                // the group's scales of the 4 rows, each over its row's 4 lanes
-                let s4 = _mm256_castps128_ps256(_mm_loadu_ps(sbase.add(g * qt + j0)));
-                let s01 = _mm256_permutevar8x32_ps(s4, pair_idx);
-                let s23 =
-                    _mm256_permutevar8x32_ps(s4, _mm256_add_epi32(pair_idx, _mm256_set1_epi32(2)));
-                for r in 0..R {
-                    tot[r][0] = _mm256_fmadd_ps(acc[r][0], s01, tot[r][0]);
-                    tot[r][1] = _mm256_fmadd_ps(acc[r][1], s23, tot[r][1]);
+                // the group's scales of the 2P rows, each over its row's 4 lanes
+                for p in 0..P {
+                    let sa = *sbase.add(g * qt + j0 + 2 * p);
+                    let sb = *sbase.add(g * qt + j0 + 2 * p + 1);
+                    let sp = _mm256_setr_ps(sa, sa, sa, sa, sb, sb, sb, sb);
+                    for r in 0..R {
+                        tot[r][p] = _mm256_fmadd_ps(acc[r][p], sp, tot[r][p]);
+                    }
                 }
                 // zero points and the tail columns past the last full block, in f32
                 let tb = c0 + full * 32;
@@ -448,7 +457,7 @@ mod avx2 {
                 for r in 0..R {
                     let gsum = *c.gs.add((i + r) * ng + g);
                     let xt = c.x.add((i + r) * k + tb);
-                    for jj in 0..4 {
+                    for jj in 0..2 * P {
                         let j = j0 + jj;
                         let mut t = 0f32;
                         for u in 0..tl {
@@ -464,7 +473,7 @@ mod avx2 {
             }
             for r in 0..R {
                 let ir = i + r;
-                for p in 0..2 {
+                for p in 0..P {
                     let mut lanes = [0f32; 8];
                     _mm256_storeu_ps(lanes.as_mut_ptr(), tot[r][p]);
                     for h in 0..2 {
@@ -505,7 +514,7 @@ mod avx2 {
         let mut n = n0;
         // SAFETY: rows 0..m of the codes and scales, table rows n0..n1 (the caller's bounds)
         unsafe {
-            while n + 2 <= n1 {
+            while n + 2 <= n1 && m > 1 {
                 let mut i = 0;
                 while i + 4 <= m {
                     head::<4, 2>(dim, a, i, n);
@@ -519,10 +528,11 @@ mod avx2 {
                 }
                 n += 2;
             }
-            if n < n1 {
+            while n < n1 {
                 for i in 0..m {
                     head::<1, 1>(dim, a, i, n);
                 }
+                n += 1;
             }
         }
     }
@@ -663,8 +673,9 @@ mod avx2 {
         let np = n.next_multiple_of(8);
         // scores [group][np], q' [group][hd] (per 32 channels: evens then odds), packed V
         // sums [group][hd] (the same order), FP V sums [group][hd]
-        // and per head: Q1, Q2, the softmax sum, A and P (the packed V's zero-point terms)
-        let need = group * (np + 3 * hd + 5);
+        // and per head: Q1, Q2, the softmax sum, A and P (the packed V's zero-point terms),
+        // a score's partial dot products
+        let need = group * (np + 3 * hd + 6);
         if buf.len() < need {
             buf.resize(need, 0.0);
         }
@@ -676,9 +687,10 @@ mod avx2 {
         let (q2s, rest) = rest.split_at_mut(group);
         let (ls, rest) = rest.split_at_mut(group);
         let (av, rest) = rest.split_at_mut(group);
-        let pv = &mut rest[..group];
+        let (pv, rest) = rest.split_at_mut(group);
+        let dots = &mut rest[..group];
         for v in [
-            &mut *accq, &mut *accf, &mut *q1s, &mut *q2s, &mut *av, &mut *pv,
+            &mut *accq, &mut *accf, &mut *q1s, &mut *q2s, &mut *av, &mut *pv, &mut *dots,
         ] {
             v.fill(0.0);
         }
@@ -723,19 +735,30 @@ mod avx2 {
                     *(a.kp as *const f32).add(pp),
                     *(a.kp as *const f32).add(pp + 1),
                 );
-                for h in 0..group {
-                    let mut d0 = _mm256_setzero_ps();
-                    let mut d1 = _mm256_setzero_ps();
-                    for blk in 0..nblk {
-                        let cq = codes32(kr.add(16 * blk));
-                        let qb = qp.as_ptr().add(h * hd + 32 * blk);
-                        d0 = _mm256_fmadd_ps(cq[0], _mm256_loadu_ps(qb), d0);
-                        d1 = _mm256_fmadd_ps(cq[1], _mm256_loadu_ps(qb.add(8)), d1);
-                        d0 = _mm256_fmadd_ps(cq[2], _mm256_loadu_ps(qb.add(16)), d0);
-                        d1 = _mm256_fmadd_ps(cq[3], _mm256_loadu_ps(qb.add(24)), d1);
+                // the token's codes, unpacked once for every head (up to 128 channels in
+                // registers; wider heads in chunks of 128)
+                for b0 in (0..nblk).step_by(4) {
+                    let bn = (nblk - b0).min(4);
+                    let mut cqs = [[_mm256_setzero_ps(); 4]; 4];
+                    for (bb, cq) in cqs.iter_mut().enumerate().take(bn) {
+                        *cq = codes32(kr.add(16 * (b0 + bb)));
                     }
-                    let d = hsum8(_mm256_add_ps(d0, d1));
-                    sc[h * np + j] = (ks * (d - kz * q1s[h]) + q2s[h]) * scale;
+                    for h in 0..group {
+                        let mut d0 = _mm256_setzero_ps();
+                        let mut d1 = _mm256_setzero_ps();
+                        for (bb, cq) in cqs.iter().enumerate().take(bn) {
+                            let qb = qp.as_ptr().add(h * hd + 32 * (b0 + bb));
+                            d0 = _mm256_fmadd_ps(cq[0], _mm256_loadu_ps(qb), d0);
+                            d1 = _mm256_fmadd_ps(cq[1], _mm256_loadu_ps(qb.add(8)), d1);
+                            d0 = _mm256_fmadd_ps(cq[2], _mm256_loadu_ps(qb.add(16)), d0);
+                            d1 = _mm256_fmadd_ps(cq[3], _mm256_loadu_ps(qb.add(24)), d1);
+                        }
+                        dots[h] += hsum8(_mm256_add_ps(d0, d1));
+                    }
+                }
+                for h in 0..group {
+                    sc[h * np + j] = (ks * (dots[h] - kz * q1s[h]) + q2s[h]) * scale;
+                    dots[h] = 0.0;
                 }
             }
             // scores of the FP rows
