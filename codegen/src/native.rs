@@ -56,6 +56,19 @@ impl CpuIsa {
         }
     }
 
+    /// An error naming what this host runs when it cannot run the variant.
+    pub fn check(self) -> Result<(), String> {
+        if self.supported() {
+            return Ok(());
+        }
+        let runs: Vec<&str> = CpuIsa::available().iter().map(|i| i.name()).collect();
+        Err(format!(
+            "--cpu-isa {}: this CPU lacks the instructions (it runs: {})",
+            self.name(),
+            runs.join(", ")
+        ))
+    }
+
     /// The variants this host runs, narrowest first.
     pub fn available() -> Vec<CpuIsa> {
         [CpuIsa::Base, CpuIsa::Avx2]

@@ -562,14 +562,9 @@ fn hf_to_gguf_name(n: &str) -> String {
     }
 }
 
-/// Write a GGUF v3 file of the tiny model: 2-D weights as Q8_0 when `q8` (else F32), norms
-/// F32, q/k permuted as llama.cpp does, byte-level BPE tokenizer metadata.
-pub fn write_gguf(
-    path: &Path,
-    cfg: &ModelConfig,
-    weights: &BTreeMap<String, (Vec<usize>, Vec<f32>)>,
-    q8: bool,
-) {
+/// GGUF metadata of a model: the architecture's shapes and a byte-level BPE tokenizer of its
+/// vocabulary size (`tiny_vocab`), as `write_gguf` and `make-random-model` write them.
+pub fn gguf_meta(cfg: &ModelConfig, name: &str) -> Vec<(String, Meta)> {
     let arch = cfg.arch.as_str();
     let (tokens, merges) = tiny_vocab(cfg.vocab_size);
     let mut types = vec![1i32; tokens.len()];
@@ -577,9 +572,9 @@ pub fn write_gguf(
         *t = 3;
     }
     let k = |s: &str| format!("{arch}.{s}");
-    let meta: Vec<(String, Meta)> = vec![
+    vec![
         ("general.architecture".into(), Meta::Str(arch.into())),
-        ("general.name".into(), Meta::Str("tiny".into())),
+        ("general.name".into(), Meta::Str(name.into())),
         (k("block_count"), Meta::U32(cfg.num_layers as u32)),
         (
             k("context_length"),
@@ -595,7 +590,9 @@ pub fn write_gguf(
             k("attention.head_count_kv"),
             Meta::U32(cfg.num_kv_heads as u32),
         ),
+        (k("rope.dimension_count"), Meta::U32(cfg.head_dim as u32)),
         (k("rope.freq_base"), Meta::F32(cfg.rope_theta as f32)),
+        (k("vocab_size"), Meta::U32(cfg.vocab_size as u32)),
         (
             k("attention.layer_norm_rms_epsilon"),
             Meta::F32(cfg.rms_norm_eps as f32),
@@ -622,7 +619,18 @@ pub fn write_gguf(
             "tokenizer.chat_template".into(),
             Meta::Str(TINY_CHAT_TEMPLATE.into()),
         ),
-    ];
+    ]
+}
+
+/// Write a GGUF v3 file of the tiny model: 2-D weights as Q8_0 when `q8` (else F32), norms
+/// F32, q/k permuted as llama.cpp does, byte-level BPE tokenizer metadata.
+pub fn write_gguf(
+    path: &Path,
+    cfg: &ModelConfig,
+    weights: &BTreeMap<String, (Vec<usize>, Vec<f32>)>,
+    q8: bool,
+) {
+    let meta = gguf_meta(cfg, "tiny");
     let mut head = Vec::new();
     head.extend_from_slice(b"GGUF");
     head.extend_from_slice(&3u32.to_le_bytes());

@@ -18,16 +18,8 @@ pub fn run(a: EmitArgs) -> Result<()> {
         arch,
     } = a;
     let isa = cpu_isa.isa().unwrap_or_else(CpuIsa::detect);
-    if target == Target::Cpu && !isa.supported() {
-        anyhow::bail!(
-            "--cpu-isa {}: this CPU lacks the instructions (it runs: {})",
-            isa.name(),
-            CpuIsa::available()
-                .iter()
-                .map(|i| i.name())
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
+    if target == Target::Cpu {
+        isa.check().map_err(anyhow::Error::msg)?;
     }
     let m = open(&model)?;
     let act = cpu_act.map_or_else(|| m.plan_act(), Act::from);

@@ -120,17 +120,7 @@ impl CpuEngine {
         let threads = opts.threads.max(1);
         let mut jit = CpuJit::host()?;
         let isa = opts.cpu_isa.unwrap_or_else(CpuIsa::detect);
-        if !isa.supported() {
-            return Err(err(format!(
-                "--cpu-isa {}: this CPU lacks the instructions (it runs: {})",
-                isa.name(),
-                CpuIsa::available()
-                    .iter()
-                    .map(|i| i.name())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )));
-        }
+        isa.check().map_err(err)?;
         let mut compiled: HashMap<String, CpuKernel> = HashMap::new();
         let mut natives = 0;
         let mut w = Weights::default();

@@ -12,7 +12,7 @@
 
 use std::io::{BufWriter, Write};
 use std::path::PathBuf;
-use wkvc_tests::{Meta, TINY_CHAT_TEMPLATE, put_meta, put_str, tiny_vocab};
+use wkvc_tests::{gguf_meta, put_meta, put_str};
 
 struct Opts {
     out: PathBuf,
@@ -122,54 +122,24 @@ fn tensors(o: &Opts) -> Vec<(String, Vec<usize>, u32)> {
 
 fn main() {
     let o = parse();
-    let (tokens, merges) = tiny_vocab(o.vocab);
-    let mut types = vec![1i32; tokens.len()];
-    for t in types.iter_mut().skip(o.vocab - 3) {
-        *t = 3;
-    }
-    let k = |s: &str| format!("llama.{s}");
-    let meta: Vec<(String, Meta)> = vec![
-        ("general.architecture".into(), Meta::Str("llama".into())),
-        (
-            "general.name".into(),
-            Meta::Str(format!("random-h{}-l{}", o.hidden, o.layers)),
-        ),
-        (k("block_count"), Meta::U32(o.layers as u32)),
-        (k("context_length"), Meta::U32(o.ctx as u32)),
-        (k("embedding_length"), Meta::U32(o.hidden as u32)),
-        (k("feed_forward_length"), Meta::U32(o.ffn as u32)),
-        (k("attention.head_count"), Meta::U32(o.heads as u32)),
-        (k("attention.head_count_kv"), Meta::U32(o.kv_heads as u32)),
-        (
-            k("rope.dimension_count"),
-            Meta::U32((o.hidden / o.heads) as u32),
-        ),
-        (k("rope.freq_base"), Meta::F32(500000.0)),
-        (k("attention.layer_norm_rms_epsilon"), Meta::F32(1e-5)),
-        (k("vocab_size"), Meta::U32(o.vocab as u32)),
-        ("general.alignment".into(), Meta::U32(32)),
-        ("tokenizer.ggml.model".into(), Meta::Str("gpt2".into())),
-        ("tokenizer.ggml.pre".into(), Meta::Str("smollm".into())),
-        ("tokenizer.ggml.tokens".into(), Meta::Strs(tokens)),
-        ("tokenizer.ggml.token_type".into(), Meta::I32s(types)),
-        (
-            "tokenizer.ggml.merges".into(),
-            Meta::Strs(merges.iter().map(|(a, b)| format!("{a} {b}")).collect()),
-        ),
-        (
-            "tokenizer.ggml.bos_token_id".into(),
-            Meta::U32(o.vocab as u32 - 2),
-        ),
-        (
-            "tokenizer.ggml.eos_token_id".into(),
-            Meta::U32(o.vocab as u32 - 1),
-        ),
-        ("tokenizer.ggml.add_bos_token".into(), Meta::Bool(false)),
-        (
-            "tokenizer.chat_template".into(),
-            Meta::Str(TINY_CHAT_TEMPLATE.into()),
-        ),
-    ];
+    let cfg = wkvc_ir::ModelConfig {
+        arch: "llama".into(),
+        vocab_size: o.vocab,
+        hidden_size: o.hidden,
+        intermediate_size: o.ffn,
+        num_layers: o.layers,
+        num_heads: o.heads,
+        num_kv_heads: o.kv_heads,
+        head_dim: o.hidden / o.heads,
+        rms_norm_eps: 1e-5,
+        rope_theta: 500000.0,
+        rope_scaling: wkvc_ir::RopeScaling::None,
+        rope_freq_factors: false,
+        max_position_embeddings: o.ctx,
+        tie_word_embeddings: o.tied,
+        qkv_bias: false,
+    };
+    let meta = gguf_meta(&cfg, &format!("random-h{}-l{}", o.hidden, o.layers));
     let ts = tensors(&o);
     let mut head = Vec::new();
     head.extend_from_slice(b"GGUF");
