@@ -52,7 +52,7 @@ fn benches(c: &mut Criterion) {
         let codes = tile_codes(&codes, n, k, gl);
         let s = tile_params(&vec![0.01f32; n * ng], n, ng);
         let z = tile_params(&vec![8f32; n * ng], n, ng);
-        for &m in &[1usize, 64, 512] {
+        for &m in &[1usize, 8, 64, 512] {
             let x = rnd(m * k, 3);
             let mut xp = vec![0f32; m * k];
             let mut xq = vec![0i8; m * k];

@@ -352,8 +352,23 @@ mod avx2 {
             .clamp(QTILE, 64)
             .next_multiple_of(QTILE);
         let mut nb0 = c.n0 & !(QTILE - 1);
+        let kb = k / 2;
         while nb0 < c.n1 {
             let nb1 = (nb0 + blk).min(c.n1);
+            // the next block's weight tiles (contiguous rows) on their way from memory while
+            // this one is computed: a step's weights are read once, from DRAM, and the
+            // hardware prefetcher alone leaves the multiply units waiting for them
+            let (p0, p1) = (
+                nb1.next_multiple_of(QTILE) * kb,
+                (nb1 + blk).min(c.n1).next_multiple_of(QTILE) * kb,
+            );
+            let mut off = p0;
+            while off < p1 {
+                // SAFETY: a prefetch reads nothing and never faults; the address is within
+                // the call's padded tiles.
+                unsafe { _mm_prefetch::<_MM_HINT_T0>(c.w.add(off) as *const i8) };
+                off += 64;
+            }
             let mut i = 0;
             while i + 4 <= m {
                 // SAFETY: rows i..i+4 < m; quads within the padded tiles.
