@@ -613,20 +613,20 @@ mod avx2 {
                 }
                 let mut w = [_mm256_setzero_si256(); N];
                 let mut wa = [_mm256_setzero_si256(); N];
-                let mut sw = [0f32; N];
+                let mut sw = [_mm256_setzero_ps(); N];
                 for j in 0..N {
                     w[j] = _mm256_loadu_si256(wq.add((n + j) * dim + 32 * b) as *const __m256i);
                     wa[j] = _mm256_abs_epi8(w[j]);
-                    sw[j] = *ws.add((n + j) * nb + b);
+                    sw[j] = _mm256_set1_ps(*ws.add((n + j) * nb + b));
                 }
                 for r in 0..R {
                     let x = _mm256_loadu_si256(xq.add((i + r) * dim + 32 * b) as *const __m256i);
-                    let sx = *dx.add((i + r) * nb + b);
+                    let sx = _mm256_set1_ps(*dx.add((i + r) * nb + b));
                     for j in 0..N {
                         // |w| x (x with w's sign): the int8 x int8 products, exact in i16 pairs
                         let p = _mm256_maddubs_epi16(wa[j], _mm256_sign_epi8(x, w[j]));
                         let d = _mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones));
-                        let sc = _mm256_set1_ps(sw[j] * sx);
+                        let sc = _mm256_mul_ps(sw[j], sx);
                         acc[r][j] = _mm256_fmadd_ps(d, sc, acc[r][j]);
                     }
                 }
