@@ -675,6 +675,24 @@ mod avx2 {
         _mm256_mul_ps(y, _mm256_castsi256_ps(e))
     }
 
+    /// The lane sums of 8 vectors, in one vector (lane t: vector t's 8 lanes summed as
+    /// ((0 + 1) + (2 + 3)) + ((4 + 5) + (6 + 7))).
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    fn sum8x8(a: &[__m256; 8]) -> __m256 {
+        let t0 = _mm256_hadd_ps(a[0], a[1]);
+        let t1 = _mm256_hadd_ps(a[2], a[3]);
+        let t2 = _mm256_hadd_ps(a[4], a[5]);
+        let t3 = _mm256_hadd_ps(a[6], a[7]);
+        // lanes 0..4: vectors 0..4's lanes 0..4 summed; lanes 4..8: their lanes 4..8
+        let u0 = _mm256_hadd_ps(t0, t1);
+        let u1 = _mm256_hadd_ps(t2, t3);
+        _mm256_add_ps(
+            _mm256_permute2f128_ps::<0x20>(u0, u1),
+            _mm256_permute2f128_ps::<0x31>(u0, u1),
+        )
+    }
+
     /// 8 lanes summed in a fixed order.
     #[target_feature(enable = "avx2,fma")]
     #[inline]
@@ -823,27 +841,38 @@ mod avx2 {
                     dots[h] = 0.0;
                 }
             }
-            // scores of the FP rows
+            // scores of the FP rows, 8 tokens at a time: one accumulator per token over the
+            // head's channels (the query's 8 channels loaded once for the 8 tokens), then one
+            // reduction tree for the 8 (a missing token's accumulator is zero, so a token's
+            // score is summed the same way wherever it falls in a group)
             let ldf = a.ldf as usize;
-            for j in f0..f1 {
-                let kr = (a.kf as *const f32).add(j * ldf + goff);
-                for h in 0..group {
-                    let qh = q.add(h * hd);
-                    let mut d0 = _mm256_setzero_ps();
-                    let mut d1 = _mm256_setzero_ps();
-                    for c in (0..hd).step_by(16) {
-                        d0 = _mm256_fmadd_ps(
-                            _mm256_loadu_ps(qh.add(c)),
-                            _mm256_loadu_ps(kr.add(c)),
-                            d0,
-                        );
-                        d1 = _mm256_fmadd_ps(
-                            _mm256_loadu_ps(qh.add(c + 8)),
-                            _mm256_loadu_ps(kr.add(c + 8)),
-                            d1,
-                        );
+            let kf = a.kf as *const f32;
+            let sc8 = _mm256_set1_ps(scale);
+            for h in 0..group {
+                let qh = q.add(h * hd);
+                let mut j0 = f0;
+                while j0 < f1 {
+                    let jn = (f1 - j0).min(8);
+                    let mut acc = [_mm256_setzero_ps(); 8];
+                    for c in (0..hd).step_by(8) {
+                        let qv = _mm256_loadu_ps(qh.add(c));
+                        for (t, at) in acc.iter_mut().enumerate() {
+                            if t < jn {
+                                let kr = kf.add((j0 + t) * ldf + goff + c);
+                                *at = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kr), *at);
+                            }
+                        }
                     }
-                    sc[h * np + nq + j - f0] = hsum8(_mm256_add_ps(d0, d1)) * scale;
+                    let v = _mm256_mul_ps(sum8x8(&acc), sc8);
+                    let dst = sc.as_mut_ptr().add(h * np + nq + j0 - f0);
+                    if jn == 8 {
+                        _mm256_storeu_ps(dst, v);
+                    } else {
+                        let mut l = [0f32; 8];
+                        _mm256_storeu_ps(l.as_mut_ptr(), v);
+                        std::ptr::copy_nonoverlapping(l.as_ptr(), dst, jn);
+                    }
+                    j0 += 8;
                 }
             }
             // softmax numerators and their sums
