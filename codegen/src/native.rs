@@ -604,7 +604,7 @@ mod avx2 {
                     // the codes' bytes
                     if b % 2 == 0 {
                         let p = wq.add(n * dim + 32 * b);
-                        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(AHEAD) as *const i8);
+                        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(AHEAD));
                     }
                     if b % 16 == 0 {
                         let p = ws.add(n * nb + b) as *const u8;
