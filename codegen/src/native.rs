@@ -494,24 +494,46 @@ mod avx2 {
                         tot[r][p] = _mm256_fmadd_ps(acc[r][p], sp, tot[r][p]);
                     }
                 }
-                // zero points and the tail columns past the last full block, in f32
+                // zero points and the tail columns past the last full block, in f32:
+                // corr = fma(s, z gsum - t, corr) per output; without a tail (t = 0) the same
+                // operations over the 2P rows at once (their params are side by side)
                 let tb = c0 + full * 32;
                 let tl = (len % 32) / 2;
-                let wt = tbase.add(tb * qt / 2);
-                for r in 0..R {
-                    let gsum = *c.gs.add((i + r) * ng + g);
-                    let xt = c.x.add((i + r) * k + tb);
-                    for jj in 0..2 * P {
-                        let j = j0 + jj;
-                        let mut t = 0f32;
-                        for u in 0..tl {
-                            let byte = *wt.add(j * tl + u);
-                            t = f32::mul_add((byte & 15) as f32, *xt.add(2 * u), t);
-                            t = f32::mul_add((byte >> 4) as f32, *xt.add(2 * u + 1), t);
+                if tl == 0 && 2 * P == 8 {
+                    let sv = _mm256_loadu_ps(sbase.add(g * qt + j0));
+                    let zv = _mm256_loadu_ps(zbase.add(g * qt + j0));
+                    for r in 0..R {
+                        let gsum = _mm256_set1_ps(*c.gs.add((i + r) * ng + g));
+                        let cv = _mm256_loadu_ps(corr[r].as_ptr());
+                        let cv = _mm256_fmadd_ps(sv, _mm256_mul_ps(zv, gsum), cv);
+                        _mm256_storeu_ps(corr[r].as_mut_ptr(), cv);
+                    }
+                } else if tl == 0 && 2 * P == 4 {
+                    let sv = _mm_loadu_ps(sbase.add(g * qt + j0));
+                    let zv = _mm_loadu_ps(zbase.add(g * qt + j0));
+                    for r in 0..R {
+                        let gsum = _mm_set1_ps(*c.gs.add((i + r) * ng + g));
+                        let cv = _mm_loadu_ps(corr[r].as_ptr());
+                        let cv = _mm_fmadd_ps(sv, _mm_mul_ps(zv, gsum), cv);
+                        _mm_storeu_ps(corr[r].as_mut_ptr(), cv);
+                    }
+                } else {
+                    let wt = tbase.add(tb * qt / 2);
+                    for r in 0..R {
+                        let gsum = *c.gs.add((i + r) * ng + g);
+                        let xt = c.x.add((i + r) * k + tb);
+                        for jj in 0..2 * P {
+                            let j = j0 + jj;
+                            let mut t = 0f32;
+                            for u in 0..tl {
+                                let byte = *wt.add(j * tl + u);
+                                t = f32::mul_add((byte & 15) as f32, *xt.add(2 * u), t);
+                                t = f32::mul_add((byte >> 4) as f32, *xt.add(2 * u + 1), t);
+                            }
+                            let sg = *sbase.add(g * qt + j);
+                            let zg = *zbase.add(g * qt + j);
+                            corr[r][jj] = f32::mul_add(sg, zg * gsum - t, corr[r][jj]);
                         }
-                        let sg = *sbase.add(g * qt + j);
-                        let zg = *zbase.add(g * qt + j);
-                        corr[r][jj] = f32::mul_add(sg, zg * gsum - t, corr[r][jj]);
                     }
                 }
             }
