@@ -272,6 +272,24 @@ pub fn describe(spec: &KernelSpec, isa: CpuIsa) -> Option<String> {
     ))
 }
 
+/// One 32-column block of `kernels::prep_int8` with 256-bit vectors when the host has AVX2:
+/// writes the block's codes (evens, then odds) and returns its scale and the sum of its
+/// codes, the same bits as the scalar loop. `None` (nothing written) when the host lacks AVX2
+/// or a scaled value is not finite or beyond +-127.5 (non-finite inputs, a subnormal
+/// scale), where the scalar loop's rounding and clamping decide.
+#[inline]
+pub fn prep_int8_block(x: &[f32], xq: &mut [i8]) -> Option<(f32, i32)> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if x.len() == 32 && xq.len() == 32 && avx2_fma() {
+            // SAFETY: 32 floats and 32 codes; the host has AVX2 and FMA
+            return unsafe { avx2::prep_block(x, xq) };
+        }
+    }
+    let _ = (x, xq);
+    None
+}
+
 /// Activation rows per AVX2 micro-tile.
 const fn avx2_rows() -> usize {
     4
@@ -352,23 +370,8 @@ mod avx2 {
             .clamp(QTILE, 64)
             .next_multiple_of(QTILE);
         let mut nb0 = c.n0 & !(QTILE - 1);
-        let kb = k / 2;
         while nb0 < c.n1 {
             let nb1 = (nb0 + blk).min(c.n1);
-            // the next block's weight tiles (contiguous rows) on their way from memory while
-            // this one is computed: a step's weights are read once, from DRAM, and the
-            // hardware prefetcher alone leaves the multiply units waiting for them
-            // (one activation row streams the tiles itself: `STREAM_AHEAD`)
-            if m > 1 {
-                let p1 = (nb1 + blk).min(c.n1).next_multiple_of(QTILE) * kb;
-                let mut off = nb1.next_multiple_of(QTILE) * kb;
-                while off < p1 {
-                    // SAFETY: a prefetch reads nothing and never faults; the address is
-                    // within the call's padded tiles.
-                    unsafe { _mm_prefetch::<_MM_HINT_T0>(c.w.add(off) as *const i8) };
-                    off += 64;
-                }
-            }
             let mut i = 0;
             while i + 4 <= m {
                 // SAFETY: rows i..i+4 < m; quads within the padded tiles.
@@ -400,6 +403,15 @@ mod avx2 {
                 unsafe { micro::<R, 4, STREAM_AHEAD>(c, i, n) };
                 n += QTILE;
             }
+        } else if i == 0 {
+            // the first rows read the block's weights from memory: they bring in the next
+            // block's as they go
+            let mut n = nb0 & !3;
+            while n < nb1 {
+                // SAFETY: the caller's bounds
+                unsafe { micro::<R, 2, BLOCK_AHEAD>(c, i, n) };
+                n += 4;
+            }
         } else {
             let mut n = nb0 & !3;
             while n < nb1 {
@@ -415,6 +427,10 @@ mod avx2 {
     /// core read them at about 7 GB/s, with this at 12-13 (weights larger than the caches,
     /// the demo's and a 1B model's GEMM shapes, Zen 3).
     const STREAM_AHEAD: usize = 12 << 10;
+
+    /// How far ahead (bytes) the first activation rows of a weight block prefetch the tiles:
+    /// about a block (`run`), so the next block is in L1 when its rows start.
+    const BLOCK_AHEAD: usize = 16 << 10;
 
     /// Outputs (i..i+R) x (n..n+2P), n a multiple of 2P within a tile; stores those in
     /// n0..n1. With `AHEAD` > 0 each block first prefetches the tile bytes `AHEAD` past it
@@ -439,6 +455,8 @@ mod avx2 {
             let zbase = c.z.add(tile * ng);
             let low4 = _mm256_set1_epi8(0x0f);
             let ones = _mm256_set1_epi16(1);
+            // lanes 0..4 from element 0, lanes 4..8 from element 1
+            let pairs = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
             // tot[r][p]: rows j0 + 2p (lanes 0..4) and j0 + 2p + 1 (lanes 4..8)
             let mut tot = [[_mm256_setzero_ps(); P]; R];
             let mut corr = [[0f32; 8]; R];
@@ -455,7 +473,9 @@ mod avx2 {
                     if AHEAD > 0 {
                         // a prefetch reads nothing and never faults
                         _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(AHEAD) as *const i8);
-                        _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(AHEAD + 64) as *const i8);
+                        if P == 4 {
+                            _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(AHEAD + 64) as *const i8);
+                        }
                     }
                     // even columns (low nibbles) and odd columns (high nibbles) of 2 rows
                     let mut lo = [_mm256_setzero_si256(); P];
@@ -487,9 +507,9 @@ mod avx2 {
                 }
                 // the group's scales of the 2P rows, each over its row's 4 lanes
                 for p in 0..P {
-                    let sa = *sbase.add(g * qt + j0 + 2 * p);
-                    let sb = *sbase.add(g * qt + j0 + 2 * p + 1);
-                    let sp = _mm256_setr_ps(sa, sa, sa, sa, sb, sb, sb, sb);
+                    let pair =
+                        _mm_castpd_ps(_mm_load_sd(sbase.add(g * qt + j0 + 2 * p) as *const f64));
+                    let sp = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(pair), pairs);
                     for r in 0..R {
                         tot[r][p] = _mm256_fmadd_ps(acc[r][p], sp, tot[r][p]);
                     }
@@ -537,19 +557,40 @@ mod avx2 {
                     }
                 }
             }
+            // each output: (l0 + l1) + (l2 + l3) of its 4 lanes, minus its corr, plus the
+            // residual; two horizontal adds per pair of rows give those sums in the order
+            // (2p, 2p + 2 | 2p + 1, 2p + 3)
+            let whole = n >= c.n0 && n + 2 * P <= c.n1;
             for r in 0..R {
                 let ir = i + r;
-                for p in 0..P {
-                    let mut lanes = [0f32; 8];
-                    _mm256_storeu_ps(lanes.as_mut_ptr(), tot[r][p]);
-                    for h in 0..2 {
-                        let jj = 2 * p + h;
+                let mut sums = [0f32; 8];
+                for q in 0..P.div_ceil(2) {
+                    let a = tot[r][2 * q];
+                    let b = if 2 * q + 1 < P { tot[r][2 * q + 1] } else { a };
+                    let h = _mm256_hadd_ps(a, b);
+                    let h = _mm256_hadd_ps(h, h);
+                    // elements 0, 1 hold outputs 4q, 4q + 2 and elements 4, 5 hold 4q + 1, 4q + 3
+                    let o = _mm256_permutevar8x32_ps(h, _mm256_setr_epi32(0, 4, 1, 5, 0, 4, 1, 5));
+                    _mm_storeu_ps(sums.as_mut_ptr().add(4 * q), _mm256_castps256_ps128(o));
+                }
+                if whole && (2 * P).is_multiple_of(4) {
+                    for q in 0..2 * P / 4 {
+                        let mut v = _mm_sub_ps(
+                            _mm_loadu_ps(sums.as_ptr().add(4 * q)),
+                            _mm_loadu_ps(corr[r].as_ptr().add(4 * q)),
+                        );
+                        if !c.r.is_null() {
+                            v = _mm_add_ps(v, _mm_loadu_ps(c.r.add(ir * c.ldr + n + 4 * q)));
+                        }
+                        _mm_storeu_ps(c.y.add(ir * c.ldy + n + 4 * q), v);
+                    }
+                } else {
+                    for jj in 0..2 * P {
                         let nn = n + jj;
                         if nn < c.n0 || nn >= c.n1 {
                             continue;
                         }
-                        let l = &lanes[4 * h..4 * h + 4];
-                        let mut v = ((l[0] + l[1]) + (l[2] + l[3])) - corr[r][jj];
+                        let mut v = sums[jj] - corr[r][jj];
                         if !c.r.is_null() {
                             v += *c.r.add(ir * c.ldr + nn);
                         }
@@ -557,6 +598,75 @@ mod avx2 {
                     }
                 }
             }
+        }
+    }
+
+    /// `prep_int8_block` on AVX2: amax (exact in any order), d = amax / 127, the codes
+    /// rne(x / d) by the default rounding (nearest even) of `vcvtps2dq`, clamped to +-127.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn prep_block(x: &[f32], xq: &mut [i8]) -> Option<(f32, i32)> {
+        // SAFETY: x and xq hold 32 elements (the caller checks)
+        unsafe {
+            let p = x.as_ptr();
+            let v = [
+                _mm256_loadu_ps(p),
+                _mm256_loadu_ps(p.add(8)),
+                _mm256_loadu_ps(p.add(16)),
+                _mm256_loadu_ps(p.add(24)),
+            ];
+            let sign = _mm256_set1_ps(-0.0);
+            let mut m = _mm256_setzero_ps();
+            for vv in v {
+                // max(m, |x|): a NaN lane keeps m, as f32::max does
+                m = _mm256_max_ps(_mm256_andnot_ps(sign, vv), m);
+            }
+            let m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
+            let m2 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+            let m1 = _mm_max_ss(m2, _mm_shuffle_ps::<1>(m2, m2));
+            let amax = _mm_cvtss_f32(m1);
+            let d = amax / 127.0;
+            let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+            let iv = _mm256_set1_ps(inv);
+            let lim = _mm256_set1_ps(127.5);
+            let mut bad = _mm256_setzero_ps();
+            let mut q = [_mm256_setzero_si256(); 4];
+            for t in 0..4 {
+                let s = _mm256_mul_ps(v[t], iv);
+                bad = _mm256_or_ps(
+                    bad,
+                    _mm256_cmp_ps::<_CMP_NLE_UQ>(_mm256_andnot_ps(sign, s), lim),
+                );
+                let c = _mm256_cvtps_epi32(s);
+                q[t] = _mm256_max_epi32(
+                    _mm256_min_epi32(c, _mm256_set1_epi32(127)),
+                    _mm256_set1_epi32(-127),
+                );
+            }
+            if _mm256_movemask_ps(bad) != 0 {
+                return None;
+            }
+            let sum = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+            let s4 = _mm_add_epi32(
+                _mm256_castsi256_si128(sum),
+                _mm256_extracti128_si256::<1>(sum),
+            );
+            let s2 = _mm_add_epi32(s4, _mm_unpackhi_epi64(s4, s4));
+            let qs = _mm_cvtsi128_si32(_mm_add_epi32(s2, _mm_shuffle_epi32::<1>(s2)));
+            // i32 -> i16 -> i8 (values within +-127: no saturation), back in column order,
+            // then each 16-column half's evens before its odds, then evens of both halves
+            // before odds of both
+            let w = _mm256_packs_epi32(q[0], q[1]);
+            let z = _mm256_packs_epi32(q[2], q[3]);
+            let b = _mm256_packs_epi16(w, z);
+            let b = _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+            let eo = _mm256_setr_epi8(
+                0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15, 0, 2, 4, 6, 8, 10, 12, 14, 1,
+                3, 5, 7, 9, 11, 13, 15,
+            );
+            let b = _mm256_shuffle_epi8(b, eo);
+            let b = _mm256_permute4x64_epi64::<0b11_01_10_00>(b);
+            _mm256_storeu_si256(xq.as_mut_ptr() as *mut __m256i, b);
+            Some((d, qs))
         }
     }
 
@@ -581,7 +691,13 @@ mod avx2 {
         // SAFETY: rows 0..m of the codes and scales, table rows n0..n1 (the caller's bounds)
         unsafe {
             while n + 2 <= n1 && m > 1 {
-                let mut i = 0;
+                // the first rows read the table rows from memory and prefetch the next ones
+                let mut i = 4;
+                if m >= 4 {
+                    head::<4, 2, STREAM_AHEAD>(dim, a, 0, n);
+                } else {
+                    i = 0;
+                }
                 while i + 4 <= m {
                     head::<4, 2, 0>(dim, a, i, n);
                     i += 4;
@@ -624,13 +740,15 @@ mod avx2 {
                 if AHEAD > 0 {
                     // a prefetch reads nothing and never faults; the scales are an eighth of
                     // the codes' bytes
-                    if b % 2 == 0 {
-                        let p = wq.add(n * dim + 32 * b);
-                        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(AHEAD));
-                    }
-                    if b % 16 == 0 {
-                        let p = ws.add(n * nb + b) as *const u8;
-                        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(AHEAD / 8) as *const i8);
+                    for j in 0..N {
+                        if b % 2 == 0 {
+                            let p = wq.add((n + j) * dim + 32 * b);
+                            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(AHEAD));
+                        }
+                        if b % 16 == 0 {
+                            let p = ws.add((n + j) * nb + b) as *const u8;
+                            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(AHEAD / 8) as *const i8);
+                        }
                     }
                 }
                 let mut w = [_mm256_setzero_si256(); N];

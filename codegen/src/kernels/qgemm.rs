@@ -384,6 +384,21 @@ pub fn prep_f32(x: &[f32], k: usize, gl: usize, xp: &mut [f32], gsum: &mut [f32]
     }
 }
 
+/// One 32-column block of `prep_int8`: its codes (evens, then odds), scale and code sum.
+pub(crate) fn prep_int8_block_scalar(x: &[f32], xq: &mut [i8]) -> (f32, i32) {
+    let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let d = amax / 127.0;
+    let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+    let mut qs = 0i32;
+    for (t, &v) in x.iter().enumerate().take(32) {
+        let q = wkvc_ir::quant::rne(v * inv).clamp(-127.0, 127.0) as i8;
+        let pos = if t % 2 == 0 { t / 2 } else { 16 + t / 2 };
+        xq[pos] = q;
+        qs += q as i32;
+    }
+    (d, qs)
+}
+
 /// Quantize one row to int8 per block of 32 (scale max|x|/127, round half to even), permuted
 /// like `prep_f32`; `dx` gets the block scales, `gsum` per group the sum of the dequantized
 /// blocks plus the exact tail.
@@ -395,16 +410,11 @@ pub fn prep_int8(x: &[f32], k: usize, gl: usize, xq: &mut [i8], dx: &mut [f32], 
         let full = (b - a) / 32 * 32;
         let mut s = 0f32;
         for blk in (a..a + full).step_by(32) {
-            let amax = x[blk..blk + 32].iter().fold(0f32, |m, v| m.max(v.abs()));
-            let d = amax / 127.0;
-            let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
-            let mut qs = 0i32;
-            for t in 0..32 {
-                let q = wkvc_ir::quant::rne(x[blk + t] * inv).clamp(-127.0, 127.0) as i8;
-                let pos = if t % 2 == 0 { t / 2 } else { 16 + t / 2 };
-                xq[blk + pos] = q;
-                qs += q as i32;
-            }
+            let (xb, qb) = (&x[blk..blk + 32], &mut xq[blk..blk + 32]);
+            let (d, qs) = match crate::native::prep_int8_block(xb, qb) {
+                Some(r) => r,
+                None => prep_int8_block_scalar(xb, qb),
+            };
             dx[nb] = d;
             nb += 1;
             s += d * qs as f32;
@@ -413,5 +423,65 @@ pub fn prep_int8(x: &[f32], k: usize, gl: usize, xq: &mut [i8], dx: &mut [f32], 
             s += v;
         }
         *gs = s;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::prep_int8_block_scalar;
+
+    /// The vector block quantizer (where the host has one) writes the scalar loop's codes
+    /// and returns its scale and code sum, bit for bit, on ordinary rows, ties at .5, zero and
+    /// tiny blocks, and non-finite values (which it leaves to the scalar loop).
+    #[test]
+    fn vector_block_prep_equals_the_scalar_one() {
+        let mut seed = 7u64;
+        let mut rnd = || {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+        };
+        let mut cases: Vec<Vec<f32>> = Vec::new();
+        for scale in [1e-30f32, 1e-3, 1.0, 37.0, 1e6] {
+            for _ in 0..200 {
+                cases.push((0..32).map(|_| rnd() * scale).collect());
+            }
+        }
+        // ties: amax 127 makes every x / d an integer or a half
+        cases.push(
+            (0..32)
+                .map(|t| if t == 0 { 127.0 } else { t as f32 + 0.5 })
+                .collect(),
+        );
+        cases.push((0..32).map(|t| -(t as f32) - 0.5).collect());
+        cases.push(vec![0.0; 32]);
+        cases.push((0..32).map(|t| f32::from_bits(t + 1)).collect());
+        let mut special = vec![1.0f32; 32];
+        special[5] = f32::NAN;
+        cases.push(special.clone());
+        special[5] = f32::INFINITY;
+        cases.push(special.clone());
+        special[5] = f32::NEG_INFINITY;
+        cases.push(special);
+        let mut vector = 0;
+        for x in &cases {
+            let mut q0 = [0i8; 32];
+            let r0 = prep_int8_block_scalar(x, &mut q0);
+            let mut q1 = [0i8; 32];
+            if let Some(r1) = crate::native::prep_int8_block(x, &mut q1) {
+                vector += 1;
+                assert_eq!(r0.0.to_bits(), r1.0.to_bits(), "scale of {x:?}");
+                assert_eq!(r0.1, r1.1, "code sum of {x:?}");
+                assert_eq!(q0, q1, "codes of {x:?}");
+            }
+        }
+        if crate::native::CpuIsa::Avx2.supported() {
+            assert!(
+                vector >= 1000,
+                "the vector path took {vector} of {} blocks",
+                cases.len()
+            );
+        }
     }
 }
