@@ -159,7 +159,8 @@ pub struct CalibData {
     pub source: String,
 }
 
-/// Sample `n` tokens from the FP model, starting from its BOS (or first) token.
+/// Sample `n` tokens from the FP model, starting from its BOS (or first) token (temperature 1,
+/// `Sampler::sample_by_rank`: the same text for a seed as in earlier versions).
 pub fn sample_text(
     model: &Model,
     n: usize,
@@ -179,7 +180,7 @@ pub fn sample_text(
                 *l = f32::NEG_INFINITY;
             }
         }
-        let id = sampler.sample(&logits);
+        let id = sampler.sample_by_rank(&logits);
         out.push(id);
         if out.len() < n {
             logits = s.prefill(&[id])?;
