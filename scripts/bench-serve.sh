@@ -4,9 +4,10 @@
 # W4KV4 plan and, side by side in the same run, llama.cpp's `llama-server` on the same model
 # requantized to Q4_0 with its default f16 KV cache (`-np` equal to our `--parallel`), both
 # on 2 threads. Each client sends REQUESTS streamed completions one after another, MAX_TOKENS
-# tokens each (end-of-generation ignored, so both servers generate the same lengths).
+# tokens each (end-of-generation ignored, so both servers generate the same lengths), greedy
+# or at TEMPERATURE (each server's own sampler).
 #
-#   scripts/bench-serve.sh [CLIENTS (1,4,16)] [REQUESTS per client (4)] [MAX_TOKENS (64)]
+#   scripts/bench-serve.sh [CLIENTS (1,4,16)] [REQUESTS per client (4)] [MAX_TOKENS (64)] [TEMPERATURE (0)]
 #
 # llama-server comes from ../shared/tools/peer-llamacpp.sh (built there once, never into the
 # repository); without it only wkvc is measured. Prints a Markdown table.
@@ -15,6 +16,7 @@ cd "$(dirname "$0")/.."
 CLIENTS=${1:-1,4,16}
 PER=${2:-4}
 MAXT=${3:-64}
+TEMP=${4:-0}
 PAR=16
 CTX=512
 MODEL=$(scripts/fetch-demo-model.sh)
@@ -66,7 +68,7 @@ for c in "${CS[@]}"; do
       [ -n "$LL" ] || continue
       url=$LL; name="llama-server (Q4_0, f16 KV)"
     fi
-    r=$("$PY" scripts/bench_serve.py "$url" "$c" "$PER" "$MAXT")
+    r=$("$PY" scripts/bench_serve.py "$url" "$c" "$PER" "$MAXT" "$TEMP")
     echo "$r" >>"$OUT/results.jsonl"
     python3 -c 'import json,sys; r=json.loads(sys.argv[1]); print("| %d | %s | %.1f | %.3f | %.3f |" % (r["clients"], sys.argv[2], r["aggregate_tokens_per_s"], r["ttft_p50_s"], r["ttft_p99_s"]))' "$r" "$name"
   done

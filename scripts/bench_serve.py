@@ -3,7 +3,10 @@ completions one after another to an OpenAI-compatible server (wkvc serve, llama-
 prints one JSON line: aggregate generated tokens/s over the wall time, and the time to the
 first token's p50 and p99.
 
-    python bench_serve.py BASE_URL CLIENTS REQUESTS_PER_CLIENT MAX_TOKENS [API_KEY]
+    python bench_serve.py BASE_URL CLIENTS REQUESTS_PER_CLIENT MAX_TOKENS [TEMPERATURE [API_KEY]]
+
+TEMPERATURE 0 (the default) is greedy; above it each server samples with its own sampler
+(llama-server: its default chain of top-k 40, top-p 0.95, min-p 0.05; wkvc: the full softmax).
 """
 
 import json
@@ -33,7 +36,8 @@ def pct(v, p):
 
 def main():
     base, clients, per, max_tokens = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-    key = sys.argv[5] if len(sys.argv) > 5 else "none"
+    temperature = float(sys.argv[5]) if len(sys.argv) > 5 else 0.0
+    key = sys.argv[6] if len(sys.argv) > 6 else "none"
     client = openai.OpenAI(base_url=base + "/v1", api_key=key, max_retries=0, timeout=900)
     model = client.models.list().data[0].id
 
@@ -47,7 +51,7 @@ def main():
                 model=model,
                 prompt=prompt,
                 max_tokens=max_tokens,
-                temperature=0,
+                temperature=temperature,
                 stream=True,
                 stream_options={"include_usage": True},
                 extra_body={"ignore_eos": True},

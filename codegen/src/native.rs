@@ -994,11 +994,21 @@ mod avx2 {
                 while j0 < f1 {
                     let jn = (f1 - j0).min(8);
                     let mut acc = [_mm256_setzero_ps(); 8];
-                    for c in (0..hd).step_by(8) {
-                        let qv = _mm256_loadu_ps(qh.add(c));
-                        for (t, at) in acc.iter_mut().enumerate() {
-                            if t < jn {
-                                let kr = kf.add((j0 + t) * ldf + goff + c);
+                    let kb = kf.add(j0 * ldf + goff);
+                    if jn == 8 {
+                        // all 8 tokens: no per-token test in the loop
+                        for c in (0..hd).step_by(8) {
+                            let qv = _mm256_loadu_ps(qh.add(c));
+                            for (t, at) in acc.iter_mut().enumerate() {
+                                let kr = kb.add(t * ldf + c);
+                                *at = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kr), *at);
+                            }
+                        }
+                    } else {
+                        for c in (0..hd).step_by(8) {
+                            let qv = _mm256_loadu_ps(qh.add(c));
+                            for (t, at) in acc.iter_mut().enumerate().take(jn) {
+                                let kr = kb.add(t * ldf + c);
                                 *at = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kr), *at);
                             }
                         }
@@ -1090,16 +1100,13 @@ mod avx2 {
                     let mut acc = [[_mm256_setzero_ps(); 4]; 3];
                     for j in f0..f1 {
                         let vr = vf.add(j * ldf + goff + c0);
-                        let v = [
-                            _mm256_loadu_ps(vr),
-                            _mm256_loadu_ps(vr.add(8)),
-                            _mm256_loadu_ps(vr.add(16)),
-                            _mm256_loadu_ps(vr.add(24)),
-                        ];
                         for hh in 0..hn {
                             let p = _mm256_set1_ps(sc[(h0 + hh) * np + nq + j - f0]);
+                            // V read as the multiply-adds' memory operand (L1) by each head:
+                            // 12 accumulators and the weight stay in registers
                             for t in 0..4 {
-                                acc[hh][t] = _mm256_fmadd_ps(v[t], p, acc[hh][t]);
+                                let v = _mm256_loadu_ps(vr.add(8 * t));
+                                acc[hh][t] = _mm256_fmadd_ps(v, p, acc[hh][t]);
                             }
                         }
                     }

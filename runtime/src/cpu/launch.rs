@@ -437,36 +437,35 @@ impl CpuEngine {
                 let per = ws.attn.len() / threads;
                 let scr = SendPtr(ws.attn.as_mut_ptr() as *mut u8);
                 let po = *past_only;
-                // (row, kv head) items; a row's segment gives its cache and past
+                // (kv head, row) items, kv head first: consecutive items read one kv head's
+                // FP rows (a 512-token chunk's K and V of one head stay in L2; of all heads,
+                // they would not); a row's segment gives its cache and past
                 pool.run_chunks(m * kvh, 1, &|t, a, b| {
                     // SAFETY: each worker uses its own `per` floats of the scratch.
                     let scratch = unsafe { (scr.get() as *mut f32).add(t * per) } as u64;
-                    for_segs(segs, a / kvh, (b - 1) / kvh + 1, &mut |si, lo, hi| {
-                        let sg = &segs[si];
-                        let [kc, kp, vc, vp] = kv[si];
-                        // the FP rows of this segment: its chunk's K and V columns
-                        let seg0 = x + (sg.at * width * 4) as u64;
-                        let (kf, vf) = (
-                            seg0 + (h * hd * 4) as u64,
-                            seg0 + ((h + kvh) * hd * 4) as u64,
-                        );
-                        for row in lo..hi {
-                            let i = row - sg.at;
-                            let past = sg.past;
-                            let (nq, kf, vf, ldf, f0, f1) = if q16 {
-                                (0, kp, vp, (kvh * hd) as u64, 0, (past + i + 1) as u64)
-                            } else if !po {
-                                (past + i + 1, 0, 0, 0, 0, 0)
-                            } else if sg.mode == RunMode::Prefill {
-                                (past, kf, vf, width as u64, 0, (i + 1) as u64)
-                            } else {
-                                (past + i, kf, vf, width as u64, i as u64, (i + 1) as u64)
-                            };
-                            for g in 0..kvh {
-                                let item = row * kvh + g;
-                                if item < a || item >= b {
-                                    continue;
-                                }
+                    for item in a..b {
+                        let (g, r) = (item / m, item % m);
+                        for_segs(segs, r, r + 1, &mut |si, lo, hi| {
+                            let sg = &segs[si];
+                            let [kc, kp, vc, vp] = kv[si];
+                            // the FP rows of this segment: its chunk's K and V columns
+                            let seg0 = x + (sg.at * width * 4) as u64;
+                            let (kf, vf) = (
+                                seg0 + (h * hd * 4) as u64,
+                                seg0 + ((h + kvh) * hd * 4) as u64,
+                            );
+                            for row in lo..hi {
+                                let i = row - sg.at;
+                                let past = sg.past;
+                                let (nq, kf, vf, ldf, f0, f1) = if q16 {
+                                    (0, kp, vp, (kvh * hd) as u64, 0, (past + i + 1) as u64)
+                                } else if !po {
+                                    (past + i + 1, 0, 0, 0, 0, 0)
+                                } else if sg.mode == RunMode::Prefill {
+                                    (past, kf, vf, width as u64, 0, (i + 1) as u64)
+                                } else {
+                                    (past + i, kf, vf, width as u64, i as u64, (i + 1) as u64)
+                                };
                                 call(
                                     f,
                                     &AttentionArgs {
@@ -492,8 +491,8 @@ impl CpuEngine {
                                     },
                                 );
                             }
-                        }
-                    });
+                        });
+                    }
                 });
             }
         }
