@@ -930,7 +930,8 @@ mod avx2 {
         unsafe {
             let q = (a.q as *const f32).add(g * group * hd);
             let goff = g * hd;
-            for h in 0..group {
+            // the smoothed, permuted query and its sums serve the packed past's scores only
+            for h in 0..group * usize::from(nq > 0) {
                 let qh = q.add(h * hd);
                 for c in 0..hd {
                     let qv = *qh.add(c);
@@ -1121,6 +1122,35 @@ mod avx2 {
                 }
             }
             // out = (v_scale (acc_q - A) + v_shift P + acc_f) / l
+            if nq == 0 {
+                // no packed past: acc_q, A and P are zero; the same operations on 8 channels
+                let zero = _mm256_setzero_ps();
+                for h in 0..group {
+                    let inv = _mm256_set1_ps(1.0 / ls[h]);
+                    let ob = out.add((g * group + h) * hd);
+                    for c in (0..hd).step_by(8) {
+                        let mut v = zero;
+                        if sh.packed {
+                            let d = _mm256_sub_ps(zero, zero);
+                            v = if sh.smooth {
+                                _mm256_fmadd_ps(
+                                    _mm256_loadu_ps((a.vsh as *const f32).add(goff + c)),
+                                    zero,
+                                    _mm256_mul_ps(
+                                        d,
+                                        _mm256_loadu_ps((a.vsc as *const f32).add(goff + c)),
+                                    ),
+                                )
+                            } else {
+                                d
+                            };
+                        }
+                        let f = _mm256_loadu_ps(accf.as_ptr().add(h * hd + c));
+                        _mm256_storeu_ps(ob.add(c), _mm256_mul_ps(_mm256_add_ps(v, f), inv));
+                    }
+                }
+                return;
+            }
             for h in 0..group {
                 let inv = 1.0 / ls[h];
                 let ob = out.add((g * group + h) * hd);
