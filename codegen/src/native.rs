@@ -564,17 +564,16 @@ mod avx2 {
             for r in 0..R {
                 let ir = i + r;
                 let mut sums = [0f32; 8];
-                for q in 0..P.div_ceil(2) {
-                    let a = tot[r][2 * q];
-                    let b = if 2 * q + 1 < P { tot[r][2 * q + 1] } else { a };
-                    let h = _mm256_hadd_ps(a, b);
+                // P is 2 or 4 (`quads`): pairs of tot vectors
+                for q in 0..P / 2 {
+                    let h = _mm256_hadd_ps(tot[r][2 * q], tot[r][2 * q + 1]);
                     let h = _mm256_hadd_ps(h, h);
                     // elements 0, 1 hold outputs 4q, 4q + 2 and elements 4, 5 hold 4q + 1, 4q + 3
                     let o = _mm256_permutevar8x32_ps(h, _mm256_setr_epi32(0, 4, 1, 5, 0, 4, 1, 5));
                     _mm_storeu_ps(sums.as_mut_ptr().add(4 * q), _mm256_castps256_ps128(o));
                 }
-                if whole && (2 * P).is_multiple_of(4) {
-                    for q in 0..2 * P / 4 {
+                if whole {
+                    for q in 0..P / 2 {
                         let mut v = _mm_sub_ps(
                             _mm_loadu_ps(sums.as_ptr().add(4 * q)),
                             _mm_loadu_ps(corr[r].as_ptr().add(4 * q)),
