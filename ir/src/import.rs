@@ -373,7 +373,13 @@ fn gguf_to_hf_name(n: &str) -> Option<String> {
 
 pub fn import_gguf(path: &Path) -> Result<Imported, Error> {
     let map = map_file(path)?;
-    let g = gguf::parse(&map).map_err(|e| fmt_err(path, e))?;
+    import_gguf_bytes(path, &map)
+}
+
+/// Import a GGUF file held in memory (`path` names it in errors). The weights are
+/// dequantized to f32 copies: nothing borrows `map` after the call.
+pub fn import_gguf_bytes(path: &Path, map: &[u8]) -> Result<Imported, Error> {
+    let g = gguf::parse(map).map_err(|e| fmt_err(path, e))?;
     let arch = meta(&g, "general.architecture")
         .and_then(MetaValue::as_str)
         .ok_or_else(|| fmt_err(path, "GGUF metadata `general.architecture` is missing"))?

@@ -396,5 +396,23 @@ pub fn parse(text: &str) -> Result<Graph, ParseError> {
             msg: "missing closing `}`".into(),
         });
     }
+    // Value ids index dense tables (verifier, interpreter, lowering): ids far beyond the
+    // number of values are a corrupt or hostile text, not a graph (fuzzing found
+    // `%1111111111` making the verifier allocate 71 GB).
+    let defined = g.inputs.len() + g.nodes.len();
+    let bound = g.value_bound() as usize;
+    if bound > MAX_ID_SPREAD * defined + 1024 {
+        return Err(ParseError {
+            line: text.lines().count(),
+            msg: format!(
+                "value ids run up to %{} for {defined} defined values: numbered too sparsely",
+                bound - 1
+            ),
+        });
+    }
     Ok(g)
 }
+
+/// How sparse value numbering may be: ids below this many times the defined values (plus a
+/// margin). The passes leave gaps where they replace nodes, far fewer than this.
+const MAX_ID_SPREAD: usize = 16;
