@@ -59,7 +59,7 @@ pub use engine::{BatchItem, Engine, EngineKind, EngineOptions, Session};
 pub use error::RuntimeError;
 pub use model::{Model, ModelData};
 pub use sample::Sampler;
-pub use tokenizer::{Message, StreamDecoder, Tokenizer};
+pub use tokenizer::{Message, StreamDecoder, Tokenizer, render_chat_template};
 pub use wkvc_codegen::native::CpuIsa;
 pub use wkvc_ir::{Act, KvCache, RunMode};
 

@@ -19,9 +19,17 @@ pub struct Message {
 }
 
 impl Tokenizer {
+    /// Load the tokenizer a model file carries (untrusted input): its JSON is checked for
+    /// well-formedness first, because the `tokenizers` crate panics on some malformed JSON
+    /// (found by fuzzing: a syntax error inside `decoder`), and any panic left in the
+    /// crate's loader is caught and reported as an error.
     pub fn from_spec(spec: TokenizerSpec) -> Result<Self, RuntimeError> {
-        let inner = tokenizers::Tokenizer::from_str(&spec.json)
-            .map_err(|e| RuntimeError::Tokenizer(format!("cannot load tokenizer: {e}")))?;
+        let bad = |e: String| RuntimeError::Tokenizer(format!("cannot load tokenizer: {e}"));
+        serde_json::from_str::<serde::de::IgnoredAny>(&spec.json)
+            .map_err(|e| bad(format!("tokenizer.json is not valid JSON: {e}")))?;
+        let inner = std::panic::catch_unwind(|| tokenizers::Tokenizer::from_str(&spec.json))
+            .map_err(|_| bad("the tokenizers crate panicked on it".into()))?
+            .map_err(|e| bad(e.to_string()))?;
         Ok(Tokenizer { inner, spec })
     }
 
@@ -62,29 +70,216 @@ impl Tokenizer {
         let tpl = self.spec.chat_template.as_deref().ok_or_else(|| {
             RuntimeError::Template("this model has no chat template; run without --chat".into())
         })?;
-        let mut env = minijinja::Environment::new();
-        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function(
-            "raise_exception",
-            |msg: String| -> Result<String, minijinja::Error> {
-                Err(minijinja::Error::new(
-                    minijinja::ErrorKind::InvalidOperation,
-                    msg,
-                ))
-            },
-        );
-        env.add_template("chat", tpl)
-            .map_err(|e| RuntimeError::Template(format!("bad chat template: {e}")))?;
-        let t = env
-            .get_template("chat")
-            .map_err(|e| RuntimeError::Template(e.to_string()))?;
-        t.render(minijinja::context! {
-            messages => messages,
-            add_generation_prompt => true,
-            bos_token => self.spec.bos_token.clone().unwrap_or_default(),
-            eos_token => self.spec.eos_token.clone().unwrap_or_default(),
-        })
-        .map_err(|e| RuntimeError::Template(format!("cannot render chat template: {e}")))
+        render_chat_template(
+            tpl,
+            messages,
+            self.spec.bos_token.as_deref().unwrap_or_default(),
+            self.spec.eos_token.as_deref().unwrap_or_default(),
+        )
+    }
+}
+
+/// Render a chat template (Jinja, as Hugging Face's `apply_chat_template` runs it) for
+/// `messages`, ending with the assistant prompt. The template comes from the model file, so
+/// it is untrusted input.
+pub fn render_chat_template(
+    tpl: &str,
+    messages: &[Message],
+    bos_token: &str,
+    eos_token: &str,
+) -> Result<String, RuntimeError> {
+    let mut env = minijinja::Environment::new();
+    // bounded work and output (a template is a program from the model file): fuel counts
+    // the template's instructions
+    let text_bytes: usize = messages
+        .iter()
+        .map(|m| m.content.len() + m.role.len())
+        .sum();
+    env.set_fuel(Some(
+        TEMPLATE_FUEL_BASE + TEMPLATE_FUEL_PER_MESSAGE * messages.len() as u64,
+    ));
+    let max_out = TEMPLATE_OUTPUT_BASE + 4 * text_bytes;
+    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+    env.add_function(
+        "raise_exception",
+        |msg: String| -> Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(
+                minijinja::ErrorKind::InvalidOperation,
+                msg,
+            ))
+        },
+    );
+    check_template(tpl)?;
+    env.add_template("chat", tpl)
+        .map_err(|e| RuntimeError::Template(format!("bad chat template: {e}")))?;
+    let t = env
+        .get_template("chat")
+        .map_err(|e| RuntimeError::Template(e.to_string()))?;
+    let mut out = Limited {
+        buf: Vec::new(),
+        max: max_out,
+    };
+    let ctx = minijinja::context! {
+        messages => messages,
+        add_generation_prompt => true,
+        bos_token => bos_token,
+        eos_token => eos_token,
+    };
+    match t.render_captured_to(ctx, &mut out) {
+        Ok(_) => String::from_utf8(out.buf)
+            .map_err(|_| RuntimeError::Template("the chat template's output is not UTF-8".into())),
+        Err(_) if out.buf.len() > out.max => Err(RuntimeError::Template(format!(
+            "the chat template's output exceeds {} bytes for {} messages of {text_bytes} bytes",
+            out.max,
+            messages.len()
+        ))),
+        Err(e) if e.kind() == minijinja::ErrorKind::OutOfFuel => {
+            Err(RuntimeError::Template(format!(
+                "the chat template runs too long (over {} steps for {} messages)",
+                TEMPLATE_FUEL_BASE + TEMPLATE_FUEL_PER_MESSAGE * messages.len() as u64,
+                messages.len()
+            )))
+        }
+        Err(e) => Err(RuntimeError::Template(format!(
+            "cannot render chat template: {e}"
+        ))),
+    }
+}
+
+/// Refuse a chat template that multiplies anything but a literal by a small integer
+/// literal (`'-' * 20`). In minijinja `seq * n` is a lazy repetition of any length and
+/// `str * n` may reach 100 MB: one operation on such a value (a comparison, a join, a
+/// concatenation) runs unmetered by fuel, so one `{{ x * 10000000 }}` in a template from a
+/// model file would hang every request (found by fuzzing, target `chat_template`). Chat
+/// templates do not multiply (none of the common families' templates has a `*`).
+///
+/// Also refused: templates over [`MAX_TEMPLATE_BYTES`] and runs of more than
+/// [`MAX_SIGN_RUN`] signs (`- - - 'x'`), which minijinja compiles in time that grows with
+/// the cube of the run (found by fuzzing: 3700 signs took 0.3 s, 8000 several seconds).
+fn check_template(tpl: &str) -> Result<(), RuntimeError> {
+    if tpl.len() > MAX_TEMPLATE_BYTES {
+        return Err(RuntimeError::Template(format!(
+            "the chat template has {} bytes: more than the {MAX_TEMPLATE_BYTES} wkvc accepts",
+            tpl.len()
+        )));
+    }
+    let b = tpl.as_bytes();
+    let (mut i, mut in_expr) = (0, false);
+    let mut signs = 0usize;
+    // what the last token of the expression was: a literal (string or integer) or not
+    let mut last_literal = false;
+    while i < b.len() {
+        if !in_expr {
+            if b[i] == b'{' && matches!(b.get(i + 1), Some(b'{') | Some(b'%')) {
+                in_expr = true;
+                last_literal = false;
+                i += 2;
+            } else if b[i] == b'{' && b.get(i + 1) == Some(&b'#') {
+                i = tpl[i..].find("#}").map_or(b.len(), |j| i + j + 2);
+            } else {
+                i += 1;
+            }
+            continue;
+        }
+        if matches!(b[i], b'-' | b'+') {
+            signs += 1;
+            if signs > MAX_SIGN_RUN {
+                return Err(RuntimeError::Template(format!(
+                    "the chat template has a run of over {MAX_SIGN_RUN} signs at byte {i}"
+                )));
+            }
+        } else if !b[i].is_ascii_whitespace() {
+            signs = 0;
+        }
+        match b[i] {
+            b'}' | b'%' if b.get(i + 1) == Some(&b'}') => {
+                in_expr = false;
+                i += 2;
+            }
+            q @ (b'\'' | b'"') => {
+                i += 1;
+                while i < b.len() && b[i] != q {
+                    i += if b[i] == b'\\' { 2 } else { 1 };
+                }
+                i += 1;
+                last_literal = true;
+            }
+            b'*' if b.get(i + 1) == Some(&b'*') => {
+                // `**`: powers of numbers overflow into an error, never grow a value
+                i += 2;
+                last_literal = false;
+            }
+            b'*' => {
+                let rest = tpl[i + 1..].trim_start();
+                let digits: &str = &rest[..rest
+                    .find(|c: char| !c.is_ascii_digit())
+                    .unwrap_or(rest.len())];
+                let small = !digits.is_empty() && digits.len() <= 4;
+                let next = rest[digits.len()..].chars().next();
+                let ends = !next.is_some_and(|c| {
+                    c.is_alphanumeric() || c == '_' || c == '.' || c == '(' || c == '['
+                });
+                if !(last_literal && small && ends) {
+                    return Err(RuntimeError::Template(format!(
+                        "the chat template multiplies at byte {i} (`{}`): wkvc runs no `*` but \
+                         a literal times a literal integer below 10000 (repetition in a \
+                         template is unbounded work)",
+                        tpl[i.saturating_sub(20)..(i + 20).min(tpl.len())]
+                            .chars()
+                            .filter(|c| !c.is_control())
+                            .collect::<String>()
+                    )));
+                }
+                i += 1;
+                last_literal = false;
+            }
+            c if c.is_ascii_whitespace() => i += 1,
+            c if c.is_ascii_digit() => {
+                while i < b.len() && (b[i].is_ascii_alphanumeric() || b[i] == b'_' || b[i] == b'.')
+                {
+                    i += 1;
+                }
+                last_literal = true;
+            }
+            _ => {
+                last_literal = false;
+                i += 1;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The largest chat template accepted (real ones are a few KiB).
+const MAX_TEMPLATE_BYTES: usize = 256 << 10;
+/// The longest run of `+`/`-` signs in a template expression.
+const MAX_SIGN_RUN: usize = 32;
+
+/// A chat template's budget: instructions (minijinja fuel) and output bytes, a base plus a
+/// share per message (real templates spend tens of instructions a message: a 1000-message
+/// conversation renders, `template_tests`).
+const TEMPLATE_FUEL_BASE: u64 = 100_000;
+const TEMPLATE_FUEL_PER_MESSAGE: u64 = 10_000;
+const TEMPLATE_OUTPUT_BASE: usize = 1 << 20;
+
+/// A writer that refuses to grow past `max` bytes (the render then stops with an error).
+struct Limited {
+    buf: Vec<u8>,
+    max: usize,
+}
+
+impl std::io::Write for Limited {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        if self.buf.len() + b.len() > self.max {
+            self.buf
+                .extend_from_slice(&b[..(self.max + 1 - self.buf.len()).min(b.len())]);
+            return Err(std::io::Error::other("output limit"));
+        }
+        self.buf.extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
@@ -134,5 +329,115 @@ impl StreamDecoder {
         self.prefix = tok.decode(&self.ids, true)?;
         self.prefix_ids = self.ids.len();
         Ok(piece)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(json: &str) -> TokenizerSpec {
+        TokenizerSpec {
+            json: json.into(),
+            chat_template: None,
+            bos_token: None,
+            eos_token: None,
+            bos_id: None,
+            eos_ids: Vec::new(),
+            add_bos: false,
+        }
+    }
+
+    /// Fuzzing (target `manifest`) found the `tokenizers` crate panicking ("Helper") on a
+    /// syntax error inside `decoder`: an error here, never a panic.
+    #[test]
+    fn malformed_decoder_json_is_an_error_not_a_panic() {
+        let json = r#"{"version":"1.0","decoder":{"type":"ByteLevel","add_prefix_space" true}}"#;
+        let direct = std::panic::catch_unwind(|| tokenizers::Tokenizer::from_str(json));
+        let e = Tokenizer::from_spec(spec(json)).err().expect("an error");
+        assert!(e.to_string().contains("not valid JSON"), "{e}");
+        // the input does reach the crate's panic (else this test would guard nothing)
+        assert!(
+            direct.is_err(),
+            "the tokenizers crate no longer panics here"
+        );
+    }
+}
+
+#[cfg(test)]
+mod template_tests {
+    use super::*;
+
+    const CHATML: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
+
+    fn msgs(n: usize, text: &str) -> Vec<Message> {
+        (0..n)
+            .map(|i| Message {
+                role: if i % 2 == 0 { "user" } else { "assistant" }.into(),
+                content: text.into(),
+            })
+            .collect()
+    }
+
+    fn render(tpl: &str, n: usize, text: &str) -> Result<String, RuntimeError> {
+        render_chat_template(tpl, &msgs(n, text), "<s>", "</s>")
+    }
+
+    /// A real template renders long conversations whole: the budgets grow with the messages.
+    #[test]
+    fn long_conversations_fit_the_budget() {
+        for n in [1, 10, 1000] {
+            let out = render(CHATML, n, &"word ".repeat(200)).expect("renders");
+            assert_eq!(out.matches("<|im_start|>").count(), n + 1);
+        }
+    }
+
+    /// Hostile templates (from a model file) stop with an error naming the limit: nested
+    /// loops of 10^8 steps, output of 10^9 bytes; recursion and Jinja's own limits hold.
+    #[test]
+    fn hostile_templates_are_bounded() {
+        let e = render(
+            "{% for a in range(10000) %}{% for b in range(10000) %}x{% endfor %}{% endfor %}",
+            2,
+            "hi",
+        )
+        .expect_err("out of fuel");
+        assert!(e.to_string().contains("runs too long"), "{e}");
+        let e = render(
+            "{% for a in range(1000) %}{% for m in messages %}{{ m.content }}{% endfor %}{% endfor %}",
+            2,
+            &"x".repeat(100_000),
+        )
+        .expect_err("output limit");
+        assert!(e.to_string().contains("output exceeds"), "{e}");
+        let e = render("{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}", 2, "hi")
+            .expect_err("recursion");
+        assert!(!e.to_string().is_empty());
+        // repetition: a lazy sequence of 10^7 copies compared in one (unmetered) operation
+        let e = render("{{[1~10110101*['']==''%1].y()}}", 1, "hi").expect_err("repetition");
+        assert!(e.to_string().contains("multiplies"), "{e}");
+        for bad in [
+            "{{ messages * 3 }}",
+            "{{ 'x' * n }}",
+            "{{ 'x' * 100000 }}",
+            "{{ 2 * x }}",
+        ] {
+            render(bad, 1, "hi").expect_err(bad);
+        }
+        for ok in [
+            "{{ '-' * 20 }}",
+            "{{ 3 ** 2 }}{# a * b #}",
+            "{{ 'a*b' }}{{ \"*\" }}",
+        ] {
+            render(ok, 1, "hi").unwrap_or_else(|e| panic!("{ok}: {e}"));
+        }
+        // a long run of signs: compile time grows with its cube
+        let signs = format!("{{{{{} 'x' }}}}", "-".repeat(4000));
+        let e = render(&signs, 1, "hi").expect_err("signs");
+        assert!(e.to_string().contains("run of over"), "{e}");
+        let e = render(&"x".repeat(300 << 10), 1, "hi").expect_err("size");
+        assert!(e.to_string().contains("bytes"), "{e}");
+        let e = render("{{ raise_exception('no') }}", 1, "hi").expect_err("raised");
+        assert!(e.to_string().contains("no"), "{e}");
     }
 }
