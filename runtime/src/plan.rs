@@ -177,6 +177,12 @@ pub fn check_destination(path: &Path) -> Result<(), RuntimeError> {
             format!("the folder {} does not exist", dir.display()),
         ));
     }
+    for f in clean_stale_temp_files(dir) {
+        tracing::warn!(
+            "removed {} (left by an interrupted compile)",
+            dir.join(f).display()
+        );
+    }
     let probe = dir.join(format!(".wkvc-probe-{}", std::process::id()));
     std::fs::write(&probe, b"").map_err(|e| {
         perr(
@@ -228,9 +234,22 @@ pub fn write(path: &Path, module: &Module, mut manifest: Manifest) -> Result<u64
         .file_name()
         .map(|f| f.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let tmp: PathBuf = dir.join(format!(".{fname}.wkvc-tmp-{}", std::process::id()));
+    let tmp: PathBuf = dir.join(format!(
+        ".{fname}{TEMP_MARK}{}-{}",
+        std::process::id(),
+        TEMP_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
+    // Held (locked) for as long as the temp file is being written: a compile that finds an
+    // unlocked temp file knows its writer is gone (killed) and removes it.
+    let lock = create_locked(&tmp).map_err(|e| perr(&tmp, format!("cannot create: {e}")))?;
     let r = safetensors::serialize_to_file(views, Some(meta), &tmp)
         .map_err(|e| perr(&tmp, format!("cannot write: {e}")))
+        .and_then(|_| {
+            // on disk before it gets the plan's name: a crash after the rename never
+            // leaves a plan with missing data
+            lock.sync_all()
+                .map_err(|e| perr(&tmp, format!("cannot flush to disk: {e}")))
+        })
         .map(|_| {
             // the temp file is created private; a finished plan is an ordinary file
             #[cfg(unix)]
@@ -251,7 +270,79 @@ pub fn write(path: &Path, module: &Module, mut manifest: Manifest) -> Result<u64
         let _ = std::fs::remove_file(&tmp);
         return Err(e);
     }
+    // the rename itself on disk (best effort: not every file system syncs folders)
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    drop(lock);
     Ok(std::fs::metadata(path).map(|m| m.len()).unwrap_or(0))
+}
+
+/// What names a plan's temp file: `.NAME.wkvc-tmp-PID-N` beside the plan.
+const TEMP_MARK: &str = ".wkvc-tmp-";
+static TEMP_SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Create `tmp` (new, private) and hold an exclusive lock on it. The lock is taken on the
+/// file that is at `tmp` afterwards (a concurrent cleanup could remove the file between the
+/// create and the lock: then it is created again).
+fn create_locked(tmp: &Path) -> std::io::Result<std::fs::File> {
+    for _ in 0..8 {
+        let mut o = std::fs::OpenOptions::new();
+        o.write(true).create_new(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            o.mode(0o600);
+        }
+        let f = o.open(tmp)?;
+        f.lock()?;
+        if same_file(&f, tmp) {
+            return Ok(f);
+        }
+    }
+    Err(std::io::Error::other(
+        "the temp file keeps being removed by another process",
+    ))
+}
+
+#[cfg(unix)]
+fn same_file(f: &std::fs::File, path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (f.metadata(), std::fs::metadata(path)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
+#[cfg(not(unix))]
+fn same_file(_: &std::fs::File, path: &Path) -> bool {
+    path.exists()
+}
+
+/// Remove the temp files that compiles killed mid-write left in `dir` (a plan's temp file
+/// whose lock nobody holds, a write probe); returns their names. A temp file of a compile
+/// that is still writing is locked and stays.
+pub fn clean_stale_temp_files(dir: &Path) -> Vec<String> {
+    let mut removed = Vec::new();
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return removed;
+    };
+    for e in rd.filter_map(|e| e.ok()) {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let ours =
+            (name.starts_with('.') && name.contains(TEMP_MARK)) || name.starts_with(".wkvc-probe-");
+        if !ours || !e.file_type().is_ok_and(|t| t.is_file()) {
+            continue;
+        }
+        let Ok(f) = std::fs::File::open(e.path()) else {
+            continue;
+        };
+        if f.try_lock().is_ok() && std::fs::remove_file(e.path()).is_ok() {
+            removed.push(name);
+        }
+    }
+    removed.sort();
+    removed
 }
 
 /// Does the file look like a plan (safetensors header carrying a wkvc manifest)?
@@ -295,26 +386,7 @@ pub fn open(path: &Path) -> Result<(Module, Manifest), RuntimeError> {
         .as_ref()
         .and_then(|m| m.get(META_KEY))
         .ok_or_else(|| perr(path, "no wkvc manifest in the header: not a wkvc plan"))?;
-    let manifest: Manifest =
-        serde_json::from_str(text).map_err(|e| perr(path, format!("manifest: {e}")))?;
-    if manifest.format != FORMAT {
-        return Err(perr(
-            path,
-            format!(
-                "manifest format is `{}`, expected `{FORMAT}`",
-                manifest.format
-            ),
-        ));
-    }
-    if manifest.version != VERSION {
-        return Err(perr(
-            path,
-            format!(
-                "plan format version {} is not supported by this wkvc (reads version {VERSION}); recompile the plan",
-                manifest.version
-            ),
-        ));
-    }
+    let (manifest, graph) = parse_manifest(text).map_err(|e| perr(path, e))?;
     let base = map.as_ptr() as usize;
     let mut weights = WeightStore::new();
     let names: std::collections::BTreeSet<String> =
@@ -380,19 +452,39 @@ pub fn open(path: &Path) -> Result<(Module, Manifest), RuntimeError> {
     // the header (manifest) is parsed: its pages are not read again
     let header = 8 + u64::from_le_bytes(map[..8].try_into().unwrap_or_default()) as usize;
     wkvc_ir::weights::release_mapped(&map, 0, header.min(map.len()));
-    let graph = wkvc_ir::text::parse(&manifest.graph)
-        .map_err(|e| perr(path, format!("manifest graph: {e}")))?;
     let module = Module { graph, weights };
     module
         .verify()
         .map_err(|e| perr(path, format!("manifest graph: {e}")))?;
-    if let Some(l) = &manifest.lowered {
-        wkvc_ir::text::parse(&l.graph)
-            .map_err(|e| perr(path, format!("manifest lowered graph: {e}")))?;
+    Ok((module, manifest))
+}
+
+/// Parse and check a plan's manifest (the JSON in the container's header): format and
+/// version, the model config, the graph text and the lowered graph text (both parsed). The
+/// graph is returned parsed; [`open`] then checks it against the container's tensors.
+pub fn parse_manifest(text: &str) -> Result<(Manifest, wkvc_ir::Graph), String> {
+    let manifest: Manifest = serde_json::from_str(text).map_err(|e| format!("manifest: {e}"))?;
+    if manifest.format != FORMAT {
+        return Err(format!(
+            "manifest format is `{}`, expected `{FORMAT}`",
+            manifest.format
+        ));
+    }
+    if manifest.version != VERSION {
+        return Err(format!(
+            "plan format version {} is not supported by this wkvc (reads version {VERSION}); \
+             recompile the plan",
+            manifest.version
+        ));
     }
     manifest
         .config
         .validate()
-        .map_err(|e| perr(path, format!("manifest config: {e}")))?;
-    Ok((module, manifest))
+        .map_err(|e| format!("manifest config: {e}"))?;
+    let graph =
+        wkvc_ir::text::parse(&manifest.graph).map_err(|e| format!("manifest graph: {e}"))?;
+    if let Some(l) = &manifest.lowered {
+        wkvc_ir::text::parse(&l.graph).map_err(|e| format!("manifest lowered graph: {e}"))?;
+    }
+    Ok((manifest, graph))
 }
