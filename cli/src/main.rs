@@ -1,13 +1,8 @@
-//! `wkvc`: the command-line tool. `args` declares the command line; each subcommand is a
-//! module of `cmd`; `common` holds what they share.
+//! `wkvc`: the command-line tool (its modules are the `wkvc` library, `src/lib.rs`).
 
-mod args;
-mod cmd;
-mod common;
-mod serve;
-
-use args::{Cli, Cmd};
 use clap::Parser;
+use wkvc::args::{Cli, Cmd};
+use wkvc::{cmd, serve};
 
 fn main() {
     let cli = Cli::parse();

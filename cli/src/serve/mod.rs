@@ -7,15 +7,14 @@
 //! ready, 200 after. SIGINT or SIGTERM stops admitting (new requests get 503), lets running
 //! requests finish for the grace period, cancels what is left and exits 0.
 
-mod api;
+pub mod api;
 mod metrics;
+pub mod request;
 
 use crate::args::ServeArgs;
 use crate::common::{make_engine, open};
 use anyhow::{Context, Result, bail};
-use api::{
-    ApiError, ChatRequest, CompletionRequest, DetokenizeRequest, Sampling, TokenizeRequest, Usage,
-};
+use api::{ApiError, Sampling, Usage};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Request, State};
@@ -30,10 +29,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::mpsc;
+use wkvc_runtime::Model;
 use wkvc_runtime::scheduler::{
     Event, FinishReason, GenRequest, Scheduler, SchedulerOptions, SubmitError,
 };
-use wkvc_runtime::{CancelToken, Message, Model};
 
 /// Largest request body accepted.
 const BODY_LIMIT: usize = 1 << 20;
@@ -325,14 +324,12 @@ async fn tokenize(
     b: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let r = st.ready()?;
-    let req: TokenizeRequest = api::parse(&body(b)?)?;
+    let body = body(b)?;
     let tok = r
         .model
         .tokenizer()
         .map_err(|e| ApiError::internal(e.to_string()))?;
-    let ids = tok
-        .encode(&req.content, req.add_special)
-        .map_err(|e| ApiError::bad_request(e.to_string(), None))?;
+    let ids = request::tokenize(&body, tok)?;
     Ok(Json(json!({"tokens": ids})).into_response())
 }
 
@@ -341,88 +338,13 @@ async fn detokenize(
     b: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let r = st.ready()?;
-    let req: DetokenizeRequest = api::parse(&body(b)?)?;
-    let vocab = r.model.config.vocab_size;
-    if let Some(t) = req.tokens.iter().find(|&&t| t as usize >= vocab) {
-        return Err(ApiError::bad_request(
-            format!("token {t} is not in the vocabulary of {vocab}"),
-            None,
-        ));
-    }
+    let body = body(b)?;
     let tok = r
         .model
         .tokenizer()
         .map_err(|e| ApiError::internal(e.to_string()))?;
-    let text = tok
-        .decode(&req.tokens, false)
-        .map_err(|e| ApiError::bad_request(e.to_string(), None))?;
+    let text = request::detokenize(&body, tok, r.model.config.vocab_size)?;
     Ok(Json(json!({"content": text})).into_response())
-}
-
-/// Checked sampling settings and the request to submit.
-fn gen_request(
-    r: &Ready,
-    prompt: Vec<u32>,
-    s: &Sampling,
-    default_max: usize,
-) -> Result<GenRequest, ApiError> {
-    if s.n.is_some_and(|n| n != 1) {
-        return Err(ApiError::bad_request(
-            "only n = 1 is supported",
-            Some("unsupported_value"),
-        ));
-    }
-    let temperature = s.temperature.unwrap_or(1.0);
-    if !(0.0..=2.0).contains(&temperature) {
-        return Err(ApiError::bad_request(
-            format!("temperature must be in [0, 2], got {temperature}"),
-            Some("invalid_value"),
-        ));
-    }
-    let top_p = s.top_p.unwrap_or(1.0);
-    if !(top_p > 0.0 && top_p <= 1.0) {
-        return Err(ApiError::bad_request(
-            format!("top_p must be in (0, 1], got {top_p}"),
-            Some("invalid_value"),
-        ));
-    }
-    if prompt.is_empty() {
-        return Err(ApiError::bad_request("the prompt is empty", None));
-    }
-    let max_tokens = s
-        .max_tokens
-        .unwrap_or(default_max.min(r.ctx.saturating_sub(prompt.len())));
-    if max_tokens == 0 {
-        return Err(ApiError::bad_request(
-            "max_tokens must be at least 1",
-            Some("invalid_value"),
-        ));
-    }
-    if prompt.len() + max_tokens > r.ctx {
-        return Err(ApiError::bad_request(
-            format!(
-                "the prompt ({} tokens) plus max_tokens ({max_tokens}) exceed the context of {} \
-                 tokens",
-                prompt.len(),
-                r.ctx
-            ),
-            Some("context_length_exceeded"),
-        ));
-    }
-    let stop = s.stop.as_ref().map(api::Stop::list).unwrap_or_default();
-    if stop.len() > 4 {
-        return Err(ApiError::bad_request("at most 4 stop sequences", None));
-    }
-    Ok(GenRequest {
-        prompt,
-        max_tokens,
-        temperature,
-        top_p,
-        seed: s.seed.unwrap_or(0),
-        stop,
-        ignore_eos: s.ignore_eos.unwrap_or(false),
-        cancel: CancelToken::new(),
-    })
 }
 
 fn submit_error(e: SubmitError) -> ApiError {
@@ -459,28 +381,13 @@ async fn completions(
     b: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let r = st.ready()?;
-    let req: CompletionRequest = api::parse(&body(b)?)?;
-    let text = match &req.prompt {
-        serde_json::Value::String(s) => s.clone(),
-        serde_json::Value::Array(v) if v.len() == 1 && v[0].is_string() => {
-            v[0].as_str().unwrap_or_default().to_string()
-        }
-        _ => {
-            return Err(ApiError::bad_request(
-                "prompt must be a string (or a list of one string)",
-                None,
-            ));
-        }
-    };
+    let body = body(b)?;
     let tok = r
         .model
         .tokenizer()
         .map_err(|e| ApiError::internal(e.to_string()))?;
-    let ids = tok
-        .encode(&text, true)
-        .map_err(|e| ApiError::bad_request(e.to_string(), None))?;
-    let g = gen_request(r, ids, &req.sampling, 16)?;
-    respond(&st, r, g, &req.sampling, Kind::Text).await
+    let (g, sampling) = request::completion(&body, tok, r.ctx)?;
+    respond(&st, r, g, &sampling, Kind::Text).await
 }
 
 async fn chat(
@@ -488,43 +395,13 @@ async fn chat(
     b: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let r = st.ready()?;
-    let req: ChatRequest = api::parse(&body(b)?)?;
-    if req.messages.is_empty() {
-        return Err(ApiError::bad_request("messages must not be empty", None));
-    }
-    let mut msgs = Vec::with_capacity(req.messages.len());
-    for m in &req.messages {
-        if !matches!(
-            m.role.as_str(),
-            "system" | "user" | "assistant" | "developer"
-        ) {
-            return Err(ApiError::bad_request(
-                format!("unknown message role `{}`", m.role),
-                None,
-            ));
-        }
-        msgs.push(Message {
-            role: if m.role == "developer" {
-                "system".into()
-            } else {
-                m.role.clone()
-            },
-            content: api::content_text(&m.content)?,
-        });
-    }
+    let body = body(b)?;
     let tok = r
         .model
         .tokenizer()
         .map_err(|e| ApiError::internal(e.to_string()))?;
-    let text = tok
-        .apply_chat_template(&msgs)
-        .map_err(|e| ApiError::bad_request(e.to_string(), None))?;
-    let ids = tok
-        .encode(&text, true)
-        .map_err(|e| ApiError::bad_request(e.to_string(), None))?;
-    let default_max = r.ctx;
-    let g = gen_request(r, ids, &req.sampling, default_max)?;
-    respond(&st, r, g, &req.sampling, Kind::Chat).await
+    let (g, sampling) = request::chat(&body, tok, r.ctx)?;
+    respond(&st, r, g, &sampling, Kind::Chat).await
 }
 
 /// Run the request and answer: one JSON body, or server-sent events.
