@@ -5,6 +5,8 @@
 # reference figures when ../shared is beside the repository.
 # Without ../shared the reference checks are skipped (said in the summary), and without a GPU
 # the GPU checks (scripts/gpu-check.sh runs them on a GPU machine).
+# Without arguments it ends with the fuzz smoke (scripts/fuzz.sh --smoke: each fuzz target
+# replays its corpus and runs 20 s under AFL++).
 # Arguments go to cargo test (e.g. scripts/test.sh -p wkvc-tests --test demo_cpu).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -50,6 +52,17 @@ set +e
 cargo test --release --workspace --no-fail-fast "$@" 2>&1 | tee "$work/log"
 rc=${PIPESTATUS[0]}
 set -e
+# the whole run (no arguments) ends with the fuzz smoke: every fuzz target replays its corpus
+# and runs 20 s under AFL++ (scripts/fuzz.sh; cargo-afl is installed on first use)
+fuzz=""
+if [ $# -eq 0 ]; then
+  if WKVC_FUZZ_OUT="$work/fuzz" scripts/fuzz.sh --smoke 20 2>&1 | tee "$work/fuzzlog"; then
+    fuzz="; fuzz smoke: $(grep -c ' execs ' "$work/fuzzlog") targets, no crash or hang"
+  else
+    fuzz="; fuzz smoke: FAILED"
+    rc=1
+  fi
+fi
 # one line: tests passed/failed/ignored over all binaries, the failing binaries, the skips
 summary=$(awk '
   /^test result:/ {
@@ -67,5 +80,5 @@ skipped=$(sed -E 's/^SKIPPED ([^(]*) \(.*/\1/' "$WKVC_SKIP_LOG" | sed 's/ *$//' 
 elapsed=$(( $(date +%s) - start ))
 if [ "$rc" -eq 0 ]; then verdict=PASS; else verdict=FAIL; fi
 echo
-echo "wkvc tests: $verdict: $summary${failing:+ (failing: $failing)}; skipped: ${skipped:-none}; $((elapsed / 60)) min $((elapsed % 60)) s"
+echo "wkvc tests: $verdict: $summary${failing:+ (failing: $failing)}; skipped: ${skipped:-none}$fuzz; $((elapsed / 60)) min $((elapsed % 60)) s"
 exit "$rc"

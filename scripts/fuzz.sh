@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# Coverage-guided fuzzing of wkvc's parsers of untrusted input with AFL++ (cargo afl, stable
+# Rust). The targets are in fuzz/src/lib.rs; their seed corpora in fuzz/corpus/TARGET/; inputs
+# that once failed in fuzz/regressions/TARGET/ (replayed by `cargo test -p wkvc-fuzz`).
+#
+#   scripts/fuzz.sh --list                  the target names, one a line
+#   scripts/fuzz.sh TARGET [SECONDS] [JOBS] [EXECS]
+#                                           fuzz TARGET for SECONDS (default 600) on JOBS
+#                                           AFL++ instances (default 1), each stopping early
+#                                           after EXECS executions; findings and the grown
+#                                           queue in target/fuzz/TARGET/ (a later run resumes)
+#   scripts/fuzz.sh --smoke [SECONDS]       every target: replay its corpus, then SECONDS
+#                                           (default 20) of fuzzing; fails on any crash or hang
+#   scripts/fuzz.sh --stats TARGET          executions, corpus size, edges, crashes, hangs
+#
+# Installs cargo-afl (crates.io) and builds AFL++ on first use. An execution over 1 s is a
+# hang; a target over 1 GiB of address space (AFL's -m) is a crash.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+OUT=${WKVC_FUZZ_OUT:-$ROOT/target/fuzz}
+BIN=$ROOT/target/afl/release/wkvc-fuzz
+export PATH="$HOME/.cargo/bin:$PATH"
+
+targets() { sed -n '/^pub const TARGETS/,/^];/s/^ *("\([a-z_]*\)".*/\1/p' fuzz/src/lib.rs; }
+
+die() { echo "error: $*" >&2; exit 1; }
+
+ensure_afl() {
+  if ! cargo afl --version >/dev/null 2>&1; then
+    echo "installing cargo-afl from crates.io ..." >&2
+    cargo install --locked cargo-afl@0.18.2 >&2
+  fi
+  # AFL++ itself, built once per rustc (cargo afl config --build says so when it is there)
+  if ! ls "$HOME"/.local/share/afl.rs/rustc-*/afl.rs-*/afl/bin/afl-fuzz >/dev/null 2>&1; then
+    echo "building AFL++ ..." >&2
+    cargo afl config --build >&2
+  fi
+}
+
+build() {
+  ensure_afl
+  echo "building the instrumented harness (target/afl) ..." >&2
+  cargo afl build --release -q -p wkvc-fuzz --features afl --bin wkvc-fuzz \
+    --target-dir "$ROOT/target/afl" >&2
+}
+
+stat() { sed -n "s/^$2 *: *//p" "$1/default/fuzzer_stats" 2>/dev/null | head -1; }
+
+stats() {
+  local t=$1 d=$OUT/$1 execs=0 secs=0 crashes=0 hangs=0 corpus=0 edges=0
+  [ -d "$d" ] || die "no campaign of $t in $d"
+  for inst in "$d"/*/; do
+    [ -f "$inst/fuzzer_stats" ] || continue
+    local s=$inst/fuzzer_stats
+    execs=$((execs + $(sed -n 's/^execs_done *: *//p' "$s")))
+    secs=$((secs + $(sed -n 's/^run_time *: *//p' "$s")))
+    crashes=$((crashes + $(sed -n 's/^saved_crashes *: *//p' "$s")))
+    hangs=$((hangs + $(sed -n 's/^saved_hangs *: *//p' "$s")))
+    corpus=$(( $(sed -n 's/^corpus_count *: *//p' "$s") > corpus ? $(sed -n 's/^corpus_count *: *//p' "$s") : corpus ))
+    edges=$(( $(sed -n 's/^edges_found *: *//p' "$s") > edges ? $(sed -n 's/^edges_found *: *//p' "$s") : edges ))
+  done
+  printf '%-14s execs %11d  cpu-s %6d  corpus %5d  edges %6d  crashes %d  hangs %d\n' \
+    "$t" "$execs" "$secs" "$corpus" "$edges" "$crashes" "$hangs"
+  [ "$crashes" -eq 0 ] && [ "$hangs" -eq 0 ]
+}
+
+fuzz() {
+  local t=$1 secs=${2:-600} jobs=${3:-1} execs=${4:-}
+  targets | grep -qx "$t" || die "unknown target \`$t\` (scripts/fuzz.sh --list)"
+  [ -x "$BIN" ] || build
+  mkdir -p "$OUT/$t"
+  export AFL_SKIP_CPUFREQ=1 AFL_I_DONT_CARE_ABOUT_MISSING_CRASHES=1 AFL_NO_UI=1 \
+    AFL_QUIET=1 AFL_NO_AFFINITY=1 AFL_SKIP_CRASHES=0 AFL_AUTORESUME=1
+  local pids=() i
+  for ((i = 0; i < jobs; i++)); do
+    local role=(-M default)
+    [ "$i" -gt 0 ] && role=(-S "s$i")
+    cargo afl fuzz "${role[@]}" -i "fuzz/corpus/$t" -o "$OUT/$t" -t 1000 -m 1024 \
+      -V "$secs" ${execs:+-E "$execs"} -- "$BIN" "$t" >"$OUT/$t/afl-$i.log" 2>&1 &
+    pids+=($!)
+  done
+  local rc=0
+  for p in "${pids[@]}"; do wait "$p" || rc=1; done
+  [ $rc -eq 0 ] || { tail -20 "$OUT/$t/afl-0.log" >&2; die "afl-fuzz failed on $t"; }
+  stats "$t"
+}
+
+case "${1:-}" in
+  --list) targets ;;
+  --build) build ;;
+  --stats) [ -n "${2:-}" ] || die "--stats TARGET"; stats "$2" ;;
+  --smoke)
+    secs=${2:-20}
+    OUT=${WKVC_FUZZ_OUT:-$ROOT/target/fuzz-smoke}
+    echo "== replaying every corpus (cargo test -p wkvc-fuzz)"
+    cargo test --release -q -p wkvc-fuzz
+    build
+    fail=0
+    for t in $(targets); do
+      rm -rf "${OUT:?}/$t"
+      fuzz "$t" "$secs" 1 || fail=1
+    done
+    [ $fail -eq 0 ] || die "a fuzz target crashed or hung: see $OUT/TARGET/default/{crashes,hangs}"
+    ;;
+  ""|-h|--help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//' ;;
+  *) fuzz "$@" ;;
+esac
