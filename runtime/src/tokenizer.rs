@@ -224,7 +224,7 @@ fn check_template(tpl: &str) -> Result<(), RuntimeError> {
                         "the chat template multiplies at byte {i} (`{}`): wkvc runs no `*` but \
                          a literal times a literal integer below 10000 (repetition in a \
                          template is unbounded work)",
-                        tpl[i.saturating_sub(20)..(i + 20).min(tpl.len())]
+                        around(tpl, i)
                             .chars()
                             .filter(|c| !c.is_control())
                             .collect::<String>()
@@ -248,6 +248,19 @@ fn check_template(tpl: &str) -> Result<(), RuntimeError> {
         }
     }
     Ok(())
+}
+
+/// Up to 20 bytes either side of byte `i` of `s`, cut at character boundaries.
+fn around(s: &str, i: usize) -> &str {
+    let mut a = i.saturating_sub(20);
+    while !s.is_char_boundary(a) {
+        a -= 1;
+    }
+    let mut b = (i + 20).min(s.len());
+    while !s.is_char_boundary(b) {
+        b += 1;
+    }
+    &s[a..b]
 }
 
 /// The largest chat template accepted (real ones are a few KiB).
@@ -421,6 +434,10 @@ mod template_tests {
             "{{ 'x' * n }}",
             "{{ 'x' * 100000 }}",
             "{{ 2 * x }}",
+            // (fuzzing) the message quotes the template around the `*`, cut at character
+            // boundaries
+            "f \u{17}qtz-\u{1} 0 %}{{ g*z - 1) }}{{ n }}{%\u{68c}}",
+            "{{ '\u{68c}\u{68c}\u{68c}\u{68c}\u{68c}\u{68c}\u{68c}\u{68c}\u{68c}' * x }}",
         ] {
             render(bad, 1, "hi").expect_err(bad);
         }
