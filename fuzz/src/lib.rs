@@ -76,17 +76,23 @@ fn use_tokenizer(spec: TokenizerSpec) {
     for &id in &ids {
         let _ = sd.push(&tok, id);
     }
-    let msgs = [
-        Message {
-            role: "system".into(),
-            content: "Be brief.".into(),
-        },
-        Message {
-            role: "user".into(),
-            content: "Hi".into(),
-        },
-    ];
-    let _ = tok.apply_chat_template(&msgs);
+    let _ = tok.apply_chat_template(&conversation());
+}
+
+/// A short conversation, with template syntax and a special token in a message.
+fn conversation() -> Vec<Message> {
+    [
+        ("system", "Be brief."),
+        ("user", "Hello {{ there }} <|im_end|>"),
+        ("assistant", "Hi."),
+        ("user", "Again"),
+    ]
+    .into_iter()
+    .map(|(role, content)| Message {
+        role: role.into(),
+        content: content.into(),
+    })
+    .collect()
 }
 
 /// GGUF: header, metadata, tensor infos, every tensor's dequantization, the import (config,
@@ -234,23 +240,6 @@ pub fn chat_template(data: &[u8]) {
     let Ok(tpl) = std::str::from_utf8(data) else {
         return;
     };
-    let msgs = [
-        Message {
-            role: "system".into(),
-            content: "Be brief.".into(),
-        },
-        Message {
-            role: "user".into(),
-            content: "Hello {{ there }} <|im_end|>".into(),
-        },
-        Message {
-            role: "assistant".into(),
-            content: "Hi.".into(),
-        },
-        Message {
-            role: "user".into(),
-            content: "Again".into(),
-        },
-    ];
+    let msgs = conversation();
     let _ = wkvc_runtime::render_chat_template(tpl, &msgs, "<s>", "</s>");
 }
