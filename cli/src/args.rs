@@ -46,6 +46,9 @@ pub enum CpuIsaArg {
     Base,
     /// 256-bit AVX2 + FMA native kernels for the int8-activation quantized GEMMs
     Avx2,
+    /// the AVX2 kernels with int8 dot products by vpdpbusd (AVX-VNNI or AVX512-VNNI): the
+    /// same results
+    Avx2Vnni,
 }
 
 impl CpuIsaArg {
@@ -55,6 +58,7 @@ impl CpuIsaArg {
             CpuIsaArg::Auto => None,
             CpuIsaArg::Base => Some(CpuIsa::Base),
             CpuIsaArg::Avx2 => Some(CpuIsa::Avx2),
+            CpuIsaArg::Avx2Vnni => Some(CpuIsa::Avx2Vnni),
         }
     }
 }

@@ -29,6 +29,9 @@ pub enum CpuIsa {
     Base,
     /// 256-bit AVX2 + FMA micro-kernels for the int8-activation quantized GEMM.
     Avx2,
+    /// The AVX2 kernels with the int8 dot products by `vpdpbusd` (AVX-VNNI, or AVX512-VNNI
+    /// with VL): one instruction for what takes three, the same integers, the same bits.
+    Avx2Vnni,
 }
 
 impl CpuIsa {
@@ -36,16 +39,13 @@ impl CpuIsa {
         match self {
             CpuIsa::Base => "base",
             CpuIsa::Avx2 => "avx2",
+            CpuIsa::Avx2Vnni => "avx2-vnni",
         }
     }
 
     /// The widest variant this host runs.
     pub fn detect() -> CpuIsa {
-        if CpuIsa::Avx2.supported() {
-            CpuIsa::Avx2
-        } else {
-            CpuIsa::Base
-        }
+        CpuIsa::available().pop().unwrap_or(CpuIsa::Base)
     }
 
     /// Whether this host can run the variant.
@@ -53,6 +53,7 @@ impl CpuIsa {
         match self {
             CpuIsa::Base => true,
             CpuIsa::Avx2 => avx2_fma(),
+            CpuIsa::Avx2Vnni => avx2_fma() && vnni().is_some(),
         }
     }
 
@@ -71,7 +72,7 @@ impl CpuIsa {
 
     /// The variants this host runs, narrowest first.
     pub fn available() -> Vec<CpuIsa> {
-        [CpuIsa::Base, CpuIsa::Avx2]
+        [CpuIsa::Base, CpuIsa::Avx2, CpuIsa::Avx2Vnni]
             .into_iter()
             .filter(|i| i.supported())
             .collect()
@@ -84,7 +85,8 @@ impl std::str::FromStr for CpuIsa {
         match s {
             "base" => Ok(CpuIsa::Base),
             "avx2" => Ok(CpuIsa::Avx2),
-            _ => Err(format!("unknown CPU ISA {s:?} (base, avx2)")),
+            "avx2-vnni" => Ok(CpuIsa::Avx2Vnni),
+            _ => Err(format!("unknown CPU ISA {s:?} (base, avx2, avx2-vnni)")),
         }
     }
 }
@@ -97,6 +99,31 @@ fn avx2_fma() -> bool {
 #[cfg(not(target_arch = "x86_64"))]
 fn avx2_fma() -> bool {
     false
+}
+
+/// Which encoding of 256-bit `vpdpbusd` this host has: AVX-VNNI (VEX) first, else
+/// AVX512-VNNI with AVX512-VL (EVEX).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Vnni {
+    Vex,
+    Evex,
+}
+
+#[cfg(target_arch = "x86_64")]
+fn vnni() -> Option<Vnni> {
+    use std::arch::is_x86_feature_detected as has;
+    if has!("avxvnni") {
+        Some(Vnni::Vex)
+    } else if has!("avx512vnni") && has!("avx512vl") {
+        Some(Vnni::Evex)
+    } else {
+        None
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn vnni() -> Option<Vnni> {
+    None
 }
 
 /// A native kernel: `f(shape, args)`.
@@ -157,56 +184,71 @@ impl CpuKernel {
 /// The native kernel for `spec` on `isa`, if there is one (otherwise the generated kernel
 /// serves). Only asked for variants the host supports (`CpuIsa::supported`).
 pub fn kernel(spec: &KernelSpec, isa: CpuIsa) -> Option<CpuKernel> {
-    match (spec, isa) {
-        #[cfg(target_arch = "x86_64")]
-        (
-            KernelSpec::QGemm {
-                k,
-                group,
-                bits: 4,
-                act: Act::Int8,
-                ..
-            },
-            CpuIsa::Avx2,
-        ) if isa.supported() => Some(CpuKernel::Native {
-            f: avx2::qgemm_int8,
+    if isa == CpuIsa::Base || !isa.supported() {
+        return None;
+    }
+    native_kernel(spec, isa)
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn native_kernel(_spec: &KernelSpec, _isa: CpuIsa) -> Option<CpuKernel> {
+    None
+}
+
+#[cfg(target_arch = "x86_64")]
+fn native_kernel(spec: &KernelSpec, isa: CpuIsa) -> Option<CpuKernel> {
+    // the int8 GEMM and head of the ISA (and, for VNNI, of the encoding the host has)
+    let (qgemm, logits): (NativeFn, NativeFn) = match (isa, vnni()) {
+        (CpuIsa::Avx2Vnni, Some(Vnni::Vex)) => (avx2::vex::qgemm_int8, avx2::vex::logits_int8),
+        (CpuIsa::Avx2Vnni, Some(Vnni::Evex)) => (avx2::evex::qgemm_int8, avx2::evex::logits_int8),
+        _ => (avx2::madd::qgemm_int8, avx2::madd::logits_int8),
+    };
+    let vnni = isa == CpuIsa::Avx2Vnni;
+    match spec {
+        KernelSpec::QGemm {
+            k,
+            group,
+            bits: 4,
+            act: Act::Int8,
+            ..
+        } => Some(CpuKernel::Native {
+            f: qgemm,
             shape: NativeShape {
                 k: *k,
                 gl: wkvc_ir::quant::group_len(*k, *group),
                 ..Default::default()
             },
-            name: "qgemm_int8_avx2",
-        }),
-        #[cfg(target_arch = "x86_64")]
-        (
-            KernelSpec::Logits {
-                dim,
-                act: Act::Int8,
-                ..
+            name: if vnni {
+                "qgemm_int8_avx2_vnni"
+            } else {
+                "qgemm_int8_avx2"
             },
-            CpuIsa::Avx2,
-        ) if isa.supported() && dim.is_multiple_of(32) => Some(CpuKernel::Native {
-            f: avx2::logits_int8,
+        }),
+        KernelSpec::Logits {
+            dim,
+            act: Act::Int8,
+            ..
+        } if dim.is_multiple_of(32) => Some(CpuKernel::Native {
+            f: logits,
             shape: NativeShape {
                 k: *dim,
                 gl: *dim,
                 ..Default::default()
             },
-            name: "logits_int8_avx2",
-        }),
-        #[cfg(target_arch = "x86_64")]
-        (
-            KernelSpec::Attention {
-                heads,
-                kv_heads,
-                head_dim,
-                kv_bits,
-                smooth,
-                ..
+            name: if vnni {
+                "logits_int8_avx2_vnni"
+            } else {
+                "logits_int8_avx2"
             },
-            CpuIsa::Avx2,
-        ) if isa.supported()
-            && head_dim.is_multiple_of(32)
+        }),
+        KernelSpec::Attention {
+            heads,
+            kv_heads,
+            head_dim,
+            kv_bits,
+            smooth,
+            ..
+        } if head_dim.is_multiple_of(32)
             && *kv_heads > 0
             && heads.is_multiple_of(*kv_heads)
             && (*kv_bits <= 4 || *kv_bits == 16) =>
@@ -246,21 +288,31 @@ pub fn describe(spec: &KernelSpec, isa: CpuIsa) -> Option<String> {
         ),
         KernelSpec::Logits { .. } => format!(
             "dim {}: per 32-column block, 2 table rows x up to {} activation rows; int8 x int8 \
-             by vpsignb + vpmaddubsw on |w| (pairs in i16, at most 2 x 127 x 127), vpmaddwd \
-             to i32, cvt, FMA by the product of the row's and the table row's block scales",
+             by vpsignb + {} on |w|, cvt, FMA by the product of the row's and the table row's \
+             block scales",
             shape.k,
-            avx2_rows()
+            avx2_rows(),
+            if isa == CpuIsa::Avx2Vnni {
+                "vpdpbusd (sums of 4 products in i32)"
+            } else {
+                "vpmaddubsw (pairs in i16, at most 2 x 128 x 127), vpmaddwd to i32"
+            }
         ),
         _ => format!(
             "k {}, group length {}: per 32-column block, a whole tile of 8 weight rows for one \
-             activation row, 4 weight rows x up to {} activation rows for more; weights as 16-byte nibble blocks of a {}-row tile, codes 0..15 x int8 \
-             activations by vpmaddubsw (pairs in i16), vpmaddwd to i32, cvt, FMA by the \
-             block's activation scale; per group x the weights' scale; zero points and the \
-             group's tail columns in f32",
+             activation row, 4 weight rows x up to {} activation rows for more; weights as \
+             16-byte nibble blocks of a {}-row tile, codes 0..15 x int8 activations by {}, \
+             cvt, FMA by the block's activation scale; per group x the weights' scale; zero \
+             points and the group's tail columns in f32",
             shape.k,
             shape.gl,
             avx2_rows(),
-            crate::kernels::QTILE
+            crate::kernels::QTILE,
+            if isa == CpuIsa::Avx2Vnni {
+                "two vpdpbusd (sums of 4 products in i32)"
+            } else {
+                "vpmaddubsw (pairs in i16), vpmaddwd to i32"
+            }
         ),
     };
     Some(format!(
@@ -297,308 +349,506 @@ const fn avx2_rows() -> usize {
 
 // The micro-kernels index several register arrays and pointers by the same row and column
 // numbers; index loops say that more plainly than zipped iterators.
+/// The int8 GEMM and head micro-kernels, one module per instruction set: they differ only in
+/// how 32 columns of int8 products are summed into eight i32 lanes (`dot8`, `dot4`), and those
+/// sums are exact integers either way, so every variant gives the same bits.
+#[cfg(target_arch = "x86_64")]
+macro_rules! int8_kernels {
+    ($m:ident, $feat:literal, $dot8:ident, $dot4:ident) => {
+        // the micro-kernels index several register arrays and pointers by the same row and
+        // column numbers; index loops say that more plainly than zipped iterators
+        #[allow(clippy::needless_range_loop)]
+        pub(super) mod $m {
+            use crate::kernels::QTILE;
+            use crate::native::{NativeShape, QGemmArgs};
+            use std::arch::x86_64::*;
+            use wkvc_ir::kernel::args::LogitsArgs;
+
+            /// The int8-activation quantized GEMM (module docs).
+            ///
+            /// # Safety
+            /// `args` is a `QGemmArgs` filled as for the generated `qgemm` kernel (int8 path) of
+            /// `shape`; the host has this module's instructions (its `CpuIsa`).
+            pub(in crate::native) unsafe fn qgemm_int8(shape: &NativeShape, args: *const u64) {
+                // SAFETY: the caller's contract.
+                unsafe {
+                    let a = &*(args as *const QGemmArgs);
+                    run(shape.k, shape.gl, a)
+                }
+            }
+
+            /// Geometry and pointers of one call.
+            struct Call {
+                k: usize,
+                gl: usize,
+                ng: usize,
+                nb: usize,
+                xq: *const i8,
+                dx: *const f32,
+                gs: *const f32,
+                x: *const f32,
+                w: *const u8,
+                s: *const f32,
+                z: *const f32,
+                y: *mut f32,
+                ldy: usize,
+                r: *const f32,
+                ldr: usize,
+                n0: usize,
+                n1: usize,
+            }
+
+            #[target_feature(enable = $feat)]
+            unsafe fn run(k: usize, gl: usize, a: &QGemmArgs) {
+                let c = Call {
+                    k,
+                    gl,
+                    ng: k.div_ceil(gl),
+                    nb: (k / gl) * (gl / 32) + (k % gl) / 32,
+                    xq: a.xp as *const i8,
+                    dx: a.dx as *const f32,
+                    gs: a.gsum as *const f32,
+                    x: a.x as *const f32,
+                    w: a.w as *const u8,
+                    s: a.s as *const f32,
+                    z: a.z as *const f32,
+                    y: a.y as *mut f32,
+                    ldy: a.ldy as usize,
+                    r: a.r as *const f32,
+                    ldr: a.ldr as usize,
+                    n0: a.n0 as usize,
+                    n1: a.n1 as usize,
+                };
+                let m = a.m as usize;
+                if c.n0 >= c.n1 || m == 0 {
+                    return;
+                }
+                // weight rows in blocks of about 16 KiB (they stay in L1 while the activation rows
+                // stream past), in quads of rows aligned within their tile
+                let blk = (16384 / (k / 2).max(1))
+                    .clamp(QTILE, 64)
+                    .next_multiple_of(QTILE);
+                let mut nb0 = c.n0 & !(QTILE - 1);
+                while nb0 < c.n1 {
+                    let nb1 = (nb0 + blk).min(c.n1);
+                    let mut i = 0;
+                    while i + 4 <= m {
+                        // SAFETY: rows i..i+4 < m; quads within the padded tiles.
+                        unsafe { quads::<4>(&c, i, nb0, nb1) };
+                        i += 4;
+                    }
+                    // SAFETY: as above, for the remaining rows
+                    unsafe {
+                        match m - i {
+                            3 => quads::<3>(&c, i, nb0, nb1),
+                            2 => quads::<2>(&c, i, nb0, nb1),
+                            1 => quads::<1>(&c, i, nb0, nb1),
+                            _ => {}
+                        }
+                    }
+                    nb0 = nb1.next_multiple_of(QTILE);
+                }
+            }
+
+            /// Micro-tiles of R activation rows over the weight rows nb0..nb1: one row takes whole
+            /// tiles (8 weight rows: one sequential read of the tile), several take 4 at a time
+            /// (registers). Either way each output is summed the same way (batch invariance).
+            #[target_feature(enable = $feat)]
+            unsafe fn quads<const R: usize>(c: &Call, i: usize, nb0: usize, nb1: usize) {
+                if R == 1 {
+                    let mut n = nb0 & !(QTILE - 1);
+                    while n < nb1 {
+                        // SAFETY: the caller's bounds
+                        unsafe { micro::<R, 4, STREAM_AHEAD>(c, i, n) };
+                        n += QTILE;
+                    }
+                } else if i == 0 {
+                    // the first rows read the block's weights from memory: they bring in the next
+                    // block's as they go
+                    let mut n = nb0 & !3;
+                    while n < nb1 {
+                        // SAFETY: the caller's bounds
+                        unsafe { micro::<R, 2, BLOCK_AHEAD>(c, i, n) };
+                        n += 4;
+                    }
+                } else {
+                    let mut n = nb0 & !3;
+                    while n < nb1 {
+                        // SAFETY: the caller's bounds
+                        unsafe { micro::<R, 2, 0>(c, i, n) };
+                        n += 4;
+                    }
+                }
+            }
+
+            /// How far ahead (bytes) a single activation row prefetches the weight tiles it streams
+            /// through: it reads them once, sequentially, and with the hardware prefetcher alone one
+            /// core read them at about 7 GB/s, with this at 12-13 (weights larger than the caches,
+            /// the demo's and a 1B model's GEMM shapes, Zen 3).
+            const STREAM_AHEAD: usize = 12 << 10;
+
+            /// How far ahead (bytes) the first activation rows of a weight block prefetch the tiles:
+            /// about a block (`run`), so the next block is in L1 when its rows start.
+            const BLOCK_AHEAD: usize = 16 << 10;
+
+            /// Outputs (i..i+R) x (n..n+2P), n a multiple of 2P within a tile; stores those in
+            /// n0..n1. With `AHEAD` > 0 each block first prefetches the tile bytes `AHEAD` past it
+            /// (the tiles are contiguous, so this runs on into the next tiles).
+            #[target_feature(enable = $feat)]
+            #[inline]
+            unsafe fn micro<const R: usize, const P: usize, const AHEAD: usize>(
+                c: &Call,
+                i: usize,
+                n: usize,
+            ) {
+                let (k, gl, ng, nb) = (c.k, c.gl, c.ng, c.nb);
+                let kb = k / 2;
+                let qt = QTILE;
+                let (tile, j0) = (n / qt * qt, n % qt);
+                // SAFETY (whole body): the pointers address the call's buffers: tiles of `qt` rows of
+                // `kb` bytes (padded), `ng` params per row in tile order, `k` codes / floats and `nb`
+                // block scales and `ng` group sums per activation row.
+                unsafe {
+                    let tbase = c.w.add(tile * kb);
+                    let sbase = c.s.add(tile * ng);
+                    let zbase = c.z.add(tile * ng);
+                    let low4 = _mm256_set1_epi8(0x0f);
+                    // lanes 0..4 from element 0, lanes 4..8 from element 1
+                    let pairs = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
+                    // tot[r][p]: rows j0 + 2p (lanes 0..4) and j0 + 2p + 1 (lanes 4..8)
+                    let mut tot = [[_mm256_setzero_ps(); P]; R];
+                    let mut corr = [[0f32; 8]; R];
+                    let mut blk = 0usize;
+                    for g in 0..ng {
+                        let c0 = g * gl;
+                        let len = gl.min(k - c0);
+                        let full = len / 32;
+                        let mut acc = [[_mm256_setzero_ps(); P]; R];
+                        for b in 0..full {
+                            let col = c0 + 32 * b;
+                            // the block of 2P rows: 16 bytes each, side by side in the tile
+                            let wp = tbase.add(col * qt / 2 + 16 * j0);
+                            if AHEAD > 0 {
+                                // a prefetch reads nothing and never faults
+                                _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(AHEAD) as *const i8);
+                                if P == 4 {
+                                    _mm_prefetch::<_MM_HINT_T0>(
+                                        wp.wrapping_add(AHEAD + 64) as *const i8
+                                    );
+                                }
+                            }
+                            // even columns (low nibbles) and odd columns (high nibbles) of 2 rows
+                            let mut lo = [_mm256_setzero_si256(); P];
+                            let mut hi = [_mm256_setzero_si256(); P];
+                            for p in 0..P {
+                                let w = _mm256_loadu_si256(wp.add(32 * p) as *const __m256i);
+                                lo[p] = _mm256_and_si256(w, low4);
+                                hi[p] = _mm256_and_si256(_mm256_srli_epi16::<4>(w), low4);
+                            }
+                            for r in 0..R {
+                                let xr = c.xq.add((i + r) * k + col);
+                                // the activation block: evens then odds (prep_int8), each half in
+                                // both lanes (one per weight row)
+                                let xe = _mm256_broadcastsi128_si256(_mm_loadu_si128(
+                                    xr as *const __m128i,
+                                ));
+                                let xo = _mm256_broadcastsi128_si256(_mm_loadu_si128(
+                                    xr.add(16) as *const __m128i
+                                ));
+                                let sx = _mm256_set1_ps(*c.dx.add((i + r) * nb + blk));
+                                for p in 0..P {
+                                    let d = _mm256_cvtepi32_ps(super::$dot8(lo[p], xe, hi[p], xo));
+                                    acc[r][p] = _mm256_fmadd_ps(d, sx, acc[r][p]);
+                                }
+                            }
+                            blk += 1;
+                        }
+                        // the group's scales of the 2P rows, each over its row's 4 lanes
+                        for p in 0..P {
+                            let pair = _mm_castpd_ps(_mm_load_sd(
+                                sbase.add(g * qt + j0 + 2 * p) as *const f64
+                            ));
+                            let sp = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(pair), pairs);
+                            for r in 0..R {
+                                tot[r][p] = _mm256_fmadd_ps(acc[r][p], sp, tot[r][p]);
+                            }
+                        }
+                        // zero points and the tail columns past the last full block, in f32:
+                        // corr = fma(s, z gsum - t, corr) per output; without a tail (t = 0) the same
+                        // operations over the 2P rows at once (their params are side by side)
+                        let tb = c0 + full * 32;
+                        let tl = (len % 32) / 2;
+                        if tl == 0 && 2 * P == 8 {
+                            let sv = _mm256_loadu_ps(sbase.add(g * qt + j0));
+                            let zv = _mm256_loadu_ps(zbase.add(g * qt + j0));
+                            for r in 0..R {
+                                let gsum = _mm256_set1_ps(*c.gs.add((i + r) * ng + g));
+                                let cv = _mm256_loadu_ps(corr[r].as_ptr());
+                                let cv = _mm256_fmadd_ps(sv, _mm256_mul_ps(zv, gsum), cv);
+                                _mm256_storeu_ps(corr[r].as_mut_ptr(), cv);
+                            }
+                        } else if tl == 0 && 2 * P == 4 {
+                            let sv = _mm_loadu_ps(sbase.add(g * qt + j0));
+                            let zv = _mm_loadu_ps(zbase.add(g * qt + j0));
+                            for r in 0..R {
+                                let gsum = _mm_set1_ps(*c.gs.add((i + r) * ng + g));
+                                let cv = _mm_loadu_ps(corr[r].as_ptr());
+                                let cv = _mm_fmadd_ps(sv, _mm_mul_ps(zv, gsum), cv);
+                                _mm_storeu_ps(corr[r].as_mut_ptr(), cv);
+                            }
+                        } else {
+                            let wt = tbase.add(tb * qt / 2);
+                            for r in 0..R {
+                                let gsum = *c.gs.add((i + r) * ng + g);
+                                let xt = c.x.add((i + r) * k + tb);
+                                for jj in 0..2 * P {
+                                    let j = j0 + jj;
+                                    let mut t = 0f32;
+                                    for u in 0..tl {
+                                        let byte = *wt.add(j * tl + u);
+                                        t = f32::mul_add((byte & 15) as f32, *xt.add(2 * u), t);
+                                        t = f32::mul_add((byte >> 4) as f32, *xt.add(2 * u + 1), t);
+                                    }
+                                    let sg = *sbase.add(g * qt + j);
+                                    let zg = *zbase.add(g * qt + j);
+                                    corr[r][jj] = f32::mul_add(sg, zg * gsum - t, corr[r][jj]);
+                                }
+                            }
+                        }
+                    }
+                    // each output: (l0 + l1) + (l2 + l3) of its 4 lanes, minus its corr, plus the
+                    // residual; two horizontal adds per pair of rows give those sums in the order
+                    // (2p, 2p + 2 | 2p + 1, 2p + 3)
+                    let whole = n >= c.n0 && n + 2 * P <= c.n1;
+                    for r in 0..R {
+                        let ir = i + r;
+                        let mut sums = [0f32; 8];
+                        // P is 2 or 4 (`quads`): pairs of tot vectors
+                        for q in 0..P / 2 {
+                            let h = _mm256_hadd_ps(tot[r][2 * q], tot[r][2 * q + 1]);
+                            let h = _mm256_hadd_ps(h, h);
+                            // elements 0, 1 hold outputs 4q, 4q + 2 and elements 4, 5 hold 4q + 1, 4q + 3
+                            let o = _mm256_permutevar8x32_ps(
+                                h,
+                                _mm256_setr_epi32(0, 4, 1, 5, 0, 4, 1, 5),
+                            );
+                            _mm_storeu_ps(sums.as_mut_ptr().add(4 * q), _mm256_castps256_ps128(o));
+                        }
+                        if whole {
+                            for q in 0..P / 2 {
+                                let mut v = _mm_sub_ps(
+                                    _mm_loadu_ps(sums.as_ptr().add(4 * q)),
+                                    _mm_loadu_ps(corr[r].as_ptr().add(4 * q)),
+                                );
+                                if !c.r.is_null() {
+                                    v = _mm_add_ps(
+                                        v,
+                                        _mm_loadu_ps(c.r.add(ir * c.ldr + n + 4 * q)),
+                                    );
+                                }
+                                _mm_storeu_ps(c.y.add(ir * c.ldy + n + 4 * q), v);
+                            }
+                        } else {
+                            for jj in 0..2 * P {
+                                let nn = n + jj;
+                                if nn < c.n0 || nn >= c.n1 {
+                                    continue;
+                                }
+                                let mut v = sums[jj] - corr[r][jj];
+                                if !c.r.is_null() {
+                                    v += *c.r.add(ir * c.ldr + nn);
+                                }
+                                *c.y.add(ir * c.ldy + nn) = v;
+                            }
+                        }
+                    }
+                }
+            }
+
+            /// The int8 head: `y[i, n] = sum_b ws[n, b] dx[i, b] (wq[n, b] . xq[i, b])` for rows
+            /// `0..m` and table rows `n0..n1` (the generated `logits` kernel's int8 algebra).
+            ///
+            /// # Safety
+            /// `args` is a `LogitsArgs` filled as for the generated kernel (int8 path) with
+            /// `shape.k` columns (a multiple of 32); the host has this module's instructions.
+            pub(in crate::native) unsafe fn logits_int8(shape: &NativeShape, args: *const u64) {
+                // SAFETY: the caller's contract.
+                unsafe {
+                    let a = &*(args as *const LogitsArgs);
+                    logits(shape.k, a)
+                }
+            }
+
+            #[target_feature(enable = $feat)]
+            unsafe fn logits(dim: usize, a: &LogitsArgs) {
+                let (m, n0, n1) = (a.m as usize, a.n0 as usize, a.n1 as usize);
+                let mut n = n0;
+                // SAFETY: rows 0..m of the codes and scales, table rows n0..n1 (the caller's bounds)
+                unsafe {
+                    while n + 2 <= n1 && m > 1 {
+                        // the first rows read the table rows from memory and prefetch the next ones
+                        let mut i = 4;
+                        if m >= 4 {
+                            head::<4, 2, STREAM_AHEAD>(dim, a, 0, n);
+                        } else {
+                            i = 0;
+                        }
+                        while i + 4 <= m {
+                            head::<4, 2, 0>(dim, a, i, n);
+                            i += 4;
+                        }
+                        match m - i {
+                            3 => head::<3, 2, 0>(dim, a, i, n),
+                            2 => head::<2, 2, 0>(dim, a, i, n),
+                            1 => head::<1, 2, 0>(dim, a, i, n),
+                            _ => {}
+                        }
+                        n += 2;
+                    }
+                    while n < n1 {
+                        for i in 0..m {
+                            head::<1, 1, STREAM_AHEAD>(dim, a, i, n);
+                        }
+                        n += 1;
+                    }
+                }
+            }
+
+            /// Outputs (i..i+R) x (n..n+N). With `AHEAD` > 0 the table rows (contiguous) and their
+            /// scales are prefetched that many bytes ahead of the codes read.
+            #[target_feature(enable = $feat)]
+            #[inline]
+            unsafe fn head<const R: usize, const N: usize, const AHEAD: usize>(
+                dim: usize,
+                a: &LogitsArgs,
+                i: usize,
+                n: usize,
+            ) {
+                let nb = dim / 32;
+                let (xq, dx) = (a.xq as *const i8, a.dx as *const f32);
+                let (wq, ws) = (a.wq as *const i8, a.ws as *const f32);
+                // SAFETY (whole body): `dim` codes and `nb` scales per row of the rows and the table.
+                unsafe {
+                    let mut acc = [[_mm256_setzero_ps(); N]; R];
+                    for b in 0..nb {
+                        if AHEAD > 0 {
+                            // a prefetch reads nothing and never faults; the scales are an eighth of
+                            // the codes' bytes
+                            for j in 0..N {
+                                if b % 2 == 0 {
+                                    let p = wq.add((n + j) * dim + 32 * b);
+                                    _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(AHEAD));
+                                }
+                                if b % 16 == 0 {
+                                    let p = ws.add((n + j) * nb + b) as *const u8;
+                                    _mm_prefetch::<_MM_HINT_T0>(
+                                        p.wrapping_add(AHEAD / 8) as *const i8
+                                    );
+                                }
+                            }
+                        }
+                        let mut w = [_mm256_setzero_si256(); N];
+                        let mut wa = [_mm256_setzero_si256(); N];
+                        let mut sw = [_mm256_setzero_ps(); N];
+                        for j in 0..N {
+                            w[j] = _mm256_loadu_si256(
+                                wq.add((n + j) * dim + 32 * b) as *const __m256i
+                            );
+                            wa[j] = _mm256_abs_epi8(w[j]);
+                            sw[j] = _mm256_set1_ps(*ws.add((n + j) * nb + b));
+                        }
+                        for r in 0..R {
+                            let x = _mm256_loadu_si256(
+                                xq.add((i + r) * dim + 32 * b) as *const __m256i
+                            );
+                            let sx = _mm256_set1_ps(*dx.add((i + r) * nb + b));
+                            for j in 0..N {
+                                // |w| x (x with w's sign): the int8 x int8 products, exact in i16 pairs
+                                let d = _mm256_cvtepi32_ps(super::$dot4(
+                                    wa[j],
+                                    _mm256_sign_epi8(x, w[j]),
+                                ));
+                                let sc = _mm256_mul_ps(sw[j], sx);
+                                acc[r][j] = _mm256_fmadd_ps(d, sc, acc[r][j]);
+                            }
+                        }
+                    }
+                    for r in 0..R {
+                        for j in 0..N {
+                            let mut l = [0f32; 8];
+                            _mm256_storeu_ps(l.as_mut_ptr(), acc[r][j]);
+                            let v =
+                                ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]));
+                            *(a.y as *mut f32).add((i + r) * a.ldy as usize + n + j) = v;
+                        }
+                    }
+                }
+            }
+        }
+    };
+}
+
+// The micro-kernels index several register arrays and pointers by the same row and column
+// numbers; index loops say that more plainly than zipped iterators.
 #[allow(clippy::needless_range_loop)]
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::{NativeShape, QGemmArgs};
-    use crate::kernels::QTILE;
+    use super::NativeShape;
     use std::arch::x86_64::*;
-    use wkvc_ir::kernel::args::{AttentionArgs, LogitsArgs};
+    use wkvc_ir::kernel::args::AttentionArgs;
 
-    /// The int8-activation quantized GEMM (module docs).
-    ///
-    /// # Safety
-    /// `args` is a `QGemmArgs` filled as for the generated `qgemm` kernel (int8 path) of
-    /// `shape`; the host has AVX2 and FMA (`CpuIsa::Avx2.supported()`).
-    pub(super) unsafe fn qgemm_int8(shape: &NativeShape, args: *const u64) {
-        // SAFETY: the caller's contract.
-        unsafe {
-            let a = &*(args as *const QGemmArgs);
-            run(shape.k, shape.gl, a)
-        }
-    }
-
-    /// Geometry and pointers of one call.
-    struct Call {
-        k: usize,
-        gl: usize,
-        ng: usize,
-        nb: usize,
-        xq: *const i8,
-        dx: *const f32,
-        gs: *const f32,
-        x: *const f32,
-        w: *const u8,
-        s: *const f32,
-        z: *const f32,
-        y: *mut f32,
-        ldy: usize,
-        r: *const f32,
-        ldr: usize,
-        n0: usize,
-        n1: usize,
-    }
-
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn run(k: usize, gl: usize, a: &QGemmArgs) {
-        let c = Call {
-            k,
-            gl,
-            ng: k.div_ceil(gl),
-            nb: (k / gl) * (gl / 32) + (k % gl) / 32,
-            xq: a.xp as *const i8,
-            dx: a.dx as *const f32,
-            gs: a.gsum as *const f32,
-            x: a.x as *const f32,
-            w: a.w as *const u8,
-            s: a.s as *const f32,
-            z: a.z as *const f32,
-            y: a.y as *mut f32,
-            ldy: a.ldy as usize,
-            r: a.r as *const f32,
-            ldr: a.ldr as usize,
-            n0: a.n0 as usize,
-            n1: a.n1 as usize,
-        };
-        let m = a.m as usize;
-        if c.n0 >= c.n1 || m == 0 {
-            return;
-        }
-        // weight rows in blocks of about 16 KiB (they stay in L1 while the activation rows
-        // stream past), in quads of rows aligned within their tile
-        let blk = (16384 / (k / 2).max(1))
-            .clamp(QTILE, 64)
-            .next_multiple_of(QTILE);
-        let mut nb0 = c.n0 & !(QTILE - 1);
-        while nb0 < c.n1 {
-            let nb1 = (nb0 + blk).min(c.n1);
-            let mut i = 0;
-            while i + 4 <= m {
-                // SAFETY: rows i..i+4 < m; quads within the padded tiles.
-                unsafe { quads::<4>(&c, i, nb0, nb1) };
-                i += 4;
-            }
-            // SAFETY: as above, for the remaining rows
-            unsafe {
-                match m - i {
-                    3 => quads::<3>(&c, i, nb0, nb1),
-                    2 => quads::<2>(&c, i, nb0, nb1),
-                    1 => quads::<1>(&c, i, nb0, nb1),
-                    _ => {}
-                }
-            }
-            nb0 = nb1.next_multiple_of(QTILE);
-        }
-    }
-
-    /// Micro-tiles of R activation rows over the weight rows nb0..nb1: one row takes whole
-    /// tiles (8 weight rows: one sequential read of the tile), several take 4 at a time
-    /// (registers). Either way each output is summed the same way (batch invariance).
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn quads<const R: usize>(c: &Call, i: usize, nb0: usize, nb1: usize) {
-        if R == 1 {
-            let mut n = nb0 & !(QTILE - 1);
-            while n < nb1 {
-                // SAFETY: the caller's bounds
-                unsafe { micro::<R, 4, STREAM_AHEAD>(c, i, n) };
-                n += QTILE;
-            }
-        } else if i == 0 {
-            // the first rows read the block's weights from memory: they bring in the next
-            // block's as they go
-            let mut n = nb0 & !3;
-            while n < nb1 {
-                // SAFETY: the caller's bounds
-                unsafe { micro::<R, 2, BLOCK_AHEAD>(c, i, n) };
-                n += 4;
-            }
-        } else {
-            let mut n = nb0 & !3;
-            while n < nb1 {
-                // SAFETY: the caller's bounds
-                unsafe { micro::<R, 2, 0>(c, i, n) };
-                n += 4;
-            }
-        }
-    }
-
-    /// How far ahead (bytes) a single activation row prefetches the weight tiles it streams
-    /// through: it reads them once, sequentially, and with the hardware prefetcher alone one
-    /// core read them at about 7 GB/s, with this at 12-13 (weights larger than the caches,
-    /// the demo's and a 1B model's GEMM shapes, Zen 3).
-    const STREAM_AHEAD: usize = 12 << 10;
-
-    /// How far ahead (bytes) the first activation rows of a weight block prefetch the tiles:
-    /// about a block (`run`), so the next block is in L1 when its rows start.
-    const BLOCK_AHEAD: usize = 16 << 10;
-
-    /// Outputs (i..i+R) x (n..n+2P), n a multiple of 2P within a tile; stores those in
-    /// n0..n1. With `AHEAD` > 0 each block first prefetches the tile bytes `AHEAD` past it
-    /// (the tiles are contiguous, so this runs on into the next tiles).
-    #[target_feature(enable = "avx2,fma")]
+    /// Eight i32 lanes, lane j the sum of the products of bytes 4j..4j+4 of `lo` (codes 0..15)
+    /// and `xe` plus those of `hi` and `xo` (int8): `vpmaddubsw` (pairs in i16, at most
+    /// 2 x 15 x 127), their sum (at most 4 x 15 x 127), `vpmaddwd` by ones.
+    #[target_feature(enable = "avx2")]
     #[inline]
-    unsafe fn micro<const R: usize, const P: usize, const AHEAD: usize>(
-        c: &Call,
-        i: usize,
-        n: usize,
-    ) {
-        let (k, gl, ng, nb) = (c.k, c.gl, c.ng, c.nb);
-        let kb = k / 2;
-        let qt = QTILE;
-        let (tile, j0) = (n / qt * qt, n % qt);
-        // SAFETY (whole body): the pointers address the call's buffers: tiles of `qt` rows of
-        // `kb` bytes (padded), `ng` params per row in tile order, `k` codes / floats and `nb`
-        // block scales and `ng` group sums per activation row.
-        unsafe {
-            let tbase = c.w.add(tile * kb);
-            let sbase = c.s.add(tile * ng);
-            let zbase = c.z.add(tile * ng);
-            let low4 = _mm256_set1_epi8(0x0f);
-            let ones = _mm256_set1_epi16(1);
-            // lanes 0..4 from element 0, lanes 4..8 from element 1
-            let pairs = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
-            // tot[r][p]: rows j0 + 2p (lanes 0..4) and j0 + 2p + 1 (lanes 4..8)
-            let mut tot = [[_mm256_setzero_ps(); P]; R];
-            let mut corr = [[0f32; 8]; R];
-            let mut blk = 0usize;
-            for g in 0..ng {
-                let c0 = g * gl;
-                let len = gl.min(k - c0);
-                let full = len / 32;
-                let mut acc = [[_mm256_setzero_ps(); P]; R];
-                for b in 0..full {
-                    let col = c0 + 32 * b;
-                    // the block of 2P rows: 16 bytes each, side by side in the tile
-                    let wp = tbase.add(col * qt / 2 + 16 * j0);
-                    if AHEAD > 0 {
-                        // a prefetch reads nothing and never faults
-                        _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(AHEAD) as *const i8);
-                        if P == 4 {
-                            _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(AHEAD + 64) as *const i8);
-                        }
-                    }
-                    // even columns (low nibbles) and odd columns (high nibbles) of 2 rows
-                    let mut lo = [_mm256_setzero_si256(); P];
-                    let mut hi = [_mm256_setzero_si256(); P];
-                    for p in 0..P {
-                        let w = _mm256_loadu_si256(wp.add(32 * p) as *const __m256i);
-                        lo[p] = _mm256_and_si256(w, low4);
-                        hi[p] = _mm256_and_si256(_mm256_srli_epi16::<4>(w), low4);
-                    }
-                    for r in 0..R {
-                        let xr = c.xq.add((i + r) * k + col);
-                        // the activation block: evens then odds (prep_int8), each half in
-                        // both lanes (one per weight row)
-                        let xe = _mm256_broadcastsi128_si256(_mm_loadu_si128(xr as *const __m128i));
-                        let xo = _mm256_broadcastsi128_si256(_mm_loadu_si128(
-                            xr.add(16) as *const __m128i
-                        ));
-                        let sx = _mm256_set1_ps(*c.dx.add((i + r) * nb + blk));
-                        for p in 0..P {
-                            let pq = _mm256_add_epi16(
-                                _mm256_maddubs_epi16(lo[p], xe),
-                                _mm256_maddubs_epi16(hi[p], xo),
-                            );
-                            let d = _mm256_cvtepi32_ps(_mm256_madd_epi16(pq, ones));
-                            acc[r][p] = _mm256_fmadd_ps(d, sx, acc[r][p]);
-                        }
-                    }
-                    blk += 1;
-                }
-                // the group's scales of the 2P rows, each over its row's 4 lanes
-                for p in 0..P {
-                    let pair =
-                        _mm_castpd_ps(_mm_load_sd(sbase.add(g * qt + j0 + 2 * p) as *const f64));
-                    let sp = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(pair), pairs);
-                    for r in 0..R {
-                        tot[r][p] = _mm256_fmadd_ps(acc[r][p], sp, tot[r][p]);
-                    }
-                }
-                // zero points and the tail columns past the last full block, in f32:
-                // corr = fma(s, z gsum - t, corr) per output; without a tail (t = 0) the same
-                // operations over the 2P rows at once (their params are side by side)
-                let tb = c0 + full * 32;
-                let tl = (len % 32) / 2;
-                if tl == 0 && 2 * P == 8 {
-                    let sv = _mm256_loadu_ps(sbase.add(g * qt + j0));
-                    let zv = _mm256_loadu_ps(zbase.add(g * qt + j0));
-                    for r in 0..R {
-                        let gsum = _mm256_set1_ps(*c.gs.add((i + r) * ng + g));
-                        let cv = _mm256_loadu_ps(corr[r].as_ptr());
-                        let cv = _mm256_fmadd_ps(sv, _mm256_mul_ps(zv, gsum), cv);
-                        _mm256_storeu_ps(corr[r].as_mut_ptr(), cv);
-                    }
-                } else if tl == 0 && 2 * P == 4 {
-                    let sv = _mm_loadu_ps(sbase.add(g * qt + j0));
-                    let zv = _mm_loadu_ps(zbase.add(g * qt + j0));
-                    for r in 0..R {
-                        let gsum = _mm_set1_ps(*c.gs.add((i + r) * ng + g));
-                        let cv = _mm_loadu_ps(corr[r].as_ptr());
-                        let cv = _mm_fmadd_ps(sv, _mm_mul_ps(zv, gsum), cv);
-                        _mm_storeu_ps(corr[r].as_mut_ptr(), cv);
-                    }
-                } else {
-                    let wt = tbase.add(tb * qt / 2);
-                    for r in 0..R {
-                        let gsum = *c.gs.add((i + r) * ng + g);
-                        let xt = c.x.add((i + r) * k + tb);
-                        for jj in 0..2 * P {
-                            let j = j0 + jj;
-                            let mut t = 0f32;
-                            for u in 0..tl {
-                                let byte = *wt.add(j * tl + u);
-                                t = f32::mul_add((byte & 15) as f32, *xt.add(2 * u), t);
-                                t = f32::mul_add((byte >> 4) as f32, *xt.add(2 * u + 1), t);
-                            }
-                            let sg = *sbase.add(g * qt + j);
-                            let zg = *zbase.add(g * qt + j);
-                            corr[r][jj] = f32::mul_add(sg, zg * gsum - t, corr[r][jj]);
-                        }
-                    }
-                }
-            }
-            // each output: (l0 + l1) + (l2 + l3) of its 4 lanes, minus its corr, plus the
-            // residual; two horizontal adds per pair of rows give those sums in the order
-            // (2p, 2p + 2 | 2p + 1, 2p + 3)
-            let whole = n >= c.n0 && n + 2 * P <= c.n1;
-            for r in 0..R {
-                let ir = i + r;
-                let mut sums = [0f32; 8];
-                // P is 2 or 4 (`quads`): pairs of tot vectors
-                for q in 0..P / 2 {
-                    let h = _mm256_hadd_ps(tot[r][2 * q], tot[r][2 * q + 1]);
-                    let h = _mm256_hadd_ps(h, h);
-                    // elements 0, 1 hold outputs 4q, 4q + 2 and elements 4, 5 hold 4q + 1, 4q + 3
-                    let o = _mm256_permutevar8x32_ps(h, _mm256_setr_epi32(0, 4, 1, 5, 0, 4, 1, 5));
-                    _mm_storeu_ps(sums.as_mut_ptr().add(4 * q), _mm256_castps256_ps128(o));
-                }
-                if whole {
-                    for q in 0..P / 2 {
-                        let mut v = _mm_sub_ps(
-                            _mm_loadu_ps(sums.as_ptr().add(4 * q)),
-                            _mm_loadu_ps(corr[r].as_ptr().add(4 * q)),
-                        );
-                        if !c.r.is_null() {
-                            v = _mm_add_ps(v, _mm_loadu_ps(c.r.add(ir * c.ldr + n + 4 * q)));
-                        }
-                        _mm_storeu_ps(c.y.add(ir * c.ldy + n + 4 * q), v);
-                    }
-                } else {
-                    for jj in 0..2 * P {
-                        let nn = n + jj;
-                        if nn < c.n0 || nn >= c.n1 {
-                            continue;
-                        }
-                        let mut v = sums[jj] - corr[r][jj];
-                        if !c.r.is_null() {
-                            v += *c.r.add(ir * c.ldr + nn);
-                        }
-                        *c.y.add(ir * c.ldy + nn) = v;
-                    }
-                }
-            }
-        }
+    unsafe fn dot8_madd(lo: __m256i, xe: __m256i, hi: __m256i, xo: __m256i) -> __m256i {
+        let pq = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xe), _mm256_maddubs_epi16(hi, xo));
+        _mm256_madd_epi16(pq, _mm256_set1_epi16(1))
     }
+
+    /// Eight i32 lanes, lane j the sum of the products of bytes 4j..4j+4 of `a` (unsigned:
+    /// |w| of int8 table codes, at most 128) and `b` (int8 activation codes within +-127 with
+    /// w's sign): `vpmaddubsw` (pairs in i16, at most 2 x 128 x 127), `vpmaddwd` by ones.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    unsafe fn dot4_madd(a: __m256i, b: __m256i) -> __m256i {
+        _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1))
+    }
+
+    /// `dot8_madd` by two `vpdpbusd` (AVX-VNNI, VEX): the same integers.
+    #[target_feature(enable = "avx2,avxvnni")]
+    #[inline]
+    unsafe fn dot8_vex(lo: __m256i, xe: __m256i, hi: __m256i, xo: __m256i) -> __m256i {
+        let d = _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), lo, xe);
+        _mm256_dpbusd_avx_epi32(d, hi, xo)
+    }
+
+    /// `dot4_madd` by one `vpdpbusd` (AVX-VNNI, VEX): the same integers.
+    #[target_feature(enable = "avx2,avxvnni")]
+    #[inline]
+    unsafe fn dot4_vex(a: __m256i, b: __m256i) -> __m256i {
+        _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), a, b)
+    }
+
+    /// `dot8_madd` by two 256-bit `vpdpbusd` (AVX512-VNNI + VL, EVEX): the same integers.
+    #[target_feature(enable = "avx2,avx512vnni,avx512vl")]
+    #[inline]
+    unsafe fn dot8_evex(lo: __m256i, xe: __m256i, hi: __m256i, xo: __m256i) -> __m256i {
+        let d = _mm256_dpbusd_epi32(_mm256_setzero_si256(), lo, xe);
+        _mm256_dpbusd_epi32(d, hi, xo)
+    }
+
+    /// `dot4_madd` by one 256-bit `vpdpbusd` (AVX512-VNNI + VL, EVEX): the same integers.
+    #[target_feature(enable = "avx2,avx512vnni,avx512vl")]
+    #[inline]
+    unsafe fn dot4_evex(a: __m256i, b: __m256i) -> __m256i {
+        _mm256_dpbusd_epi32(_mm256_setzero_si256(), a, b)
+    }
+
+    int8_kernels!(madd, "avx2,fma", dot8_madd, dot4_madd);
+    int8_kernels!(vex, "avx2,fma,avxvnni", dot8_vex, dot4_vex);
+    int8_kernels!(evex, "avx2,fma,avx512vnni,avx512vl", dot8_evex, dot4_evex);
 
     /// `prep_int8_block` on AVX2: amax (exact in any order), d = amax / 127, the codes
     /// rne(x / d) by the default rounding (nearest even) of `vcvtps2dq`, clamped to +-127.
@@ -668,119 +918,6 @@ mod avx2 {
             Some((d, qs))
         }
     }
-
-    /// The int8 head: `y[i, n] = sum_b ws[n, b] dx[i, b] (wq[n, b] . xq[i, b])` for rows
-    /// `0..m` and table rows `n0..n1` (the generated `logits` kernel's int8 algebra).
-    ///
-    /// # Safety
-    /// `args` is a `LogitsArgs` filled as for the generated kernel (int8 path) with
-    /// `shape.k` columns (a multiple of 32); the host has AVX2 and FMA.
-    pub(super) unsafe fn logits_int8(shape: &NativeShape, args: *const u64) {
-        // SAFETY: the caller's contract.
-        unsafe {
-            let a = &*(args as *const LogitsArgs);
-            logits(shape.k, a)
-        }
-    }
-
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn logits(dim: usize, a: &LogitsArgs) {
-        let (m, n0, n1) = (a.m as usize, a.n0 as usize, a.n1 as usize);
-        let mut n = n0;
-        // SAFETY: rows 0..m of the codes and scales, table rows n0..n1 (the caller's bounds)
-        unsafe {
-            while n + 2 <= n1 && m > 1 {
-                // the first rows read the table rows from memory and prefetch the next ones
-                let mut i = 4;
-                if m >= 4 {
-                    head::<4, 2, STREAM_AHEAD>(dim, a, 0, n);
-                } else {
-                    i = 0;
-                }
-                while i + 4 <= m {
-                    head::<4, 2, 0>(dim, a, i, n);
-                    i += 4;
-                }
-                match m - i {
-                    3 => head::<3, 2, 0>(dim, a, i, n),
-                    2 => head::<2, 2, 0>(dim, a, i, n),
-                    1 => head::<1, 2, 0>(dim, a, i, n),
-                    _ => {}
-                }
-                n += 2;
-            }
-            while n < n1 {
-                for i in 0..m {
-                    head::<1, 1, STREAM_AHEAD>(dim, a, i, n);
-                }
-                n += 1;
-            }
-        }
-    }
-
-    /// Outputs (i..i+R) x (n..n+N). With `AHEAD` > 0 the table rows (contiguous) and their
-    /// scales are prefetched that many bytes ahead of the codes read.
-    #[target_feature(enable = "avx2,fma")]
-    #[inline]
-    unsafe fn head<const R: usize, const N: usize, const AHEAD: usize>(
-        dim: usize,
-        a: &LogitsArgs,
-        i: usize,
-        n: usize,
-    ) {
-        let nb = dim / 32;
-        let (xq, dx) = (a.xq as *const i8, a.dx as *const f32);
-        let (wq, ws) = (a.wq as *const i8, a.ws as *const f32);
-        // SAFETY (whole body): `dim` codes and `nb` scales per row of the rows and the table.
-        unsafe {
-            let ones = _mm256_set1_epi16(1);
-            let mut acc = [[_mm256_setzero_ps(); N]; R];
-            for b in 0..nb {
-                if AHEAD > 0 {
-                    // a prefetch reads nothing and never faults; the scales are an eighth of
-                    // the codes' bytes
-                    for j in 0..N {
-                        if b % 2 == 0 {
-                            let p = wq.add((n + j) * dim + 32 * b);
-                            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(AHEAD));
-                        }
-                        if b % 16 == 0 {
-                            let p = ws.add((n + j) * nb + b) as *const u8;
-                            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(AHEAD / 8) as *const i8);
-                        }
-                    }
-                }
-                let mut w = [_mm256_setzero_si256(); N];
-                let mut wa = [_mm256_setzero_si256(); N];
-                let mut sw = [_mm256_setzero_ps(); N];
-                for j in 0..N {
-                    w[j] = _mm256_loadu_si256(wq.add((n + j) * dim + 32 * b) as *const __m256i);
-                    wa[j] = _mm256_abs_epi8(w[j]);
-                    sw[j] = _mm256_set1_ps(*ws.add((n + j) * nb + b));
-                }
-                for r in 0..R {
-                    let x = _mm256_loadu_si256(xq.add((i + r) * dim + 32 * b) as *const __m256i);
-                    let sx = _mm256_set1_ps(*dx.add((i + r) * nb + b));
-                    for j in 0..N {
-                        // |w| x (x with w's sign): the int8 x int8 products, exact in i16 pairs
-                        let p = _mm256_maddubs_epi16(wa[j], _mm256_sign_epi8(x, w[j]));
-                        let d = _mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones));
-                        let sc = _mm256_mul_ps(sw[j], sx);
-                        acc[r][j] = _mm256_fmadd_ps(d, sc, acc[r][j]);
-                    }
-                }
-            }
-            for r in 0..R {
-                for j in 0..N {
-                    let mut l = [0f32; 8];
-                    _mm256_storeu_ps(l.as_mut_ptr(), acc[r][j]);
-                    let v = ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]));
-                    *(a.y as *mut f32).add((i + r) * a.ldy as usize + n + j) = v;
-                }
-            }
-        }
-    }
-
     /// exp of 8 lanes, x <= 0 (scores minus their maximum): Cephes' expf polynomial after
     /// reducing by ln 2 (within 2 ulp); below -87.3 the result is 2^-126 x exp(r), which is
     /// below the scale of any softmax term that matters.

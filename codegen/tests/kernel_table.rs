@@ -876,6 +876,76 @@ fn act_name(spec: &KernelSpec) -> &'static str {
     }
 }
 
+/// The VNNI variant sums the int8 products by `vpdpbusd` instead of `vpmaddubsw` + `vpmaddwd`:
+/// exact integers either way, so its outputs equal the AVX2 kernels' bit for bit, for GEMMs
+/// with and without a tail of columns past the last 32-column block, and for the head.
+#[test]
+fn vnni_kernels_give_the_avx2_bits() {
+    if !CpuIsa::Avx2Vnni.supported() {
+        eprintln!(
+            "SKIPPED: this CPU has no AVX-VNNI or AVX512-VNNI (runs {:?})",
+            CpuIsa::available()
+        );
+        return;
+    }
+    let mut rng = Rng(31);
+    let specs = [
+        KernelSpec::QGemm {
+            k: 576,
+            parts: vec![37],
+            bits: 4,
+            group: 128,
+            residual: true,
+            act: Act::Int8,
+        },
+        KernelSpec::QGemm {
+            k: 1536,
+            parts: vec![64],
+            bits: 4,
+            group: 128,
+            residual: false,
+            act: Act::Int8,
+        },
+        KernelSpec::QGemm {
+            k: 200,
+            parts: vec![24],
+            bits: 4,
+            group: 64,
+            residual: false,
+            act: Act::Int8,
+        },
+        KernelSpec::Logits {
+            vocab: 41,
+            dim: 576,
+            act: Act::Int8,
+        },
+    ];
+    let mut checked = 0;
+    for spec in &specs {
+        let (Some(a), Some(b)) = (
+            native::kernel(spec, CpuIsa::Avx2),
+            native::kernel(spec, CpuIsa::Avx2Vnni),
+        ) else {
+            panic!("{}: no native kernel", spec.code_name());
+        };
+        for m in [1, 3, 4, 9] {
+            let d = data(spec, m, &mut rng);
+            let (ya, yb) = (run_cpu(a, spec, &d, m), run_cpu(b, spec, &d, m));
+            assert_eq!(ya.len(), yb.len());
+            for (i, (x, y)) in ya.iter().zip(&yb).enumerate() {
+                assert_eq!(
+                    x.to_bits(),
+                    y.to_bits(),
+                    "{} m {m}: output {i}: avx2 {x} against avx2-vnni {y}",
+                    spec.code_name()
+                );
+            }
+            checked += ya.len();
+        }
+    }
+    eprintln!("{checked} outputs equal on avx2 and avx2-vnni");
+}
+
 /// The native kernels sum every output the same way whatever the rows of the call: each row
 /// of a 7-row call (micro-tiles of 4 + 3 rows) equals, bit for bit, the row computed alone,
 /// and a split of the columns at an odd place changes nothing (the CPU engine's batches and

@@ -1,8 +1,18 @@
-//! A small spinning thread pool for the compiled engine: `run(f)` calls `f(t)` on every
-//! worker t (the caller is worker 0) and returns when all are done. Workers spin briefly for
-//! the next task (a decode step dispatches hundreds of short kernels), then park. `run`
-//! allocates nothing. One caller at a time: a `Pool` is not `Sync` (so no two threads can
-//! share one), and the engine keeps its pool inside its workspace lock.
+//! A small spinning thread pool for the compiled engine: `run(f)` calls `f(t)` once for every
+//! slot t in 0..threads and returns when all are done. The caller runs slot 0; worker t runs
+//! slot t if it claims it first, and the caller runs (claims) every slot still unclaimed once
+//! its own is done. Workers spin briefly for the next task (a decode step dispatches hundreds
+//! of short kernels), then park. `run` allocates nothing. One caller at a time: a `Pool` is
+//! not `Sync` (so no two threads can share one), and the engine keeps its pool inside its
+//! workspace lock.
+//!
+//! Why slots are claimed: on a machine shared with other work (a server's HTTP threads, its
+//! clients, other processes) a worker is often not running when a task is posted. The caller
+//! used to spin until every worker had run its part, a whole scheduler time slice (ms) per
+//! kernel when one was preempted: under load, serving ran at a quarter of its speed. With
+//! `run_chunks`, whose slots take work from a shared counter, a worker that arrives late finds
+//! nothing left, so the caller claims its slot and goes on; only a worker that has started a
+//! chunk is waited for, and the caller yields its core while it waits.
 
 use std::cell::UnsafeCell;
 use std::sync::Arc;
@@ -17,12 +27,15 @@ struct Shared {
     done: AtomicUsize,
     stop: AtomicBool,
     sleepers: AtomicUsize,
+    /// slot t (1..n) of the current task has been claimed (by worker t or by the caller)
+    claimed: Vec<AtomicBool>,
     task: UnsafeCell<Option<Task>>,
 }
 
-// SAFETY: `task` is written only by `run` while no worker reads it (all workers have finished
-// the previous epoch and wait for the next), and read by workers only after they observe the
-// new epoch (Acquire/Release on `epoch` orders the write before the reads).
+// SAFETY: `task` is written only by `run` while no worker reads it: a worker reads it only
+// after claiming a slot, and `run` returns only after every slot claimed by a worker is done.
+// `run` writes the task before it resets the claims (Release); a worker's claim (AcqRel swap)
+// reads that reset, so the write is visible to it.
 unsafe impl Sync for Shared {}
 unsafe impl Send for Shared {}
 
@@ -46,6 +59,7 @@ impl Pool {
             done: AtomicUsize::new(0),
             stop: AtomicBool::new(false),
             sleepers: AtomicUsize::new(0),
+            claimed: (0..n).map(|_| AtomicBool::new(true)).collect(),
             task: UnsafeCell::new(None),
         });
         let mut workers = Vec::new();
@@ -70,20 +84,25 @@ impl Pool {
         self.n
     }
 
-    /// Run `f(t)` for t in 0..threads, the caller doing t = 0.
+    /// Run `f(t)` once for every t in 0..threads: the caller does t = 0, then every slot no
+    /// worker has claimed yet (module docs), then waits for the workers' slots.
     pub(crate) fn run(&self, f: &(dyn Fn(usize) + Sync)) {
         if self.n == 1 {
             f(0);
             return;
         }
         let sh = &self.shared;
-        // SAFETY: all workers finished the previous task (run waits for them), so none reads
-        // `task` now; the pointer is only used until this call returns.
+        // SAFETY: every slot a worker claimed in the previous task is done (run waited for
+        // them) and no slot is claimable (all are claimed), so no worker reads `task` now;
+        // the pointer is only used until this call returns.
         unsafe {
             let t: Task = std::mem::transmute::<&(dyn Fn(usize) + Sync), Task>(f);
             *sh.task.get() = Some(t);
         }
         sh.done.store(0, Ordering::SeqCst);
+        for c in &sh.claimed[1..] {
+            c.store(false, Ordering::Release);
+        }
         sh.epoch.fetch_add(1, Ordering::SeqCst);
         if sh.sleepers.load(Ordering::SeqCst) > 0 {
             for w in &self.workers {
@@ -92,8 +111,24 @@ impl Pool {
         }
         f(0);
         let tw = Instant::now();
-        while sh.done.load(Ordering::Acquire) < self.n - 1 {
-            std::hint::spin_loop();
+        // slots no worker has taken: run them here (with `run_chunks` nothing is left by now)
+        let mut mine = 0;
+        for (t, c) in sh.claimed.iter().enumerate().skip(1) {
+            if !c.swap(true, Ordering::AcqRel) {
+                f(t);
+                mine += 1;
+            }
+        }
+        let theirs = self.n - 1 - mine;
+        let mut spins = 0u32;
+        while sh.done.load(Ordering::Acquire) < theirs {
+            spins += 1;
+            if spins > 4096 {
+                // a worker holding a chunk was preempted: let it (or whatever runs) have a core
+                thread::yield_now();
+            } else {
+                std::hint::spin_loop();
+            }
         }
         self.wait_ns
             .fetch_add(tw.elapsed().as_nanos() as usize, Ordering::Relaxed);
@@ -159,9 +194,13 @@ fn worker(sh: Arc<Shared>, t: usize) {
                 std::hint::spin_loop();
             }
         }
-        // SAFETY: `run` stored the task before bumping the epoch and keeps it alive until
-        // every worker has counted itself done.
-        let task = unsafe { (*sh.task.get()).expect("a task is set before the epoch moves") };
+        // the caller may have run this slot already (this worker came late)
+        if sh.claimed[t].swap(true, Ordering::AcqRel) {
+            continue;
+        }
+        // SAFETY: `run` stored the task before it made the slot claimable and keeps it alive
+        // until every slot a worker claimed is counted done.
+        let task = unsafe { (*sh.task.get()).expect("a task is set before a slot is free") };
         unsafe { (*task)(t) };
         sh.done.fetch_add(1, Ordering::Release);
     }
@@ -194,6 +233,25 @@ mod tests {
         }
         for h in &hits {
             assert_eq!(h.load(Ordering::Relaxed), 1000);
+        }
+    }
+
+    #[test]
+    fn every_slot_runs_once_with_more_workers_than_cores() {
+        // workers are preempted all the time here, so the caller claims many of their slots
+        let n = 4 * std::thread::available_parallelism().map_or(2, |c| c.get());
+        let p = Pool::new(n).expect("pool");
+        let hits: Vec<AtomicUsize> = (0..n).map(|_| AtomicUsize::new(0)).collect();
+        let total = AtomicUsize::new(0);
+        for round in 1..=2000 {
+            p.run(&|t| {
+                hits[t].fetch_add(1, Ordering::Relaxed);
+                total.fetch_add(1, Ordering::Relaxed);
+            });
+            assert_eq!(total.load(Ordering::Relaxed), round * n);
+        }
+        for h in &hits {
+            assert_eq!(h.load(Ordering::Relaxed), 2000);
         }
     }
 
