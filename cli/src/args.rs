@@ -49,6 +49,8 @@ pub enum CpuIsaArg {
     /// the AVX2 kernels with int8 dot products by vpdpbusd (AVX-VNNI or AVX512-VNNI): the
     /// same results
     Avx2Vnni,
+    /// avx2-vnni with the int8 GEMMs at 512 bits (AVX512-F/BW/VL + VNNI): the same results
+    Avx512,
 }
 
 impl CpuIsaArg {
@@ -59,6 +61,7 @@ impl CpuIsaArg {
             CpuIsaArg::Base => Some(CpuIsa::Base),
             CpuIsaArg::Avx2 => Some(CpuIsa::Avx2),
             CpuIsaArg::Avx2Vnni => Some(CpuIsa::Avx2Vnni),
+            CpuIsaArg::Avx512 => Some(CpuIsa::Avx512),
         }
     }
 }

@@ -32,6 +32,9 @@ pub enum CpuIsa {
     /// The AVX2 kernels with the int8 dot products by `vpdpbusd` (AVX-VNNI, or AVX512-VNNI
     /// with VL): one instruction for what takes three, the same integers, the same bits.
     Avx2Vnni,
+    /// `Avx2Vnni` with the int8 GEMM at 512 bits (AVX512-F/BW/VL + VNNI): a register holds 4
+    /// weight rows, a micro-tile 4 activation rows x 8 weight rows; the same bits.
+    Avx512,
 }
 
 impl CpuIsa {
@@ -40,6 +43,7 @@ impl CpuIsa {
             CpuIsa::Base => "base",
             CpuIsa::Avx2 => "avx2",
             CpuIsa::Avx2Vnni => "avx2-vnni",
+            CpuIsa::Avx512 => "avx512",
         }
     }
 
@@ -54,6 +58,7 @@ impl CpuIsa {
             CpuIsa::Base => true,
             CpuIsa::Avx2 => avx2_fma(),
             CpuIsa::Avx2Vnni => avx2_fma() && vnni().is_some(),
+            CpuIsa::Avx512 => avx2_fma() && avx512_vnni(),
         }
     }
 
@@ -72,7 +77,7 @@ impl CpuIsa {
 
     /// The variants this host runs, narrowest first.
     pub fn available() -> Vec<CpuIsa> {
-        [CpuIsa::Base, CpuIsa::Avx2, CpuIsa::Avx2Vnni]
+        [CpuIsa::Base, CpuIsa::Avx2, CpuIsa::Avx2Vnni, CpuIsa::Avx512]
             .into_iter()
             .filter(|i| i.supported())
             .collect()
@@ -86,7 +91,10 @@ impl std::str::FromStr for CpuIsa {
             "base" => Ok(CpuIsa::Base),
             "avx2" => Ok(CpuIsa::Avx2),
             "avx2-vnni" => Ok(CpuIsa::Avx2Vnni),
-            _ => Err(format!("unknown CPU ISA {s:?} (base, avx2, avx2-vnni)")),
+            "avx512" => Ok(CpuIsa::Avx512),
+            _ => Err(format!(
+                "unknown CPU ISA {s:?} (base, avx2, avx2-vnni, avx512)"
+            )),
         }
     }
 }
@@ -124,6 +132,18 @@ fn vnni() -> Option<Vnni> {
 #[cfg(not(target_arch = "x86_64"))]
 fn vnni() -> Option<Vnni> {
     None
+}
+
+/// AVX512-F, BW, VL and VNNI (the 512-bit GEMM's instructions).
+#[cfg(target_arch = "x86_64")]
+fn avx512_vnni() -> bool {
+    use std::arch::is_x86_feature_detected as has;
+    has!("avx512f") && has!("avx512bw") && has!("avx512vl") && has!("avx512vnni")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn avx512_vnni() -> bool {
+    false
 }
 
 /// A native kernel: `f(shape, args)`.
@@ -195,15 +215,46 @@ fn native_kernel(_spec: &KernelSpec, _isa: CpuIsa) -> Option<CpuKernel> {
     None
 }
 
+/// The 512-bit head for batches, the 256-bit VNNI head (VEX) for one row and the last rows.
+///
+/// # Safety
+/// As `avx512::logits_int8`.
+#[cfg(target_arch = "x86_64")]
+unsafe fn logits_avx512_vex(shape: &NativeShape, args: *const u64) {
+    // SAFETY: the caller's contract; the host has AVX-VNNI (`vnni()`)
+    unsafe { avx512::logits_int8(shape, args, avx2::vex::logits_int8) }
+}
+
+/// As `logits_avx512_vex` with the EVEX-encoded 256-bit head.
+///
+/// # Safety
+/// As `avx512::logits_int8`.
+#[cfg(target_arch = "x86_64")]
+unsafe fn logits_avx512_evex(shape: &NativeShape, args: *const u64) {
+    // SAFETY: the caller's contract; AVX512-VNNI and VL are part of `CpuIsa::Avx512`
+    unsafe { avx512::logits_int8(shape, args, avx2::evex::logits_int8) }
+}
+
 #[cfg(target_arch = "x86_64")]
 fn native_kernel(spec: &KernelSpec, isa: CpuIsa) -> Option<CpuKernel> {
     // the int8 GEMM and head of the ISA (and, for VNNI, of the encoding the host has)
-    let (qgemm, logits): (NativeFn, NativeFn) = match (isa, vnni()) {
-        (CpuIsa::Avx2Vnni, Some(Vnni::Vex)) => (avx2::vex::qgemm_int8, avx2::vex::logits_int8),
-        (CpuIsa::Avx2Vnni, Some(Vnni::Evex)) => (avx2::evex::qgemm_int8, avx2::evex::logits_int8),
+    let (mut qgemm, mut logits): (NativeFn, NativeFn) = match (isa, vnni()) {
+        (CpuIsa::Avx2Vnni | CpuIsa::Avx512, Some(Vnni::Vex)) => {
+            (avx2::vex::qgemm_int8, avx2::vex::logits_int8)
+        }
+        (CpuIsa::Avx2Vnni | CpuIsa::Avx512, Some(Vnni::Evex)) => {
+            (avx2::evex::qgemm_int8, avx2::evex::logits_int8)
+        }
         _ => (avx2::madd::qgemm_int8, avx2::madd::logits_int8),
     };
-    let vnni = isa == CpuIsa::Avx2Vnni;
+    if isa == CpuIsa::Avx512 {
+        qgemm = avx512::qgemm_int8;
+        logits = if vnni() == Some(Vnni::Vex) {
+            logits_avx512_vex
+        } else {
+            logits_avx512_evex
+        };
+    }
     match spec {
         KernelSpec::QGemm {
             k,
@@ -218,10 +269,10 @@ fn native_kernel(spec: &KernelSpec, isa: CpuIsa) -> Option<CpuKernel> {
                 gl: wkvc_ir::quant::group_len(*k, *group),
                 ..Default::default()
             },
-            name: if vnni {
-                "qgemm_int8_avx2_vnni"
-            } else {
-                "qgemm_int8_avx2"
+            name: match isa {
+                CpuIsa::Avx512 => "qgemm_int8_avx512",
+                CpuIsa::Avx2Vnni => "qgemm_int8_avx2_vnni",
+                _ => "qgemm_int8_avx2",
             },
         }),
         KernelSpec::Logits {
@@ -235,10 +286,10 @@ fn native_kernel(spec: &KernelSpec, isa: CpuIsa) -> Option<CpuKernel> {
                 gl: *dim,
                 ..Default::default()
             },
-            name: if vnni {
-                "logits_int8_avx2_vnni"
-            } else {
-                "logits_int8_avx2"
+            name: match isa {
+                CpuIsa::Avx512 => "logits_int8_avx512",
+                CpuIsa::Avx2Vnni => "logits_int8_avx2_vnni",
+                _ => "logits_int8_avx2",
             },
         }),
         KernelSpec::Attention {
@@ -286,17 +337,34 @@ pub fn describe(spec: &KernelSpec, isa: CpuIsa) -> Option<String> {
              summed per 32 channels for all heads at once; scores in a per-thread buffer",
             shape.group, shape.head_dim
         ),
+        KernelSpec::Logits { .. } if isa == CpuIsa::Avx512 => format!(
+            "dim {}: several rows: per 32-column block, 4 table rows (2 to a 512-bit register) \
+             x up to 4 activation rows; int8 x int8 by a masked negation (w's sign) + vpdpbusd \
+             on |w|, cvt, FMA by the product of the row's and the table row's block scales; \
+             one row (and the last table rows) by the 256-bit VNNI head",
+            shape.k
+        ),
         KernelSpec::Logits { .. } => format!(
             "dim {}: per 32-column block, 2 table rows x up to {} activation rows; int8 x int8 \
              by vpsignb + {} on |w|, cvt, FMA by the product of the row's and the table row's \
              block scales",
             shape.k,
             avx2_rows(),
-            if isa == CpuIsa::Avx2Vnni {
+            if isa != CpuIsa::Avx2 {
                 "vpdpbusd (sums of 4 products in i32)"
             } else {
                 "vpmaddubsw (pairs in i16, at most 2 x 128 x 127), vpmaddwd to i32"
             }
+        ),
+        _ if isa == CpuIsa::Avx512 => format!(
+            "k {}, group length {}: 512-bit: per 32-column block, a whole {}-row weight tile \
+             (4 rows to a register) x up to 4 activation rows; weights as 16-byte nibble \
+             blocks, codes 0..15 x int8 activations by two vpdpbusd, cvt, FMA by the block's \
+             activation scale; per group x the weights' scale; zero points and the group's \
+             tail columns in f32",
+            shape.k,
+            shape.gl,
+            crate::kernels::QTILE
         ),
         _ => format!(
             "k {}, group length {}: per 32-column block, a whole tile of 8 weight rows for one \
@@ -308,7 +376,7 @@ pub fn describe(spec: &KernelSpec, isa: CpuIsa) -> Option<String> {
             shape.gl,
             avx2_rows(),
             crate::kernels::QTILE,
-            if isa == CpuIsa::Avx2Vnni {
+            if isa != CpuIsa::Avx2 {
                 "two vpdpbusd (sums of 4 products in i32)"
             } else {
                 "vpmaddubsw (pairs in i16), vpmaddwd to i32"
@@ -1307,6 +1375,404 @@ mod avx2 {
                         };
                     }
                     *ob.add(c) = (v + accf[h * hd + c]) * inv;
+                }
+            }
+        }
+    }
+}
+
+/// The int8-activation quantized GEMM with 512-bit vectors (AVX512-F/BW/VL + VNNI): one
+/// micro-tile is up to 4 activation rows x a whole 8-row weight tile, 4 weight rows to a
+/// register, the int8 products summed by `vpdpbusd`. Each output's lanes get the operations
+/// of the 256-bit kernels in the same order (a register holds what two of theirs hold), so
+/// the results are the same bits as `avx2` and `avx2-vnni`.
+#[allow(clippy::needless_range_loop)]
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use crate::kernels::QTILE;
+    use crate::native::{NativeFn, NativeShape, QGemmArgs};
+    use std::arch::x86_64::*;
+    use wkvc_ir::kernel::args::LogitsArgs;
+
+    const _: () = assert!(
+        QTILE == 8,
+        "the 512-bit micro-tile is one 8-row weight tile"
+    );
+
+    /// As `avx2::madd::qgemm_int8`.
+    ///
+    /// # Safety
+    /// `args` is a `QGemmArgs` filled as for the generated `qgemm` kernel (int8 path) of
+    /// `shape`; the host has the instructions of `CpuIsa::Avx512`.
+    pub(super) unsafe fn qgemm_int8(shape: &NativeShape, args: *const u64) {
+        // SAFETY: the caller's contract.
+        unsafe {
+            let a = &*(args as *const QGemmArgs);
+            run(shape.k, shape.gl, a)
+        }
+    }
+
+    /// Geometry and pointers of one call.
+    struct Call {
+        k: usize,
+        gl: usize,
+        ng: usize,
+        nb: usize,
+        xq: *const i8,
+        dx: *const f32,
+        gs: *const f32,
+        x: *const f32,
+        w: *const u8,
+        s: *const f32,
+        z: *const f32,
+        y: *mut f32,
+        ldy: usize,
+        r: *const f32,
+        ldr: usize,
+        n0: usize,
+        n1: usize,
+    }
+
+    /// How far ahead (bytes) the tiles are prefetched: by one activation row streaming
+    /// through them, and by the first rows of a weight block (about a block).
+    const STREAM_AHEAD: usize = 12 << 10;
+    const BLOCK_AHEAD: usize = 16 << 10;
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
+    unsafe fn run(k: usize, gl: usize, a: &QGemmArgs) {
+        let c = Call {
+            k,
+            gl,
+            ng: k.div_ceil(gl),
+            nb: (k / gl) * (gl / 32) + (k % gl) / 32,
+            xq: a.xp as *const i8,
+            dx: a.dx as *const f32,
+            gs: a.gsum as *const f32,
+            x: a.x as *const f32,
+            w: a.w as *const u8,
+            s: a.s as *const f32,
+            z: a.z as *const f32,
+            y: a.y as *mut f32,
+            ldy: a.ldy as usize,
+            r: a.r as *const f32,
+            ldr: a.ldr as usize,
+            n0: a.n0 as usize,
+            n1: a.n1 as usize,
+        };
+        let m = a.m as usize;
+        if c.n0 >= c.n1 || m == 0 {
+            return;
+        }
+        // weight rows in blocks of about 16 KiB (in L1 while the activation rows pass)
+        let blk = (16384 / (k / 2).max(1))
+            .clamp(QTILE, 64)
+            .next_multiple_of(QTILE);
+        let mut nb0 = c.n0 & !(QTILE - 1);
+        while nb0 < c.n1 {
+            let nb1 = (nb0 + blk).min(c.n1);
+            let mut i = 0;
+            while i + 4 <= m {
+                // SAFETY: rows i..i+4 < m; whole tiles within the padded weights.
+                unsafe { tiles::<4>(&c, i, nb0, nb1) };
+                i += 4;
+            }
+            // SAFETY: as above, for the remaining rows
+            unsafe {
+                match m - i {
+                    3 => tiles::<3>(&c, i, nb0, nb1),
+                    2 => tiles::<2>(&c, i, nb0, nb1),
+                    1 => tiles::<1>(&c, i, nb0, nb1),
+                    _ => {}
+                }
+            }
+            nb0 = nb1.next_multiple_of(QTILE);
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
+    unsafe fn tiles<const R: usize>(c: &Call, i: usize, nb0: usize, nb1: usize) {
+        let mut n = nb0 & !(QTILE - 1);
+        while n < nb1 {
+            // SAFETY: the caller's bounds
+            unsafe {
+                if R == 1 {
+                    micro::<R, STREAM_AHEAD>(c, i, n)
+                } else if i == 0 {
+                    micro::<R, BLOCK_AHEAD>(c, i, n)
+                } else {
+                    micro::<R, 0>(c, i, n)
+                }
+            }
+            n += QTILE;
+        }
+    }
+
+    /// Outputs (i..i+R) x (n..n+8), n a tile's first row; stores those in n0..n1.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
+    #[inline]
+    unsafe fn micro<const R: usize, const AHEAD: usize>(c: &Call, i: usize, n: usize) {
+        let (k, gl, ng, nb) = (c.k, c.gl, c.ng, c.nb);
+        let qt = QTILE;
+        // SAFETY (whole body): as `avx2::madd::micro`: tiles of `qt` rows of `k / 2` bytes
+        // (padded), `ng` params per row in tile order, `k` codes / floats, `nb` block scales
+        // and `ng` group sums per activation row.
+        unsafe {
+            let tbase = c.w.add(n * k / 2);
+            let sbase = c.s.add(n * ng);
+            let zbase = c.z.add(n * ng);
+            let low4 = _mm512_set1_epi8(0x0f);
+            let zero = _mm512_setzero_si512();
+            // lanes 4t..4t+4 from element t (a row's scale over its 4 lanes)
+            let quads = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+            // tot[r][q]: rows 4q..4q+4 of the tile, 4 lanes each
+            let mut tot = [[_mm512_setzero_ps(); 2]; R];
+            let mut corr = [[0f32; 8]; R];
+            let mut blk = 0usize;
+            for g in 0..ng {
+                let c0 = g * gl;
+                let len = gl.min(k - c0);
+                let full = len / 32;
+                let mut acc = [[_mm512_setzero_ps(); 2]; R];
+                for b in 0..full {
+                    let col = c0 + 32 * b;
+                    // the block of the 8 rows: 16 bytes each, side by side
+                    let wp = tbase.add(col * qt / 2);
+                    if AHEAD > 0 {
+                        // a prefetch reads nothing and never faults
+                        _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(AHEAD) as *const i8);
+                        _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(AHEAD + 64) as *const i8);
+                    }
+                    let mut lo = [zero; 2];
+                    let mut hi = [zero; 2];
+                    for q in 0..2 {
+                        let w = _mm512_loadu_si512(wp.add(64 * q) as *const __m512i);
+                        lo[q] = _mm512_and_si512(w, low4);
+                        hi[q] = _mm512_and_si512(_mm512_srli_epi16::<4>(w), low4);
+                    }
+                    for r in 0..R {
+                        let xr = c.xq.add((i + r) * k + col);
+                        // evens then odds (prep_int8), each in all four 128-bit lanes
+                        let xe = _mm512_broadcast_i32x4(_mm_loadu_si128(xr as *const __m128i));
+                        let xo =
+                            _mm512_broadcast_i32x4(_mm_loadu_si128(xr.add(16) as *const __m128i));
+                        let sx = _mm512_set1_ps(*c.dx.add((i + r) * nb + blk));
+                        for q in 0..2 {
+                            let d = _mm512_dpbusd_epi32(zero, lo[q], xe);
+                            let d = _mm512_dpbusd_epi32(d, hi[q], xo);
+                            acc[r][q] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), sx, acc[r][q]);
+                        }
+                    }
+                    blk += 1;
+                }
+                // the group's scales of the 8 rows, each over its row's 4 lanes
+                for q in 0..2 {
+                    let s4 = _mm_loadu_ps(sbase.add(g * qt + 4 * q));
+                    let sp = _mm512_permutexvar_ps(quads, _mm512_castps128_ps512(s4));
+                    for r in 0..R {
+                        tot[r][q] = _mm512_fmadd_ps(acc[r][q], sp, tot[r][q]);
+                    }
+                }
+                // zero points and the tail columns past the last full block, in f32 (as
+                // the 256-bit kernels: corr = fma(s, z gsum - t, corr) per output)
+                let tb = c0 + full * 32;
+                let tl = (len % 32) / 2;
+                if tl == 0 {
+                    let sv = _mm256_loadu_ps(sbase.add(g * qt));
+                    let zv = _mm256_loadu_ps(zbase.add(g * qt));
+                    for r in 0..R {
+                        let gsum = _mm256_set1_ps(*c.gs.add((i + r) * ng + g));
+                        let cv = _mm256_loadu_ps(corr[r].as_ptr());
+                        let cv = _mm256_fmadd_ps(sv, _mm256_mul_ps(zv, gsum), cv);
+                        _mm256_storeu_ps(corr[r].as_mut_ptr(), cv);
+                    }
+                } else {
+                    let wt = tbase.add(tb * qt / 2);
+                    for r in 0..R {
+                        let gsum = *c.gs.add((i + r) * ng + g);
+                        let xt = c.x.add((i + r) * k + tb);
+                        for j in 0..qt {
+                            let mut t = 0f32;
+                            for u in 0..tl {
+                                let byte = *wt.add(j * tl + u);
+                                t = f32::mul_add((byte & 15) as f32, *xt.add(2 * u), t);
+                                t = f32::mul_add((byte >> 4) as f32, *xt.add(2 * u + 1), t);
+                            }
+                            let sg = *sbase.add(g * qt + j);
+                            let zg = *zbase.add(g * qt + j);
+                            corr[r][j] = f32::mul_add(sg, zg * gsum - t, corr[r][j]);
+                        }
+                    }
+                }
+            }
+            // each output: (l0 + l1) + (l2 + l3) of its 4 lanes, minus its corr, plus the
+            // residual
+            let whole = n >= c.n0 && n + qt <= c.n1;
+            for r in 0..R {
+                let ir = i + r;
+                let mut sums = [0f32; 8];
+                for q in 0..2 {
+                    let mut l = [0f32; 16];
+                    _mm512_storeu_ps(l.as_mut_ptr(), tot[r][q]);
+                    for t in 0..4 {
+                        sums[4 * q + t] = (l[4 * t] + l[4 * t + 1]) + (l[4 * t + 2] + l[4 * t + 3]);
+                    }
+                }
+                if whole {
+                    let mut v = _mm256_sub_ps(
+                        _mm256_loadu_ps(sums.as_ptr()),
+                        _mm256_loadu_ps(corr[r].as_ptr()),
+                    );
+                    if !c.r.is_null() {
+                        v = _mm256_add_ps(v, _mm256_loadu_ps(c.r.add(ir * c.ldr + n)));
+                    }
+                    _mm256_storeu_ps(c.y.add(ir * c.ldy + n), v);
+                } else {
+                    for j in 0..qt {
+                        let nn = n + j;
+                        if nn < c.n0 || nn >= c.n1 {
+                            continue;
+                        }
+                        let mut v = sums[j] - corr[r][j];
+                        if !c.r.is_null() {
+                            v += *c.r.add(ir * c.ldr + nn);
+                        }
+                        *c.y.add(ir * c.ldy + nn) = v;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The int8 head with 512-bit vectors for batches (several rows): 4 table rows at a time,
+    /// two to a register, x up to 4 activation rows; each lane gets the operations of the
+    /// 256-bit kernel in the same order (`vpsignb`, which has no 512-bit form, becomes a
+    /// masked negation: the same codes), so the same bits. One row, and the table rows past
+    /// the last 4, go to `rest` (the 256-bit VNNI head).
+    ///
+    /// # Safety
+    /// As `avx2::vex::logits_int8`; the host has the instructions of `CpuIsa::Avx512` and
+    /// those `rest` needs.
+    pub(super) unsafe fn logits_int8(shape: &NativeShape, args: *const u64, rest: NativeFn) {
+        // SAFETY: the caller's contract.
+        unsafe {
+            let a = &*(args as *const LogitsArgs);
+            let n = logits(shape.k, a);
+            if n < a.n1 as usize {
+                let tail = LogitsArgs { n0: n as u64, ..*a };
+                rest(shape, &tail as *const LogitsArgs as *const u64);
+            }
+        }
+    }
+
+    /// The table rows from `n0` in fours for rows 0..m (m > 1); returns where it stopped.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
+    unsafe fn logits(dim: usize, a: &LogitsArgs) -> usize {
+        let (m, n0, n1) = (a.m as usize, a.n0 as usize, a.n1 as usize);
+        let mut n = n0;
+        if m < 2 {
+            return n;
+        }
+        // SAFETY: rows 0..m of the codes and scales, table rows n..n+4 < n1
+        unsafe {
+            while n + 4 <= n1 {
+                // the first rows read the table rows from memory and prefetch the next ones
+                let mut i = 4;
+                if m >= 4 {
+                    head::<4, HEAD_AHEAD>(dim, a, 0, n);
+                } else {
+                    i = 0;
+                }
+                while i + 4 <= m {
+                    head::<4, 0>(dim, a, i, n);
+                    i += 4;
+                }
+                match m - i {
+                    3 => head::<3, 0>(dim, a, i, n),
+                    2 => head::<2, 0>(dim, a, i, n),
+                    1 => head::<1, 0>(dim, a, i, n),
+                    _ => {}
+                }
+                n += 4;
+            }
+        }
+        n
+    }
+
+    /// How far ahead (bytes) the first rows prefetch the table rows (as the 256-bit head).
+    const HEAD_AHEAD: usize = 12 << 10;
+
+    /// Outputs (i..i+R) x (n..n+4).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
+    #[inline]
+    unsafe fn head<const R: usize, const AHEAD: usize>(
+        dim: usize,
+        a: &LogitsArgs,
+        i: usize,
+        n: usize,
+    ) {
+        let nb = dim / 32;
+        let (xq, dx) = (a.xq as *const i8, a.dx as *const f32);
+        let (wq, ws) = (a.wq as *const i8, a.ws as *const f32);
+        // SAFETY (whole body): `dim` codes and `nb` scales per row of the rows and the table.
+        unsafe {
+            let zero = _mm512_setzero_si512();
+            // acc[r][q]: table rows n + 2q (lanes 0..8) and n + 2q + 1 (lanes 8..16)
+            let mut acc = [[_mm512_setzero_ps(); 2]; R];
+            for b in 0..nb {
+                if AHEAD > 0 {
+                    // a prefetch reads nothing and never faults; the scales are an eighth of
+                    // the codes' bytes
+                    for j in 0..4 {
+                        if b % 2 == 0 {
+                            let p = wq.add((n + j) * dim + 32 * b);
+                            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(AHEAD));
+                        }
+                        if b % 16 == 0 {
+                            let p = ws.add((n + j) * nb + b) as *const u8;
+                            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(AHEAD / 8) as *const i8);
+                        }
+                    }
+                }
+                let mut wa = [zero; 2];
+                let mut neg = [0 as __mmask64; 2];
+                let mut sw = [_mm512_setzero_ps(); 2];
+                for q in 0..2 {
+                    let (r0, r1) = (n + 2 * q, n + 2 * q + 1);
+                    let w0 = _mm256_loadu_si256(wq.add(r0 * dim + 32 * b) as *const __m256i);
+                    let w1 = _mm256_loadu_si256(wq.add(r1 * dim + 32 * b) as *const __m256i);
+                    let w = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(w0), w1);
+                    wa[q] = _mm512_abs_epi8(w);
+                    neg[q] = _mm512_movepi8_mask(w);
+                    sw[q] = _mm512_mask_mov_ps(
+                        _mm512_set1_ps(*ws.add(r0 * nb + b)),
+                        0xff00,
+                        _mm512_set1_ps(*ws.add(r1 * nb + b)),
+                    );
+                }
+                for r in 0..R {
+                    let x = _mm512_broadcast_i64x4(_mm256_loadu_si256(
+                        xq.add((i + r) * dim + 32 * b) as *const __m256i,
+                    ));
+                    let sx = _mm512_set1_ps(*dx.add((i + r) * nb + b));
+                    for q in 0..2 {
+                        // x with w's sign (where w = 0, |w| = 0 makes the product 0 as
+                        // vpsignb's zero does)
+                        let xs = _mm512_mask_sub_epi8(x, neg[q], zero, x);
+                        let d = _mm512_dpbusd_epi32(zero, wa[q], xs);
+                        let sc = _mm512_mul_ps(sw[q], sx);
+                        acc[r][q] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), sc, acc[r][q]);
+                    }
+                }
+            }
+            for r in 0..R {
+                for q in 0..2 {
+                    let mut l = [0f32; 16];
+                    _mm512_storeu_ps(l.as_mut_ptr(), acc[r][q]);
+                    for h in 0..2 {
+                        let l = &l[8 * h..];
+                        let v = ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]));
+                        *(a.y as *mut f32).add((i + r) * a.ldy as usize + n + 2 * q + h) = v;
+                    }
                 }
             }
         }

@@ -876,12 +876,18 @@ fn act_name(spec: &KernelSpec) -> &'static str {
     }
 }
 
-/// The VNNI variant sums the int8 products by `vpdpbusd` instead of `vpmaddubsw` + `vpmaddwd`:
-/// exact integers either way, so its outputs equal the AVX2 kernels' bit for bit, for GEMMs
-/// with and without a tail of columns past the last 32-column block, and for the head.
+/// The wider variants sum the int8 products by `vpdpbusd` instead of `vpmaddubsw` +
+/// `vpmaddwd` (exact integers either way) and `avx512` holds two of the 256-bit registers in
+/// one with each lane's operations unchanged, so their outputs equal the AVX2 kernels' bit
+/// for bit: GEMMs with and without a tail of columns past the last 32-column block, and the
+/// head.
 #[test]
-fn vnni_kernels_give_the_avx2_bits() {
-    if !CpuIsa::Avx2Vnni.supported() {
+fn wider_kernels_give_the_avx2_bits() {
+    let wider: Vec<CpuIsa> = CpuIsa::available()
+        .into_iter()
+        .filter(|i| !matches!(i, CpuIsa::Base | CpuIsa::Avx2))
+        .collect();
+    if wider.is_empty() {
         eprintln!(
             "SKIPPED: this CPU has no AVX-VNNI or AVX512-VNNI (runs {:?})",
             CpuIsa::available()
@@ -921,29 +927,32 @@ fn vnni_kernels_give_the_avx2_bits() {
         },
     ];
     let mut checked = 0;
-    for spec in &specs {
-        let (Some(a), Some(b)) = (
-            native::kernel(spec, CpuIsa::Avx2),
-            native::kernel(spec, CpuIsa::Avx2Vnni),
-        ) else {
-            panic!("{}: no native kernel", spec.code_name());
-        };
-        for m in [1, 3, 4, 9] {
-            let d = data(spec, m, &mut rng);
-            let (ya, yb) = (run_cpu(a, spec, &d, m), run_cpu(b, spec, &d, m));
-            assert_eq!(ya.len(), yb.len());
-            for (i, (x, y)) in ya.iter().zip(&yb).enumerate() {
-                assert_eq!(
-                    x.to_bits(),
-                    y.to_bits(),
-                    "{} m {m}: output {i}: avx2 {x} against avx2-vnni {y}",
-                    spec.code_name()
-                );
+    for &isa in &wider {
+        for spec in &specs {
+            let (Some(a), Some(b)) = (
+                native::kernel(spec, CpuIsa::Avx2),
+                native::kernel(spec, isa),
+            ) else {
+                panic!("{}: no native kernel on {}", spec.code_name(), isa.name());
+            };
+            for m in [1, 3, 4, 9] {
+                let d = data(spec, m, &mut rng);
+                let (ya, yb) = (run_cpu(a, spec, &d, m), run_cpu(b, spec, &d, m));
+                assert_eq!(ya.len(), yb.len());
+                for (i, (x, y)) in ya.iter().zip(&yb).enumerate() {
+                    assert_eq!(
+                        x.to_bits(),
+                        y.to_bits(),
+                        "{} m {m}: output {i}: avx2 {x} against {} {y}",
+                        spec.code_name(),
+                        isa.name()
+                    );
+                }
+                checked += ya.len();
             }
-            checked += ya.len();
         }
     }
-    eprintln!("{checked} outputs equal on avx2 and avx2-vnni");
+    eprintln!("{checked} outputs of {wider:?} equal to avx2's");
 }
 
 /// The native kernels sum every output the same way whatever the rows of the call: each row
