@@ -417,6 +417,147 @@ const fn avx2_rows() -> usize {
 
 // The micro-kernels index several register arrays and pointers by the same row and column
 // numbers; index loops say that more plainly than zipped iterators.
+/// Geometry and pointers of one int8 GEMM call, shared by the native GEMM variants.
+#[cfg(target_arch = "x86_64")]
+struct Call {
+    k: usize,
+    gl: usize,
+    ng: usize,
+    nb: usize,
+    xq: *const i8,
+    dx: *const f32,
+    gs: *const f32,
+    x: *const f32,
+    w: *const u8,
+    s: *const f32,
+    z: *const f32,
+    y: *mut f32,
+    ldy: usize,
+    r: *const f32,
+    ldr: usize,
+    n0: usize,
+    n1: usize,
+}
+
+/// A micro-tile routine of a GEMM variant: `f(call, i, nb0, nb1)` for R activation rows from
+/// i over the weight rows nb0..nb1.
+#[cfg(target_arch = "x86_64")]
+type Tiles = unsafe fn(&Call, usize, usize, usize);
+
+#[cfg(target_arch = "x86_64")]
+impl Call {
+    fn new(k: usize, gl: usize, a: &QGemmArgs) -> Call {
+        Call {
+            k,
+            gl,
+            ng: k.div_ceil(gl),
+            nb: (k / gl) * (gl / 32) + (k % gl) / 32,
+            xq: a.xp as *const i8,
+            dx: a.dx as *const f32,
+            gs: a.gsum as *const f32,
+            x: a.x as *const f32,
+            w: a.w as *const u8,
+            s: a.s as *const f32,
+            z: a.z as *const f32,
+            y: a.y as *mut f32,
+            ldy: a.ldy as usize,
+            r: a.r as *const f32,
+            ldr: a.ldr as usize,
+            n0: a.n0 as usize,
+            n1: a.n1 as usize,
+        }
+    }
+
+    /// The call's weight rows in blocks of about 16 KiB (they stay in L1 while the activation
+    /// rows stream past), each block's `m` activation rows in micro-tiles of 4, then the rest:
+    /// `tiles[R - 1]` for R rows.
+    ///
+    /// # Safety
+    /// The routines' contracts: the host has their instructions, the call's pointers address
+    /// its buffers.
+    unsafe fn sweep(&self, m: usize, tiles: [Tiles; 4]) {
+        if self.n0 >= self.n1 || m == 0 {
+            return;
+        }
+        let qt = crate::kernels::QTILE;
+        let blk = (16384 / (self.k / 2).max(1))
+            .clamp(qt, 64)
+            .next_multiple_of(qt);
+        let mut nb0 = self.n0 & !(qt - 1);
+        while nb0 < self.n1 {
+            let nb1 = (nb0 + blk).min(self.n1);
+            let mut i = 0;
+            while i + 4 <= m {
+                // SAFETY: rows i..i+4 < m (the caller's contract for the rest)
+                unsafe { tiles[3](self, i, nb0, nb1) };
+                i += 4;
+            }
+            if m > i {
+                // SAFETY: as above, rows i..m
+                unsafe { tiles[m - i - 1](self, i, nb0, nb1) };
+            }
+            nb0 = nb1.next_multiple_of(qt);
+        }
+    }
+
+    /// Zero points and the tail columns past group g's last full 32-column block, in f32:
+    /// `corr[jj] = fma(s, z gsum - t, corr[jj])` for the weight rows j0 + jj of the tile whose
+    /// first row is `tile`, activation row `ir` (t: the tail's dot product).
+    ///
+    /// # Safety
+    /// The call's buffers hold the tile, the row and group g.
+    #[inline]
+    unsafe fn tail_corr(&self, tile: usize, ir: usize, g: usize, j0: usize, corr: &mut [f32]) {
+        let (k, gl, ng, qt) = (self.k, self.gl, self.ng, crate::kernels::QTILE);
+        let c0 = g * gl;
+        let len = gl.min(k - c0);
+        let tb = c0 + len / 32 * 32;
+        let tl = (len % 32) / 2;
+        // SAFETY: the caller's contract
+        unsafe {
+            let wt = self.w.add(tile * k / 2 + tb * qt / 2);
+            let (sbase, zbase) = (self.s.add(tile * ng), self.z.add(tile * ng));
+            let gsum = *self.gs.add(ir * ng + g);
+            let xt = self.x.add(ir * k + tb);
+            for (jj, cj) in corr.iter_mut().enumerate() {
+                let j = j0 + jj;
+                let mut t = 0f32;
+                for u in 0..tl {
+                    let byte = *wt.add(j * tl + u);
+                    t = f32::mul_add((byte & 15) as f32, *xt.add(2 * u), t);
+                    t = f32::mul_add((byte >> 4) as f32, *xt.add(2 * u + 1), t);
+                }
+                let sg = *sbase.add(g * qt + j);
+                let zg = *zbase.add(g * qt + j);
+                *cj = f32::mul_add(sg, zg * gsum - t, *cj);
+            }
+        }
+    }
+
+    /// Outputs n.. of activation row `ir` that fall in n0..n1: `sums - corr` plus the
+    /// residual.
+    ///
+    /// # Safety
+    /// The call's output (and residual) rows hold row `ir`.
+    #[inline]
+    unsafe fn store_part(&self, ir: usize, n: usize, sums: &[f32], corr: &[f32]) {
+        for (jj, (&sm, &cr)) in sums.iter().zip(corr).enumerate() {
+            let nn = n + jj;
+            if nn < self.n0 || nn >= self.n1 {
+                continue;
+            }
+            let mut v = sm - cr;
+            // SAFETY: the caller's contract
+            unsafe {
+                if !self.r.is_null() {
+                    v += *self.r.add(ir * self.ldr + nn);
+                }
+                *self.y.add(ir * self.ldy + nn) = v;
+            }
+        }
+    }
+}
+
 /// The int8 GEMM and head micro-kernels, one module per instruction set: they differ only in
 /// how 32 columns of int8 products are summed into eight i32 lanes (`dot8`, `dot4`), and those
 /// sums are exact integers either way, so every variant gives the same bits.
@@ -428,7 +569,7 @@ macro_rules! int8_kernels {
         #[allow(clippy::needless_range_loop)]
         pub(super) mod $m {
             use crate::kernels::QTILE;
-            use crate::native::{NativeShape, QGemmArgs};
+            use crate::native::{Call, NativeShape, QGemmArgs};
             use std::arch::x86_64::*;
             use wkvc_ir::kernel::args::LogitsArgs;
 
@@ -445,76 +586,16 @@ macro_rules! int8_kernels {
                 }
             }
 
-            /// Geometry and pointers of one call.
-            struct Call {
-                k: usize,
-                gl: usize,
-                ng: usize,
-                nb: usize,
-                xq: *const i8,
-                dx: *const f32,
-                gs: *const f32,
-                x: *const f32,
-                w: *const u8,
-                s: *const f32,
-                z: *const f32,
-                y: *mut f32,
-                ldy: usize,
-                r: *const f32,
-                ldr: usize,
-                n0: usize,
-                n1: usize,
-            }
-
             #[target_feature(enable = $feat)]
             unsafe fn run(k: usize, gl: usize, a: &QGemmArgs) {
-                let c = Call {
-                    k,
-                    gl,
-                    ng: k.div_ceil(gl),
-                    nb: (k / gl) * (gl / 32) + (k % gl) / 32,
-                    xq: a.xp as *const i8,
-                    dx: a.dx as *const f32,
-                    gs: a.gsum as *const f32,
-                    x: a.x as *const f32,
-                    w: a.w as *const u8,
-                    s: a.s as *const f32,
-                    z: a.z as *const f32,
-                    y: a.y as *mut f32,
-                    ldy: a.ldy as usize,
-                    r: a.r as *const f32,
-                    ldr: a.ldr as usize,
-                    n0: a.n0 as usize,
-                    n1: a.n1 as usize,
-                };
-                let m = a.m as usize;
-                if c.n0 >= c.n1 || m == 0 {
-                    return;
-                }
-                // weight rows in blocks of about 16 KiB (they stay in L1 while the activation rows
-                // stream past), in quads of rows aligned within their tile
-                let blk = (16384 / (k / 2).max(1))
-                    .clamp(QTILE, 64)
-                    .next_multiple_of(QTILE);
-                let mut nb0 = c.n0 & !(QTILE - 1);
-                while nb0 < c.n1 {
-                    let nb1 = (nb0 + blk).min(c.n1);
-                    let mut i = 0;
-                    while i + 4 <= m {
-                        // SAFETY: rows i..i+4 < m; quads within the padded tiles.
-                        unsafe { quads::<4>(&c, i, nb0, nb1) };
-                        i += 4;
-                    }
-                    // SAFETY: as above, for the remaining rows
-                    unsafe {
-                        match m - i {
-                            3 => quads::<3>(&c, i, nb0, nb1),
-                            2 => quads::<2>(&c, i, nb0, nb1),
-                            1 => quads::<1>(&c, i, nb0, nb1),
-                            _ => {}
-                        }
-                    }
-                    nb0 = nb1.next_multiple_of(QTILE);
+                let c = Call::new(k, gl, a);
+                // SAFETY: this module's routines on a host with its instructions (the
+                // caller's contract) over the call's buffers
+                unsafe {
+                    c.sweep(
+                        a.m as usize,
+                        [quads::<1>, quads::<2>, quads::<3>, quads::<4>],
+                    )
                 }
             }
 
@@ -644,7 +725,6 @@ macro_rules! int8_kernels {
                         // zero points and the tail columns past the last full block, in f32:
                         // corr = fma(s, z gsum - t, corr) per output; without a tail (t = 0) the same
                         // operations over the 2P rows at once (their params are side by side)
-                        let tb = c0 + full * 32;
                         let tl = (len % 32) / 2;
                         if tl == 0 && 2 * P == 8 {
                             let sv = _mm256_loadu_ps(sbase.add(g * qt + j0));
@@ -665,22 +745,8 @@ macro_rules! int8_kernels {
                                 _mm_storeu_ps(corr[r].as_mut_ptr(), cv);
                             }
                         } else {
-                            let wt = tbase.add(tb * qt / 2);
                             for r in 0..R {
-                                let gsum = *c.gs.add((i + r) * ng + g);
-                                let xt = c.x.add((i + r) * k + tb);
-                                for jj in 0..2 * P {
-                                    let j = j0 + jj;
-                                    let mut t = 0f32;
-                                    for u in 0..tl {
-                                        let byte = *wt.add(j * tl + u);
-                                        t = f32::mul_add((byte & 15) as f32, *xt.add(2 * u), t);
-                                        t = f32::mul_add((byte >> 4) as f32, *xt.add(2 * u + 1), t);
-                                    }
-                                    let sg = *sbase.add(g * qt + j);
-                                    let zg = *zbase.add(g * qt + j);
-                                    corr[r][jj] = f32::mul_add(sg, zg * gsum - t, corr[r][jj]);
-                                }
+                                c.tail_corr(tile, i + r, g, j0, &mut corr[r][..2 * P]);
                             }
                         }
                     }
@@ -717,17 +783,7 @@ macro_rules! int8_kernels {
                                 _mm_storeu_ps(c.y.add(ir * c.ldy + n + 4 * q), v);
                             }
                         } else {
-                            for jj in 0..2 * P {
-                                let nn = n + jj;
-                                if nn < c.n0 || nn >= c.n1 {
-                                    continue;
-                                }
-                                let mut v = sums[jj] - corr[r][jj];
-                                if !c.r.is_null() {
-                                    v += *c.r.add(ir * c.ldr + nn);
-                                }
-                                *c.y.add(ir * c.ldy + nn) = v;
-                            }
+                            c.store_part(ir, n, &sums[..2 * P], &corr[r][..2 * P]);
                         }
                     }
                 }
@@ -1390,7 +1446,7 @@ mod avx2 {
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use crate::kernels::QTILE;
-    use crate::native::{NativeFn, NativeShape, QGemmArgs};
+    use crate::native::{Call, NativeFn, NativeShape, QGemmArgs};
     use std::arch::x86_64::*;
     use wkvc_ir::kernel::args::LogitsArgs;
 
@@ -1412,27 +1468,6 @@ mod avx512 {
         }
     }
 
-    /// Geometry and pointers of one call.
-    struct Call {
-        k: usize,
-        gl: usize,
-        ng: usize,
-        nb: usize,
-        xq: *const i8,
-        dx: *const f32,
-        gs: *const f32,
-        x: *const f32,
-        w: *const u8,
-        s: *const f32,
-        z: *const f32,
-        y: *mut f32,
-        ldy: usize,
-        r: *const f32,
-        ldr: usize,
-        n0: usize,
-        n1: usize,
-    }
-
     /// How far ahead (bytes) the tiles are prefetched: by one activation row streaming
     /// through them, and by the first rows of a weight block (about a block).
     const STREAM_AHEAD: usize = 12 << 10;
@@ -1440,52 +1475,14 @@ mod avx512 {
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
     unsafe fn run(k: usize, gl: usize, a: &QGemmArgs) {
-        let c = Call {
-            k,
-            gl,
-            ng: k.div_ceil(gl),
-            nb: (k / gl) * (gl / 32) + (k % gl) / 32,
-            xq: a.xp as *const i8,
-            dx: a.dx as *const f32,
-            gs: a.gsum as *const f32,
-            x: a.x as *const f32,
-            w: a.w as *const u8,
-            s: a.s as *const f32,
-            z: a.z as *const f32,
-            y: a.y as *mut f32,
-            ldy: a.ldy as usize,
-            r: a.r as *const f32,
-            ldr: a.ldr as usize,
-            n0: a.n0 as usize,
-            n1: a.n1 as usize,
-        };
-        let m = a.m as usize;
-        if c.n0 >= c.n1 || m == 0 {
-            return;
-        }
-        // weight rows in blocks of about 16 KiB (in L1 while the activation rows pass)
-        let blk = (16384 / (k / 2).max(1))
-            .clamp(QTILE, 64)
-            .next_multiple_of(QTILE);
-        let mut nb0 = c.n0 & !(QTILE - 1);
-        while nb0 < c.n1 {
-            let nb1 = (nb0 + blk).min(c.n1);
-            let mut i = 0;
-            while i + 4 <= m {
-                // SAFETY: rows i..i+4 < m; whole tiles within the padded weights.
-                unsafe { tiles::<4>(&c, i, nb0, nb1) };
-                i += 4;
-            }
-            // SAFETY: as above, for the remaining rows
-            unsafe {
-                match m - i {
-                    3 => tiles::<3>(&c, i, nb0, nb1),
-                    2 => tiles::<2>(&c, i, nb0, nb1),
-                    1 => tiles::<1>(&c, i, nb0, nb1),
-                    _ => {}
-                }
-            }
-            nb0 = nb1.next_multiple_of(QTILE);
+        let c = Call::new(k, gl, a);
+        // SAFETY: this module's routines on a host with its instructions (the caller's
+        // contract) over the call's buffers
+        unsafe {
+            c.sweep(
+                a.m as usize,
+                [tiles::<1>, tiles::<2>, tiles::<3>, tiles::<4>],
+            )
         }
     }
 
@@ -1574,7 +1571,6 @@ mod avx512 {
                 }
                 // zero points and the tail columns past the last full block, in f32 (as
                 // the 256-bit kernels: corr = fma(s, z gsum - t, corr) per output)
-                let tb = c0 + full * 32;
                 let tl = (len % 32) / 2;
                 if tl == 0 {
                     let sv = _mm256_loadu_ps(sbase.add(g * qt));
@@ -1586,21 +1582,8 @@ mod avx512 {
                         _mm256_storeu_ps(corr[r].as_mut_ptr(), cv);
                     }
                 } else {
-                    let wt = tbase.add(tb * qt / 2);
                     for r in 0..R {
-                        let gsum = *c.gs.add((i + r) * ng + g);
-                        let xt = c.x.add((i + r) * k + tb);
-                        for j in 0..qt {
-                            let mut t = 0f32;
-                            for u in 0..tl {
-                                let byte = *wt.add(j * tl + u);
-                                t = f32::mul_add((byte & 15) as f32, *xt.add(2 * u), t);
-                                t = f32::mul_add((byte >> 4) as f32, *xt.add(2 * u + 1), t);
-                            }
-                            let sg = *sbase.add(g * qt + j);
-                            let zg = *zbase.add(g * qt + j);
-                            corr[r][j] = f32::mul_add(sg, zg * gsum - t, corr[r][j]);
-                        }
+                        c.tail_corr(n, i + r, g, 0, &mut corr[r]);
                     }
                 }
             }
@@ -1627,17 +1610,7 @@ mod avx512 {
                     }
                     _mm256_storeu_ps(c.y.add(ir * c.ldy + n), v);
                 } else {
-                    for j in 0..qt {
-                        let nn = n + j;
-                        if nn < c.n0 || nn >= c.n1 {
-                            continue;
-                        }
-                        let mut v = sums[j] - corr[r][j];
-                        if !c.r.is_null() {
-                            v += *c.r.add(ir * c.ldr + nn);
-                        }
-                        *c.y.add(ir * c.ldy + nn) = v;
-                    }
+                    c.store_part(ir, n, &sums, &corr[r]);
                 }
             }
         }
