@@ -1,8 +1,8 @@
 //! `wkvc`: the command-line tool (its modules are the `wkvc` library, `src/lib.rs`).
 
 use clap::Parser;
-use wkvc::args::{Cli, Cmd};
-use wkvc::{cmd, serve};
+use wkvc_cli::args::{Cli, Cmd};
+use wkvc_cli::{cmd, serve};
 
 fn main() {
     let cli = Cli::parse();

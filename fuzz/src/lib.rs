@@ -224,7 +224,7 @@ pub fn request(data: &[u8]) {
     let Some((&which, body)) = data.split_first() else {
         return;
     };
-    use wkvc::serve::request as r;
+    use wkvc_cli::serve::request as r;
     let tok = request_tokenizer();
     let vocab = tok.vocab_size();
     match which % 4 {

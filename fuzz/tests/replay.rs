@@ -91,7 +91,7 @@ fn seeds_are_valid_inputs() {
     for p in inputs(&root.join("request")) {
         let data = std::fs::read(&p).expect("read");
         let body = &data[1..];
-        use wkvc::serve::request as r;
+        use wkvc_cli::serve::request as r;
         let ok = match data[0] % 4 {
             0 => r::chat(body, tok, wkvc_fuzz::REQUEST_CTX).is_ok(),
             1 => r::completion(body, tok, wkvc_fuzz::REQUEST_CTX).is_ok(),
