@@ -371,14 +371,58 @@ fn gguf_to_hf_name(n: &str) -> Option<String> {
     })
 }
 
+/// Import a GGUF file. Its tensors stay in the file, in their own dtype (memory-mapped):
+/// each is read as f32 when a pass or an engine needs it (f32 tensors in place, f16/bf16
+/// widened, quantized blocks dequantized), so importing costs no memory for weights.
 pub fn import_gguf(path: &Path) -> Result<Imported, Error> {
     let map = map_file(path)?;
-    import_gguf_bytes(path, &map)
+    import_gguf_from(path, &map, Some(&map))
 }
 
 /// Import a GGUF file held in memory (`path` names it in errors). The weights are
 /// dequantized to f32 copies: nothing borrows `map` after the call.
 pub fn import_gguf_bytes(path: &Path, map: &[u8]) -> Result<Imported, Error> {
+    import_gguf_from(path, map, None)
+}
+
+/// The first non-finite element of a GGUF tensor's data, read in parallel slices; a mapped
+/// tensor's pages are released afterwards (checking a 15 GiB file costs one tensor's pages).
+fn first_non_finite(t: gguf::GgmlType, data: &[u8], map: Option<&Arc<Mmap>>) -> Option<usize> {
+    use rayon::prelude::*;
+    let (be, bb) = t.block();
+    let per = (1 << 20) / bb.max(1); // blocks per slice
+    let bad = data
+        .par_chunks(per * bb)
+        .enumerate()
+        .find_map_first(|(i, chunk)| {
+            let bad = match t {
+                // IEEE half: exponent all ones is inf or NaN
+                gguf::GgmlType::F16 => chunk
+                    .chunks_exact(2)
+                    .position(|b| u16::from_le_bytes([b[0], b[1]]) & 0x7C00 == 0x7C00),
+                gguf::GgmlType::BF16 => chunk
+                    .chunks_exact(2)
+                    .position(|b| u16::from_le_bytes([b[0], b[1]]) & 0x7F80 == 0x7F80),
+                _ => gguf::dequantize(t, chunk)
+                    .iter()
+                    .position(|x| !x.is_finite()),
+            };
+            bad.map(|p| i * per * be + p)
+        });
+    // the whole range at once: slices released one by one would be mapped again by their
+    // neighbours' fault-around
+    if let Some(m) = map {
+        let start = data.as_ptr() as usize - m.as_ptr() as usize;
+        crate::weights::release_mapped(m, start, data.len());
+    }
+    bad
+}
+
+fn import_gguf_from(
+    path: &Path,
+    map: &[u8],
+    mapped: Option<&Arc<Mmap>>,
+) -> Result<Imported, Error> {
     let g = gguf::parse(map).map_err(|e| fmt_err(path, e))?;
     let arch = meta(&g, "general.architecture")
         .and_then(MetaValue::as_str)
@@ -470,9 +514,8 @@ pub fn import_gguf_bytes(path: &Path, map: &[u8]) -> Result<Imported, Error> {
             continue;
         };
         let data = &map[t.offset..t.offset + t.nbytes];
-        let mut v = gguf::dequantize(t.ggml_type, data);
         let shape = t.shape();
-        if let Some(bad) = v.iter().position(|x| !x.is_finite()) {
+        if let Some(bad) = first_non_finite(t.ggml_type, data, mapped) {
             return Err(fmt_err(
                 path,
                 format!(
@@ -483,10 +526,10 @@ pub fn import_gguf_bytes(path: &Path, map: &[u8]) -> Result<Imported, Error> {
         }
         let is_q = t.name.ends_with("attn_q.weight") || t.name.ends_with("attn_q.bias");
         let is_k = t.name.ends_with("attn_k.weight") || t.name.ends_with("attn_k.bias");
+        let mut unpermute = None;
         if is_q || is_k {
             let h = if is_q { heads } else { kv_heads };
             let rows = shape[0];
-            let cols = if shape.len() > 1 { shape[1] } else { 1 };
             if rows % h != 0 || (rows / h) % 2 != 0 {
                 return Err(fmt_err(
                     path,
@@ -496,9 +539,29 @@ pub fn import_gguf_bytes(path: &Path, map: &[u8]) -> Result<Imported, Error> {
                     ),
                 ));
             }
-            v = unpermute_rows(&v, rows, cols, h);
+            unpermute = Some(h);
         }
-        weights.insert(name, Weight::from_f32(shape, v));
+        let w = match (mapped, t.ggml_type, unpermute) {
+            (Some(m), gguf::GgmlType::F32, None) => {
+                crate::weights::mapped_weight(shape, m.clone(), t.offset, DType::F32)
+            }
+            (Some(m), gguf::GgmlType::F16, None) => {
+                Weight::mapped(shape, m.clone(), t.offset, DType::F16, DType::F32)
+            }
+            (Some(m), gguf::GgmlType::BF16, None) => {
+                Weight::mapped(shape, m.clone(), t.offset, DType::BF16, DType::F32)
+            }
+            (Some(m), ty, _) => Weight::gguf(shape, m.clone(), t.offset, t.nbytes, ty, unpermute),
+            (None, ty, _) => {
+                let mut v = gguf::dequantize(ty, data);
+                if let Some(h) = unpermute {
+                    let cols = if shape.len() > 1 { shape[1] } else { 1 };
+                    v = unpermute_rows(&v, shape[0], cols, h);
+                }
+                Weight::from_f32(shape, v)
+            }
+        };
+        weights.insert(name, w);
     }
     let tokenizer = match tokens {
         Some(_) => Some(gguf_tokenizer(&g).map_err(|e| fmt_err(path, e))?),

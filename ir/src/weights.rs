@@ -19,6 +19,15 @@ enum Data {
         map: Arc<Mmap>,
         offset: usize,
     },
+    /// GGUF blocks of `ggml` type (`nbytes` at `offset` of a mapped file), dequantized to f32
+    /// on every read; `unpermute`: llama.cpp's q/k row order undone for that many heads.
+    Gguf {
+        map: Arc<Mmap>,
+        offset: usize,
+        nbytes: usize,
+        ggml: crate::gguf::GgmlType,
+        unpermute: Option<usize>,
+    },
 }
 
 /// One parameter tensor.
@@ -82,6 +91,35 @@ impl Weight {
         }
     }
 
+    /// A GGUF tensor left in its file: `nbytes` of `ggml` blocks at `offset` (the caller has
+    /// checked the range and that the blocks hold `shape`'s elements), read as f32 on demand.
+    pub(crate) fn gguf(
+        shape: Vec<usize>,
+        map: Arc<Mmap>,
+        offset: usize,
+        nbytes: usize,
+        ggml: crate::gguf::GgmlType,
+        unpermute: Option<usize>,
+    ) -> Weight {
+        Weight {
+            shape,
+            dtype: DType::F32,
+            stored: DType::F32,
+            data: Data::Gguf {
+                map,
+                offset,
+                nbytes,
+                ggml,
+                unpermute,
+            },
+        }
+    }
+
+    /// Is this weight read from a file on demand (its values not held in memory)?
+    pub fn is_mapped(&self) -> bool {
+        matches!(self.data, Data::Mapped { .. } | Data::Gguf { .. })
+    }
+
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
     }
@@ -107,14 +145,53 @@ impl Weight {
         storage_bytes(self.stored, &self.shape)
     }
 
-    /// The stored bytes (f32 weights as little-endian bytes).
+    /// The bytes of the values in the graph's dtype, little-endian: borrowed where stored so,
+    /// converted otherwise (checkpoint f16/bf16 and GGUF blocks seen as f32 become f32 bytes).
     pub fn bytes(&self) -> Cow<'_, [u8]> {
+        let f32_bytes = |v: &[f32]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
         match &self.data {
-            Data::F32(v) => Cow::Owned(v.iter().flat_map(|x| x.to_le_bytes()).collect()),
+            Data::F32(v) => Cow::Owned(f32_bytes(v)),
             Data::Bytes(b) => Cow::Borrowed(&b[..]),
-            Data::Mapped { map, offset } => {
+            Data::Mapped { map, offset } if self.stored == self.dtype => {
                 Cow::Borrowed(&map[*offset..*offset + self.storage_bytes()])
             }
+            Data::Mapped { .. } | Data::Gguf { .. } => Cow::Owned(f32_bytes(&self.f32())),
+        }
+    }
+
+    /// The bytes `bytes()` gives, handed to `f` in order in slices of at most about 4 MiB:
+    /// converted ones through one reused buffer, so a tensor's bytes are never all in memory
+    /// twice (a 1.6 GB f32 embedding made from f16 costs 4 MiB, not 1.6 GB).
+    pub fn visit_bytes<E>(&self, f: &mut dyn FnMut(&[u8]) -> Result<(), E>) -> Result<(), E> {
+        const CHUNK: usize = 1 << 20; // elements
+        let mut buf: Vec<u8> = Vec::new();
+        let emit = |vals: &mut dyn Iterator<Item = f32>, buf: &mut Vec<u8>| {
+            buf.clear();
+            buf.extend(vals.flat_map(|x| x.to_le_bytes()));
+        };
+        match &self.data {
+            Data::Mapped { map, offset } if self.stored != self.dtype => {
+                let raw = &map[*offset..*offset + self.storage_bytes()];
+                let conv: fn(&[u8]) -> f32 = match self.stored {
+                    DType::F16 => |c| f16::from_le_bytes([c[0], c[1]]).to_f32(),
+                    DType::BF16 => |c| bf16::from_le_bytes([c[0], c[1]]).to_f32(),
+                    _ => return f(&self.bytes()),
+                };
+                for part in raw.chunks(2 * CHUNK) {
+                    emit(&mut part.chunks_exact(2).map(conv), &mut buf);
+                    f(&buf)?;
+                }
+                Ok(())
+            }
+            Data::F32(_) | Data::Gguf { .. } => {
+                let v = self.f32();
+                for part in v.chunks(CHUNK) {
+                    emit(&mut part.iter().copied(), &mut buf);
+                    f(&buf)?;
+                }
+                Ok(())
+            }
+            _ => f(&self.bytes()),
         }
     }
 
@@ -133,6 +210,20 @@ impl Weight {
     /// `release_pages` for the pages that hold the bytes `start..start + len` of this weight
     /// (a neighbour's bytes on a shared page are simply read again when used).
     pub fn release_range(&self, start: usize, len: usize) {
+        if let Data::Gguf {
+            map,
+            offset,
+            nbytes,
+            ..
+        } = &self.data
+        {
+            // `start`/`len` count f32 bytes: scaled to the blocks' bytes (whole pages either way)
+            let f = (*nbytes as f64) / (self.storage_bytes().max(1) as f64);
+            let a = ((start as f64) * f) as usize;
+            let l = ((len as f64) * f).ceil() as usize + 1;
+            release_mapped(map, offset + a.min(*nbytes), l.min(nbytes - a.min(*nbytes)));
+            return;
+        }
         if let Data::Mapped { map, offset } = &self.data {
             let page = 4096;
             let a = (offset + start) / page * page;
@@ -153,8 +244,19 @@ impl Weight {
     /// Tell the OS this weight is read in scattered rows (no read-ahead around a touched
     /// page): an embedding table of which a prompt uses a few rows.
     pub fn advise_random(&self) {
-        if let Data::Mapped { map, offset } = &self.data {
-            let _ = map.advise_range(memmap2::Advice::Random, *offset, self.storage_bytes());
+        match &self.data {
+            Data::Mapped { map, offset } => {
+                let _ = map.advise_range(memmap2::Advice::Random, *offset, self.storage_bytes());
+            }
+            Data::Gguf {
+                map,
+                offset,
+                nbytes,
+                ..
+            } => {
+                let _ = map.advise_range(memmap2::Advice::Random, *offset, *nbytes);
+            }
+            _ => {}
         }
     }
 
@@ -164,10 +266,28 @@ impl Weight {
         if let Data::F32(v) = &self.data {
             return Cow::Borrowed(&v[..]);
         }
+        if let Data::Gguf {
+            map,
+            offset,
+            nbytes,
+            ggml,
+            unpermute,
+        } = &self.data
+        {
+            let v = crate::gguf::dequantize(*ggml, &map[*offset..*offset + *nbytes]);
+            return Cow::Owned(match unpermute {
+                Some(h) => {
+                    let rows = self.shape[0];
+                    let cols = self.shape.get(1).copied().unwrap_or(1);
+                    crate::import::unpermute_rows(&v, rows, cols, *h)
+                }
+                None => v,
+            });
+        }
         let bytes: &[u8] = match &self.data {
             Data::Bytes(b) => b,
             Data::Mapped { map, offset } => &map[*offset..*offset + self.storage_bytes()],
-            Data::F32(_) => &[],
+            Data::F32(_) | Data::Gguf { .. } => &[],
         };
         match self.stored {
             DType::F32 => {
@@ -231,10 +351,92 @@ pub fn storage_bytes(dtype: DType, shape: &[usize]) -> usize {
     }
 }
 
+/// A file that tensors made by passes (packed codes, scales) are written to as they are
+/// produced, each read back through its own memory map: compiling a model bigger than
+/// memory keeps its output on disk until the plan is written. The file is removed from its
+/// folder as soon as it is created (it lives while mapped or open, and nothing is left
+/// behind however the process ends).
+#[derive(Debug)]
+pub struct Spill {
+    file: std::fs::File,
+    len: u64,
+}
+
+static SPILL_SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+impl Spill {
+    /// A new spill file in `dir`.
+    pub fn create(dir: &std::path::Path) -> std::io::Result<Spill> {
+        let path = dir.join(format!(
+            ".wkvc-spill-{}-{}",
+            std::process::id(),
+            SPILL_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)?;
+        // (a compile cleaning the folder may have removed it already: it only needs a name
+        // until it is open)
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        Ok(Spill { file, len: 0 })
+    }
+
+    /// Bytes written so far.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Write `w`'s bytes (page-aligned, in slices: a converted tensor is never whole in
+    /// memory) and return the same weight read from the file.
+    pub fn store(&mut self, w: &Weight) -> std::io::Result<Weight> {
+        use std::os::unix::fs::FileExt;
+        let offset = self.len.next_multiple_of(4096);
+        let mut at = offset;
+        let file = &self.file;
+        w.visit_bytes(&mut |b| {
+            file.write_all_at(b, at)?;
+            at += b.len() as u64;
+            Ok::<(), std::io::Error>(())
+        })?;
+        let len = (at - offset) as usize;
+        if len == 0 {
+            return Ok(w.clone());
+        }
+        self.len = at;
+        w.release_pages();
+        // SAFETY: the file is private to this process (unlinked at creation) and this region
+        // is never written again.
+        let map = unsafe {
+            memmap2::MmapOptions::new()
+                .offset(offset)
+                .len(len)
+                .map(&self.file)
+        }?;
+        Ok(Weight::mapped(
+            w.shape.clone(),
+            Arc::new(map),
+            0,
+            w.dtype,
+            w.dtype,
+        ))
+    }
+}
+
 /// The parameters of a module, by name.
 #[derive(Clone, Debug, Default)]
 pub struct WeightStore {
     map: BTreeMap<String, Weight>,
+    /// Where `insert_made` puts new tensors (shared by clones of the store).
+    spill: Option<Arc<std::sync::Mutex<Spill>>>,
 }
 
 impl WeightStore {
@@ -244,6 +446,57 @@ impl WeightStore {
 
     pub fn insert(&mut self, name: impl Into<String>, w: Weight) {
         self.map.insert(name.into(), w);
+    }
+
+    /// Send the tensors passes make from now on (`insert_made`) to `spill` instead of memory.
+    pub fn spill_to(&mut self, spill: Spill) {
+        self.spill = Some(Arc::new(std::sync::Mutex::new(spill)));
+    }
+
+    /// Bytes spilled to disk so far.
+    pub fn spilled_bytes(&self) -> u64 {
+        self.spill
+            .as_ref()
+            .and_then(|s| s.lock().ok().map(|s| s.len()))
+            .unwrap_or(0)
+    }
+
+    /// Insert a tensor a pass made: written to the spill file when the store has one
+    /// (`spill_to`), held in memory otherwise.
+    pub fn insert_made(&mut self, name: impl Into<String>, w: Weight) -> std::io::Result<()> {
+        let w = match &self.spill {
+            Some(s) => s
+                .lock()
+                .map_err(|_| std::io::Error::other("spill file lock poisoned"))?
+                .store(&w)?,
+            None => w,
+        };
+        self.map.insert(name.into(), w);
+        Ok(())
+    }
+
+    /// With a spill file (`spill_to`): write every weight that is read by conversion
+    /// (checkpoint f16/bf16, GGUF blocks: seen as f32) to it as f32, so that engines and the
+    /// plan writer read them in place. Returns the bytes written.
+    pub fn spill_converted(&mut self) -> std::io::Result<u64> {
+        let Some(s) = self.spill.clone() else {
+            return Ok(0);
+        };
+        let mut sp = s
+            .lock()
+            .map_err(|_| std::io::Error::other("spill file lock poisoned"))?;
+        let before = sp.len();
+        for w in self.map.values_mut() {
+            let converted = match &w.data {
+                Data::Gguf { .. } => true,
+                Data::Mapped { .. } => w.stored != w.dtype,
+                _ => false,
+            };
+            if converted {
+                *w = sp.store(w)?;
+            }
+        }
+        Ok(sp.len() - before)
     }
 
     pub fn get(&self, name: &str) -> Option<&Weight> {
@@ -309,4 +562,21 @@ pub fn release_mapped(map: &Mmap, start: usize, len: usize) {
 /// has checked that the byte range is in bounds).
 pub fn mapped_weight(shape: Vec<usize>, map: Arc<Mmap>, offset: usize, stored: DType) -> Weight {
     Weight::mapped(shape, map, offset, stored, stored)
+}
+
+/// Hand memory the allocator holds free back to the OS. glibc keeps freed blocks below its
+/// (self-raising, up to 32 MiB) mmap threshold in its heaps: after an engine or a block's f32
+/// weights are dropped, gigabytes can stay in the process's RSS, and the next phase of a
+/// compile then adds its own on top. Called between such phases; a no-op elsewhere.
+pub fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        unsafe extern "C" {
+            fn malloc_trim(pad: usize) -> i32;
+        }
+        // SAFETY: malloc_trim only returns free memory to the OS; any thread may call it.
+        unsafe {
+            malloc_trim(0);
+        }
+    }
 }

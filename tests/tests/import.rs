@@ -415,3 +415,46 @@ fn random_model_generator_writes_the_asked_shapes() {
     assert!(!bad.exists() && !bad.with_extension("gguf.tmp").exists());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A GGUF file's tensors stay in the file (mapped, in their dtype) and are read as f32 on
+/// demand; that must give exactly what reading the whole file into memory gives (Q8_0 and
+/// F32 blocks, q/k rows un-permuted, unaligned f32 read by copy).
+#[test]
+fn mapped_gguf_weights_equal_the_in_memory_import() {
+    let cfg = tiny_config("llama");
+    let w = tiny_weights(&cfg, 5);
+    let dir = temp_dir("gguf-mapped");
+    for q8 in [false, true] {
+        let path = dir.join(format!("m{q8}.gguf"));
+        write_gguf(&path, &cfg, &w, q8);
+        let mapped = import(&path).expect("mapped import");
+        let bytes = std::fs::read(&path).expect("read");
+        let owned = wkvc_ir::import::import_gguf_bytes(&path, &bytes).expect("in-memory import");
+        assert_eq!(mapped.module.weights.len(), owned.module.weights.len());
+        for (name, a) in owned.module.weights.iter() {
+            let b = mapped.module.weights.get(name).expect("same names");
+            assert!(b.is_mapped(), "{name} is read from the file");
+            assert_eq!(a.shape, b.shape, "{name}");
+            assert_eq!(a.dtype(), b.dtype(), "{name}");
+            assert!(
+                a.f32()[..] == b.f32()[..],
+                "{name}: values differ (q8 {q8})"
+            );
+            assert!(
+                a.bytes()[..] == b.bytes()[..],
+                "{name}: bytes differ (q8 {q8})"
+            );
+            let mut streamed = Vec::new();
+            b.visit_bytes(&mut |c| {
+                streamed.extend_from_slice(c);
+                Ok::<(), ()>(())
+            })
+            .expect("visit");
+            assert!(
+                streamed[..] == a.bytes()[..],
+                "{name}: visited bytes differ"
+            );
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
