@@ -289,6 +289,23 @@ pub struct CompileArgs {
     /// (also every kernel's CUDA C and its PTX for compute_80, made with NVRTC).
     #[arg(long, value_enum, value_delimiter = ',', default_value = "cpu")]
     pub target: Vec<Target>,
+    /// The held-out check after compiling (KLD, top-1 agreement and perplexity against the FP
+    /// model, recorded in the plan): quick (128 tokens), full (one calibration window) or none.
+    #[arg(long, value_enum, default_value_t = QualityCheckArg::Quick)]
+    pub quality_check: QualityCheckArg,
+    /// Largest model (its weights in f32, MiB) run whole on the f32 interpreter to sample
+    /// calibration or held-out text; bigger ones sample from an RTN W4 copy on the CPU
+    /// engine (or, for held-out text only, from the compiled model).
+    #[arg(long, default_value_t = 2048)]
+    pub interp_limit_mib: usize,
+}
+
+/// `--quality-check`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum QualityCheckArg {
+    None,
+    Quick,
+    Full,
 }
 
 #[derive(clap::Args)]

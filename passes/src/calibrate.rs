@@ -117,6 +117,8 @@ pub struct CalibProgress {
     pub steps: usize,
     /// Mean loss of the epoch so far.
     pub loss: f64,
+    /// Set once, when block `layer` is finished: what it did.
+    pub done: Option<BlockReport>,
 }
 
 #[derive(Clone, Debug, Default, serde::Serialize)]
@@ -630,6 +632,7 @@ pub fn calibrate(
                         step: step + 1,
                         steps: order.len(),
                         loss: sum / (step + 1) as f64,
+                        done: None,
                     });
                 }
                 let mean = sum / order.len().max(1) as f64;
@@ -666,6 +669,16 @@ pub fn calibrate(
         };
         q_in = run_block(&qm, &q_in, tokens, threads)?;
         block.seconds = bt.elapsed().as_secs_f64();
+        progress(&CalibProgress {
+            layer: i,
+            layers: nl,
+            epoch: cfg.epochs.saturating_sub(1),
+            epochs: cfg.epochs,
+            step: 0,
+            steps: 0,
+            loss: block.last_loss,
+            done: Some(block.clone()),
+        });
         report.blocks.push(block);
     }
     report.seconds = t0.elapsed().as_secs_f64();

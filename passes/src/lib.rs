@@ -9,6 +9,7 @@ pub mod calibrate;
 pub mod lower;
 pub mod optim;
 pub mod quant;
+pub mod stream;
 
 use std::collections::{BTreeMap, HashSet};
 use std::time::Instant;

@@ -198,29 +198,33 @@ pub fn collect_kv_stats(
                 (0usize, format!("probe.k.{l}")),
                 (2, format!("probe.v.{l}")),
             ] {
-                let t = &out[&key];
-                let width = *t.shape.last().unwrap_or(&1);
-                let data = t.as_f32().unwrap_or(&[]);
-                let e = stats.layers.entry(*l).or_insert_with(|| {
-                    [
-                        vec![f32::INFINITY; width],
-                        vec![f32::NEG_INFINITY; width],
-                        vec![f32::INFINITY; width],
-                        vec![f32::NEG_INFINITY; width],
-                    ]
-                });
-                for row in data.chunks(width) {
-                    for (c, &x) in row.iter().enumerate() {
-                        e[slot][c] = e[slot][c].min(x);
-                        e[slot + 1][c] = e[slot + 1][c].max(x);
-                    }
-                }
+                record_range(&mut stats, *l, slot, &out[&key]);
             }
         }
         stats.tokens += n;
         progress(wi + 1, windows.len());
     }
     Ok(stats)
+}
+
+/// Widen layer `layer`'s ranges (`slot` 0: K, 2: V) by the rows of `t`.
+pub(crate) fn record_range(stats: &mut KvStats, layer: i64, slot: usize, t: &Tensor) {
+    let width = *t.shape.last().unwrap_or(&1);
+    let data = t.as_f32().unwrap_or(&[]);
+    let e = stats.layers.entry(layer).or_insert_with(|| {
+        [
+            vec![f32::INFINITY; width],
+            vec![f32::NEG_INFINITY; width],
+            vec![f32::INFINITY; width],
+            vec![f32::NEG_INFINITY; width],
+        ]
+    });
+    for row in data.chunks(width) {
+        for (c, &x) in row.iter().enumerate() {
+            e[slot][c] = e[slot][c].min(x);
+            e[slot + 1][c] = e[slot + 1][c].max(x);
+        }
+    }
 }
 
 /// Smoothing factors from channel ranges (WKVQUANT.md section 2): shift = (max+min)/2,
@@ -439,6 +443,10 @@ impl Pass for Pack {
                     .ok_or_else(|| fail("pack", format!("@{k} missing")))
             };
             let (w, g, b) = (get(&names[0])?, get(&names[1])?, get(&names[2])?);
+            // a weight read from its file: its pages are not needed once it is packed
+            if let Some(src) = m.weights.get(&names[0]) {
+                src.release_pages();
+            }
             let shape = m
                 .weights
                 .get(&names[0])
@@ -469,7 +477,9 @@ impl Pass for Pack {
                     name: name.clone(),
                     ty: wt.ty(),
                 });
-                m.weights.insert(name.clone(), wt);
+                m.weights
+                    .insert_made(name.clone(), wt)
+                    .map_err(|e| fail("pack", format!("cannot write @{name} to disk: {e}")))?;
             }
             let mut args = vec![
                 n.args[0].clone(),

@@ -5,12 +5,10 @@
 use crate::plan::{self, Manifest, QuantConfig};
 use crate::{CancelToken, Model, RuntimeError, Sampler, eval};
 use std::path::PathBuf;
-use wkvc_ir::{Module, RunMode};
+use wkvc_ir::Module;
 use wkvc_passes::calibrate::calibrate;
 pub use wkvc_passes::calibrate::{CalibConfig, CalibLoss};
-use wkvc_passes::quant::{
-    KvQuant, KvSmooth, KvStats, Pack, PastOnly, WeightQuant, collect_kv_stats,
-};
+use wkvc_passes::quant::{KvQuant, KvSmooth, KvStats, Pack, PastOnly, WeightQuant};
 use wkvc_passes::{Dce, PassManager, PassReport};
 
 /// How weights are quantized.
@@ -32,6 +30,41 @@ impl Method {
         }
     }
 }
+
+/// How much of the held-out quality check runs after compiling.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum QualityCheck {
+    /// no check (and no held-out text)
+    None,
+    /// 128 held-out tokens (at most one calibration window)
+    Quick,
+    /// one calibration window of held-out tokens
+    #[default]
+    Full,
+}
+
+impl QualityCheck {
+    pub fn name(self) -> &'static str {
+        match self {
+            QualityCheck::None => "none",
+            QualityCheck::Quick => "quick",
+            QualityCheck::Full => "full",
+        }
+    }
+
+    /// Held-out tokens for a calibration window of `window` tokens.
+    pub fn tokens(self, window: usize) -> usize {
+        match self {
+            QualityCheck::None => 0,
+            QualityCheck::Quick => window.min(128),
+            QualityCheck::Full => window,
+        }
+    }
+}
+
+/// The default of `CompileOptions::interp_limit`: models whose weights take more than this
+/// in f32 are not run whole on the f32 interpreter during a compile.
+pub const INTERP_F32_BUDGET: usize = 2 << 30;
 
 #[derive(Clone, Debug)]
 pub struct CompileOptions {
@@ -55,6 +88,16 @@ pub struct CompileOptions {
     pub seed: u64,
     /// Activation mode of the CPU back end's quantized GEMMs the plan selects.
     pub cpu_act: wkvc_ir::Act,
+    /// The held-out check after compiling (and so how much held-out text is needed).
+    pub quality_check: QualityCheck,
+    /// Bytes of f32 weights up to which the FP model is run whole on the interpreter to
+    /// sample data-free text; a larger model samples from an RTN W4 copy on the compiled
+    /// CPU engine, or (held-out text only) from the compiled model. (Statistics and the FP
+    /// reference of the quality check always run block by block.)
+    pub interp_limit: usize,
+    /// Where tensors the passes make (packed codes, scales) are written as they are made,
+    /// instead of memory (`WeightStore::spill_to`): the plan's folder in `wkvc compile`.
+    pub spill_dir: Option<PathBuf>,
     /// Scales and zeros in f32 (the reference definition; weights stay unpacked).
     pub f32_params: bool,
     /// Stops calibration when cancelled (`quantize` then fails with
@@ -80,6 +123,9 @@ impl Default for CompileOptions {
             // the int8 fast path: on the demo model its quality is within the noise of the
             // exact path (README, CPU back end)
             cpu_act: wkvc_ir::Act::Int8,
+            quality_check: QualityCheck::Full,
+            spill_dir: None,
+            interp_limit: INTERP_F32_BUDGET,
             f32_params: false,
             cancel: CancelToken::default(),
         }
@@ -156,7 +202,13 @@ pub struct CalibData {
     pub held_out: Vec<u32>,
     /// Was the held-out text sampled from the FP model (rather than taken from the file)?
     pub held_out_sampled: bool,
+    /// What sampled text comes from: "the FP model", or a quantized copy of a model too
+    /// large for the interpreter.
+    pub sampled_from: &'static str,
     pub source: String,
+    /// Held-out tokens still to sample, from the compiled model (`held_out` is empty): a
+    /// model too large for the interpreter with no sampler made for calibration text.
+    pub held_out_from_compiled: usize,
 }
 
 /// Sample `n` tokens from the FP model, starting from its BOS (or first) token (temperature 1,
@@ -167,9 +219,19 @@ pub fn sample_text(
     seed: u64,
     threads: usize,
 ) -> Result<Vec<u32>, RuntimeError> {
+    let engine = model.engine(threads)?;
+    sample_with(model, &engine, n, seed)
+}
+
+/// `sample_text` on a given engine (of `model` or of a quantized copy of it).
+fn sample_with(
+    model: &Model,
+    engine: &crate::Engine,
+    n: usize,
+    seed: u64,
+) -> Result<Vec<u32>, RuntimeError> {
     let tok = model.tokenizer()?;
     let start = tok.spec.bos_id.unwrap_or(0);
-    let engine = model.engine(threads)?;
     let mut s = engine.session(n + 1);
     let mut sampler = Sampler::new(1.0, 1.0, seed);
     let mut out = vec![start];
@@ -189,13 +251,98 @@ pub fn sample_text(
     Ok(out)
 }
 
-/// Calibration windows from `opts.calib`, or sampled from the FP model (data-free).
+/// Do the model's weights in f32 fit in `limit` bytes (`CompileOptions::interp_limit`)?
+pub fn fits_interpreter(model: &Model, limit: usize) -> bool {
+    model.module.weights.total_params().saturating_mul(4) <= limit
+}
+
+/// The engine data-free text is sampled from, made on first use: the FP model on the
+/// interpreter, or for a model too large for it, an RTN W4 (group 128) copy on the compiled
+/// CPU engine (int8 activations).
+struct TextSource<'a> {
+    model: &'a Model,
+    threads: usize,
+    spill_dir: Option<&'a std::path::Path>,
+    limit: usize,
+    engine: Option<crate::Engine>,
+}
+
+impl TextSource<'_> {
+    fn is_fp(&self) -> bool {
+        fits_interpreter(self.model, self.limit)
+    }
+
+    fn what(&self) -> &'static str {
+        if self.is_fp() {
+            "the FP model"
+        } else {
+            "an RTN W4 copy of the model (too large for the f32 interpreter)"
+        }
+    }
+
+    fn sample(
+        &mut self,
+        n: usize,
+        seed: u64,
+        progress: &mut dyn FnMut(&str),
+    ) -> Result<Vec<u32>, RuntimeError> {
+        if self.engine.is_none() {
+            self.engine = Some(if self.is_fp() {
+                self.model.engine(self.threads)?
+            } else {
+                progress("quantizing a W4 copy of the model to sample text from");
+                let mut m = self.model.module.clone();
+                if let Some(dir) = self.spill_dir {
+                    let spill = wkvc_ir::weights::Spill::create(dir).map_err(|e| {
+                        RuntimeError::Invalid(format!(
+                            "cannot create a temp file in {}: {e}",
+                            dir.display()
+                        ))
+                    })?;
+                    m.weights.spill_to(spill);
+                }
+                PassManager::new()
+                    .with(WeightQuant {
+                        bits: 4,
+                        group: 128,
+                        f32_params: false,
+                    })
+                    .with(Pack)
+                    .with(Dce {
+                        prune_weights: true,
+                    })
+                    .run(&mut m)?;
+                m.weights
+                    .spill_converted()
+                    .map_err(|e| RuntimeError::Invalid(format!("cannot write a temp file: {e}")))?;
+                self.model.with_module(m, None).engine_kind(
+                    self.threads,
+                    crate::EngineKind::Cpu {
+                        act: wkvc_ir::Act::Int8,
+                    },
+                )?
+            });
+        }
+        let e = self.engine.as_ref().ok_or(RuntimeError::Cancelled)?;
+        sample_with(self.model, e, n, seed)
+    }
+}
+
+/// Calibration windows from `opts.calib`, or sampled from the FP model (data-free; none when
+/// the options need no calibration), and held-out text for `opts.quality_check`.
 pub fn calibration_data(
     model: &Model,
     opts: &CompileOptions,
     progress: &mut dyn FnMut(&str),
 ) -> Result<CalibData, RuntimeError> {
     let w = opts.calib_window;
+    let mut src = TextSource {
+        model,
+        threads: opts.threads,
+        spill_dir: opts.spill_dir.as_deref(),
+        limit: opts.interp_limit,
+        engine: None,
+    };
     match &opts.calib {
         Some(path) => {
             let text = std::fs::read_to_string(path).map_err(|e| {
@@ -216,43 +363,79 @@ pub fn calibration_data(
             }
             let windows = (0..n).map(|i| ids[i * w..(i + 1) * w].to_vec()).collect();
             let rest = &ids[n * w..];
-            let held_out_sampled = rest.len() < w;
+            let held = opts.quality_check.tokens(w);
+            let held_out_sampled = held > 0 && rest.len() < held;
             let held_out = if held_out_sampled {
-                progress("sampling held-out text from the FP model");
-                sample_text(model, w, opts.seed ^ 0x5eed, opts.threads)?
+                progress(&format!("sampling held-out text from {}", src.what()));
+                src.sample(held, opts.seed ^ 0x5eed, progress)?
             } else {
-                rest[..w].to_vec()
+                rest[..held].to_vec()
             };
             Ok(CalibData {
                 windows,
                 held_out,
                 held_out_sampled,
+                sampled_from: src.what(),
                 source: format!("file {} ({} tokens)", path.display(), n * w),
+                held_out_from_compiled: 0,
             })
         }
         None => {
             let want = opts.calib_tokens.unwrap_or(512);
             let win = w.min(want.max(2));
-            let n = want.div_ceil(win).max(1);
+            let n = if opts.needs_calibration() {
+                want.div_ceil(win).max(1)
+            } else {
+                0
+            };
             let mut windows = Vec::new();
             for i in 0..n {
                 progress(&format!(
-                    "sampling calibration text from the FP model ({}/{n})",
+                    "sampling calibration text from {} ({}/{n})",
+                    src.what(),
                     i + 1
                 ));
-                windows.push(sample_text(model, win, opts.seed + i as u64, opts.threads)?);
+                windows.push(src.sample(win, opts.seed + i as u64, progress)?);
             }
-            progress("sampling held-out text from the FP model");
-            let held_out = sample_text(model, win, opts.seed ^ 0x5eed, opts.threads)?;
+            let held = opts.quality_check.tokens(win);
+            let mut held_out_from_compiled = 0;
+            let held_out = if held == 0 {
+                Vec::new()
+            } else if src.is_fp() || src.engine.is_some() {
+                progress(&format!("sampling held-out text from {}", src.what()));
+                src.sample(held, opts.seed ^ 0x5eed, progress)?
+            } else {
+                // no model to sample from yet: the compiled one will do (one engine, not two)
+                held_out_from_compiled = held;
+                Vec::new()
+            };
+            let sampled_from = if held_out_from_compiled > 0 {
+                "the compiled model (the FP model is too large for the f32 interpreter)"
+            } else {
+                src.what()
+            };
             Ok(CalibData {
                 windows,
                 held_out,
                 held_out_sampled: true,
-                source: format!(
-                    "sampled from the FP model (data-free, {} tokens, temperature 1, seed {})",
-                    n * win,
-                    opts.seed
-                ),
+                sampled_from,
+                held_out_from_compiled,
+                source: if n == 0 {
+                    "none".into()
+                } else if src.is_fp() {
+                    format!(
+                        "sampled from the FP model (data-free, {} tokens, temperature 1, seed {})",
+                        n * win,
+                        opts.seed
+                    )
+                } else {
+                    format!(
+                        "sampled from {} (data-free, {} tokens, temperature 1, seed {})",
+                        src.what(),
+                        n * win,
+                        opts.seed
+                    )
+                },
             })
         }
     }
@@ -282,7 +465,8 @@ pub struct Compiled {
 }
 
 /// Run the pass pipeline on a copy of the model's module: weight_quant, kv_smooth (with
-/// statistics from `calib`), kv_quant, past_only, pack, dce.
+/// statistics from `calib`), kv_quant, past_only, pack, dce. `progress` gets status lines;
+/// those starting with `note: ` are results worth keeping on screen (each calibrated block).
 pub fn quantize(
     model: &Model,
     opts: &CompileOptions,
@@ -291,11 +475,21 @@ pub fn quantize(
 ) -> Result<Compiled, RuntimeError> {
     opts.validate()?;
     let mut module = model.module.clone();
+    if let Some(dir) = &opts.spill_dir {
+        let spill = wkvc_ir::weights::Spill::create(dir).map_err(|e| {
+            RuntimeError::Invalid(format!(
+                "cannot create a temp file in {}: {e}",
+                dir.display()
+            ))
+        })?;
+        module.weights.spill_to(spill);
+    }
     let stats: Option<KvStats> = if opts.smoothing() {
         let c = calib
             .ok_or_else(|| RuntimeError::Invalid("KV smoothing needs calibration text".into()))?;
-        let mut p = |d: usize, t: usize| progress(&format!("smoothing statistics: window {d}/{t}"));
-        Some(collect_kv_stats(&module, &c.windows, opts.threads, &mut p)?)
+        let mut p = |d: usize, t: usize| progress(&format!("smoothing statistics: block {d}/{t}"));
+        let out = wkvc_passes::stream::run(&module, &c.windows, opts.threads, false, true, &mut p)?;
+        out.kv_stats
     } else {
         None
     };
@@ -326,7 +520,24 @@ pub fn quantize(
         cfg.threads = opts.threads;
         cfg.seed = opts.seed;
         let mut last = std::time::Instant::now();
+        let mut steps_done = 0usize;
         let mut show = |p: &wkvc_passes::calibrate::CalibProgress| {
+            if let Some(b) = &p.done {
+                let steps = cfg.epochs * p.steps.max(steps_done);
+                progress(&format!(
+                    "note: block {}/{}: {:.1}s ({:.2}s a step), loss {:.5} -> {:.5}, peak RSS \
+                     {:.0} MiB",
+                    p.layer + 1,
+                    p.layers,
+                    b.seconds,
+                    b.seconds / steps.max(1) as f64,
+                    b.first_loss,
+                    b.last_loss,
+                    crate::peak_rss_bytes().unwrap_or(0) as f64 / 1048576.0
+                ));
+                return;
+            }
+            steps_done = p.steps;
             if last.elapsed().as_millis() >= 200 || p.step == p.steps {
                 last = std::time::Instant::now();
                 progress(&format!(
@@ -398,6 +609,11 @@ pub fn quantize(
         prune_weights: true,
     });
     reports.extend(pm.run(&mut module)?);
+    // FP tensors the plan keeps (embeddings, norms) as the f32 it stores, in the spill file:
+    // read in place by the quality check's engine and the plan writer, not copied
+    module.weights.spill_converted().map_err(|e| {
+        RuntimeError::Invalid(format!("cannot write the FP tensors to a temp file: {e}"))
+    })?;
     let calib_tokens = calib.map_or(0, |c| c.windows.iter().map(Vec::len).sum());
     Ok(Compiled {
         module,
@@ -471,39 +687,135 @@ pub fn cuda_plan(q: &Model, ptx_arch: u32) -> Result<plan::CudaPlan, RuntimeErro
     })
 }
 
-/// Perplexity and KLD of the compiled model against the FP model on held-out tokens.
+/// Perplexity and KLD of the compiled model (on the interpreter) against the FP model on
+/// held-out tokens.
 pub fn measure_quality(
     fp: &Model,
     q: &Model,
     held_out: &[u32],
     threads: usize,
 ) -> Result<serde_json::Value, RuntimeError> {
-    let ctx = held_out.len();
-    let fe = fp.engine(threads)?;
-    let qe = q.engine(threads)?;
-    // The FP model runs once: its logits give its own perplexity and the KLD reference.
-    let fp_logits = eval::window_logits(&fe, held_out, ctx, 1)?;
-    let v = fp.config.vocab_size;
-    let fp_nll: f64 = (0..ctx - 1)
-        .map(|t| eval::nll(&fp_logits[0][t * v..(t + 1) * v], held_out[t + 1] as usize))
-        .sum::<f64>()
-        / (ctx - 1) as f64;
-    let rq = eval::evaluate_with(
-        &qe,
-        Some(eval::Reference::Logits(&fp_logits)),
+    measure_quality_on(
+        fp,
+        q,
         held_out,
-        ctx,
-        Some(1),
-        RunMode::DecodeEquivalent,
-        &mut |_, _| {},
-    )?;
+        threads,
+        crate::EngineKind::Interp,
+        &mut |_| {},
+    )
+}
+
+/// `measure_quality` with the compiled model on engine `kind`. The FP reference runs block by
+/// block (`wkvc_passes::stream`: one block's weights in f32 at a time), so the check costs
+/// little memory whatever the model's size; its cost is reported (`seconds`). With no
+/// held-out tokens and `sample > 0`, that many are first sampled from the compiled model
+/// (temperature 1, `seed`).
+pub fn measure_quality_on(
+    fp: &Model,
+    q: &Model,
+    held_out: &[u32],
+    threads: usize,
+    kind: crate::EngineKind,
+    progress: &mut dyn FnMut(&str),
+) -> Result<serde_json::Value, RuntimeError> {
+    quality_sampling(fp, q, held_out, (0, 0), threads, kind, progress)
+}
+
+/// `measure_quality_on` for `calibration_data`'s output (`held_out_from_compiled` honoured).
+pub fn measure_quality_for(
+    fp: &Model,
+    q: &Model,
+    data: &CalibData,
+    seed: u64,
+    threads: usize,
+    kind: crate::EngineKind,
+    progress: &mut dyn FnMut(&str),
+) -> Result<serde_json::Value, RuntimeError> {
+    quality_sampling(
+        fp,
+        q,
+        &data.held_out,
+        (data.held_out_from_compiled, seed ^ 0x5eed),
+        threads,
+        kind,
+        progress,
+    )
+}
+
+fn quality_sampling(
+    fp: &Model,
+    q: &Model,
+    held_out: &[u32],
+    (sample, seed): (usize, u64),
+    threads: usize,
+    kind: crate::EngineKind,
+    progress: &mut dyn FnMut(&str),
+) -> Result<serde_json::Value, RuntimeError> {
+    let t0 = std::time::Instant::now();
+    // The compiled model first, its engine dropped before the FP reference runs: the two
+    // never hold memory at once.
+    let (held_out, q_logits) = {
+        let qe = q.engine_kind(threads, kind)?;
+        let held: Vec<u32> = if held_out.is_empty() && sample > 0 {
+            progress("sampling held-out text from the compiled model");
+            sample_with(q, &qe, sample, seed)?
+        } else {
+            held_out.to_vec()
+        };
+        if held.len() < 2 {
+            return Err(RuntimeError::Invalid(format!(
+                "the quality check needs at least 2 held-out tokens, got {}",
+                held.len()
+            )));
+        }
+        progress("quality check: the compiled model");
+        let l = eval::window_logits(&qe, &held, held.len(), 1)?;
+        (held, l)
+    };
+    wkvc_ir::weights::release_free_memory();
+    let ctx = held_out.len();
+    let mut p =
+        |d: usize, t: usize| progress(&format!("quality check: FP reference, block {d}/{t}"));
+    let fp_logits = wkvc_passes::stream::run(
+        &fp.module,
+        std::slice::from_ref(&held_out),
+        threads,
+        true,
+        false,
+        &mut p,
+    )?
+    .logits;
+    let v = fp.config.vocab_size;
+    let (fl, ql) = match (fp_logits.first(), q_logits.first()) {
+        (Some(a), Some(b)) if a.len() == ctx * v && b.len() == ctx * v => (a, b),
+        _ => return Err(RuntimeError::Invalid("quality check: no logits".into())),
+    };
+    let (mut fp_nll, mut q_nll, mut kl, mut same) = (0f64, 0f64, 0f64, 0usize);
+    for t in 0..ctx - 1 {
+        let (fr, qr) = (&fl[t * v..(t + 1) * v], &ql[t * v..(t + 1) * v]);
+        let next = held_out[t + 1] as usize;
+        fp_nll += eval::nll(fr, next);
+        q_nll += eval::nll(qr, next);
+        kl += eval::kl_divergence(fr, qr);
+        if crate::sample::argmax(fr) == crate::sample::argmax(qr) {
+            same += 1;
+        }
+    }
+    let n = (ctx - 1) as f64;
+    let engine = match kind {
+        crate::EngineKind::Interp => "interpreter".to_string(),
+        crate::EngineKind::Cpu { act } => format!("cpu ({} activations)", act.name()),
+        other => format!("{other:?}"),
+    };
     Ok(serde_json::json!({
         "held_out_tokens": ctx,
         "protocol": "decode-equivalent",
-        "perplexity_fp": fp_nll.exp(),
-        "perplexity": rq.perplexity,
-        "kld_vs_fp": rq.kld,
-        "top1_agreement": rq.top1,
+        "engine": engine,
+        "perplexity_fp": (fp_nll / n).exp(),
+        "perplexity": (q_nll / n).exp(),
+        "kld_vs_fp": kl / n,
+        "top1_agreement": same as f64 / n,
+        "seconds": t0.elapsed().as_secs_f64(),
     }))
 }
 

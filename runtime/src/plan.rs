@@ -202,30 +202,63 @@ pub fn check_destination(path: &Path) -> Result<(), RuntimeError> {
 /// atomically: a temp file in the same directory, renamed at the end.
 pub fn write(path: &Path, module: &Module, mut manifest: Manifest) -> Result<u64, RuntimeError> {
     manifest.graph = wkvc_ir::text::print(&module.graph);
-    let mut bufs: Vec<(String, DType, Vec<usize>, Vec<u8>)> = Vec::new();
+    // The container is written as it is produced: tensors in safetensors' order (dtype
+    // alignment, then name), each one's bytes made (converted from a mapped source, say) only
+    // while hashed and again while written, so memory holds one tensor at a time.
+    let mut order: Vec<(&String, &wkvc_ir::Weight)> = module.weights.iter().collect();
+    order.sort_by(|(ln, l), (rn, r)| {
+        st_dtype(r.dtype())
+            .cmp(&st_dtype(l.dtype()))
+            .then(ln.cmp(rn))
+    });
     manifest.tensors.clear();
-    for (name, w) in module.weights.iter() {
-        let bytes = w.bytes().into_owned();
+    let mut infos = Vec::with_capacity(order.len());
+    let mut offset = 0usize;
+    for (name, w) in &order {
+        let mut h = Sha256::new();
+        let mut len = 0usize;
+        w.visit_bytes(&mut |b| {
+            h.update(b);
+            len += b.len();
+            Ok::<(), ()>(())
+        })
+        .map_err(|_| perr(path, format!("tensor `{name}`: cannot read its bytes")))?;
         manifest.tensors.insert(
-            name.clone(),
+            (*name).clone(),
             TensorEntry {
                 dtype: w.dtype().name().into(),
                 shape: w.shape.clone(),
-                sha256: hex(&Sha256::digest(&bytes)),
+                sha256: hex(&h.finalize()),
             },
         );
-        bufs.push((name.clone(), w.dtype(), w.shape.clone(), bytes));
+        let d = st_dtype(w.dtype());
+        let shape = physical_shape(w.dtype(), &w.shape);
+        let want = shape.iter().product::<usize>() * d.bitsize() / 8;
+        if len != want {
+            return Err(perr(
+                path,
+                format!("tensor `{name}`: {len} bytes for shape {shape:?} of {d:?}"),
+            ));
+        }
+        infos.push((
+            (*name).clone(),
+            safetensors::tensor::TensorInfo {
+                dtype: d,
+                shape,
+                data_offsets: (offset, offset + len),
+            },
+        ));
+        offset += len;
+        w.release_pages();
     }
-    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = bufs
-        .iter()
-        .map(|(n, d, s, b)| {
-            safetensors::tensor::TensorView::new(st_dtype(*d), physical_shape(*d, s), b)
-                .map(|v| (n.clone(), v))
-                .map_err(|e| perr(path, format!("tensor `{n}`: {e}")))
-        })
-        .collect::<Result<_, _>>()?;
     let json = serde_json::to_string(&manifest).map_err(|e| perr(path, e.to_string()))?;
     let meta: HashMap<String, String> = [(META_KEY.to_string(), json)].into_iter().collect();
+    let header = safetensors::tensor::Metadata::new(Some(meta), infos)
+        .map_err(|e| perr(path, format!("container header: {e}")))?;
+    let mut header = serde_json::to_string(&header)
+        .map_err(|e| perr(path, e.to_string()))?
+        .into_bytes();
+    header.resize(header.len().next_multiple_of(8), b' ');
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -242,7 +275,7 @@ pub fn write(path: &Path, module: &Module, mut manifest: Manifest) -> Result<u64
     // Held (locked) for as long as the temp file is being written: a compile that finds an
     // unlocked temp file knows its writer is gone (killed) and removes it.
     let lock = create_locked(&tmp).map_err(|e| perr(&tmp, format!("cannot create: {e}")))?;
-    let r = safetensors::serialize_to_file(views, Some(meta), &tmp)
+    let r = write_container(&lock, &header, &order)
         .map_err(|e| perr(&tmp, format!("cannot write: {e}")))
         .and_then(|_| {
             // on disk before it gets the plan's name: a crash after the rename never
@@ -276,6 +309,23 @@ pub fn write(path: &Path, module: &Module, mut manifest: Manifest) -> Result<u64
     }
     drop(lock);
     Ok(std::fs::metadata(path).map(|m| m.len()).unwrap_or(0))
+}
+
+/// The container's bytes: header length, header, each tensor's bytes in `order`.
+fn write_container(
+    f: &std::fs::File,
+    header: &[u8],
+    order: &[(&String, &wkvc_ir::Weight)],
+) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::BufWriter::with_capacity(1 << 20, f);
+    out.write_all(&(header.len() as u64).to_le_bytes())?;
+    out.write_all(header)?;
+    for (_, w) in order {
+        w.visit_bytes(&mut |b| out.write_all(b))?;
+        w.release_pages();
+    }
+    out.flush()
 }
 
 /// What names a plan's temp file: `.NAME.wkvc-tmp-PID-N` beside the plan.
@@ -320,7 +370,8 @@ fn same_file(_: &std::fs::File, path: &Path) -> bool {
 }
 
 /// Remove the temp files that compiles killed mid-write left in `dir` (a plan's temp file
-/// whose lock nobody holds, a write probe); returns their names. A temp file of a compile
+/// whose lock nobody holds, a write probe, a spill file killed in the moment between its
+/// creation and its unlinking); returns their names. A temp file of a compile
 /// that is still writing is locked and stays.
 pub fn clean_stale_temp_files(dir: &Path) -> Vec<String> {
     let mut removed = Vec::new();
@@ -329,8 +380,9 @@ pub fn clean_stale_temp_files(dir: &Path) -> Vec<String> {
     };
     for e in rd.filter_map(|e| e.ok()) {
         let name = e.file_name().to_string_lossy().into_owned();
-        let ours =
-            (name.starts_with('.') && name.contains(TEMP_MARK)) || name.starts_with(".wkvc-probe-");
+        let ours = (name.starts_with('.') && name.contains(TEMP_MARK))
+            || name.starts_with(".wkvc-probe-")
+            || name.starts_with(".wkvc-spill-");
         if !ours || !e.file_type().is_ok_and(|t| t.is_file()) {
             continue;
         }

@@ -234,6 +234,7 @@ fn calibration_lowers_the_loss_and_beats_rtn_on_held_out_data() {
         ..Default::default()
     };
     let mut seen = 0usize;
+    let mut done = Vec::new();
     let report = calibrate(
         &fp,
         &mut q,
@@ -241,12 +242,24 @@ fn calibration_lowers_the_loss_and_beats_rtn_on_held_out_data() {
         &cfg,
         &mut |p| {
             assert!(p.loss.is_finite());
-            seen += 1;
+            match &p.done {
+                Some(b) => done.push((p.layer, b.last_loss, b.seconds)),
+                None => seen += 1,
+            }
         },
         &AtomicBool::new(false),
     )
     .expect("calibrate");
     assert_eq!(seen, 2 * 20 * 8, "one progress call per step");
+    let reported: Vec<(usize, f64, f64)> = report
+        .blocks
+        .iter()
+        .map(|b| (b.layer, b.last_loss, b.seconds))
+        .collect();
+    assert_eq!(
+        done, reported,
+        "one call per finished block, with its report"
+    );
     assert_eq!(report.steps, 2 * 20 * 8);
     for b in &report.blocks {
         assert!(
@@ -331,7 +344,9 @@ fn weight_only_wkvquant_learns_clipping_only() {
         windows: seqs(&mut r, 3, 16),
         held_out: seqs(&mut r, 1, 16).remove(0),
         held_out_sampled: false,
+        sampled_from: "the FP model",
         source: "test".into(),
+        held_out_from_compiled: 0,
     };
     let o = wkvc_runtime::compile::CompileOptions {
         method: wkvc_runtime::compile::Method::WkvQuant,

@@ -220,6 +220,117 @@ fn write_tiny_plan(fp: &Model, path: &Path) {
     plan::write(path, &c.module, man).expect("write plan");
 }
 
+/// The FP model run block by block (each block's weights in f32 only while it runs) gives
+/// the whole-graph interpreter's logits and K/V statistics bit for bit.
+#[test]
+fn streamed_fp_model_equals_the_whole_graph() {
+    let (fp, dir) = tiny_model("stream");
+    let windows = vec![
+        IDS.to_vec(),
+        IDS.iter().rev().copied().collect::<Vec<u32>>(),
+    ];
+    let out = wkvc_passes::stream::run(&fp.module, &windows, 2, true, true, &mut |_, _| {})
+        .expect("streamed run");
+    let it = wkvc_ir::interp::Interpreter::new(&fp.module, 2).expect("interp");
+    for (w, l) in windows.iter().zip(&out.logits) {
+        let n = w.len();
+        let mut cache = wkvc_ir::KvCache::new(n);
+        let r = it
+            .run(
+                &[
+                    (
+                        "tokens",
+                        wkvc_ir::interp::Tensor::i32(
+                            vec![n],
+                            w.iter().map(|&t| t as i32).collect(),
+                        ),
+                    ),
+                    (
+                        "positions",
+                        wkvc_ir::interp::Tensor::i32(vec![n], (0..n as i32).collect()),
+                    ),
+                ],
+                &mut cache,
+            )
+            .expect("whole graph");
+        let whole = r["logits"].as_f32().expect("f32 logits");
+        assert_eq!(whole.len(), l.len());
+        assert!(
+            whole == &l[..],
+            "streamed logits differ from the whole graph's"
+        );
+    }
+    let whole = collect_kv_stats(&fp.module, &windows, 2, &mut |_, _| {}).expect("stats");
+    let streamed = out.kv_stats.expect("stats asked for");
+    assert_eq!(whole.tokens, streamed.tokens);
+    assert_eq!(whole.layers, streamed.layers);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Packed tensors written to a spill file as they are made (`spill_dir`) give the same plan
+/// as tensors kept in memory, and the spill file leaves nothing behind.
+#[test]
+fn spilled_compile_writes_the_same_plan() {
+    let (fp, dir) = tiny_model("spill");
+    let mut files = Vec::new();
+    for spill in [false, true] {
+        let opts = CompileOptions {
+            wgroup: 16,
+            threads: 2,
+            calib_tokens: Some(48),
+            calib_window: 24,
+            spill_dir: spill.then(|| dir.clone()),
+            ..Default::default()
+        };
+        let data = compile::calibration_data(&fp, &opts, &mut |_| {}).expect("calib");
+        let c = compile::quantize(&fp, &opts, Some(&data), &mut |_| {}).expect("quantize");
+        assert_eq!(c.module.weights.spilled_bytes() > 0, spill);
+        let man = compile::manifest(&fp, &c, serde_json::json!({}), "0".repeat(64));
+        let p = dir.join(format!("s{spill}.wkv"));
+        plan::write(&p, &c.module, man).expect("write plan");
+        let opened = Model::open(&p).expect("open plan");
+        let man = opened.plan.clone().expect("manifest");
+        // the tensors (by their hashes) and the graph; pass reports hold timings
+        files.push((
+            serde_json::to_string(&man.tensors).expect("json"),
+            man.graph.clone(),
+        ));
+    }
+    assert!(
+        files[0] == files[1],
+        "spilled and in-memory compiles differ"
+    );
+    let left: Vec<String> = dir
+        .read_dir()
+        .expect("dir")
+        .map(|e| e.expect("e").file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("spill") && !n.ends_with(".wkv"))
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// The plan writer streams the container tensor by tensor; the file must be exactly what
+/// the safetensors crate's own serializer makes of the same tensors and metadata.
+#[test]
+fn streamed_plan_container_equals_the_safetensors_serializer() {
+    let (fp, dir) = tiny_model("plan-stream");
+    let p = dir.join("tiny.wkv");
+    write_tiny_plan(&fp, &p);
+    let file = std::fs::read(&p).expect("read plan");
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&file).expect("header");
+    let st = safetensors::SafeTensors::deserialize(&file).expect("container");
+    let tensors: Vec<(String, safetensors::tensor::TensorView<'_>)> = st.tensors();
+    assert!(tensors.len() > 10, "{} tensors", tensors.len());
+    let again = safetensors::serialize(tensors, meta.metadata().clone()).expect("serialize");
+    assert_eq!(again.len(), file.len());
+    assert!(
+        again == file,
+        "the streamed container differs from safetensors::serialize"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 #[test]
 fn plan_round_trip_and_corruption() {
     let (fp, dir) = tiny_model("plan");

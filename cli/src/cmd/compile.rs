@@ -1,7 +1,7 @@
 //! `wkvc compile`: calibration text, the WKVQuant pipeline, the lowered plan, the quality
 //! check on held-out text, the plan file (written atomically).
 
-use crate::args::{CompileArgs, Loss, Method, QuantArgs, Target};
+use crate::args::{CompileArgs, Loss, Method, QualityCheckArg, QuantArgs, Target};
 use crate::common::{note, open, spinner, threads};
 use anyhow::{Context, Result, bail};
 use std::path::PathBuf;
@@ -57,6 +57,9 @@ pub fn compile_options(
         threads,
         seed,
         cpu_act: q.cpu_act.into(),
+        quality_check: compile::QualityCheck::Full,
+        spill_dir: None,
+        interp_limit: compile::INTERP_F32_BUDGET,
         f32_params: q.f32_params,
         cancel: CancelToken::new(),
     })
@@ -71,7 +74,22 @@ pub fn run(a: CompileArgs) -> Result<()> {
     }
     wkvc_runtime::plan::check_destination(&a.output)?;
     let fp = open(&a.model)?;
-    let opts = compile_options(&a.q, a.calib, a.calib_tokens, a.seed, threads(a.threads))?;
+    let mut opts = compile_options(&a.q, a.calib, a.calib_tokens, a.seed, threads(a.threads))?;
+    opts.quality_check = match a.quality_check {
+        QualityCheckArg::None => compile::QualityCheck::None,
+        QualityCheckArg::Quick => compile::QualityCheck::Quick,
+        QualityCheckArg::Full => compile::QualityCheck::Full,
+    };
+    opts.interp_limit = a.interp_limit_mib.saturating_mul(1 << 20);
+    // tensors the passes make go to a temp file beside the plan (removed however the
+    // compile ends), not memory
+    opts.spill_dir = Some(
+        a.output
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(std::path::Path::new("."))
+            .to_path_buf(),
+    );
     opts.validate()?;
     if opts.wkvquant() {
         // First Ctrl-C: stop calibration cleanly (no plan is written); second: exit.
@@ -84,23 +102,40 @@ pub fn run(a: CompileArgs) -> Result<()> {
         });
     }
     let sp = spinner();
-    let mut say = |s: &str| sp.set_message(s.to_string());
+    let mut say = |s: &str| match s.strip_prefix("note: ") {
+        Some(n) => note(&sp, n.to_string()),
+        None => sp.set_message(s.to_string()),
+    };
     let data = compile::calibration_data(&fp, &opts, &mut say)?;
-    if opts.calib.is_none() {
+    // a sampler engine made for data-free text is gone: its memory goes back to the OS
+    wkvc_ir::weights::release_free_memory();
+    if opts.calib.is_none() && !data.windows.is_empty() {
         note(
             &sp,
             format!("calibration: no --calib given, using text {}", data.source),
         );
     }
     let c = compile::quantize(&fp, &opts, Some(&data), &mut say)?;
-    say("measuring quality on held-out text");
     let qm = fp.with_module(c.module.clone(), None);
-    let mut quality = compile::measure_quality(&fp, &qm, &data.held_out, opts.threads)?;
-    quality["held_out_text"] = serde_json::json!(if data.held_out_sampled {
-        "sampled from the FP model"
-    } else {
-        "from the calibration file, after the calibration windows"
-    });
+    let mut quality = serde_json::json!({ "check": "none" });
+    if opts.quality_check != compile::QualityCheck::None {
+        say("measuring quality on held-out text");
+        // the compiled CPU engine, as the plan will run; the interpreter where the kernels
+        // do not cover the graph
+        let mut kind = wkvc_runtime::EngineKind::Cpu { act: opts.cpu_act };
+        if let Err(e) = qm.lowered(opts.cpu_act) {
+            note(&sp, format!("quality check on the interpreter: {e}"));
+            kind = wkvc_runtime::EngineKind::Interp;
+        }
+        quality =
+            compile::measure_quality_for(&fp, &qm, &data, opts.seed, opts.threads, kind, &mut say)?;
+        quality["check"] = serde_json::json!(opts.quality_check.name());
+        quality["held_out_text"] = serde_json::json!(if data.held_out_sampled {
+            format!("sampled from {}", data.sampled_from)
+        } else {
+            "from the calibration file, after the calibration windows".to_string()
+        });
+    }
     say("hashing the source model");
     let sha = if a.model.is_file() {
         wkvc_runtime::plan::file_sha256(&a.model)
@@ -180,20 +215,30 @@ pub fn run(a: CompileArgs) -> Result<()> {
         );
     }
     let q = |k: &str| quality[k].as_f64().unwrap_or(f64::NAN);
+    if opts.quality_check == compile::QualityCheck::None {
+        println!("  quality       not checked (--quality-check none)");
+    } else {
+        println!(
+            "  quality       KLD vs FP {:.4}, top-1 agreement {:.1}%, perplexity {:.3} (FP {:.3}){} \
+             ({} held-out tokens {}, decode-equivalent, {}; {:.1}s)",
+            q("kld_vs_fp"),
+            100.0 * q("top1_agreement"),
+            q("perplexity"),
+            q("perplexity_fp"),
+            if data.held_out_sampled {
+                " on sampled text"
+            } else {
+                ""
+            },
+            quality["held_out_tokens"],
+            quality["held_out_text"].as_str().unwrap_or(""),
+            quality["engine"].as_str().unwrap_or(""),
+            q("seconds")
+        );
+    }
     println!(
-        "  quality       KLD vs FP {:.4}, top-1 agreement {:.1}%, perplexity {:.3} (FP {:.3}){} \
-         ({} held-out tokens {}, decode-equivalent)",
-        q("kld_vs_fp"),
-        100.0 * q("top1_agreement"),
-        q("perplexity"),
-        q("perplexity_fp"),
-        if data.held_out_sampled {
-            " on sampled text"
-        } else {
-            ""
-        },
-        quality["held_out_tokens"],
-        quality["held_out_text"].as_str().unwrap_or("")
+        "  peak RSS      {:.0} MiB",
+        wkvc_runtime::peak_rss_bytes().unwrap_or(0) as f64 / 1048576.0
     );
     Ok(())
 }
