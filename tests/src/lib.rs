@@ -3,6 +3,7 @@
 //! directories and GGUF files (with llama.cpp's q/k row permutation) for import tests.
 
 pub mod agree;
+pub mod random_model;
 
 use half::{bf16, f16};
 use serde_json::json;
