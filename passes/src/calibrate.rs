@@ -423,28 +423,13 @@ pub fn calibrate(
     let nl = fp_spans.len();
     let threads = cfg.threads.max(1);
     // Embeddings: the first hidden state of both chains.
-    let table = fp
+    let x0 =
+        crate::stream::embed(fp, samples).map_err(|e| fail(format!("calibration text: {e}")))?;
+    let d = fp
         .weights
         .get("model.embed_tokens.weight")
-        .ok_or_else(|| fail("no `model.embed_tokens.weight`"))?;
-    let dims = table.shape.clone();
-    let (vocab, d) = (dims[0], dims.get(1).copied().unwrap_or(1));
-    let tab = table.f32();
-    let mut x0 = Vec::with_capacity(samples.len());
-    for s in samples {
-        let mut x = Vec::with_capacity(tokens * d);
-        for &t in s {
-            let t = t as usize;
-            if t >= vocab {
-                return Err(fail(format!(
-                    "calibration token {t} is outside the vocabulary ({vocab})"
-                )));
-            }
-            x.extend_from_slice(&tab[t * d..(t + 1) * d]);
-        }
-        x0.push(x);
-    }
-    drop(tab);
+        .and_then(|t| t.shape.get(1).copied())
+        .unwrap_or(1);
     let fp_block = |l: usize| -> Result<Module, PassError> {
         Ok(Module {
             graph: block_graph(&fp.graph, &fp_spans[l], &format!("fp.block{l}"))?,

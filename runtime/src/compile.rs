@@ -251,6 +251,20 @@ fn sample_with(
     Ok(out)
 }
 
+/// Send the tensors passes make in `m` to a spill file in `dir` (when given).
+fn spill_in(m: &mut Module, dir: Option<&std::path::Path>) -> Result<(), RuntimeError> {
+    if let Some(dir) = dir {
+        let spill = wkvc_ir::weights::Spill::create(dir).map_err(|e| {
+            RuntimeError::Invalid(format!(
+                "cannot create a temp file in {}: {e}",
+                dir.display()
+            ))
+        })?;
+        m.weights.spill_to(spill);
+    }
+    Ok(())
+}
+
 /// Do the model's weights in f32 fit in `limit` bytes (`CompileOptions::interp_limit`)?
 pub fn fits_interpreter(model: &Model, limit: usize) -> bool {
     model.module.weights.total_params().saturating_mul(4) <= limit
@@ -292,15 +306,7 @@ impl TextSource<'_> {
             } else {
                 progress("quantizing a W4 copy of the model to sample text from");
                 let mut m = self.model.module.clone();
-                if let Some(dir) = self.spill_dir {
-                    let spill = wkvc_ir::weights::Spill::create(dir).map_err(|e| {
-                        RuntimeError::Invalid(format!(
-                            "cannot create a temp file in {}: {e}",
-                            dir.display()
-                        ))
-                    })?;
-                    m.weights.spill_to(spill);
-                }
+                spill_in(&mut m, self.spill_dir)?;
                 PassManager::new()
                     .with(WeightQuant {
                         bits: 4,
@@ -475,15 +481,7 @@ pub fn quantize(
 ) -> Result<Compiled, RuntimeError> {
     opts.validate()?;
     let mut module = model.module.clone();
-    if let Some(dir) = &opts.spill_dir {
-        let spill = wkvc_ir::weights::Spill::create(dir).map_err(|e| {
-            RuntimeError::Invalid(format!(
-                "cannot create a temp file in {}: {e}",
-                dir.display()
-            ))
-        })?;
-        module.weights.spill_to(spill);
-    }
+    spill_in(&mut module, opts.spill_dir.as_deref())?;
     let stats: Option<KvStats> = if opts.smoothing() {
         let c = calib
             .ok_or_else(|| RuntimeError::Invalid("KV smoothing needs calibration text".into()))?;

@@ -623,6 +623,19 @@ pub fn gguf_meta(cfg: &ModelConfig, name: &str) -> Vec<(String, Meta)> {
     ]
 }
 
+/// A GGUF v3 header up to the tensor infos: magic, version, counts, metadata.
+pub fn gguf_head(meta: &[(String, Meta)], tensors: usize) -> Vec<u8> {
+    let mut head = Vec::new();
+    head.extend_from_slice(b"GGUF");
+    head.extend_from_slice(&3u32.to_le_bytes());
+    head.extend_from_slice(&(tensors as u64).to_le_bytes());
+    head.extend_from_slice(&(meta.len() as u64).to_le_bytes());
+    for (key, v) in meta {
+        put_meta(&mut head, key, v);
+    }
+    head
+}
+
 /// Write a GGUF v3 file of the tiny model: 2-D weights as Q8_0 when `q8` (else F32), norms
 /// F32, q/k permuted as llama.cpp does, byte-level BPE tokenizer metadata.
 pub fn write_gguf(
@@ -631,15 +644,7 @@ pub fn write_gguf(
     weights: &BTreeMap<String, (Vec<usize>, Vec<f32>)>,
     q8: bool,
 ) {
-    let meta = gguf_meta(cfg, "tiny");
-    let mut head = Vec::new();
-    head.extend_from_slice(b"GGUF");
-    head.extend_from_slice(&3u32.to_le_bytes());
-    head.extend_from_slice(&(weights.len() as u64).to_le_bytes());
-    head.extend_from_slice(&(meta.len() as u64).to_le_bytes());
-    for (key, v) in &meta {
-        put_meta(&mut head, key, v);
-    }
+    let mut head = gguf_head(&gguf_meta(cfg, "tiny"), weights.len());
     let mut data: Vec<u8> = Vec::new();
     for (name, (shape, v)) in weights {
         let gname = hf_to_gguf_name(name);

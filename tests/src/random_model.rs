@@ -8,7 +8,7 @@
 //! tokenizer is a byte-level BPE vocabulary of the asked size (bytes, a few merges,
 //! placeholders, and `<|endoftext|>`, `<|im_start|>`, `<|im_end|>`).
 
-use crate::{StDtype, gguf_meta, put_meta, put_str, write_hf_dir};
+use crate::{StDtype, gguf_head, gguf_meta, put_str, write_hf_dir};
 use std::io::{BufWriter, Write};
 use std::path::Path;
 use wkvc_ir::ModelConfig;
@@ -157,14 +157,7 @@ impl RandomModel {
         let cfg = self.config();
         let ts = self.tensors();
         let meta = gguf_meta(&cfg, &format!("random-h{}-l{}", self.hidden, self.layers));
-        let mut head = Vec::new();
-        head.extend_from_slice(b"GGUF");
-        head.extend_from_slice(&3u32.to_le_bytes());
-        head.extend_from_slice(&(ts.len() as u64).to_le_bytes());
-        head.extend_from_slice(&(meta.len() as u64).to_le_bytes());
-        for (key, v) in &meta {
-            put_meta(&mut head, key, v);
-        }
+        let mut head = gguf_head(&meta, ts.len());
         let bytes = |shape: &[usize], ty: u32| {
             shape.iter().product::<usize>() * if ty == 1 { 2 } else { 4 }
         };
