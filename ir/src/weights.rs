@@ -159,6 +159,18 @@ impl Weight {
         }
     }
 
+    /// The stored bytes when they are the graph dtype's and need no conversion (in memory or
+    /// mapped); None for converted tensors (f16/bf16 seen as f32, GGUF blocks) and f32 vectors.
+    pub fn raw_bytes(&self) -> Option<&[u8]> {
+        match &self.data {
+            Data::Bytes(b) => Some(&b[..]),
+            Data::Mapped { map, offset } if self.stored == self.dtype => {
+                Some(&map[*offset..*offset + self.storage_bytes()])
+            }
+            _ => None,
+        }
+    }
+
     /// The bytes `bytes()` gives, handed to `f` in order in slices of at most about 4 MiB:
     /// converted ones through one reused buffer, so a tensor's bytes are never all in memory
     /// twice (a 1.6 GB f32 embedding made from f16 costs 4 MiB, not 1.6 GB).

@@ -70,11 +70,14 @@ impl Weights {
                     return Err(err(format!("@{name}: packed data is not borrowable")));
                 }
             },
-            (DType::F32, DType::F32) => match (w.f32(), w.bytes()) {
-                (Cow::Borrowed(b), _) => Ptr(b.as_ptr() as *const u8),
-                // f32 stored in a mapped file: read in place (the kernels load unaligned)
-                (Cow::Owned(_), Cow::Borrowed(b)) => Ptr(b.as_ptr()),
-                (Cow::Owned(f), Cow::Owned(_)) => self.keep_f32(f),
+            // f32 stored in a mapped file is read in place, aligned or not (the kernels load
+            // unaligned); converted tensors (GGUF blocks) are converted once and kept
+            (DType::F32, DType::F32) => match w.raw_bytes() {
+                Some(b) => Ptr(b.as_ptr()),
+                None => match w.f32() {
+                    Cow::Borrowed(b) => Ptr(b.as_ptr() as *const u8),
+                    Cow::Owned(f) => self.keep_f32(f),
+                },
             },
             _ => {
                 let p = self.keep_f32(w.f32().into_owned());
