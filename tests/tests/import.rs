@@ -6,6 +6,7 @@
 use half::{bf16, f16};
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::str::FromStr;
 use wkvc_ir::gguf::{GgufFile, MetaValue};
 use wkvc_ir::import::{gguf_tokenizer, import};
 use wkvc_runtime::Model;
@@ -457,4 +458,51 @@ fn mapped_gguf_weights_equal_the_in_memory_import() {
         }
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The cache-less model gives the crate loader's ids on real text (the demo model's 49k BPE
+/// vocabulary, WikiText-2 when `../shared/data` is present, else a built-in sample).
+#[test]
+fn demo_tokenizer_without_cache_encodes_as_the_crate_loader() {
+    let Some(path) = wkvc_tests::demo_model() else {
+        return;
+    };
+    let m = Model::open(&path).expect("demo model opens");
+    let ts = m
+        .tokenizer_spec
+        .clone()
+        .expect("the demo model carries a tokenizer");
+    let raw = tokenizers::Tokenizer::from_str(&ts.json).expect("crate loader");
+    let ours = wkvc_runtime::Tokenizer::from_spec(ts).expect("wkvc loader");
+    let eval = wkvc_tests::repo_root().join("../shared/data/wikitext2-eval.txt");
+    let text = match std::fs::read_to_string(&eval) {
+        Ok(t) => t.chars().take(200_000).collect::<String>(),
+        Err(_) => {
+            eprintln!(
+                "note: {} absent: a built-in sample text instead",
+                eval.display()
+            );
+            "The tower is 324 metres (1,063 ft) tall, about the same height as an 81-storey \
+             building. Its base is square, measuring 125 metres (410 ft) on each side. \
+             Naïve café owners — and their 日本語 signs — don't mind.\n\n = Section = \n"
+                .repeat(50)
+        }
+    };
+    let t0 = std::time::Instant::now();
+    let a = raw.encode(text.as_str(), false).expect("crate encode");
+    let t1 = std::time::Instant::now();
+    let b = ours.encode(&text, false).expect("wkvc encode");
+    let t2 = std::time::Instant::now();
+    eprintln!(
+        "encode {} bytes: crate loader (word cache) {:.0} ms, wkvc (no cache) {:.0} ms",
+        text.len(),
+        (t1 - t0).as_secs_f64() * 1e3,
+        (t2 - t1).as_secs_f64() * 1e3
+    );
+    assert_eq!(a.get_ids(), &b[..], "ids differ from the crate loader's");
+    assert!(b.len() > 1000, "{} tokens", b.len());
+    // and twice (a cache, if any, is warm the second time)
+    assert_eq!(ours.encode(&text, false).expect("wkvc encode"), b);
+    let back = ours.decode(&b, false).expect("decode");
+    assert_eq!(back, text, "decode(encode(text)) != text");
 }

@@ -1,23 +1,69 @@
-//! `wkvc-fuzz-replay TARGET FILE...`: run a fuzz target once on each file, without AFL (to
-//! reproduce a crash or hang that `scripts/fuzz.sh` saved). Prints each file's time.
+//! `wkvc-fuzz-replay [--repeat N] TARGET FILE...`: run a fuzz target once (or N times) on each
+//! file, without AFL (to reproduce a crash or hang that `scripts/fuzz.sh` saved). Prints each
+//! file's time; with `--repeat`, the process's resident set after each pass (a leak shows as
+//! growth from pass to pass, as in AFL++'s persistent loop).
+
+fn rss_kib() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
 
 fn main() {
-    let mut args = std::env::args().skip(1);
-    let name = args.next().unwrap_or_default();
-    let Some(target) = wkvc_fuzz::target(&name) else {
-        eprintln!("usage: wkvc-fuzz-replay TARGET FILE... (scripts/fuzz.sh --list names them)");
+    let usage = || -> ! {
+        eprintln!(
+            "usage: wkvc-fuzz-replay [--repeat N] TARGET FILE... (scripts/fuzz.sh --list names them)"
+        );
         std::process::exit(2);
     };
+    let mut args: Vec<String> = std::env::args().skip(1).collect();
+    let mut repeat = None;
+    if args.first().map(String::as_str) == Some("--repeat") {
+        repeat = match args.get(1).and_then(|n| n.parse::<usize>().ok()) {
+            Some(n) if n > 0 => Some(n),
+            _ => usage(),
+        };
+        args.drain(..2);
+    }
+    if args.is_empty() {
+        usage();
+    }
+    let name = args.remove(0);
+    let Some(target) = wkvc_fuzz::target(&name) else {
+        usage();
+    };
+    let mut inputs = Vec::new();
     for f in args {
-        let data = match std::fs::read(&f) {
-            Ok(d) => d,
+        match std::fs::read(&f) {
+            Ok(d) => inputs.push((f, d)),
             Err(e) => {
                 eprintln!("{f}: {e}");
                 std::process::exit(1);
             }
-        };
-        let t = std::time::Instant::now();
-        target(&data);
-        println!("{f}: {:.1} ms", t.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    match repeat {
+        None => {
+            for (f, data) in &inputs {
+                let t = std::time::Instant::now();
+                target(data);
+                println!("{f}: {:.1} ms", t.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+        Some(n) => {
+            for pass in 1..=n {
+                let t = std::time::Instant::now();
+                for (_, data) in &inputs {
+                    target(data);
+                }
+                let rss = rss_kib().map_or("?".into(), |k| format!("{k} KiB"));
+                println!(
+                    "pass {pass}: {} inputs in {:.2} s, resident {rss}",
+                    inputs.len(),
+                    t.elapsed().as_secs_f64()
+                );
+            }
+        }
     }
 }
