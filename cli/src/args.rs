@@ -298,6 +298,14 @@ pub struct CompileArgs {
     /// engine (or, for held-out text only, from the compiled model).
     #[arg(long, default_value_t = 2048)]
     pub interp_limit_mib: usize,
+    /// Quality gate: fail the compile (no plan written) when the held-out check's mean KL
+    /// divergence from the FP model exceeds this (nats a token).
+    #[arg(long, value_name = "KLD")]
+    pub max_kld: Option<f64>,
+    /// Quality gate: fail the compile (no plan written) when the held-out perplexity exceeds
+    /// the FP model's by more than this factor (1.05: at most 5% worse).
+    #[arg(long, value_name = "RATIO")]
+    pub max_ppl_ratio: Option<f64>,
 }
 
 /// `--quality-check`.

@@ -81,6 +81,7 @@ pub fn run(a: CompileArgs) -> Result<()> {
         QualityCheckArg::Full => compile::QualityCheck::Full,
     };
     opts.interp_limit = a.interp_limit_mib.saturating_mul(1 << 20);
+    let gate = Gate::new(a.max_kld, a.max_ppl_ratio, opts.quality_check)?;
     // tensors the passes make go to a temp file beside the plan (removed however the
     // compile ends), not memory
     opts.spill_dir = Some(
@@ -135,6 +136,9 @@ pub fn run(a: CompileArgs) -> Result<()> {
         } else {
             "from the calibration file, after the calibration windows".to_string()
         });
+        if let Some(g) = &gate {
+            quality["gate"] = g.check(&quality)?;
+        }
     }
     say("hashing the source model");
     let sha = if a.model.is_file() {
@@ -236,9 +240,95 @@ pub fn run(a: CompileArgs) -> Result<()> {
             q("seconds")
         );
     }
+    if let Some(g) = &gate {
+        let bound = |v: Option<f64>| v.map_or("-".to_string(), |v| v.to_string());
+        println!(
+            "  quality gate  passed: KLD {:.5} <= {}, perplexity ratio {:.4} <= {}",
+            q("kld_vs_fp"),
+            bound(g.max_kld),
+            q("perplexity") / q("perplexity_fp"),
+            bound(g.max_ppl_ratio)
+        );
+    }
     println!(
         "  peak RSS      {:.0} MiB",
         wkvc_runtime::peak_rss_bytes().unwrap_or(0) as f64 / 1048576.0
     );
     Ok(())
+}
+
+/// `--max-kld` / `--max-ppl-ratio`: bounds on the held-out check, checked before the plan is
+/// written.
+struct Gate {
+    max_kld: Option<f64>,
+    max_ppl_ratio: Option<f64>,
+}
+
+impl Gate {
+    fn new(
+        max_kld: Option<f64>,
+        max_ppl_ratio: Option<f64>,
+        check: compile::QualityCheck,
+    ) -> Result<Option<Gate>> {
+        if max_kld.is_none() && max_ppl_ratio.is_none() {
+            return Ok(None);
+        }
+        if let Some(k) = max_kld
+            && !(k.is_finite() && k >= 0.0)
+        {
+            bail!("--max-kld {k}: the bound must be a finite number >= 0 (nats a token)");
+        }
+        if let Some(r) = max_ppl_ratio
+            && !(r.is_finite() && r > 0.0)
+        {
+            bail!("--max-ppl-ratio {r}: the bound must be a finite number > 0 (1.05: 5% worse)");
+        }
+        if check == compile::QualityCheck::None {
+            bail!(
+                "--max-kld and --max-ppl-ratio bound the held-out check: they need \
+                 --quality-check quick or full, not none"
+            );
+        }
+        Ok(Some(Gate {
+            max_kld,
+            max_ppl_ratio,
+        }))
+    }
+
+    /// The gate's record for the plan when the figures are within bounds, else the error
+    /// that stops the compile.
+    fn check(&self, quality: &serde_json::Value) -> Result<serde_json::Value> {
+        let f = |k: &str| quality[k].as_f64().unwrap_or(f64::NAN);
+        let (kld, ppl, ppl_fp) = (f("kld_vs_fp"), f("perplexity"), f("perplexity_fp"));
+        let ratio = ppl / ppl_fp;
+        let tokens = &quality["held_out_tokens"];
+        let mut failed = Vec::new();
+        if let Some(m) = self.max_kld
+            && (kld.is_nan() || kld > m)
+        {
+            failed.push(format!(
+                "KL divergence from the FP model {kld:.5} > --max-kld {m}"
+            ));
+        }
+        if let Some(m) = self.max_ppl_ratio
+            && (ratio.is_nan() || ratio > m)
+        {
+            failed.push(format!(
+                "perplexity {ppl:.4} / FP {ppl_fp:.4} = {ratio:.4} > --max-ppl-ratio {m}"
+            ));
+        }
+        if !failed.is_empty() {
+            bail!(
+                "quality gate failed on {tokens} held-out tokens: {}; no plan was written",
+                failed.join("; ")
+            );
+        }
+        Ok(serde_json::json!({
+            "max_kld": self.max_kld,
+            "max_ppl_ratio": self.max_ppl_ratio,
+            "kld_vs_fp": kld,
+            "ppl_ratio": ratio,
+            "passed": true,
+        }))
+    }
 }
