@@ -308,6 +308,13 @@ pub struct CompileArgs {
     pub max_ppl_ratio: Option<f64>,
 }
 
+/// `wkvc eval --score`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ScoreArg {
+    Wkvc,
+    Llama,
+}
+
 /// `--quality-check`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum QualityCheckArg {
@@ -338,6 +345,11 @@ pub struct EvalArgs {
     /// KV protocol.
     #[arg(long, value_enum, default_value_t = Protocol::Decode)]
     pub protocol: Protocol,
+    /// Which predictions count: wkvc (every window from an empty cache, all its predictions,
+    /// no BOS) or llama (llama.cpp's llama-perplexity: BOS policy of the model, chunks of
+    /// --ctx, the second half of each scored; comparable with its figures at the same -c).
+    #[arg(long, value_enum, default_value_t = ScoreArg::Wkvc)]
+    pub score: ScoreArg,
     /// Tokens per window.
     #[arg(long, default_value_t = 512)]
     pub ctx: usize,

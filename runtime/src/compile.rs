@@ -767,7 +767,7 @@ fn quality_sampling(
             )));
         }
         progress("quality check: the compiled model");
-        let l = eval::window_logits(&qe, &held, held.len(), 1)?;
+        let l = eval::window_logits(&qe, &held, held.len(), 1, eval::Scoring::Windows)?;
         (held, l)
     };
     wkvc_ir::weights::release_free_memory();

@@ -1,5 +1,7 @@
 //! Perplexity and KL divergence: consecutive non-overlapping windows of `ctx` tokens, each an
-//! independent sequence; tokens 1..ctx-1 of each window are scored. By default the model runs
+//! independent sequence; tokens 1..ctx-1 of each window are scored ([`Scoring::Windows`]), or
+//! the second half of each, as llama.cpp's `llama-perplexity` does ([`Scoring::Llama`]). By
+//! default the model runs
 //! the decode-equivalent protocol (DESIGN.md): every position attends to quantized K/V of all
 //! earlier positions and (with past-only) FP K/V of itself, exactly as token-by-token decoding.
 
@@ -23,6 +25,50 @@ pub struct PplReport {
     /// Tokens run through the model per second.
     pub tokens_per_s: f64,
     pub protocol: String,
+    /// `wkvc` (every prediction of a window) or `llama` (llama-perplexity's second halves).
+    pub scoring: String,
+    /// Whether each window began with the model's BOS token (llama scoring).
+    pub bos: bool,
+}
+
+/// Which predictions of a window are scored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scoring {
+    /// Every prediction of the window (tokens 1..ctx-1), the text as tokenized (the protocol
+    /// of the reference figures in `../shared/reference`).
+    Windows,
+    /// llama.cpp's `llama-perplexity`: the text tokenized with the model's special-token
+    /// policy (a BOS in front when the model adds one), cut into chunks of `ctx`; a chunk's
+    /// first token is replaced by `bos` (when the model adds one) and only the predictions
+    /// of its second half are scored (positions ctx/2 .. ctx-2, `ctx - 1 - ctx/2` a chunk),
+    /// so that every scored token has at least ctx/2 tokens of context.
+    Llama { bos: Option<u32> },
+}
+
+impl Scoring {
+    /// The first scored position of a window.
+    pub fn first(self, ctx: usize) -> usize {
+        match self {
+            Scoring::Windows => 0,
+            Scoring::Llama { .. } => ctx / 2,
+        }
+    }
+
+    /// Window `w` of `ids` as the model sees it.
+    pub fn window(self, ids: &[u32], w: usize, ctx: usize) -> Vec<u32> {
+        let mut win = ids[w * ctx..(w + 1) * ctx].to_vec();
+        if let Scoring::Llama { bos: Some(b) } = self {
+            win[0] = b;
+        }
+        win
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Scoring::Windows => "wkvc",
+            Scoring::Llama { .. } => "llama",
+        }
+    }
 }
 
 /// -log softmax(logits)[target], in f64.
@@ -63,12 +109,13 @@ pub fn window_logits(
     ids: &[u32],
     ctx: usize,
     windows: usize,
+    scoring: Scoring,
 ) -> Result<Vec<Vec<f32>>, RuntimeError> {
     let mut s = engine.session(ctx);
     (0..windows.min(ids.len() / ctx))
         .map(|w| {
             s.reset();
-            s.forward_mode(&ids[w * ctx..(w + 1) * ctx], RunMode::DecodeEquivalent)
+            s.forward_mode(&scoring.window(ids, w, ctx), RunMode::DecodeEquivalent)
         })
         .collect()
 }
@@ -103,6 +150,30 @@ pub fn evaluate_with(
     ctx: usize,
     max_windows: Option<usize>,
     mode: RunMode,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<PplReport, RuntimeError> {
+    evaluate_scored(
+        engine,
+        reference,
+        ids,
+        ctx,
+        max_windows,
+        mode,
+        Scoring::Windows,
+        progress,
+    )
+}
+
+/// `evaluate_with` under any [`Scoring`].
+#[allow(clippy::too_many_arguments)]
+pub fn evaluate_scored(
+    engine: &Engine,
+    reference: Option<Reference<'_>>,
+    ids: &[u32],
+    ctx: usize,
+    max_windows: Option<usize>,
+    mode: RunMode,
+    scoring: Scoring,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<PplReport, RuntimeError> {
     if ctx < 2 {
@@ -140,8 +211,9 @@ pub fn evaluate_with(
         Some(Reference::Engine(r)) => Some(r.session(ctx)),
         _ => None,
     };
+    let first = scoring.first(ctx);
     for w in 0..windows {
-        let win = &ids[w * ctx..(w + 1) * ctx];
+        let win = &scoring.window(ids, w, ctx)[..];
         session.reset();
         let logits = session.forward_mode(win, mode)?;
         let rlogits = match (rsession.as_mut(), &reference) {
@@ -159,7 +231,7 @@ pub fn evaluate_with(
             ),
             _ => None,
         };
-        for t in 0..ctx - 1 {
+        for t in first..ctx - 1 {
             let row = &logits[t * vocab..(t + 1) * vocab];
             sum += nll(row, win[t + 1] as usize);
             if let Some(r) = &rlogits {
@@ -189,6 +261,8 @@ pub fn evaluate_with(
             RunMode::DecodeEquivalent => "decode-equivalent".into(),
             RunMode::Prefill => "prefill".into(),
         },
+        scoring: scoring.name().into(),
+        bos: matches!(scoring, Scoring::Llama { bos: Some(_) }),
     })
 }
 

@@ -453,3 +453,65 @@ fn plan_round_trip_and_corruption() {
     );
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// `Scoring::Llama` is llama-perplexity's protocol: each chunk's first token replaced by the
+/// BOS (when the model adds one), only positions ctx/2 .. ctx-2 scored; `Scoring::Windows`
+/// scores every prediction of the text as it is. Checked against the NLL summed by hand from
+/// each window's logits.
+#[test]
+fn llama_scoring_scores_the_second_half_of_each_chunk_after_a_bos() {
+    use wkvc_runtime::eval::{self, Scoring};
+    let (m, _dir) = tiny_model("llama-scoring");
+    let e = m.engine(1).expect("engine");
+    let ids: Vec<u32> = (0..3 * 12 + 5).map(|i| (i * 37 % 290) as u32).collect();
+    let ctx = 12;
+    let vocab = e.vocab_size();
+    let by_hand = |bos: Option<u32>, first: usize| {
+        let mut s = e.session(ctx);
+        let (mut sum, mut n) = (0f64, 0usize);
+        for w in 0..3 {
+            let mut win = ids[w * ctx..(w + 1) * ctx].to_vec();
+            if let Some(b) = bos {
+                win[0] = b;
+            }
+            s.reset();
+            let l = s
+                .forward_mode(&win, RunMode::DecodeEquivalent)
+                .expect("fwd");
+            for t in first..ctx - 1 {
+                sum += eval::nll(&l[t * vocab..(t + 1) * vocab], win[t + 1] as usize);
+                n += 1;
+            }
+        }
+        (sum / n as f64, n)
+    };
+    for (scoring, bos, first) in [
+        (Scoring::Llama { bos: Some(297) }, Some(297), ctx / 2),
+        (Scoring::Llama { bos: None }, None, ctx / 2),
+        (Scoring::Windows, None, 0),
+    ] {
+        let r = eval::evaluate_scored(
+            &e,
+            None,
+            &ids,
+            ctx,
+            None,
+            RunMode::DecodeEquivalent,
+            scoring,
+            &mut |_, _| {},
+        )
+        .expect("evaluate");
+        let (mean, n) = by_hand(bos, first);
+        assert_eq!(
+            r.windows, 3,
+            "{scoring:?}: the 5 tokens after 3 windows are not a window"
+        );
+        assert_eq!(r.tokens, n, "{scoring:?}");
+        assert_eq!(r.tokens, 3 * (ctx - 1 - first), "{scoring:?}");
+        // the same f64 sums in the same order
+        assert_eq!(r.mean_nll, mean, "{scoring:?}");
+        assert_eq!(r.bos, bos.is_some());
+    }
+    // the BOS changes what the model sees (else the first case above checked nothing)
+    assert_ne!(by_hand(Some(297), 6).0, by_hand(None, 6).0);
+}

@@ -1,7 +1,7 @@
 //! `wkvc eval`: perplexity and KL divergence on a text, or the quality table of the standard
 //! configurations.
 
-use crate::args::{EvalArgs, Protocol, TextOrigin};
+use crate::args::{EvalArgs, Protocol, ScoreArg, TextOrigin};
 use crate::common::{make_engine, note, open, spinner, threads};
 use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -17,7 +17,7 @@ fn quality_table(
     windows: Option<usize>,
     calib: Option<PathBuf>,
     threads: usize,
-    (origin, json): (TextOrigin, bool),
+    (origin, json, scoring): (TextOrigin, bool, eval::Scoring),
 ) -> Result<()> {
     // (name, wbits, wgroup, kvbits, poq, smooth)
     let configs: [(&str, u32, i64, u32, bool, bool); 12] = [
@@ -45,7 +45,7 @@ fn quality_table(
     let fpe = fp.engine(threads)?;
     say("FP logits for the KL divergence");
     let nwin = windows.map_or(ids.len() / ctx.max(1), |w| w.min(ids.len() / ctx.max(1)));
-    let fp_logits = eval::window_logits(&fpe, ids, ctx, nwin)?;
+    let fp_logits = eval::window_logits(&fpe, ids, ctx, nwin, scoring)?;
     let mut rows = Vec::new();
     for (name, wbits, wgroup, kvbits, poq, smooth) in configs {
         let opts = CompileOptions {
@@ -74,13 +74,14 @@ fn quality_table(
         for (name, kind) in kinds {
             let e = m.engine_kind(threads, kind)?;
             say(&format!("evaluating {name}"));
-            let r = eval::evaluate_with(
+            let r = eval::evaluate_scored(
                 &e,
                 Some(eval::Reference::Logits(&fp_logits)),
                 ids,
                 ctx,
                 windows,
                 wkvc_runtime::RunMode::DecodeEquivalent,
+                scoring,
                 &mut |d, t| sp.set_message(format!("evaluating {name}: window {d}/{t}")),
             )?;
             note(
@@ -100,13 +101,14 @@ fn quality_table(
     if json {
         println!(
             "{}",
-            serde_json::json!({"ctx": ctx, "calibration": data.source, "text_origin": if sampled { "sampled" } else { "corpus" }, "rows": rows})
+            serde_json::json!({"ctx": ctx, "scoring": scoring.name(), "calibration": data.source, "text_origin": if sampled { "sampled" } else { "corpus" }, "rows": rows})
         );
         return Ok(());
     }
     println!(
-        "Calibration for the smoothing rows: {}. Protocol: decode-equivalent, ctx {ctx}.",
-        data.source
+        "Calibration for the smoothing rows: {}. Protocol: decode-equivalent, ctx {ctx}, {}.",
+        data.source,
+        scoring_words(scoring)
     );
     let num = |r: &serde_json::Value, k: &str| r[k].as_f64().unwrap_or(f64::NAN);
     if sampled {
@@ -163,6 +165,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
         calib,
         text_origin,
         protocol,
+        score,
         ctx,
         windows,
         json,
@@ -175,10 +178,41 @@ pub fn run(a: EvalArgs) -> Result<()> {
     let text =
         std::fs::read_to_string(&ppl).with_context(|| format!("cannot read {}", ppl.display()))?;
     let m = open(&model)?;
-    let ids = m.tokenizer()?.encode(&text, false)?;
+    let tok = m.tokenizer()?;
+    let (ids, scoring) = match score {
+        ScoreArg::Wkvc => (tok.encode(&text, false)?, eval::Scoring::Windows),
+        ScoreArg::Llama => {
+            // llama-perplexity: the model's special-token policy for the whole text (a BOS
+            // in front when it adds one), and that BOS at the start of every chunk
+            let bos = if tok.spec.add_bos {
+                tok.spec.bos_id
+            } else {
+                None
+            };
+            let ids = tok.encode(&text, true)?;
+            if ids.len() < 2 * ctx {
+                anyhow::bail!(
+                    "{} is {} tokens: llama.cpp scoring needs at least 2 x --ctx = {} (as \
+                     llama-perplexity does)",
+                    ppl.display(),
+                    ids.len(),
+                    2 * ctx
+                );
+            }
+            (ids, eval::Scoring::Llama { bos })
+        }
+    };
     let th = threads(eng.threads);
     if table {
-        return quality_table(&m, &ids, ctx, windows, calib, th, (text_origin, json));
+        return quality_table(
+            &m,
+            &ids,
+            ctx,
+            windows,
+            calib,
+            th,
+            (text_origin, json, scoring),
+        );
     }
     let engine = make_engine(&m, &eng)?;
     let refm = kld_vs.as_ref().map(|p| open(p)).transpose()?;
@@ -190,13 +224,14 @@ pub fn run(a: EvalArgs) -> Result<()> {
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     pb.set_message("perplexity");
-    let r = eval::evaluate(
+    let r = eval::evaluate_scored(
         &engine,
-        refe.as_ref(),
+        refe.as_ref().map(eval::Reference::Engine),
         &ids,
         ctx,
         windows,
         mode,
+        scoring,
         &mut |d, _| pb.set_position(d as u64),
     )?;
     pb.finish_and_clear();
@@ -211,7 +246,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
             .map(|p| p.display().to_string())
             .unwrap_or_default();
         let ppl_line = format!(
-            "perplexity {:.4}{} over {} tokens ({} windows of {}, {}), {:.1}s, {:.1} \
+            "perplexity {:.4}{} over {} tokens ({} windows of {}, {}, {}), {:.1}s, {:.1} \
              tokens/s",
             r.perplexity,
             if text_origin == TextOrigin::Sampled {
@@ -223,6 +258,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
             r.windows,
             r.ctx,
             r.protocol,
+            scoring_words(scoring),
             r.seconds,
             r.tokens_per_s
         );
@@ -243,4 +279,17 @@ pub fn run(a: EvalArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// How a report says which predictions it scored.
+fn scoring_words(s: eval::Scoring) -> &'static str {
+    match s {
+        eval::Scoring::Windows => "every prediction scored",
+        eval::Scoring::Llama { bos: Some(_) } => {
+            "llama.cpp scoring: BOS first, second half of each window"
+        }
+        eval::Scoring::Llama { bos: None } => {
+            "llama.cpp scoring: no BOS (the model adds none), second half of each window"
+        }
+    }
 }
