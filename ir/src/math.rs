@@ -6,7 +6,19 @@ pub fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + (-x).exp())
 }
 
+/// The longest stretch of the inner dimension one `gemm` call sums.
+///
+/// The `gemm` crate sums the inner dimension in blocks whose length it derives from the
+/// host's cache sizes (at least 512, or the whole of it when shorter), so the same product
+/// rounds differently from one machine to another, and so did calibration. Calls of at most
+/// `MATMUL_KC` are one block on every host: each output is then a chain of fused multiply-adds
+/// in index order per chunk, the chunks added in order, whatever the machine (x86-64 with
+/// AVX2 and FMA, where the crate runs the same micro-kernels) and the thread count (threads
+/// split rows and columns, never the inner dimension).
+pub const MATMUL_KC: usize = 512;
+
 /// c[m,n] = a[m,k] b[k,n] with element strides (row stride, column stride) for each operand.
+/// The same bits on every host: see [`MATMUL_KC`].
 #[allow(clippy::too_many_arguments)]
 pub fn matmul(
     m: usize,
@@ -29,34 +41,44 @@ pub fn matmul(
     let last = |rs: usize, cs: usize, r: usize, cc: usize| (r - 1) * rs + (cc - 1) * cs;
     assert!(a.len() > last(a_rs, a_cs, m, k) && b.len() > last(b_rs, b_cs, k, n));
     assert!(c.len() >= m * n);
-    // SAFETY: the asserts above bound every element gemm reads through the given strides; c
-    // holds m*n elements and is a distinct (mutable) borrow.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            c.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
-            a.as_ptr(),
-            a_cs as isize,
-            a_rs as isize,
-            b.as_ptr(),
-            b_cs as isize,
-            b_rs as isize,
-            0.0f32,
-            1.0f32,
-            false,
-            false,
-            false,
-            if threads > 1 {
-                gemm::Parallelism::Rayon(threads)
-            } else {
-                gemm::Parallelism::None
-            },
-        );
+    // equal chunks of at most MATMUL_KC, a function of k alone
+    let chunks = k.div_ceil(MATMUL_KC);
+    let kc = k.div_ceil(chunks);
+    let mut k0 = 0;
+    while k0 < k {
+        let kb = kc.min(k - k0);
+        // SAFETY: the asserts above bound every element gemm reads through the given
+        // strides (the chunk's first element offset by k0 along k, kb <= k - k0 more); c
+        // holds m*n elements and is a distinct (mutable) borrow.
+        unsafe {
+            gemm::gemm(
+                m,
+                n,
+                kb,
+                c.as_mut_ptr(),
+                1,
+                n as isize,
+                // the first chunk writes c, the others add to it
+                k0 > 0,
+                a.as_ptr().add(k0 * a_cs),
+                a_cs as isize,
+                a_rs as isize,
+                b.as_ptr().add(k0 * b_rs),
+                b_cs as isize,
+                b_rs as isize,
+                1.0f32,
+                1.0f32,
+                false,
+                false,
+                false,
+                if threads > 1 {
+                    gemm::Parallelism::Rayon(threads)
+                } else {
+                    gemm::Parallelism::None
+                },
+            );
+        }
+        k0 += kb;
     }
 }
 
@@ -103,4 +125,69 @@ pub fn loss_value(kind: &str, p: &[f32], t: &[f32]) -> f32 {
         })
         .sum();
     (s / n) as f32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `matmul` is, output by output, a chain of fused multiply-adds in index order over
+    /// each chunk of at most `MATMUL_KC`, the chunks added in order: a definition that does
+    /// not depend on the host's caches (the `gemm` crate's own blocking does) or the thread
+    /// count. Checked bit for bit against that definition, written out in scalar code, for
+    /// inner dimensions below, at and above one chunk, both operand layouts, 1 and 2 threads.
+    /// (Products of one row or column, or of at most 16 x 16 outputs, take the crate's
+    /// matrix-vector and dot-product paths: SIMD lanes along the inner dimension, another
+    /// order fixed by the shape, not covered here.)
+    #[test]
+    fn matmul_sums_each_chunk_in_order_whatever_the_host() {
+        if !(std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")) {
+            eprintln!("skipped: the gemm crate's AVX2/FMA kernels are the defined ones");
+            return;
+        }
+        let mut seed = 0x9e3779b97f4a7c15u64;
+        let mut rnd = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+        };
+        for (m, n, k) in [
+            (9usize, 33usize, 300usize),
+            (64, 48, 512),
+            (70, 65, 1100),
+            (17, 19, 2048),
+        ] {
+            let a: Vec<f32> = (0..m * k).map(|_| rnd()).collect();
+            let b: Vec<f32> = (0..k * n).map(|_| rnd()).collect();
+            let chunks = k.div_ceil(MATMUL_KC);
+            let kc = k.div_ceil(chunks);
+            // b as [k, n] row-major, or as [n, k] (a transposed weight, as `linear` passes it)
+            let bt: Vec<f32> = (0..n * k).map(|i| b[(i % k) * n + i / k]).collect();
+            for (bm, bs) in [(&b, (n, 1)), (&bt, (1, k))] {
+                for threads in [1, 2] {
+                    let mut c = vec![0f32; m * n];
+                    matmul(m, n, k, &a, (k, 1), bm, bs, &mut c, threads);
+                    for i in 0..m {
+                        for j in 0..n {
+                            let mut want = 0f32;
+                            for k0 in (0..k).step_by(kc) {
+                                let mut acc = 0f32;
+                                for t in k0..(k0 + kc).min(k) {
+                                    acc = a[i * k + t].mul_add(b[t * n + j], acc);
+                                }
+                                want += acc;
+                            }
+                            assert_eq!(
+                                c[i * n + j].to_bits(),
+                                want.to_bits(),
+                                "m {m} n {n} k {k} threads {threads} at ({i},{j}): {} vs {want}",
+                                c[i * n + j]
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
 }

@@ -817,19 +817,44 @@ fn quality_sampling(
     }))
 }
 
-/// The manifest of a compiled model (tensors and graph are filled in by `plan::write`).
+/// Drops what describes the compile run rather than its result (`seconds`, `peak_rss_bytes`,
+/// at any depth): they are printed and kept in `Compiled`, not written to the plan, so that
+/// the same command (model, options, seed, thread count) writes the same plan file, byte for
+/// byte, run after run.
+fn without_run_measurements(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::Object(m) => {
+            m.remove("seconds");
+            m.remove("peak_rss_bytes");
+            m.values_mut().for_each(without_run_measurements);
+        }
+        serde_json::Value::Array(a) => a.iter_mut().for_each(without_run_measurements),
+        _ => {}
+    }
+}
+
+/// The manifest of a compiled model (tensors and graph are filled in by `plan::write`). It
+/// records no timings or memory figures of the compile (see `without_run_measurements`).
 pub fn manifest(
     fp: &Model,
     c: &Compiled,
     quality: serde_json::Value,
     source_sha256: String,
 ) -> Manifest {
+    let mut quality = quality;
+    without_run_measurements(&mut quality);
+    let mut quant = c.quant.clone();
+    if let Some(info) = quant.calibrate.as_mut() {
+        without_run_measurements(info);
+    }
+    let mut passes = serde_json::to_value(&c.reports).unwrap_or_default();
+    without_run_measurements(&mut passes);
     Manifest {
         format: plan::FORMAT.into(),
         version: plan::VERSION,
         tool_version: env!("CARGO_PKG_VERSION").into(),
         config: fp.config.clone(),
-        quant: c.quant.clone(),
+        quant,
         graph: String::new(),
         tokenizer: fp.tokenizer_spec.clone(),
         source: fp.source.clone(),
@@ -837,7 +862,7 @@ pub fn manifest(
         quality,
         lowered: lowered_record(&fp.with_module(c.module.clone(), None), c.cpu_act),
         cuda: None,
-        passes: serde_json::to_value(&c.reports).unwrap_or_default(),
+        passes,
         tensors: Default::default(),
     }
 }
