@@ -668,6 +668,9 @@ impl<'a> Interpreter<'a> {
         let hd = node.int_attr("head_dim").unwrap_or(2) as usize;
         let rd = node.int_attr("rope_dim").map(|r| r as usize).unwrap_or(hd);
         let inv = rope_inv_freq(node, rd, factors);
+        // K/V rotation: each head's rotated q/k times the orthonormal Hadamard matrix of
+        // `rotate` (symmetric, its own inverse: the gradient applies it before undoing RoPE)
+        let rot = node.int_attr("rotate").unwrap_or(0).max(0) as usize;
         let mut y = x.to_vec();
         for (r, row) in y.chunks_mut(heads * hd).enumerate() {
             let p = pos[r];
@@ -683,7 +686,13 @@ impl<'a> Interpreter<'a> {
                 })
                 .unzip();
             for h in row.chunks_mut(hd) {
+                if inverse && rot > 0 {
+                    crate::math::hadamard_in_place(h, rot);
+                }
                 rope_rotate(&mut h[..rd], &cos, &sin);
+                if !inverse && rot > 0 {
+                    crate::math::hadamard_in_place(h, rot);
+                }
             }
         }
         Ok(y)

@@ -82,6 +82,32 @@ pub fn matmul(
     }
 }
 
+/// The orthonormal Walsh-Hadamard transform of each block of `block` values of `x` in place
+/// (`block` a power of two dividing `x.len()`): the butterflies of the fast transform in the
+/// usual order (strides 1, 2, 4, ..), then the scale 1/sqrt(block). The matrix is symmetric
+/// and its own inverse. The K/V rotation (`rope {rotate}`) of every back end computes it in
+/// this order.
+pub fn hadamard_in_place(x: &mut [f32], block: usize) {
+    debug_assert!(block.is_power_of_two() && x.len().is_multiple_of(block));
+    let scale = (1.0 / (block as f64).sqrt()) as f32;
+    for b in x.chunks_exact_mut(block) {
+        let mut h = 1;
+        while h < block {
+            for i in (0..block).step_by(2 * h) {
+                for j in i..i + h {
+                    let (u, v) = (b[j], b[j + h]);
+                    b[j] = u + v;
+                    b[j + h] = u - v;
+                }
+            }
+            h *= 2;
+        }
+        for v in b.iter_mut() {
+            *v *= scale;
+        }
+    }
+}
+
 /// Numerically stable softmax in place.
 pub fn softmax_in_place(x: &mut [f32]) {
     let m = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -130,6 +156,48 @@ pub fn loss_value(kind: &str, p: &[f32], t: &[f32]) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The fast transform equals the Sylvester matrix (entry (i, j) = (-1)^popcount(i & j)
+    /// / sqrt(b)), block by block; applied twice it gives the input back (symmetric,
+    /// orthonormal).
+    #[test]
+    fn hadamard_is_the_orthonormal_sylvester_matrix() {
+        for b in [2usize, 4, 8, 64, 128] {
+            let x: Vec<f32> = (0..3 * b)
+                .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
+                .collect();
+            let mut y = x.clone();
+            hadamard_in_place(&mut y, b);
+            for (blk, (xb, yb)) in x.chunks(b).zip(y.chunks(b)).enumerate() {
+                for (i, &got) in yb.iter().enumerate() {
+                    let want: f64 = (0..b)
+                        .map(|j| {
+                            let sign = if (i & j).count_ones() % 2 == 0 {
+                                1.0
+                            } else {
+                                -1.0
+                            };
+                            sign * xb[j] as f64
+                        })
+                        .sum::<f64>()
+                        / (b as f64).sqrt();
+                    // log2(b) rounded additions and one scale, each within half an ulp of
+                    // a partial sum no larger than sum |x|
+                    let bound = (b.ilog2() + 1) as f64
+                        * f32::EPSILON as f64
+                        * xb.iter().map(|v| v.abs() as f64).sum::<f64>();
+                    assert!(
+                        (got as f64 - want).abs() <= bound,
+                        "b {b} block {blk} row {i}: {got} vs {want}"
+                    );
+                }
+            }
+            hadamard_in_place(&mut y, b);
+            for (a, c) in x.iter().zip(&y) {
+                assert!((a - c).abs() <= 1e-5 * (1.0 + a.abs()), "b {b}: {a} -> {c}");
+            }
+        }
+    }
 
     /// `matmul` is, output by output, a chain of fused multiply-adds in index order over
     /// each chunk of at most `MATMUL_KC`, the chunks added in order: a definition that does

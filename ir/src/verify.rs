@@ -323,6 +323,15 @@ pub fn infer(n: &Node, a: &[TensorType]) -> Result<TensorType, String> {
                     "rope_dim must be even and in 1..=head_dim, found {rd}"
                 ));
             }
+            if let Some(r) = n.int_attr("rotate")
+                && r != 0
+                && (r < 2 || !(r as u64).is_power_of_two() || hd % r as usize != 0)
+            {
+                return Err(format!(
+                    "rotate (a Hadamard block) must be 0 or a power of two >= 2 dividing \
+                     head_dim {hd}, found {r}"
+                ));
+            }
             let theta = need_float(n, "theta")?;
             if theta.is_nan() || theta <= 0.0 {
                 return Err(format!("theta must be > 0, found {theta}"));

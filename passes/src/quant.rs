@@ -145,6 +145,172 @@ impl Pass for WeightQuant {
     }
 }
 
+/// K/V rotation (beyond the paper: WKVQUANT.md section 6): each head's K and V are multiplied
+/// by the orthonormal Hadamard matrix of `block` values (blocks along the head) before they
+/// are smoothed and quantized, which spreads outlier channels over the quantization group.
+/// Exact in real arithmetic:
+///
+/// - K after RoPE: both RoPE nodes feeding an attention (q and k) get `rotate = block`, so
+///   q and k are rotated alike and the scores are unchanged (the matrix is orthonormal);
+/// - V: folded into the weights, `v_proj`'s rows of each kv head (and its bias) times the
+///   matrix, so the cache holds rotated V; the attention output, rotated per head, is undone
+///   in `o_proj`'s columns of each head (times the matrix, its own inverse). No kernel work
+///   at run time for V, and none for K beyond the transform in the RoPE kernel.
+///
+/// Runs before weight quantization (the W4 grid is fitted to the rotated `v_proj`/`o_proj`)
+/// and before the K/V statistics (smoothing is initialised, and learned, in the rotated
+/// basis).
+#[derive(Clone, Debug)]
+pub struct KvRotate {
+    /// Hadamard block: a power of two >= 2 dividing the head dimension.
+    pub block: usize,
+}
+
+impl Pass for KvRotate {
+    fn name(&self) -> &str {
+        "kv_rotate"
+    }
+
+    fn run(&self, m: &mut Module, report: &mut PassReport) -> Result<(), PassError> {
+        let b = self.block;
+        let attn: Vec<(i64, usize, usize, usize, Vec<Operand>)> = m
+            .graph
+            .nodes
+            .iter()
+            .filter(|n| n.op == OpKind::Attention)
+            .map(|n| {
+                (
+                    n.int_attr("layer").unwrap_or(0),
+                    n.int_attr("heads").unwrap_or(1) as usize,
+                    n.int_attr("kv_heads").unwrap_or(1) as usize,
+                    n.int_attr("head_dim").unwrap_or(1) as usize,
+                    n.args.clone(),
+                )
+            })
+            .collect();
+        let mut layers = 0;
+        for (layer, heads, kv_heads, hd, args) in attn {
+            if b < 2 || !b.is_power_of_two() || !hd.is_multiple_of(b) {
+                return Err(fail(
+                    self.name(),
+                    format!(
+                        "the Hadamard block must be a power of two >= 2 dividing the head \
+                         dimension {hd}, got {b}"
+                    ),
+                ));
+            }
+            // q and k: the RoPE nodes that make them
+            for (i, what) in [(0usize, "q"), (1, "k")] {
+                let Some(Operand::Value(v)) = args.get(i) else {
+                    return Err(fail(
+                        self.name(),
+                        format!("layer {layer}: no {what} operand"),
+                    ));
+                };
+                let node = m
+                    .graph
+                    .nodes
+                    .iter_mut()
+                    .find(|n| n.out == *v && n.op == OpKind::Rope)
+                    .ok_or_else(|| {
+                        fail(
+                            self.name(),
+                            format!("layer {layer}: {what} is not made by a rope node"),
+                        )
+                    })?;
+                if node.int_attr("rotate").unwrap_or(0) != 0 {
+                    return Err(fail(
+                        self.name(),
+                        format!("layer {layer}: K/V already rotated"),
+                    ));
+                }
+                node.attrs.insert("rotate".into(), Attr::Int(b as i64));
+            }
+            let p = format!("model.layers.{layer}.self_attn");
+            // v_proj rows [kv_heads * hd, in]: each column's head segments rotated
+            let vw = format!("{p}.v_proj.weight");
+            let rows_of = |m: &Module, name: &str| -> Result<(Vec<usize>, Vec<f32>), PassError> {
+                let w = m.weights.get(name).ok_or_else(|| {
+                    fail("kv_rotate", format!("layer {layer}: no weight `{name}`"))
+                })?;
+                Ok((
+                    w.ty()
+                        .shape
+                        .iter()
+                        .map(|d| d.as_const().unwrap_or(0))
+                        .collect(),
+                    w.f32().into_owned(),
+                ))
+            };
+            let (shape, mut w) = rows_of(m, &vw)?;
+            if shape.len() != 2 || shape[0] != kv_heads * hd {
+                return Err(fail(
+                    self.name(),
+                    format!(
+                        "layer {layer}: `{vw}` is {shape:?}, expected [{}, _]",
+                        kv_heads * hd
+                    ),
+                ));
+            }
+            let cols = shape[1];
+            // y = H W (per head block of rows): transform each column's rows
+            let mut col = vec![0f32; kv_heads * hd];
+            for c in 0..cols {
+                for r in 0..kv_heads * hd {
+                    col[r] = w[r * cols + c];
+                }
+                wkvc_ir::math::hadamard_in_place(&mut col, b);
+                for r in 0..kv_heads * hd {
+                    w[r * cols + c] = col[r];
+                }
+            }
+            replace_f32(m, &vw, shape, w)?;
+            let vb = format!("{p}.v_proj.bias");
+            if m.weights.contains(&vb) {
+                let (shape, mut bias) = rows_of(m, &vb)?;
+                wkvc_ir::math::hadamard_in_place(&mut bias, b);
+                replace_f32(m, &vb, shape, bias)?;
+            }
+            // o_proj [out, heads * hd]: each row's head segments times the matrix
+            let ow = format!("{p}.o_proj.weight");
+            let (shape, mut w) = rows_of(m, &ow)?;
+            if shape.len() != 2 || shape[1] != heads * hd {
+                return Err(fail(
+                    self.name(),
+                    format!(
+                        "layer {layer}: `{ow}` is {shape:?}, expected [_, {}]",
+                        heads * hd
+                    ),
+                ));
+            }
+            for row in w.chunks_exact_mut(heads * hd) {
+                wkvc_ir::math::hadamard_in_place(row, b);
+            }
+            replace_f32(m, &ow, shape, w)?;
+            layers += 1;
+        }
+        report.stats.insert("layers".into(), layers as f64);
+        report.stats.insert("block".into(), b as f64);
+        Ok(())
+    }
+}
+
+/// Replace a weight by f32 values a pass made (spilled when the store spills), its declared
+/// type f32 of the same shape.
+fn replace_f32(
+    m: &mut Module,
+    name: &str,
+    shape: Vec<usize>,
+    data: Vec<f32>,
+) -> Result<(), PassError> {
+    if let Some(d) = m.graph.params.iter_mut().find(|d| d.name == name) {
+        d.ty = TensorType::f32(shape.iter().map(|&x| Dim::Const(x)).collect());
+    }
+    m.weights
+        .insert_made(name.to_string(), Weight::from_f32(shape, data))
+        .map_err(|e| fail("kv_rotate", format!("cannot store `{name}`: {e}")))
+}
+
 /// Per-layer, per-channel min/max of post-RoPE K and of V, gathered by running the FP graph.
 #[derive(Clone, Debug, Default)]
 pub struct KvStats {

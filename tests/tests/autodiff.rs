@@ -292,8 +292,9 @@ fn smooth_ops_match_finite_differences() {
         &[1],
         10,
     );
-    // RoPE: 3 heads of 8, positions far apart; partial rotation too
-    for rd in [8i64, 4] {
+    // RoPE: 3 heads of 8, positions far apart; partial rotation too; with the K/V rotation
+    // (Hadamard blocks of 8 and of 4 after RoPE)
+    for (rd, rotate) in [(8i64, 0i64), (4, 0), (8, 8), (4, 4)] {
         check_op(
             OpKind::Rope,
             &[
@@ -301,6 +302,7 @@ fn smooth_ops_match_finite_differences() {
                 ("head_dim", Attr::Int(8)),
                 ("rope_dim", Attr::Int(rd)),
                 ("theta", Attr::Float(10000.0)),
+                ("rotate", Attr::Int(rotate)),
             ],
             vec![
                 f(&[4, 24], &mut r, 1.0),

@@ -515,3 +515,54 @@ fn llama_scoring_scores_the_second_half_of_each_chunk_after_a_bos() {
     // the BOS changes what the model sees (else the first case above checked nothing)
     assert_ne!(by_hand(Some(297), 6).0, by_hand(None, 6).0);
 }
+
+/// The K/V rotation is exact in real arithmetic: with an FP cache the rotated model's logits
+/// are the model's up to float rounding (prefill and decode-equivalent), for every Hadamard
+/// block dividing the head; its RoPE nodes carry the block and `v_proj`/`o_proj` changed.
+#[test]
+fn kv_rotation_leaves_the_fp_model_unchanged() {
+    use wkvc_passes::quant::KvRotate;
+    let (m, _dir) = tiny_model("kv-rotate");
+    let base_pre = logits(&m, RunMode::Prefill);
+    let base_de = logits(&m, RunMode::DecodeEquivalent);
+    let scale = base_pre.iter().fold(0f32, |a, &x| a.max(x.abs()));
+    for block in [8usize, 4, 2] {
+        let mut module = m.module.clone();
+        run_pass(&mut module, KvRotate { block });
+        let ropes: Vec<i64> = module
+            .graph
+            .nodes
+            .iter()
+            .filter(|n| n.op == wkvc_ir::OpKind::Rope)
+            .map(|n| n.int_attr("rotate").unwrap_or(0))
+            .collect();
+        assert!(
+            !ropes.is_empty() && ropes.iter().all(|&r| r == block as i64),
+            "{ropes:?}"
+        );
+        let w = |md: &Module, n: &str| md.weights.get(n).expect(n).f32().into_owned();
+        for name in [
+            "model.layers.0.self_attn.v_proj.weight",
+            "model.layers.1.self_attn.o_proj.weight",
+        ] {
+            assert_ne!(w(&module, name), w(&m.module, name), "{name} unchanged");
+        }
+        let r = m.with_module(module, None);
+        for (mode, base) in [
+            (RunMode::Prefill, &base_pre),
+            (RunMode::DecodeEquivalent, &base_de),
+        ] {
+            let got = logits(&r, mode);
+            let diff = got
+                .iter()
+                .zip(base.iter())
+                .fold(0f32, |a, (x, y)| a.max((x - y).abs()));
+            // f32 rounding of a few extra sums per value through two layers: a few ulps of
+            // the logits' scale, far below any effect of the rotation being wrong (O(scale))
+            assert!(
+                diff <= 1e-5 * scale.max(1.0),
+                "block {block} {mode:?}: max |logit diff| {diff} (logit scale {scale})"
+            );
+        }
+    }
+}
