@@ -152,6 +152,16 @@ pub struct QuantArgs {
     /// No K/V channel smoothing.
     #[arg(long)]
     pub no_smooth: bool,
+    /// K/V rotation before quantization: hadamard multiplies each head's K (after RoPE, q
+    /// alike) and V by an orthonormal Hadamard matrix (V's folded into v_proj and o_proj),
+    /// spreading outlier channels over the quantization group; smoothing is then fitted in
+    /// the rotated basis.
+    #[arg(long, value_enum, default_value_t = KvRotateArg::None)]
+    pub kv_rotate: KvRotateArg,
+    /// Hadamard block of --kv-rotate hadamard: a power of two dividing the head dim (default:
+    /// the head dim).
+    #[arg(long)]
+    pub kv_rotate_block: Option<usize>,
     /// Quantization method.
     #[arg(long, value_enum, default_value_t = Method::Rtn)]
     pub method: Method,
@@ -306,6 +316,13 @@ pub struct CompileArgs {
     /// the FP model's by more than this factor (1.05: at most 5% worse).
     #[arg(long, value_name = "RATIO")]
     pub max_ppl_ratio: Option<f64>,
+}
+
+/// `--kv-rotate`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum KvRotateArg {
+    None,
+    Hadamard,
 }
 
 /// `wkvc eval --score`.

@@ -39,7 +39,16 @@ fn rope(h: usize, kv: usize, hd: usize, rd: usize, bits: u32, smooth: bool) -> K
         smooth,
         factors: false,
         layer: 0,
+        rotate: 0,
     }
+}
+
+/// `spec` (a rope_kv) with the K/V rotation.
+fn rotated(mut spec: KernelSpec, block: usize) -> KernelSpec {
+    if let KernelSpec::RopeKv { rotate, .. } = &mut spec {
+        *rotate = block;
+    }
+    spec
 }
 
 fn attn(h: usize, kv: usize, hd: usize, bits: u32, po: bool, smooth: bool) -> KernelSpec {
@@ -93,6 +102,8 @@ fn specs() -> Vec<KernelSpec> {
         rope(9, 3, 64, 64, 4, true),
         rope(32, 8, 128, 128, 16, false),
         rope(8, 2, 64, 32, 3, false),
+        rotated(rope(9, 3, 64, 64, 4, true), 64),
+        rotated(rope(32, 8, 128, 128, 4, true), 128),
         attn(9, 3, 64, 4, true, true),
         attn(32, 8, 128, 4, true, false),
         attn(32, 4, 128, 4, false, true),

@@ -253,22 +253,29 @@ fn logits_int8_is_the_int8_dot() {
 fn rope_kv_and_attention_match_rope_and_attention() {
     let mut jit = CpuJit::host().expect("host JIT");
     let mut rng = Rng(21);
-    let cases: &[(usize, usize, usize, usize, u32, bool, bool)] = &[
-        // heads, kv heads, head dim, rope dim, kv bits, smooth, past-only
-        (4, 2, 32, 32, 4, true, true),
-        (6, 1, 64, 64, 4, false, true),
-        (3, 3, 32, 16, 3, true, false),
-        (2, 1, 64, 64, 16, false, false),
-        (4, 2, 32, 32, 4, false, false),
-        (4, 2, 32, 32, 4, true, false),
-        (9, 3, 64, 64, 4, true, true),
+    // heads, kv heads, head dim, rope dim, kv bits, smooth, past-only, K/V rotation
+    type Case = (usize, usize, usize, usize, u32, bool, bool, usize);
+    let cases: &[Case] = &[
+        // heads, kv heads, head dim, rope dim, kv bits, smooth, past-only, K/V rotation
+        (4, 2, 32, 32, 4, true, true, 0),
+        (6, 1, 64, 64, 4, false, true, 0),
+        (3, 3, 32, 16, 3, true, false, 0),
+        (2, 1, 64, 64, 16, false, false, 0),
+        (4, 2, 32, 32, 4, false, false, 0),
+        (4, 2, 32, 32, 4, true, false, 0),
+        (9, 3, 64, 64, 4, true, true, 0),
+        // rotated: the block the head dim (the default), smaller blocks, partial rotary
+        (9, 3, 64, 64, 4, true, true, 64),
+        (4, 2, 32, 32, 3, false, false, 8),
+        (3, 3, 32, 16, 4, true, true, 2),
+        (2, 1, 64, 64, 16, false, true, 32),
     ];
-    for &(h, kvh, hd, rd, bits, smooth, past_only) in cases {
+    for &(h, kvh, hd, rd, bits, smooth, past_only, rot) in cases {
         for mode in [RunMode::Prefill, RunMode::DecodeEquivalent] {
             attention_case(
                 &mut jit,
                 &mut rng,
-                (h, kvh, hd, rd),
+                (h, kvh, hd, rd, rot),
                 bits,
                 smooth,
                 past_only,
@@ -281,7 +288,7 @@ fn rope_kv_and_attention_match_rope_and_attention() {
     attention_case(
         &mut jit,
         &mut rng,
-        (4, 2, 32, 32),
+        (4, 2, 32, 32, 0),
         4,
         true,
         true,
@@ -294,7 +301,7 @@ fn rope_kv_and_attention_match_rope_and_attention() {
 fn attention_case(
     jit: &mut CpuJit,
     rng: &mut Rng,
-    (h, kvh, hd, rd): (usize, usize, usize, usize),
+    (h, kvh, hd, rd, rot): (usize, usize, usize, usize, usize),
     bits: u32,
     smooth: bool,
     past_only: bool,
@@ -320,6 +327,9 @@ fn attention_case(
         ]);
         if rd != hd {
             a.insert("rope_dim".into(), Attr::Int(rd as i64));
+        }
+        if rot > 0 {
+            a.insert("rotate".into(), Attr::Int(rot as i64));
         }
         a
     };
@@ -389,6 +399,7 @@ fn attention_case(
         smooth,
         factors: false,
         layer: 0,
+        rotate: rot,
     };
     let attn_spec = KernelSpec::Attention {
         heads: h,

@@ -65,6 +65,7 @@ fn rope_kv_h9_kv3_d64_b4_smooth() {
         smooth: true,
         factors: false,
         layer: 0,
+        rotate: 0,
     }));
 }
 

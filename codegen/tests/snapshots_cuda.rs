@@ -44,6 +44,23 @@ fn rope_kv_demo() {
         smooth: true,
         factors: false,
         layer: 0,
+        rotate: 0,
+    }));
+}
+
+/// The demo's rope_kv with the K/V rotation (Hadamard blocks of the head dim).
+#[test]
+fn rope_kv_demo_rot64() {
+    insta::assert_snapshot!(src(&KernelSpec::RopeKv {
+        heads: 9,
+        kv_heads: 3,
+        head_dim: 64,
+        rope_dim: 64,
+        kv_bits: 4,
+        smooth: true,
+        factors: false,
+        layer: 0,
+        rotate: 64,
     }));
 }
 

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use wkvc_ir::Module;
 use wkvc_passes::calibrate::calibrate;
 pub use wkvc_passes::calibrate::{CalibConfig, CalibLoss};
-use wkvc_passes::quant::{KvQuant, KvSmooth, KvStats, Pack, PastOnly, WeightQuant};
+use wkvc_passes::quant::{KvQuant, KvRotate, KvSmooth, KvStats, Pack, PastOnly, WeightQuant};
 use wkvc_passes::{Dce, PassManager, PassReport};
 
 /// How weights are quantized.
@@ -76,6 +76,9 @@ pub struct CompileOptions {
     pub kvbits: u32,
     pub past_only: bool,
     pub smooth: bool,
+    /// K/V rotation (`wkvc_passes::quant::KvRotate`): the Hadamard block, a power of two
+    /// dividing the head dim; 0 for none.
+    pub kv_rotate: usize,
     /// RTN, or WKVQuant (learned clipping and smoothing, `calib_cfg`)
     pub method: Method,
     /// Settings of `--method wkvquant` (samples = calib_tokens / calib_window).
@@ -113,6 +116,7 @@ impl Default for CompileOptions {
             kvbits: 4,
             past_only: true,
             smooth: true,
+            kv_rotate: 0,
             method: Method::Rtn,
             calib_cfg: CalibConfig::default(),
             calib: None,
@@ -185,6 +189,12 @@ impl CompileOptions {
                     )));
                 }
             }
+        }
+        if self.kv_rotate != 0 && (self.kv_rotate < 2 || !self.kv_rotate.is_power_of_two()) {
+            return Err(RuntimeError::Invalid(format!(
+                "--kv-rotate-block must be a power of two >= 2 dividing the head dim, got {}",
+                self.kv_rotate
+            )));
         }
         if self.calib_window < 2 {
             return Err(RuntimeError::Invalid(
@@ -482,6 +492,18 @@ pub fn quantize(
     opts.validate()?;
     let mut module = model.module.clone();
     spill_in(&mut module, opts.spill_dir.as_deref())?;
+    let mut rotate_report = None;
+    if opts.kv_rotate > 0 {
+        // first: the statistics, smoothing and weight grids all see the rotated K/V
+        progress("rotating K/V");
+        rotate_report = Some(
+            PassManager::new()
+                .with(KvRotate {
+                    block: opts.kv_rotate,
+                })
+                .run(&mut module)?,
+        );
+    }
     let stats: Option<KvStats> = if opts.smoothing() {
         let c = calib
             .ok_or_else(|| RuntimeError::Invalid("KV smoothing needs calibration text".into()))?;
@@ -507,7 +529,8 @@ pub fn quantize(
         pm = pm.with(PastOnly);
     }
     progress("running passes");
-    let mut reports = pm.run(&mut module)?;
+    let mut reports = rotate_report.unwrap_or_default();
+    reports.extend(pm.run(&mut module)?);
     let mut calib_info = None;
     if opts.wkvquant() {
         let c = calib.ok_or_else(|| {
@@ -634,6 +657,7 @@ pub fn quantize(
                 0
             },
             calibrate: calib_info,
+            kv_rotate: opts.kv_rotate,
         },
         reports,
     })

@@ -36,6 +36,13 @@ pub struct QuantConfig {
     /// seconds, peak RSS).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub calibrate: Option<serde_json::Value>,
+    /// The K/V rotation's Hadamard block (0: none; absent in plans from before it existed).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub kv_rotate: usize,
+}
+
+fn is_zero(v: &usize) -> bool {
+    *v == 0
 }
 
 /// The lowered plan as recorded at compile time (`wkvc_passes::lower::LoweredPlan`): the

@@ -1,5 +1,5 @@
 //! The compiled CPU engine (lowering + Cranelift JIT) on the demo model against the reference
-//! interpreter: a W4 KV16 and a W4KV4 plan with smoothing and past-only attention (RTN,
+//! interpreter: a W4 KV16, a W4KV4 and a rotated W4KV4 plan with smoothing and past-only attention (RTN,
 //! smoothing statistics from calibration text, or from text sampled from the model where no
 //! text is at hand), prefill of a 40-token prompt then 8 decode steps, and the
 //! decode-equivalent protocol, each chunk against the interpreter replaying the engine's own
@@ -21,13 +21,15 @@ fn jit_engine_matches_interpreter_on_demo_plan() {
         return;
     };
     let m = Model::open(&path).expect("demo model opens");
-    for kvbits in [16, 4] {
-        check(&m, kvbits);
+    // KV16, KV4, and KV4 with the K/V rotation (Hadamard blocks of the head dim, 64)
+    for (kvbits, kv_rotate) in [(16, 0), (4, 0), (4, 64)] {
+        check(&m, kvbits, kv_rotate);
     }
 }
 
-fn check(m: &Model, kvbits: u32) {
+fn check(m: &Model, kvbits: u32, kv_rotate: usize) {
     let o = CompileOptions {
+        kv_rotate,
         calib: calib_text(),
         calib_tokens: Some(256),
         calib_window: 128,
@@ -57,7 +59,10 @@ fn check(m: &Model, kvbits: u32) {
             (RunMode::DecodeEquivalent, &[&prompt[..]][..]),
         ] {
             let a = agreement(&it, &eng, chunks, mode, 256);
-            eprintln!("{act:?} kv{kvbits} {mode:?}: {}", a.summary());
+            eprintln!(
+                "{act:?} kv{kvbits} rotate {kv_rotate} {mode:?}: {}",
+                a.summary()
+            );
             match act {
                 // The interpreter replays the engine's cache (wkvc_tests::agree), so only the
                 // f32 summation order separates them: logits ~ 1e1 from sums of <= 1536

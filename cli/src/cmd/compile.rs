@@ -1,7 +1,7 @@
 //! `wkvc compile`: calibration text, the WKVQuant pipeline, the lowered plan, the quality
 //! check on held-out text, the plan file (written atomically).
 
-use crate::args::{CompileArgs, Loss, Method, QualityCheckArg, QuantArgs, Target};
+use crate::args::{CompileArgs, KvRotateArg, Loss, Method, QualityCheckArg, QuantArgs, Target};
 use crate::common::{note, open, spinner, threads};
 use anyhow::{Context, Result, bail};
 use std::path::PathBuf;
@@ -33,6 +33,8 @@ pub fn compile_options(
         kvbits: q.kvbits,
         past_only: !q.no_poq,
         smooth: !q.no_smooth,
+        // set by `kv_rotate_block` once the model (its head dim) is known
+        kv_rotate: 0,
         method: match q.method {
             Method::Rtn => compile::Method::Rtn,
             Method::Wkvquant => compile::Method::WkvQuant,
@@ -75,6 +77,7 @@ pub fn run(a: CompileArgs) -> Result<()> {
     wkvc_runtime::plan::check_destination(&a.output)?;
     let fp = open(&a.model)?;
     let mut opts = compile_options(&a.q, a.calib, a.calib_tokens, a.seed, threads(a.threads))?;
+    opts.kv_rotate = kv_rotate_block(&a.q, fp.config.head_dim)?;
     opts.quality_check = match a.quality_check {
         QualityCheckArg::None => compile::QualityCheck::None,
         QualityCheckArg::Quick => compile::QualityCheck::Quick,
@@ -166,12 +169,16 @@ pub fn run(a: CompileArgs) -> Result<()> {
         t0.elapsed().as_secs_f64()
     );
     println!(
-        "  quantization  W{} (group {}) KV{} past-only {} smoothing {} method {}",
+        "  quantization  W{} (group {}) KV{} past-only {} smoothing {} rotation {} method {}",
         opts.wbits,
         opts.wgroup,
         opts.kvbits,
         c.quant.past_only,
         c.quant.smooth,
+        match opts.kv_rotate {
+            0 => "none".to_string(),
+            b => format!("hadamard/{b}"),
+        },
         opts.method.name()
     );
     println!("  calibration   {}", c.quant.calibration);
@@ -255,6 +262,24 @@ pub fn run(a: CompileArgs) -> Result<()> {
         wkvc_runtime::peak_rss_bytes().unwrap_or(0) as f64 / 1048576.0
     );
     Ok(())
+}
+
+/// `--kv-rotate` / `--kv-rotate-block` for a model of head dim `hd`: the Hadamard block, or 0.
+pub fn kv_rotate_block(q: &QuantArgs, hd: usize) -> Result<usize> {
+    match (q.kv_rotate, q.kv_rotate_block) {
+        (KvRotateArg::None, None) => Ok(0),
+        (KvRotateArg::None, Some(_)) => bail!("--kv-rotate-block needs --kv-rotate hadamard"),
+        (KvRotateArg::Hadamard, b) => {
+            let b = b.unwrap_or(hd);
+            if b < 2 || !b.is_power_of_two() || !hd.is_multiple_of(b) {
+                bail!(
+                    "--kv-rotate-block {b}: the Hadamard block must be a power of two >= 2 \
+                     dividing the model's head dim {hd}"
+                );
+            }
+            Ok(b)
+        }
+    }
 }
 
 /// `--max-kld` / `--max-ppl-ratio`: bounds on the held-out check, checked before the plan is

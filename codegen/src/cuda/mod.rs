@@ -200,11 +200,18 @@ pub fn emit(spec: &KernelSpec) -> Result<CudaKernel, CodegenError> {
             rope_dim,
             kv_bits,
             smooth,
+            rotate,
             ..
         } => {
             check_head_dim(*head_dim)?;
+            crate::kernels::check_rotate(*rotate, *head_dim)?;
             rope_kv::emit_rope_kv(
-                &mut s, &name, *heads, *kv_heads, *head_dim, *rope_dim, *kv_bits, *smooth,
+                &mut s,
+                &name,
+                (*heads, *kv_heads, *head_dim, *rope_dim),
+                *kv_bits,
+                *smooth,
+                *rotate,
             );
             (vec![name.clone()], Launch::PerRow { block: 128 })
         }

@@ -13,17 +13,16 @@ use wkvc_ir::kernel::args::*;
 /// each row in place, then K and V of row i appended at cache row row0 + i: smoothed
 /// ((x - shift) / scale), per (token, kv head) min/max, scale rounded up to an f16, zero
 /// round-half-even, codes clamped and packed two per byte (low nibble = even channel); a
-/// 16-bit cache stores the f32 rows in kp/vp instead.
-#[allow(clippy::too_many_arguments)]
+/// 16-bit cache stores the f32 rows in kp/vp instead. With `rotate` > 0, between the two:
+/// each q and k head times the orthonormal Hadamard matrix of `rotate`-blocks (butterflies by
+/// stride 1, 2, 4, .., then the scale, as `wkvc_ir::math::hadamard_in_place`).
 pub(super) fn emit_rope_kv(
     s: &mut String,
     name: &str,
-    heads: usize,
-    kvh: usize,
-    hd: usize,
-    rd: usize,
+    (heads, kvh, hd, rd): (usize, usize, usize, usize),
     bits: u32,
     smooth: bool,
+    rotate: usize,
 ) {
     s.push_str(&declare_cuda::<RopeKvArgs>());
     let unpack = unpack(&[
@@ -66,7 +65,7 @@ extern "C" __global__ void {name}(const RopeKvArgs a) {{
         xr[h * HD + j + HALF] = b * c + a * sn;
     }}
     __syncthreads();
-    size_t row = (size_t)state[0] + i;
+{rotation}    size_t row = (size_t)state[0] + i;
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     // one warp per (K or V, kv head)
     for (int item = warp; item < 2 * KVH; item += blockDim.x >> 5) {{
@@ -131,5 +130,32 @@ extern "C" __global__ void {name}(const RopeKvArgs a) {{
         width = (heads + 2 * kvh) * hd,
         ppl = (hd / 2).div_ceil(32),
         smooth = smooth as u8,
+        rotation = rotation(rotate),
     );
+}
+
+/// The K/V rotation's code (none when `rotate` is 0: the kernel is then as before it existed).
+fn rotation(rotate: usize) -> String {
+    if rotate == 0 {
+        return String::new();
+    }
+    format!(
+        r#"    // K/V rotation: Hadamard blocks of {rotate}, one butterfly (j, j + st) a thread per
+    // step, st = 1, 2, 4, .., then the scale 1/sqrt({rotate})
+    for (int st = 1; st < {rotate}; st <<= 1) {{
+        for (int e = threadIdx.x; e < (HEADS + KVH) * (HD / 2); e += blockDim.x) {{
+            int h = e / (HD / 2), p = e % (HD / 2);
+            int j = h * HD + (p / st) * (2 * st) + p % st;
+            float u = xr[j], w = xr[j + st];
+            xr[j] = u + w;
+            xr[j + st] = u - w;
+        }}
+        __syncthreads();
+    }}
+    for (int e = threadIdx.x; e < (HEADS + KVH) * HD; e += blockDim.x)
+        xr[e] *= __int_as_float({scale_bits});
+    __syncthreads();
+"#,
+        scale_bits = ((1.0 / (rotate as f64).sqrt()) as f32).to_bits()
+    )
 }

@@ -304,6 +304,18 @@ fn new_func(module: &JITModule) -> Function {
     Function::with_name_signature(Default::default(), sig)
 }
 
+/// The K/V rotation's block: 0 (none) or a power of two >= 2 dividing the head dim.
+pub(crate) fn check_rotate(rotate: usize, head_dim: usize) -> Result<(), CodegenError> {
+    if rotate != 0 && (rotate < 2 || !rotate.is_power_of_two() || !head_dim.is_multiple_of(rotate))
+    {
+        return Err(CodegenError::Unsupported(format!(
+            "rope_kv's rotation block must be a power of two >= 2 dividing the head dim \
+             {head_dim}, got {rotate}"
+        )));
+    }
+    Ok(())
+}
+
 /// Build the function of `spec` (Cranelift IR, not yet compiled).
 pub fn build(
     spec: &KernelSpec,
@@ -390,6 +402,7 @@ pub fn build(
                 rope_dim,
                 kv_bits,
                 smooth,
+                rotate,
                 ..
             } => {
                 if !head_dim.is_multiple_of(32) {
@@ -397,8 +410,14 @@ pub fn build(
                         "rope_kv needs a head dim that is a multiple of 32, got {head_dim}"
                     )));
                 }
+                check_rotate(*rotate, *head_dim)?;
                 rope_kv::emit_rope_kv(
-                    &mut e, *heads, *kv_heads, *head_dim, *rope_dim, *kv_bits, *smooth, helper,
+                    &mut e,
+                    (*heads, *kv_heads, *head_dim, *rope_dim),
+                    *kv_bits,
+                    *smooth,
+                    *rotate,
+                    helper,
                 )
             }
             KernelSpec::Attention {

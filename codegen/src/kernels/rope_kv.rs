@@ -1,5 +1,5 @@
-//! `rope_kv`: RoPE on q and k in place, then K/V smoothed, quantized per (token, kv head) and
-//! appended to the cache.
+//! `rope_kv`: RoPE on q and k in place (and the K/V rotation: Hadamard blocks on each q and k
+//! head), then K/V smoothed, quantized per (token, kv head) and appended to the cache.
 
 use super::{Emitter, M_RNE, P, V4};
 use cranelift_codegen::ir::{InstBuilder, MemFlagsData, Value, types};
@@ -20,15 +20,12 @@ pub unsafe extern "C" fn wkvc_kv_params(min: f32, max: f32, bits: u32, out: *mut
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 pub(super) fn emit_rope_kv(
     e: &mut Emitter,
-    heads: usize,
-    kvh: usize,
-    hd: usize,
-    rd: usize,
+    (heads, kvh, hd, rd): (usize, usize, usize, usize),
     bits: u32,
     smooth: bool,
+    rotate: usize,
     helper: Option<cranelift_codegen::ir::FuncRef>,
 ) {
     use RopeKvArgs as A;
@@ -88,6 +85,9 @@ pub(super) fn emit_rope_kv(
                 j += step;
             }
         }
+        if rotate > 0 {
+            emit_hadamard_heads(e, xr, heads + kvh, hd, rotate);
+        }
         let row = e.b.ins().iadd(row0, i);
         for (t, (cache, params, sh, sc)) in [(kc, kp, ksh, ksc), (vc, vp, vsh, vsc)]
             .into_iter()
@@ -111,6 +111,40 @@ pub(super) fn emit_rope_kv(
                     e, xr, src, g, hd, smooth, sh, sc, buf, slot, helper, bits, crow, prow,
                 );
             }
+        }
+    });
+}
+
+/// The orthonormal Hadamard transform of `block`-blocks on the first `n` heads of a row (q and
+/// k), in place, in `wkvc_ir::math::hadamard_in_place`'s order (butterflies by stride 1, 2,
+/// 4, .., then the scale): the same bits. A loop over heads; within a head the butterflies
+/// are unrolled, f32x4 from stride 4 on, scalar below.
+fn emit_hadamard_heads(e: &mut Emitter, xr: Value, n: usize, hd: usize, block: usize) {
+    let scale = (1.0 / (block as f64).sqrt()) as f32;
+    let zero = e.ic(0);
+    let nh = e.ic(n as i64);
+    e.for_range(zero, nh, 1, &mut |e, h| {
+        let hb = e.addr(xr, h, 4 * hd as i64);
+        let mut s = 1;
+        while s < block {
+            for base in (0..hd).step_by(2 * s) {
+                let (ty, step) = if s >= 4 { (V4, 4) } else { (types::F32, 1) };
+                for j in (base..base + s).step_by(step) {
+                    let u = e.ld(ty, hb, 4 * j as i64);
+                    let v = e.ld(ty, hb, 4 * (j + s) as i64);
+                    let a = e.b.ins().fadd(u, v);
+                    let d = e.b.ins().fsub(u, v);
+                    e.st(a, hb, 4 * j as i64);
+                    e.st(d, hb, 4 * (j + s) as i64);
+                }
+            }
+            s *= 2;
+        }
+        let sv = e.vc(scale);
+        for j in (0..hd).step_by(4) {
+            let v = e.ld(V4, hb, 4 * j as i64);
+            let v = e.b.ins().fmul(v, sv);
+            e.st(v, hb, 4 * j as i64);
         }
     });
 }

@@ -75,7 +75,9 @@ pub enum KernelSpec {
     /// @v_scale]) -> f32[s,(H+2KV)*hd]`: RoPE on the q and k columns (v unchanged) and, as a
     /// side effect, K/V of the chunk smoothed, quantized per (token, kv head) and appended to
     /// layer `layer`'s cache (`kv_bits` 16: kept in f32). The rope attributes (theta,
-    /// scaling, ..) are those of the `rope` ops it replaces.
+    /// scaling, ..) are those of the `rope` ops it replaces. `rotate` > 0: after RoPE, each q
+    /// and k head times the orthonormal Hadamard matrix of `rotate`-blocks (the K/V rotation,
+    /// `math::hadamard_in_place`'s order), before K is smoothed and quantized.
     RopeKv {
         heads: usize,
         kv_heads: usize,
@@ -85,6 +87,7 @@ pub enum KernelSpec {
         smooth: bool,
         factors: bool,
         layer: i64,
+        rotate: usize,
     },
     /// `(qkv: f32[s,(H+2KV)*hd] [, smoothing x4]) -> f32[s,H*hd]` = causal `attention` of the
     /// chunk's q over the cached past (read packed, smoothing undone in registers) and the
@@ -191,6 +194,12 @@ impl KernelSpec {
                 smooth: boolean(n, "smooth")?,
                 factors: boolean(n, "factors")?,
                 layer: int(n, "layer")?,
+                // absent in plans from before the K/V rotation
+                rotate: match n.int_attr("rotate") {
+                    None => 0,
+                    Some(r) if r >= 0 => r as usize,
+                    Some(r) => return Err(format!("attribute `rotate` must be >= 0, found {r}")),
+                },
             },
             "attention" => KernelSpec::Attention {
                 heads: uint(n, "heads")?,
@@ -262,6 +271,7 @@ impl KernelSpec {
                 smooth,
                 factors,
                 layer,
+                rotate,
             } => {
                 put("heads", Attr::Int(*heads as i64));
                 put("kv_heads", Attr::Int(*kv_heads as i64));
@@ -271,6 +281,9 @@ impl KernelSpec {
                 put("smooth", Attr::Bool(*smooth));
                 put("factors", Attr::Bool(*factors));
                 put("layer", Attr::Int(*layer));
+                if *rotate > 0 {
+                    put("rotate", Attr::Int(*rotate as i64));
+                }
             }
             KernelSpec::Attention {
                 heads,
@@ -376,10 +389,16 @@ impl KernelSpec {
                 rope_dim,
                 kv_bits,
                 smooth,
+                rotate,
                 ..
             } => format!(
-                "rope_kv_h{heads}_kv{kv_heads}_d{head_dim}_r{rope_dim}_b{kv_bits}{}",
-                if *smooth { "_smooth" } else { "" }
+                "rope_kv_h{heads}_kv{kv_heads}_d{head_dim}_r{rope_dim}_b{kv_bits}{}{}",
+                if *smooth { "_smooth" } else { "" },
+                if *rotate > 0 {
+                    format!("_rot{rotate}")
+                } else {
+                    String::new()
+                }
             ),
             KernelSpec::Attention {
                 heads,

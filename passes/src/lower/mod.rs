@@ -424,7 +424,7 @@ fn try_attention(
     let rope_extra: Vec<(&str, Attr)> = rq
         .attrs
         .iter()
-        .filter(|(k, _)| !matches!(k.as_str(), "heads" | "head_dim" | "rope_dim"))
+        .filter(|(k, _)| !matches!(k.as_str(), "heads" | "head_dim" | "rope_dim" | "rotate"))
         .map(|(k, v)| (k.as_str(), v.clone()))
         .collect();
     let rk_spec = KernelSpec::RopeKv {
@@ -436,6 +436,7 @@ fn try_attention(
         smooth,
         factors,
         layer,
+        rotate: rq.int_attr("rotate").unwrap_or(0).max(0) as usize,
     };
     let r = cx.emit(rk_spec, rargs, seq.clone(), &rope_extra);
     let mut aargs = vec![Operand::Value(r)];
