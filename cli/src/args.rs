@@ -162,6 +162,16 @@ pub struct QuantArgs {
     /// the head dim).
     #[arg(long)]
     pub kv_rotate_block: Option<usize>,
+    /// Bits of each layer's KV cache: a list, one a layer (4,4,3,...; 16 keeps that layer's
+    /// cache in full precision), or auto:B, an average of B bits a cache element chosen by a
+    /// sensitivity scan (each layer's KL divergence from the FP model on calibration text with
+    /// only its cache at --kvbits and at one bit less; the layers that lose least get the
+    /// lower width). The plan records the bits and the scan.
+    #[arg(long)]
+    pub kv_bits_per_layer: Option<String>,
+    /// Calibration tokens the sensitivity scan of --kv-bits-per-layer auto:B runs on.
+    #[arg(long, default_value_t = 256)]
+    pub kv_scan_tokens: usize,
     /// Quantization method.
     #[arg(long, value_enum, default_value_t = Method::Rtn)]
     pub method: Method,

@@ -492,11 +492,26 @@ impl Pass for KvSmooth {
 
 /// Per-(token, kv head) dynamic asymmetric quantization of the (smoothed) K/V written to the
 /// cache: sets `kv_bits` on every attention. `bits >= 16` keeps the cache in full precision.
+/// With `per_layer`, layer `l`'s attention gets `per_layer[l]` bits instead (16: that layer's
+/// cache stays in full precision), one entry per layer.
 #[derive(Clone, Debug)]
 pub struct KvQuant {
     pub bits: u32,
     /// Keep each token's scale and zero in f32 (the reference definition) instead of f16.
     pub f32_params: bool,
+    /// Bits of each layer's cache (`--kv-bits-per-layer`), indexed by the attention's `layer`.
+    pub per_layer: Option<Vec<u32>>,
+}
+
+impl KvQuant {
+    /// All layers at `bits`.
+    pub fn uniform(bits: u32, f32_params: bool) -> KvQuant {
+        KvQuant {
+            bits,
+            f32_params,
+            per_layer: None,
+        }
+    }
 }
 
 impl Pass for KvQuant {
@@ -505,10 +520,32 @@ impl Pass for KvQuant {
     }
 
     fn run(&self, m: &mut Module, report: &mut PassReport) -> Result<(), PassError> {
-        if self.bits >= 16 {
+        let ok = |b: u32| (2..=8).contains(&b) || b == 16;
+        if let Some(list) = &self.per_layer {
+            if let Some(b) = list.iter().find(|&&b| !ok(b)) {
+                return Err(fail(
+                    self.name(),
+                    format!("per-layer bits must be 2..=8 or 16, got {b}"),
+                ));
+            }
+            let layers = m
+                .graph
+                .nodes
+                .iter()
+                .filter(|n| n.op == OpKind::Attention)
+                .count();
+            if list.len() != layers {
+                return Err(fail(
+                    self.name(),
+                    format!(
+                        "{} per-layer bits given for a model of {layers} layers",
+                        list.len()
+                    ),
+                ));
+            }
+        } else if self.bits >= 16 {
             return Ok(());
-        }
-        if !(2..=8).contains(&self.bits) {
+        } else if !ok(self.bits) {
             return Err(fail(
                 self.name(),
                 format!("bits must be 2..=8 or 16, got {}", self.bits),
@@ -521,8 +558,25 @@ impl Pass for KvQuant {
             .iter_mut()
             .filter(|n| n.op == OpKind::Attention)
         {
-            n.attrs
-                .insert("kv_bits".into(), Attr::Int(self.bits as i64));
+            let bits = match &self.per_layer {
+                Some(list) => {
+                    let layer = n.int_attr("layer").unwrap_or(0);
+                    *usize::try_from(layer)
+                        .ok()
+                        .and_then(|l| list.get(l))
+                        .ok_or_else(|| {
+                            fail(
+                                "kv_quant",
+                                format!("attention of layer {layer}: no per-layer bits"),
+                            )
+                        })?
+                }
+                None => self.bits,
+            };
+            if bits >= 16 {
+                continue;
+            }
+            n.attrs.insert("kv_bits".into(), Attr::Int(bits as i64));
             if self.f32_params {
                 n.attrs
                     .insert("kv_param_dtype".into(), Attr::Str("f32".into()));
@@ -535,7 +589,7 @@ impl Pass for KvQuant {
 }
 
 /// Past-only quantization: a position attends to its own (and, in prefill, its chunk's) K/V
-/// in full precision and to the quantized cache for the past.
+/// in full precision and to the quantized cache for the past (attentions with `kv_bits` only).
 #[derive(Clone, Debug, Default)]
 pub struct PastOnly;
 
@@ -550,7 +604,7 @@ impl Pass for PastOnly {
             .graph
             .nodes
             .iter_mut()
-            .filter(|n| n.op == OpKind::Attention)
+            .filter(|n| n.op == OpKind::Attention && n.int_attr("kv_bits").is_some())
         {
             n.attrs.insert("past_only".into(), Attr::Bool(true));
             count += 1;

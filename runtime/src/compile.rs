@@ -62,6 +62,154 @@ impl QualityCheck {
     }
 }
 
+/// Bits of each layer's K/V cache (`wkvc compile --kv-bits-per-layer`).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub enum KvLayerBits {
+    /// every layer at `CompileOptions::kvbits`
+    #[default]
+    Uniform,
+    /// one entry a layer: 2..8, or 16 for a full-precision cache
+    List(Vec<u32>),
+    /// an average of this many bits a cache element, spent by the sensitivity scan
+    /// ([`kv_sensitivity`]): each layer gets `kvbits` or one bit less, the layers whose KL
+    /// divergence grows least at the lower width getting it
+    Budget(f64),
+}
+
+impl KvLayerBits {
+    /// Parse `--kv-bits-per-layer`: `auto:B` (a budget of B bits on average) or a
+    /// comma-separated list of bits, one a layer.
+    pub fn parse(s: &str) -> Result<KvLayerBits, RuntimeError> {
+        let s = s.trim();
+        if let Some(b) = s.strip_prefix("auto:") {
+            return b
+                .trim()
+                .parse::<f64>()
+                .map(KvLayerBits::Budget)
+                .map_err(|_| {
+                    RuntimeError::Invalid(format!(
+                        "--kv-bits-per-layer auto:B needs a number of bits, got `{b}`"
+                    ))
+                });
+        }
+        s.split(',')
+            .map(|x| {
+                x.trim().parse::<u32>().map_err(|_| {
+                    RuntimeError::Invalid(format!(
+                        "--kv-bits-per-layer takes auto:B or bits a layer separated by commas \
+                         (4,4,3,...), got `{x}`"
+                    ))
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map(KvLayerBits::List)
+    }
+}
+
+/// What the KV sensitivity scan measured: per layer, the mean KL divergence from the FP model
+/// with only that layer's cache quantized, at the lower and at the higher width.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct KvScan {
+    /// [lower, higher] bits compared
+    pub bits: [u32; 2],
+    /// predictions the divergence is averaged over
+    pub tokens: usize,
+    /// per layer: [KLD at the lower width, KLD at the higher width]
+    pub kld: Vec<[f64; 2]>,
+    pub seconds: f64,
+}
+
+impl KvScan {
+    /// How much layer `l`'s KL divergence grows from the higher to the lower width.
+    pub fn cost(&self, l: usize) -> f64 {
+        self.kld[l][0] - self.kld[l][1]
+    }
+
+    /// Spend an average of at most `budget` bits: the `ceil((hi - budget) * layers)` layers
+    /// whose divergence grows least go down to the lower width (ties: the earlier layer), the
+    /// others keep the higher one.
+    pub fn allocate(&self, budget: f64) -> Vec<u32> {
+        let [lo, hi] = self.bits;
+        let n = self.kld.len();
+        let down = ((hi as f64 - budget) * n as f64 - 1e-9)
+            .ceil()
+            .clamp(0.0, n as f64) as usize;
+        let mut order: Vec<usize> = (0..n).collect();
+        order.sort_by(|&a, &b| self.cost(a).total_cmp(&self.cost(b)).then(a.cmp(&b)));
+        let mut bits = vec![hi; n];
+        for &l in &order[..down] {
+            bits[l] = lo;
+        }
+        bits
+    }
+}
+
+/// The KV sensitivity scan of `--kv-bits-per-layer auto:B`: for each layer and each width of
+/// `bits`, the mean KL divergence from `fp` over every prediction of `ids` (decode-equivalent
+/// protocol) when only that layer's cache is quantized in `base` (the FP weights with the K/V
+/// rotation and smoothing the plan will have; `past_only` as the plan). On the interpreter:
+/// `2 x layers + 1` forward passes over `ids`.
+pub fn kv_sensitivity(
+    fp: &Model,
+    base: &Module,
+    ids: &[u32],
+    bits: [u32; 2],
+    past_only: bool,
+    threads: usize,
+    progress: &mut dyn FnMut(&str),
+) -> Result<KvScan, RuntimeError> {
+    let t0 = std::time::Instant::now();
+    let run = |m: &Model| -> Result<Vec<f32>, RuntimeError> {
+        let e = m.engine_kind(threads, crate::EngineKind::Interp)?;
+        let mut s = e.session(ids.len());
+        s.forward_mode(ids, wkvc_ir::RunMode::DecodeEquivalent)
+    };
+    let reference = run(fp)?;
+    let vocab = fp.config.vocab_size;
+    let layers = base
+        .graph
+        .nodes
+        .iter()
+        .filter(|n| n.op == wkvc_ir::OpKind::Attention)
+        .count();
+    let mut kld = vec![[0.0; 2]; layers];
+    for l in 0..layers {
+        for (i, &b) in bits.iter().enumerate() {
+            progress(&format!(
+                "KV sensitivity scan: layer {}/{layers} at {b} bits",
+                l + 1
+            ));
+            let mut m = base.clone();
+            let mut per = vec![16; layers];
+            per[l] = b;
+            let mut pm = PassManager::new().with(KvQuant {
+                bits: b,
+                f32_params: false,
+                per_layer: Some(per),
+            });
+            if past_only {
+                pm = pm.with(PastOnly);
+            }
+            pm.run(&mut m)?;
+            let logits = run(&fp.with_module(m, None))?;
+            let n = ids.len();
+            kld[l][i] = (0..n)
+                .map(|t| {
+                    let r = t * vocab..(t + 1) * vocab;
+                    eval::kl_divergence(&reference[r.clone()], &logits[r])
+                })
+                .sum::<f64>()
+                / n as f64;
+        }
+    }
+    Ok(KvScan {
+        bits,
+        tokens: ids.len(),
+        kld,
+        seconds: t0.elapsed().as_secs_f64(),
+    })
+}
+
 /// The default of `CompileOptions::interp_limit`: models whose weights take more than this
 /// in f32 are not run whole on the f32 interpreter during a compile.
 pub const INTERP_F32_BUDGET: usize = 2 << 30;
@@ -79,6 +227,11 @@ pub struct CompileOptions {
     /// K/V rotation (`wkvc_passes::quant::KvRotate`): the Hadamard block, a power of two
     /// dividing the head dim; 0 for none.
     pub kv_rotate: usize,
+    /// Bits of each layer's cache: all `kvbits`, a list, or a budget spent by a sensitivity
+    /// scan.
+    pub kv_layer_bits: KvLayerBits,
+    /// Tokens of calibration text the sensitivity scan measures KL divergence on.
+    pub kv_scan_tokens: usize,
     /// RTN, or WKVQuant (learned clipping and smoothing, `calib_cfg`)
     pub method: Method,
     /// Settings of `--method wkvquant` (samples = calib_tokens / calib_window).
@@ -117,6 +270,8 @@ impl Default for CompileOptions {
             past_only: true,
             smooth: true,
             kv_rotate: 0,
+            kv_layer_bits: KvLayerBits::Uniform,
+            kv_scan_tokens: 256,
             method: Method::Rtn,
             calib_cfg: CalibConfig::default(),
             calib: None,
@@ -138,7 +293,17 @@ impl Default for CompileOptions {
 
 impl CompileOptions {
     pub fn needs_calibration(&self) -> bool {
-        self.smooth && self.kvbits < 16 || self.wkvquant()
+        self.smooth && self.kv_quantized()
+            || self.wkvquant()
+            || matches!(self.kv_layer_bits, KvLayerBits::Budget(_))
+    }
+
+    /// Is any layer's K/V cache quantized?
+    pub fn kv_quantized(&self) -> bool {
+        match &self.kv_layer_bits {
+            KvLayerBits::List(l) => l.iter().any(|&b| b < 16),
+            _ => self.kvbits < 16,
+        }
     }
 
     pub fn wkvquant(&self) -> bool {
@@ -147,7 +312,7 @@ impl CompileOptions {
 
     /// K/V smoothing applies: a quantized cache with smoothing enabled.
     pub fn smoothing(&self) -> bool {
-        self.smooth && self.kvbits < 16
+        self.smooth && self.kv_quantized()
     }
 
     pub fn validate(&self) -> Result<(), RuntimeError> {
@@ -171,7 +336,7 @@ impl CompileOptions {
             )));
         }
         if self.wkvquant() {
-            if self.wbits >= 16 && (self.kvbits >= 16 || !self.smooth) {
+            if self.wbits >= 16 && (!self.kv_quantized() || !self.smooth) {
                 return Err(RuntimeError::Invalid(
                     "--method wkvquant learns weight clipping (needs --wbits < 16) or K/V \
                      smoothing (needs --kvbits < 16 and smoothing): nothing to learn"
@@ -187,6 +352,38 @@ impl CompileOptions {
                     return Err(RuntimeError::Invalid(format!(
                         "{n} must be a positive number, got {v}"
                     )));
+                }
+            }
+        }
+        match &self.kv_layer_bits {
+            KvLayerBits::Uniform => {}
+            KvLayerBits::List(l) => {
+                if let Some(b) = l.iter().find(|&&b| !ok_bits(b)) {
+                    return Err(RuntimeError::Invalid(format!(
+                        "--kv-bits-per-layer: each layer's bits must be 2..8 or 16, got {b}"
+                    )));
+                }
+            }
+            &KvLayerBits::Budget(b) => {
+                if !(3..=8).contains(&self.kvbits) {
+                    return Err(RuntimeError::Invalid(format!(
+                        "--kv-bits-per-layer auto:B chooses between --kvbits and one bit less: \
+                         --kvbits must be 3..8, got {}",
+                        self.kvbits
+                    )));
+                }
+                let (lo, hi) = (self.kvbits as f64 - 1.0, self.kvbits as f64);
+                if !(b.is_finite() && (lo..=hi).contains(&b)) {
+                    return Err(RuntimeError::Invalid(format!(
+                        "--kv-bits-per-layer auto:B: the average B must be between {lo} and \
+                         {hi} (--kvbits {} and one bit less), got {b}",
+                        self.kvbits
+                    )));
+                }
+                if self.kv_scan_tokens < 2 {
+                    return Err(RuntimeError::Invalid(
+                        "the KV sensitivity scan needs at least 2 tokens".into(),
+                    ));
                 }
             }
         }
@@ -513,6 +710,62 @@ pub fn quantize(
     } else {
         None
     };
+    let mut scan = None;
+    let per_layer = match &opts.kv_layer_bits {
+        KvLayerBits::Uniform => None,
+        KvLayerBits::List(l) => Some(l.clone()),
+        &KvLayerBits::Budget(budget) => {
+            let c = calib.ok_or_else(|| {
+                RuntimeError::Invalid("the KV sensitivity scan needs calibration text".into())
+            })?;
+            if !fits_interpreter(model, opts.interp_limit) {
+                return Err(RuntimeError::Invalid(format!(
+                    "--kv-bits-per-layer auto: the sensitivity scan runs the FP model on the \
+                     f32 interpreter, and this model's weights take more than \
+                     --interp-limit-mib {} in f32; give the bits a layer as a list instead",
+                    opts.interp_limit >> 20
+                )));
+            }
+            let ids: Vec<u32> = c.windows.iter().flatten().copied().collect();
+            let ids = &ids[..ids.len().min(opts.kv_scan_tokens)];
+            if ids.len() < 2 {
+                return Err(RuntimeError::Invalid(
+                    "the KV sensitivity scan needs at least 2 tokens of calibration text".into(),
+                ));
+            }
+            // the cache as the plan will have it: rotated, smoothed from the statistics
+            let mut base = module.clone();
+            if opts.smoothing() {
+                PassManager::new()
+                    .with(KvSmooth {
+                        stats: stats.clone(),
+                    })
+                    .run(&mut base)?;
+            }
+            let s = kv_sensitivity(
+                model,
+                &base,
+                ids,
+                [opts.kvbits - 1, opts.kvbits],
+                opts.past_only,
+                opts.threads,
+                progress,
+            )?;
+            let bits = s.allocate(budget);
+            progress(&format!(
+                "note: KV bits a layer (sensitivity scan on {} tokens, {:.0} s, average {:.3}): {}",
+                s.tokens,
+                s.seconds,
+                bits.iter().sum::<u32>() as f64 / bits.len().max(1) as f64,
+                bits.iter()
+                    .map(u32::to_string)
+                    .collect::<Vec<_>>()
+                    .join(",")
+            ));
+            scan = Some(s);
+            Some(bits)
+        }
+    };
     let mut pm = PassManager::new().with(WeightQuant {
         bits: opts.wbits,
         group: opts.wgroup,
@@ -524,8 +777,9 @@ pub fn quantize(
     pm = pm.with(KvQuant {
         bits: opts.kvbits,
         f32_params: opts.f32_params,
+        per_layer: per_layer.clone(),
     });
-    if opts.past_only && opts.kvbits < 16 {
+    if opts.past_only && opts.kv_quantized() {
         pm = pm.with(PastOnly);
     }
     progress("running passes");
@@ -643,7 +897,7 @@ pub fn quantize(
             wbits: opts.wbits,
             wgroup: opts.wgroup,
             kvbits: opts.kvbits,
-            past_only: opts.past_only && opts.kvbits < 16,
+            past_only: opts.past_only && opts.kv_quantized(),
             smooth: opts.smoothing(),
             method: opts.method.name().into(),
             calibration: if opts.needs_calibration() {
@@ -658,6 +912,8 @@ pub fn quantize(
             },
             calibrate: calib_info,
             kv_rotate: opts.kv_rotate,
+            kv_bits_per_layer: per_layer,
+            kv_sensitivity: scan,
         },
         reports,
     })

@@ -39,6 +39,36 @@ pub struct QuantConfig {
     /// The K/V rotation's Hadamard block (0: none; absent in plans from before it existed).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub kv_rotate: usize,
+    /// Bits of each layer's cache when they differ from `kvbits` (`--kv-bits-per-layer`;
+    /// 16: that layer's cache in full precision).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kv_bits_per_layer: Option<Vec<u32>>,
+    /// The sensitivity scan that chose them (`--kv-bits-per-layer auto:B`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kv_sensitivity: Option<crate::compile::KvScan>,
+}
+
+impl QuantConfig {
+    /// The cache's precision in words: `KV4`, or with per-layer bits
+    /// `KV per layer 4,3,4,... (average 3.50 bits)`.
+    pub fn kv_label(&self) -> String {
+        match &self.kv_bits_per_layer {
+            None => format!("KV{}", self.kvbits),
+            Some(l) => format!(
+                "KV per layer {} (average {:.2} bits)",
+                l.iter().map(u32::to_string).collect::<Vec<_>>().join(","),
+                l.iter().sum::<u32>() as f64 / l.len().max(1) as f64
+            ),
+        }
+    }
+
+    /// The K/V rotation in words: `none` or `hadamard/64`.
+    pub fn rotation_label(&self) -> String {
+        match self.kv_rotate {
+            0 => "none".into(),
+            b => format!("hadamard/{b}"),
+        }
+    }
 }
 
 fn is_zero(v: &usize) -> bool {

@@ -183,6 +183,7 @@ fn quantize(fp: &Module, bits: u32, samples: &[Vec<u32>]) -> Module {
         .with(KvQuant {
             bits,
             f32_params: false,
+            per_layer: None,
         })
         .with(PastOnly)
         .run(&mut q)

@@ -1,5 +1,5 @@
 //! The compiled CPU engine (lowering + Cranelift JIT) on the demo model against the reference
-//! interpreter: a W4 KV16, a W4KV4 and a rotated W4KV4 plan with smoothing and past-only attention (RTN,
+//! interpreter: a W4 KV16, a W4KV4, a rotated W4KV4 and a per-layer KV4/3/2/16 plan with smoothing and past-only attention (RTN,
 //! smoothing statistics from calibration text, or from text sampled from the model where no
 //! text is at hand), prefill of a 40-token prompt then 8 decode steps, and the
 //! decode-equivalent protocol, each chunk against the interpreter replaying the engine's own
@@ -10,7 +10,7 @@
 //! calibration (the checks hold for any). Skipped (with a message) without the demo model.
 
 use wkvc_ir::{Act, RunMode};
-use wkvc_runtime::compile::{self, CompileOptions};
+use wkvc_runtime::compile::{self, CompileOptions, KvLayerBits};
 use wkvc_runtime::{EngineKind, Model};
 use wkvc_tests::agree::agreement;
 use wkvc_tests::{calib_text, demo_model, test_seed};
@@ -23,13 +23,19 @@ fn jit_engine_matches_interpreter_on_demo_plan() {
     let m = Model::open(&path).expect("demo model opens");
     // KV16, KV4, and KV4 with the K/V rotation (Hadamard blocks of the head dim, 64)
     for (kvbits, kv_rotate) in [(16, 0), (4, 0), (4, 64)] {
-        check(&m, kvbits, kv_rotate);
+        check(&m, kvbits, kv_rotate, KvLayerBits::Uniform);
     }
+    // per-layer widths (`--kv-bits-per-layer`): 4, 3, 2 and a full-precision layer in turn
+    let per: Vec<u32> = (0..m.config.num_layers)
+        .map(|l| [4, 3, 2, 16][l % 4])
+        .collect();
+    check(&m, 4, 0, KvLayerBits::List(per));
 }
 
-fn check(m: &Model, kvbits: u32, kv_rotate: usize) {
+fn check(m: &Model, kvbits: u32, kv_rotate: usize, kv_layer_bits: KvLayerBits) {
     let o = CompileOptions {
         kv_rotate,
+        kv_layer_bits,
         calib: calib_text(),
         calib_tokens: Some(256),
         calib_window: 128,
@@ -39,6 +45,10 @@ fn check(m: &Model, kvbits: u32, kv_rotate: usize) {
         ..Default::default()
     };
     assert!(o.past_only, "the bounds below are for past-only attention");
+    let tag = match &o.kv_layer_bits {
+        KvLayerBits::List(_) => "kv per layer".to_string(),
+        _ => format!("kv{kvbits}"),
+    };
     let data = compile::calibration_data(m, &o, &mut |_| {}).expect("calibration data");
     let c = compile::quantize(m, &o, Some(&data), &mut |_| {}).expect("compile");
     let q = m.with_module(c.module.clone(), None);
@@ -59,10 +69,7 @@ fn check(m: &Model, kvbits: u32, kv_rotate: usize) {
             (RunMode::DecodeEquivalent, &[&prompt[..]][..]),
         ] {
             let a = agreement(&it, &eng, chunks, mode, 256);
-            eprintln!(
-                "{act:?} kv{kvbits} rotate {kv_rotate} {mode:?}: {}",
-                a.summary()
-            );
+            eprintln!("{act:?} {tag} rotate {kv_rotate} {mode:?}: {}", a.summary());
             match act {
                 // The interpreter replays the engine's cache (wkvc_tests::agree), so only the
                 // f32 summation order separates them: logits ~ 1e1 from sums of <= 1536
@@ -94,7 +101,7 @@ fn check(m: &Model, kvbits: u32, kv_rotate: usize) {
         .expect("the CUDA engine on the host emulator");
     let chunks: Vec<&[u32]> = vec![&prompt[..8], &more[..1], &more[1..2]];
     let a = agreement(&it, &cuda, &chunks, RunMode::Prefill, 64);
-    eprintln!("CUDA (emulated) kv{kvbits}: {}", a.summary());
+    eprintln!("CUDA (emulated) {tag}: {}", a.summary());
     assert!(
         a.max_abs <= 1e-3,
         "CUDA (emulated): max |diff| {}",

@@ -70,6 +70,7 @@ fn pass_snapshots_on_a_tiny_model() {
         KvQuant {
             bits: 4,
             f32_params: false,
+            per_layer: None,
         },
     );
     run_pass(&mut m, PastOnly);
@@ -565,4 +566,253 @@ fn kv_rotation_leaves_the_fp_model_unchanged() {
             );
         }
     }
+}
+
+/// `--kv-bits-per-layer`: each attention gets its layer's bits (16: none, and no past-only),
+/// the plan records them, decode-equivalent evaluation is still token-by-token decoding, and
+/// the compiled engine's cache holds each layer at its own width.
+#[test]
+fn per_layer_kv_bits_reach_each_attention_the_plan_and_the_engine() {
+    use compile::KvLayerBits;
+    let (fp, dir) = tiny_model("perlayer");
+    let layers = fp.config.num_layers;
+    assert_eq!(layers, 2, "the tiny model's layers");
+    for bits in [vec![3, 4], vec![16, 2], vec![4, 16]] {
+        let o = CompileOptions {
+            wgroup: 16,
+            threads: 2,
+            calib_tokens: Some(48),
+            calib_window: 24,
+            kv_layer_bits: KvLayerBits::List(bits.clone()),
+            quality_check: compile::QualityCheck::None,
+            ..Default::default()
+        };
+        let data = compile::calibration_data(&fp, &o, &mut |_| {}).expect("calibration data");
+        let c = compile::quantize(&fp, &o, Some(&data), &mut |_| {}).expect("compile");
+        assert_eq!(c.quant.kv_bits_per_layer.as_deref(), Some(&bits[..]));
+        let mut seen = vec![false; layers];
+        for n in c
+            .module
+            .graph
+            .nodes
+            .iter()
+            .filter(|n| n.op == wkvc_ir::OpKind::Attention)
+        {
+            let l = n.int_attr("layer").expect("layer") as usize;
+            seen[l] = true;
+            let want = (bits[l] < 16).then_some(bits[l] as i64);
+            assert_eq!(n.int_attr("kv_bits"), want, "{bits:?}: layer {l}");
+            assert_eq!(
+                n.bool_attr("past_only").unwrap_or(false),
+                bits[l] < 16,
+                "{bits:?}: past-only on the quantized layers only"
+            );
+        }
+        assert!(seen.iter().all(|&s| s), "every layer has an attention");
+
+        // the compiled engine's cache: each layer at its own width
+        let q = fp.with_module(c.module.clone(), None);
+        let lp = q.lowered(wkvc_ir::Act::F32).expect("lowers");
+        let want: usize = bits
+            .iter()
+            .map(|&b| {
+                wkvc_ir::kvcache::bytes_per_token(
+                    fp.config.num_kv_heads * fp.config.head_dim,
+                    fp.config.num_kv_heads,
+                    b,
+                    4,
+                )
+            })
+            .sum();
+        assert_eq!(lp.memory.kv_bytes_per_token, want, "{bits:?}");
+
+        // decode-equivalent == token by token on the interpreter, as for uniform bits
+        let par = logits(&q, RunMode::DecodeEquivalent);
+        let e = q.engine(2).expect("engine");
+        let mut s = e.session(64);
+        let v = fp.config.vocab_size;
+        for (t, &id) in IDS.iter().enumerate() {
+            let l = s.prefill(&[id]).expect("step");
+            let (d, scale) = max_abs_diff(&l, &par[t * v..(t + 1) * v]);
+            assert!(
+                d <= 1e-4 * scale.max(1.0),
+                "{bits:?}: step {t} differs by {d}"
+            );
+        }
+
+        // the plan records them
+        let p = dir.join("perlayer.wkv");
+        let man = compile::manifest(&fp, &c, serde_json::Value::Null, String::new());
+        plan::write(&p, &c.module, man).expect("write plan");
+        let (_, m) = plan::open(&p).expect("plan opens");
+        assert_eq!(m.quant.kv_bits_per_layer.as_deref(), Some(&bits[..]));
+        assert!(
+            m.quant.kv_label().starts_with("KV per layer"),
+            "{}",
+            m.quant.kv_label()
+        );
+    }
+
+    // a list of the wrong length names the layers
+    let o = CompileOptions {
+        kv_layer_bits: KvLayerBits::List(vec![4, 4, 4]),
+        calib_tokens: Some(48),
+        calib_window: 24,
+        threads: 1,
+        quality_check: compile::QualityCheck::None,
+        ..Default::default()
+    };
+    let data = compile::calibration_data(&fp, &o, &mut |_| {}).expect("calibration data");
+    let e = compile::quantize(&fp, &o, Some(&data), &mut |_| {})
+        .err()
+        .expect("three bits for two layers is an error");
+    assert!(
+        e.to_string()
+            .contains("3 per-layer bits given for a model of 2 layers"),
+        "{e}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn kv_layer_bits_parse_and_validate() {
+    use compile::KvLayerBits;
+    assert_eq!(
+        KvLayerBits::parse("auto:3.5").expect("budget"),
+        KvLayerBits::Budget(3.5)
+    );
+    assert_eq!(
+        KvLayerBits::parse("4, 3,16").expect("list"),
+        KvLayerBits::List(vec![4, 3, 16])
+    );
+    for bad in ["auto:x", "4,,3", "four", "auto:"] {
+        assert!(KvLayerBits::parse(bad).is_err(), "{bad}");
+    }
+    let check = |kvbits, l: KvLayerBits| {
+        CompileOptions {
+            kvbits,
+            kv_layer_bits: l,
+            ..Default::default()
+        }
+        .validate()
+    };
+    assert!(check(4, KvLayerBits::Budget(3.5)).is_ok());
+    assert!(check(4, KvLayerBits::Budget(4.0)).is_ok());
+    assert!(
+        check(4, KvLayerBits::Budget(2.9)).is_err(),
+        "below one bit less"
+    );
+    assert!(
+        check(4, KvLayerBits::Budget(4.1)).is_err(),
+        "above --kvbits"
+    );
+    assert!(
+        check(2, KvLayerBits::Budget(2.0)).is_err(),
+        "no width below 2 bits"
+    );
+    assert!(check(4, KvLayerBits::Budget(f64::NAN)).is_err());
+    assert!(check(4, KvLayerBits::List(vec![4, 9])).is_err(), "9 bits");
+    assert!(check(4, KvLayerBits::List(vec![4, 1])).is_err(), "1 bit");
+}
+
+/// The budget goes to the layers whose divergence grows least, never above the average asked.
+#[test]
+fn kv_budget_lowers_the_layers_that_lose_least() {
+    let scan = compile::KvScan {
+        bits: [3, 4],
+        tokens: 10,
+        // costs (lower - higher), exact in binary: 0.75, 0.25, 0.5, 0.25
+        kld: vec![[1.0, 0.25], [0.5, 0.25], [0.75, 0.25], [0.375, 0.125]],
+        seconds: 0.0,
+    };
+    assert_eq!(scan.allocate(4.0), vec![4, 4, 4, 4]);
+    assert_eq!(scan.allocate(3.0), vec![3, 3, 3, 3]);
+    // two layers down: the two cheapest (a tie: the earlier first)
+    assert_eq!(scan.allocate(3.5), vec![4, 3, 4, 3]);
+    // 3.8 on 4 layers: one layer down (3.75; none would be 4, above the budget)
+    assert_eq!(scan.allocate(3.8), vec![4, 3, 4, 4]);
+    assert_eq!(scan.allocate(3.75), vec![4, 3, 4, 4]);
+    // the average never exceeds the budget, and one layer fewer down would
+    for budget in [3.0, 3.1, 3.25, 3.5, 3.74, 3.75, 3.8, 3.99, 4.0] {
+        let b = scan.allocate(budget);
+        let avg = b.iter().sum::<u32>() as f64 / 4.0;
+        assert!(avg <= budget + 1e-12, "{budget}: {b:?}");
+        assert!(avg + 0.25 > budget, "{budget}: {b:?} spends too little");
+    }
+}
+
+/// `--kv-bits-per-layer auto:B`: the scan measures each layer alone at each width (checked
+/// against the same divergence computed here from a plan with only that layer quantized), the
+/// plan gets the scan's allocation and records the scan.
+#[test]
+fn kv_sensitivity_scan_measures_each_layer_alone() {
+    use compile::KvLayerBits;
+    let (fp, dir) = tiny_model("kvscan");
+    let o = CompileOptions {
+        wgroup: 16,
+        threads: 2,
+        calib_tokens: Some(48),
+        calib_window: 24,
+        kv_layer_bits: KvLayerBits::Budget(3.5),
+        kv_scan_tokens: 20,
+        smooth: false,
+        quality_check: compile::QualityCheck::None,
+        ..Default::default()
+    };
+    let data = compile::calibration_data(&fp, &o, &mut |_| {}).expect("calibration data");
+    let c = compile::quantize(&fp, &o, Some(&data), &mut |_| {}).expect("compile");
+    let scan = c
+        .quant
+        .kv_sensitivity
+        .clone()
+        .expect("the plan records the scan");
+    assert_eq!(scan.bits, [3, 4]);
+    assert_eq!(scan.tokens, 20);
+    assert_eq!(scan.kld.len(), 2);
+    let bits = c.quant.kv_bits_per_layer.clone().expect("per-layer bits");
+    assert_eq!(bits, scan.allocate(3.5));
+    assert_eq!(bits.iter().filter(|&&b| b == 3).count(), 1, "{bits:?}");
+
+    let ids: Vec<u32> = data.windows.iter().flatten().copied().take(20).collect();
+    let v = fp.config.vocab_size;
+    let run = |m: &Model| {
+        let e = m.engine(1).expect("engine");
+        let mut s = e.session(64);
+        s.forward_mode(&ids, RunMode::DecodeEquivalent)
+            .expect("forward")
+    };
+    let reference = run(&fp);
+    for l in 0..2 {
+        for (i, b) in [3u32, 4].into_iter().enumerate() {
+            let mut per = vec![16; 2];
+            per[l] = b;
+            let mut m = fp.module.clone();
+            PassManager::new()
+                .with(KvQuant {
+                    bits: b,
+                    f32_params: false,
+                    per_layer: Some(per),
+                })
+                .with(PastOnly)
+                .run(&mut m)
+                .expect("passes");
+            let got = run(&fp.with_module(m, None));
+            let kld = (0..ids.len())
+                .map(|t| {
+                    let r = t * v..(t + 1) * v;
+                    wkvc_runtime::eval::kl_divergence(&reference[r.clone()], &got[r])
+                })
+                .sum::<f64>()
+                / ids.len() as f64;
+            // the same computation on the same engine: equal up to the sum's rounding
+            let d = (kld - scan.kld[l][i]).abs();
+            assert!(
+                d <= 1e-9 + 1e-6 * kld,
+                "layer {l} at {b} bits: scan {} vs {kld}",
+                scan.kld[l][i]
+            );
+            assert!(kld > 0.0, "layer {l} at {b} bits changes the model");
+        }
+    }
+    let _ = std::fs::remove_dir_all(dir);
 }

@@ -35,6 +35,11 @@ pub fn compile_options(
         smooth: !q.no_smooth,
         // set by `kv_rotate_block` once the model (its head dim) is known
         kv_rotate: 0,
+        kv_layer_bits: match &q.kv_bits_per_layer {
+            Some(s) => compile::KvLayerBits::parse(s)?,
+            None => compile::KvLayerBits::Uniform,
+        },
+        kv_scan_tokens: q.kv_scan_tokens,
         method: match q.method {
             Method::Rtn => compile::Method::Rtn,
             Method::Wkvquant => compile::Method::WkvQuant,
@@ -169,16 +174,13 @@ pub fn run(a: CompileArgs) -> Result<()> {
         t0.elapsed().as_secs_f64()
     );
     println!(
-        "  quantization  W{} (group {}) KV{} past-only {} smoothing {} rotation {} method {}",
+        "  quantization  W{} (group {}) {} past-only {} smoothing {} rotation {} method {}",
         opts.wbits,
         opts.wgroup,
-        opts.kvbits,
+        c.quant.kv_label(),
         c.quant.past_only,
         c.quant.smooth,
-        match opts.kv_rotate {
-            0 => "none".to_string(),
-            b => format!("hadamard/{b}"),
-        },
+        c.quant.rotation_label(),
         opts.method.name()
     );
     println!("  calibration   {}", c.quant.calibration);

@@ -154,9 +154,25 @@ pub fn run(a: InspectArgs) -> Result<()> {
                 p.format, p.version, p.tool_version
             );
             println!(
-                "quantization W{} (group {}) KV{} past-only {} smoothing {} method {}",
-                q.wbits, q.wgroup, q.kvbits, q.past_only, q.smooth, q.method
+                "quantization W{} (group {}) {} past-only {} smoothing {} rotation {} method {}",
+                q.wbits,
+                q.wgroup,
+                q.kv_label(),
+                q.past_only,
+                q.smooth,
+                q.rotation_label(),
+                q.method
             );
+            if let Some(s) = &q.kv_sensitivity {
+                println!(
+                    "kv scan      KL divergence from FP with one layer's cache at {}/{} bits \
+                     ({} tokens):",
+                    s.bits[0], s.bits[1], s.tokens
+                );
+                for (l, k) in s.kld.iter().enumerate() {
+                    println!("  layer {l:>3}  {:.3e}  {:.3e}", k[0], k[1]);
+                }
+            }
             println!("calibration  {}", q.calibration);
             if let Some(l) = &p.lowered {
                 println!(
