@@ -433,6 +433,23 @@ pub struct InspectArgs {
     /// Activation mode the memory plan is for (default: the plan's).
     #[arg(long, value_enum)]
     pub cpu_act: Option<CpuAct>,
+    /// Write SVG charts of the K/V cache to this folder: per layer, every K and V channel's
+    /// range before smoothing and rotation, as the plan quantizes it, and rotated; and the
+    /// per-layer KL divergence of the plan's sensitivity scan (--kv-bits-per-layer auto:B).
+    #[arg(long)]
+    pub plots: Option<PathBuf>,
+    /// Layers charted by --plots (default: the first, the middle and the last).
+    #[arg(long, value_delimiter = ',')]
+    pub plot_layers: Vec<i64>,
+    /// Text the K/V of --plots come from (default: tokens sampled from the model itself).
+    #[arg(long)]
+    pub plot_text: Option<PathBuf>,
+    /// Tokens --plots runs through the model.
+    #[arg(long, default_value_t = 256)]
+    pub plot_tokens: usize,
+    /// Workers (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
 }
 
 #[derive(clap::Args)]

@@ -49,6 +49,7 @@ pub mod engine;
 mod error;
 pub mod eval;
 mod interp;
+pub mod kvprobe;
 mod model;
 pub mod plan;
 pub mod sample;

@@ -816,3 +816,48 @@ fn kv_sensitivity_scan_measures_each_layer_alone() {
     }
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// `wkvc inspect --plots`' K/V probe: a rotated plan's captured K/V, its rotation undone, are
+/// the unrotated plan's (the rotation leaves the FP model unchanged), and the views the charts
+/// draw are the definitions: the smoothed view is (rotated x - shift) / scale per channel.
+#[test]
+fn kv_probe_undoes_the_rotation_and_applies_the_plans_smoothing() {
+    use wkvc_runtime::kvprobe::kv_channels;
+    let (fp, dir) = tiny_model("kvprobe");
+    let plan = |rotate: usize| {
+        let o = CompileOptions {
+            wbits: 16,
+            kv_rotate: rotate,
+            calib_tokens: Some(48),
+            calib_window: 24,
+            threads: 1,
+            quality_check: compile::QualityCheck::None,
+            ..Default::default()
+        };
+        let data = compile::calibration_data(&fp, &o, &mut |_| {}).expect("calibration data");
+        let c = compile::quantize(&fp, &o, Some(&data), &mut |_| {}).expect("compile");
+        fp.with_module(c.module, None)
+    };
+    let (plain, rotated) = (plan(0), plan(8));
+    let a = kv_channels(&plain, &IDS, &[], 1).expect("probe");
+    let b = kv_channels(&rotated, &IDS, &[1], 1).expect("probe");
+    assert_eq!(a.len(), 2, "every layer when none is named");
+    assert_eq!(b.len(), 1);
+    let (a, b) = (&a[1], &b[0]);
+    assert_eq!((a.layer, b.layer, a.rotate, b.rotate), (1, 1, 0, 8));
+    for (x, y) in [(&a.k, &b.k), (&a.v, &b.v)] {
+        let (d, scale) = max_abs_diff(x, y);
+        // two f32 Hadamard transforms of values ~1: rounding of a few ulps
+        assert!(d <= 1e-5 * scale.max(1.0), "unrotated K/V differ by {d}");
+    }
+    // the smoothed view: the plan's shift and scale on the rotated values
+    let s = b.smoothing.as_ref().expect("the plan smooths");
+    let rot = b.rotated(false, 8);
+    let sm = b.smoothed(false).expect("smoothed view");
+    for (i, (&r, &z)) in rot.iter().zip(&sm).enumerate() {
+        let c = i % b.width;
+        assert_eq!(z, (r - s[0][c]) / s[1][c]);
+    }
+    assert!(kv_channels(&plain, &IDS, &[7], 1).is_err(), "no layer 7");
+    let _ = std::fs::remove_dir_all(dir);
+}

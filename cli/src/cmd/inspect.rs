@@ -1,7 +1,7 @@
 //! `wkvc inspect`: architecture, sizes, the plan's record, the memory plan, the graph.
 
 use crate::args::InspectArgs;
-use crate::common::open;
+use crate::common::{open, threads as workers};
 use anyhow::Result;
 use wkvc_passes::lower::CHUNK;
 use wkvc_runtime::Act;
@@ -14,8 +14,23 @@ pub fn run(a: InspectArgs) -> Result<()> {
         memory,
         ctx,
         cpu_act,
+        plots,
+        plot_layers,
+        plot_text,
+        plot_tokens,
+        threads,
     } = a;
     let m = open(&model)?;
+    if let Some(dir) = plots {
+        return write_plots(
+            &m,
+            &dir,
+            &plot_layers,
+            plot_text.as_deref(),
+            plot_tokens,
+            threads,
+        );
+    }
     if memory {
         // the plan's record unless another context or activation mode is asked for
         let act = cpu_act.map_or_else(|| m.plan_act(), Act::from);
@@ -218,6 +233,76 @@ pub fn run(a: InspectArgs) -> Result<()> {
     }
     if graph {
         print!("{}", wkvc_ir::text::print(&m.module.graph));
+    }
+    Ok(())
+}
+
+/// `--plots DIR`: the K/V channel charts of the chosen layers and the sensitivity scan's.
+fn write_plots(
+    m: &wkvc_runtime::Model,
+    dir: &std::path::Path,
+    layers: &[i64],
+    text: Option<&std::path::Path>,
+    tokens: usize,
+    threads: Option<usize>,
+) -> Result<()> {
+    if tokens < 2 {
+        anyhow::bail!("--plot-tokens must be at least 2, got {tokens}");
+    }
+    let threads = workers(threads);
+    let n = m.config.num_layers as i64;
+    let layers: Vec<i64> = if layers.is_empty() {
+        let mut l = vec![0, n / 2, n - 1];
+        l.dedup();
+        l
+    } else {
+        layers.to_vec()
+    };
+    if let Some(l) = layers.iter().find(|&&l| l < 0 || l >= n) {
+        anyhow::bail!("--plot-layers: layer {l} is not in 0..{n}");
+    }
+    std::fs::create_dir_all(dir)
+        .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", dir.display()))?;
+    let (ids, from) = match text {
+        Some(p) => {
+            let t = std::fs::read_to_string(p)
+                .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", p.display()))?;
+            let mut ids = m.tokenizer()?.encode(&t, false)?;
+            ids.truncate(tokens);
+            if ids.len() < 2 {
+                anyhow::bail!("{} has fewer than 2 tokens", p.display());
+            }
+            let name = p.file_name().map_or(p.display().to_string(), |f| {
+                f.to_string_lossy().into_owned()
+            });
+            (ids, format!("text of {name}"))
+        }
+        None => {
+            eprintln!("sampling {tokens} tokens from the model (no --plot-text) ...");
+            let ids = wkvc_runtime::compile::sample_text(m, tokens, 0, threads)?;
+            (ids, "sampled from the model, seed 0".to_string())
+        }
+    };
+    let chans = wkvc_runtime::kvprobe::kv_channels(m, &ids, &layers, threads)?;
+    for ch in &chans {
+        let p = crate::cmd::plots::layer_chart(dir, ch, &from)?;
+        println!("wrote {}", p.display());
+    }
+    let quant = m.plan.as_ref().map(|p| &p.quant);
+    match quant.and_then(|q| q.kv_sensitivity.as_ref()) {
+        Some(scan) => {
+            let bits = quant.and_then(|q| q.kv_bits_per_layer.as_deref());
+            let p = crate::cmd::plots::sensitivity_chart(dir, scan, bits)?;
+            println!("wrote {}", p.display());
+        }
+        None => println!(
+            "no KV sensitivity scan in {} (compile with --kv-bits-per-layer auto:B for its chart)",
+            if m.plan.is_some() {
+                "this plan"
+            } else {
+                "a model that is not a plan"
+            }
+        ),
     }
     Ok(())
 }

@@ -5,4 +5,5 @@ pub mod compile;
 pub mod emit;
 pub mod eval;
 pub mod inspect;
+pub mod plots;
 pub mod run;
