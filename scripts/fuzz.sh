@@ -7,8 +7,10 @@
 #   scripts/fuzz.sh TARGET [SECONDS] [JOBS] [EXECS]
 #                                           fuzz TARGET for SECONDS (default 600) on JOBS
 #                                           AFL++ instances (default 1), each stopping early
-#                                           after EXECS executions; findings and the grown
-#                                           queue in target/fuzz/TARGET/ (a later run resumes)
+#                                           once its queue has EXECS executions (AFL's -E:
+#                                           a resumed queue's count included); findings and
+#                                           the grown queue in target/fuzz/TARGET/ (a later
+#                                           run resumes; WKVC_FUZZ_OUT sets another folder)
 #   scripts/fuzz.sh --smoke [SECONDS]       every target: replay its corpus, then SECONDS
 #                                           (default 20) of fuzzing; fails on any crash or hang
 #   scripts/fuzz.sh --stats TARGET          executions, corpus size, edges, crashes, hangs
@@ -117,6 +119,6 @@ case "${1:-}" in
     for p in "${pids[@]}"; do wait "$p" || fail=1; done
     [ $fail -eq 0 ] || die "a fuzz target crashed or hung: see $OUT/TARGET/default/{crashes,hangs}"
     ;;
-  ""|-h|--help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//' ;;
+ ""|-h|--help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//' ;;
   *) fuzz "$@" ;;
 esac

@@ -15,7 +15,8 @@
 # its rows out). Settings (environment): KV_CHUNKS (16 chunks of 512; llama-perplexity's
 # --chunks), KV_THREADS (2), KV_ONLY (row keys to run, space-separated; default all),
 # KV_KLD=1 (also KL divergence from the FP model: twice the time), WKVC_KV_TABLE_OUT
-# (target/kv-table). Our rows run on the CPU engine's exact path (f32 activations).
+# (target/kv-table). Our rows run on the CPU engine's exact path (f32 activations). Rows
+# not run (KV_ONLY) keep their figures from the last run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODEL=${MODEL:-$(scripts/fetch-demo-model.sh)}
@@ -133,7 +134,20 @@ for row in "${ROWS[@]}"; do
   python3 -c 'import json,sys; a=sys.argv; print(json.dumps({"key": a[1], "label": a[2], "weights": a[3], "kv_bits": a[4], "engine": a[5], "perplexity": float(a[6]), "kld": json.loads(a[7]), "kv_bytes_per_token": int(a[8]), "seconds": float(a[9])}))' \
     "$key" "$label" "$weights" "$bits" "$engine" "$ppl" "$kld" "$kvb" "$secs" | tee -a "$RES.new"
 done
-mv "$RES.new" "$RES"
+# rows not run this time (KV_ONLY) keep their last figures, in the table's order
+python3 - "$RES" "$RES.new" "${ROWS[@]}" >"$RES.merged" <<'EOF'
+import json, os, sys
+old, new, order = sys.argv[1], sys.argv[2], [r.split("|")[0] for r in sys.argv[3:]]
+rows = {}
+if os.path.exists(old):
+    rows.update((r["key"], r) for r in map(json.loads, open(old)))
+rows.update((r["key"], r) for r in map(json.loads, open(new)))
+for k in order + sorted(set(rows) - set(order)):
+    if k in rows:
+        print(json.dumps(rows.pop(k)))
+EOF
+mv "$RES.merged" "$RES"
+rm -f "$RES.new"
 
 python3 - "$RES" "$N" "$T" >"$OUT/kv-table.md" <<'EOF'
 import json, sys
