@@ -65,7 +65,8 @@ fn main() {
                 for (i, (_, data)) in inputs.iter().enumerate() {
                     if mutate && !data.is_empty() {
                         let mut d = data.clone();
-                        let h = (pass as u64 * 0x9e37_79b9_7f4a_7c15) ^ (i as u64 * 0xc2b2_ae3d);
+                        let h = (pass as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+                            ^ (i as u64).wrapping_mul(0xc2b2_ae3d);
                         let at = (h % d.len() as u64) as usize;
                         d[at] = if d[at].is_ascii_graphic() {
                             b'!' + (d[at] - b'!' + 1 + (pass % 90) as u8) % 94
