@@ -139,24 +139,31 @@ fn compiled(fp: &Model, wbits: u32, kvbits: u32, poq: bool, smooth: bool) -> Mod
     fp.with_module(c.module, None)
 }
 
+/// Decode `IDS` token by token on the interpreter and compare each step's logits with the
+/// decode-equivalent protocol's; returns the session (its cache).
+fn decoding_matches_decode_equivalent(q: &Model, what: &str) -> wkvc_runtime::Session {
+    let par = logits(q, RunMode::DecodeEquivalent);
+    let e = q.engine(2).expect("engine");
+    let mut s = e.session(64);
+    let v = q.config.vocab_size;
+    for (t, &id) in IDS.iter().enumerate() {
+        let l = s.prefill(&[id]).expect("step");
+        let (d, scale) = max_abs_diff(&l, &par[t * v..(t + 1) * v]);
+        // The same quantized cache contents either way; only summation order differs.
+        assert!(
+            d <= 1e-4 * scale.max(1.0),
+            "{what}: step {t} differs by {d}"
+        );
+    }
+    s
+}
+
 #[test]
 fn decode_equivalent_equals_token_by_token_decoding() {
     let (fp, dir) = tiny_model("deq");
     for (poq, smooth) in [(true, true), (false, false), (true, false)] {
         let q = compiled(&fp, 4, 4, poq, smooth);
-        let par = logits(&q, RunMode::DecodeEquivalent);
-        let e = q.engine(2).expect("engine");
-        let mut s = e.session(64);
-        let v = fp.config.vocab_size;
-        for (t, &id) in IDS.iter().enumerate() {
-            let l = s.prefill(&[id]).expect("step");
-            let (d, scale) = max_abs_diff(&l, &par[t * v..(t + 1) * v]);
-            // The same quantized cache contents either way; only summation order differs.
-            assert!(
-                d <= 1e-4 * scale.max(1.0),
-                "poq {poq}: step {t} differs by {d}"
-            );
-        }
+        let s = decoding_matches_decode_equivalent(&q, &format!("poq {poq}"));
         assert!(
             s.kv_bytes() < 24 * 2 * 2 * 16 * 4 / 3,
             "the cache holds packed codes ({} bytes)",
@@ -627,18 +634,7 @@ fn per_layer_kv_bits_reach_each_attention_the_plan_and_the_engine() {
         assert_eq!(lp.memory.kv_bytes_per_token, want, "{bits:?}");
 
         // decode-equivalent == token by token on the interpreter, as for uniform bits
-        let par = logits(&q, RunMode::DecodeEquivalent);
-        let e = q.engine(2).expect("engine");
-        let mut s = e.session(64);
-        let v = fp.config.vocab_size;
-        for (t, &id) in IDS.iter().enumerate() {
-            let l = s.prefill(&[id]).expect("step");
-            let (d, scale) = max_abs_diff(&l, &par[t * v..(t + 1) * v]);
-            assert!(
-                d <= 1e-4 * scale.max(1.0),
-                "{bits:?}: step {t} differs by {d}"
-            );
-        }
+        decoding_matches_decode_equivalent(&q, &format!("{bits:?}"));
 
         // the plan records them
         let p = dir.join("perlayer.wkv");
