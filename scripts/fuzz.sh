@@ -16,7 +16,11 @@
 #   scripts/fuzz.sh --stats TARGET          executions, corpus size, edges, crashes, hangs
 #
 # Installs cargo-afl (crates.io) and builds AFL++ on first use. An execution over 1 s is a
-# hang; a target over 1 GiB of address space (AFL's -m) is a crash.
+# hang; a target over 1 GiB of address space (AFL's -m) is a crash. Every run rebuilds the
+# harness first (incremental: seconds when nothing changed), so a campaign never fuzzes a stale
+# binary. With WKVC_FUZZ_LEAKS=DIR, the harness writes every input after which the process
+# holds more heap than before to DIR/leak-BYTES-N, and the heap's size (live bytes, glibc's
+# arena) at powers of two and every 20 000 executions to DIR/heap-PID.log.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -74,7 +78,7 @@ stats() {
 fuzz() {
   local t=$1 secs=${2:-600} jobs=${3:-1} execs=${4:-}
   targets | grep -qx "$t" || die "unknown target \`$t\` (scripts/fuzz.sh --list)"
-  [ -x "$BIN" ] || build
+  [ -n "${BUILT:-}" ] || build
   mkdir -p "$OUT/$t"
   export AFL_SKIP_CPUFREQ=1 AFL_I_DONT_CARE_ABOUT_MISSING_CRASHES=1 AFL_NO_UI=1 \
     AFL_QUIET=1 AFL_NO_AFFINITY=1 AFL_SKIP_CRASHES=0 AFL_AUTORESUME=1

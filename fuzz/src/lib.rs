@@ -7,13 +7,59 @@
 //! `scripts/fuzz.sh` runs them under AFL++ (`src/main.rs`); `tests/replay.rs` replays every
 //! input under `corpus/` and `regressions/` in the ordinary test run.
 
+use std::alloc::{GlobalAlloc, Layout, System};
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicIsize, Ordering};
 use wkvc_ir::import::TokenizerSpec;
 use wkvc_runtime::{Message, StreamDecoder, Tokenizer};
 
 /// A fuzz target: its name (a folder of `corpus/`) and its function.
 pub type Target = (&'static str, fn(&[u8]));
+
+/// The system allocator, counting the bytes it holds for the program ([`live_bytes`]). A
+/// binary that wants the count installs it: `#[global_allocator] static A: Counting =
+/// Counting;` (the harness, to trace a persistent process's growth to inputs; the test that
+/// replays every target in one process).
+pub struct Counting;
+
+static LIVE: AtomicIsize = AtomicIsize::new(0);
+
+/// Bytes allocated through [`Counting`] and not yet freed (0 where it is not installed).
+pub fn live_bytes() -> isize {
+    LIVE.load(Ordering::Relaxed)
+}
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let p = unsafe { System.alloc(layout) };
+        if !p.is_null() {
+            LIVE.fetch_add(layout.size() as isize, Ordering::Relaxed);
+        }
+        p
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        let p = unsafe { System.alloc_zeroed(layout) };
+        if !p.is_null() {
+            LIVE.fetch_add(layout.size() as isize, Ordering::Relaxed);
+        }
+        p
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(ptr, layout) };
+        LIVE.fetch_sub(layout.size() as isize, Ordering::Relaxed);
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        let p = unsafe { System.realloc(ptr, layout, new_size) };
+        if !p.is_null() {
+            LIVE.fetch_add(
+                new_size as isize - layout.size() as isize,
+                Ordering::Relaxed,
+            );
+        }
+        p
+    }
+}
 
 /// Every target, by name.
 pub const TARGETS: &[Target] = &[
