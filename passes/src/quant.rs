@@ -319,6 +319,61 @@ pub struct KvStats {
     pub tokens: usize,
 }
 
+/// One attention's K (after RoPE) and V, made outputs of a graph by [`add_kv_probes`].
+#[derive(Clone, Debug)]
+pub struct KvProbe {
+    pub layer: i64,
+    /// The attention's index in the graph's nodes.
+    pub node: usize,
+    pub k: ValueId,
+    pub v: ValueId,
+}
+
+impl KvProbe {
+    /// The name of the graph output that carries K.
+    pub fn k_output(&self) -> String {
+        format!("probe.k.{}", self.layer)
+    }
+    /// The name of the graph output that carries V.
+    pub fn v_output(&self) -> String {
+        format!("probe.v.{}", self.layer)
+    }
+}
+
+/// Make the K and V operands of every attention of `g` whose layer `keep` accepts outputs of
+/// the graph (named by [`KvProbe::k_output`] and [`KvProbe::v_output`]).
+pub fn add_kv_probes(g: &mut wkvc_ir::graph::Graph, keep: impl Fn(i64) -> bool) -> Vec<KvProbe> {
+    let mut probes = Vec::new();
+    for (node, n) in g.nodes.iter().enumerate() {
+        if n.op != OpKind::Attention {
+            continue;
+        }
+        let layer = n.int_attr("layer").unwrap_or(0);
+        if !keep(layer) {
+            continue;
+        }
+        if let (Some(Operand::Value(k)), Some(Operand::Value(v))) = (n.args.get(1), n.args.get(2)) {
+            probes.push(KvProbe {
+                layer,
+                node,
+                k: *k,
+                v: *v,
+            });
+        }
+    }
+    for p in &probes {
+        g.outputs.push(wkvc_ir::graph::Output {
+            name: p.k_output(),
+            value: p.k,
+        });
+        g.outputs.push(wkvc_ir::graph::Output {
+            name: p.v_output(),
+            value: p.v,
+        });
+    }
+    probes
+}
+
 /// Run the module's graph on token windows (each from an empty cache) and record the range of
 /// every attention's K and V channels.
 pub fn collect_kv_stats(
@@ -328,23 +383,7 @@ pub fn collect_kv_stats(
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<KvStats, PassError> {
     let mut g = m.graph.clone();
-    let mut probes = Vec::new();
-    for n in g.nodes.iter().filter(|n| n.op == OpKind::Attention) {
-        let layer = n.int_attr("layer").unwrap_or(0);
-        if let (Some(Operand::Value(k)), Some(Operand::Value(v))) = (n.args.get(1), n.args.get(2)) {
-            probes.push((layer, *k, *v));
-        }
-    }
-    for (l, k, v) in &probes {
-        g.outputs.push(wkvc_ir::graph::Output {
-            name: format!("probe.k.{l}"),
-            value: *k,
-        });
-        g.outputs.push(wkvc_ir::graph::Output {
-            name: format!("probe.v.{l}"),
-            value: *v,
-        });
-    }
+    let probes = add_kv_probes(&mut g, |_| true);
     let probe = Module {
         graph: g,
         weights: m.weights.clone(),
@@ -359,12 +398,9 @@ pub fn collect_kv_stats(
         let out = it
             .run(&[("tokens", toks), ("positions", pos)], &mut cache)
             .map_err(|e| fail("kv_stats", e.to_string()))?;
-        for (l, _, _) in &probes {
-            for (slot, key) in [
-                (0usize, format!("probe.k.{l}")),
-                (2, format!("probe.v.{l}")),
-            ] {
-                record_range(&mut stats, *l, slot, &out[&key]);
+        for p in &probes {
+            for (slot, key) in [(0usize, p.k_output()), (2, p.v_output())] {
+                record_range(&mut stats, p.layer, slot, &out[&key]);
             }
         }
         stats.tokens += n;

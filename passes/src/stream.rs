@@ -9,7 +9,7 @@ use crate::calibrate::{BlockSpan, block_graph, block_spans};
 use crate::{PassError, quant::KvStats};
 use std::collections::BTreeMap;
 use wkvc_ir::KvCache;
-use wkvc_ir::graph::{Graph, Input, OpKind, Operand, Output};
+use wkvc_ir::graph::{Graph, Input, Operand};
 use wkvc_ir::interp::{Interpreter, RunMode, Tensor};
 use wkvc_ir::{DType, Module};
 
@@ -161,39 +161,20 @@ pub fn run(
     let total = spans.len() + usize::from(logits);
     for (l, span) in spans.iter().enumerate() {
         let mut g = block_graph(&m.graph, span, &format!("{}.block{l}", m.graph.name))?;
-        let mut probes = Vec::new();
-        if kv_stats {
-            for n in g.nodes.iter().filter(|n| n.op == OpKind::Attention) {
-                let layer = n.int_attr("layer").unwrap_or(0);
-                if let (Some(Operand::Value(k)), Some(Operand::Value(v))) =
-                    (n.args.get(1), n.args.get(2))
-                {
-                    probes.push((layer, *k, *v));
-                }
-            }
-            for (layer, k, v) in &probes {
-                g.outputs.push(Output {
-                    name: format!("probe.k.{layer}"),
-                    value: *k,
-                });
-                g.outputs.push(Output {
-                    name: format!("probe.v.{layer}"),
-                    value: *v,
-                });
-            }
-        }
+        let probes = if kv_stats {
+            crate::quant::add_kv_probes(&mut g, |_| true)
+        } else {
+            Vec::new()
+        };
         let outs = run_part(m, g, &xs, &tokens, threads, RunMode::Prefill)?;
         let mut next = Vec::with_capacity(outs.len());
         for mut o in outs {
-            for (layer, _, _) in &probes {
-                for (slot, key) in [
-                    (0usize, format!("probe.k.{layer}")),
-                    (2, format!("probe.v.{layer}")),
-                ] {
+            for p in &probes {
+                for (slot, key) in [(0usize, p.k_output()), (2, p.v_output())] {
                     let t = o
                         .remove(&key)
                         .ok_or_else(|| fail(format!("block {l} gave no `{key}`")))?;
-                    crate::quant::record_range(&mut stats, *layer, slot, &t);
+                    crate::quant::record_range(&mut stats, p.layer, slot, &t);
                 }
             }
             let h = o

@@ -6,7 +6,7 @@
 
 use crate::{Model, RuntimeError};
 use wkvc_ir::KvCache;
-use wkvc_ir::graph::{OpKind, Operand, Output};
+use wkvc_ir::graph::{OpKind, Operand};
 use wkvc_ir::interp::{Interpreter, Tensor};
 use wkvc_ir::math::hadamard_in_place;
 
@@ -81,23 +81,19 @@ pub fn kv_channels(
     }
     let m = &model.module;
     let mut g = m.graph.clone();
+    let found =
+        wkvc_passes::quant::add_kv_probes(&mut g, |l| layers.is_empty() || layers.contains(&l));
     let mut probes = Vec::new();
-    for n in g.nodes.iter().filter(|n| n.op == OpKind::Attention) {
-        let layer = n.int_attr("layer").unwrap_or(0);
-        if !layers.is_empty() && !layers.contains(&layer) {
-            continue;
-        }
-        let (Some(Operand::Value(k)), Some(Operand::Value(v))) = (n.args.get(1), n.args.get(2))
-        else {
-            continue;
-        };
+    for p in found {
+        let n = &g.nodes[p.node];
+        let layer = p.layer;
         let head_dim = n.int_attr("head_dim").unwrap_or(1) as usize;
         // the rotation: on the rope that makes K
         let rotate = g
             .nodes
             .iter()
-            .find(|p| p.out == *k && p.op == OpKind::Rope)
-            .and_then(|p| p.int_attr("rotate"))
+            .find(|r| r.out == p.k && r.op == OpKind::Rope)
+            .and_then(|r| r.int_attr("rotate"))
             .unwrap_or(0) as usize;
         let smoothing = if n.args.len() == 7 {
             let mut s: [Vec<f32>; 4] = Default::default();
@@ -116,22 +112,15 @@ pub fn kv_channels(
         } else {
             None
         };
-        probes.push((layer, *k, *v, head_dim, rotate, smoothing));
+        probes.push((p, head_dim, rotate, smoothing));
     }
-    if let Some(&l) = layers.iter().find(|l| !probes.iter().any(|p| p.0 == **l)) {
+    if let Some(&l) = layers
+        .iter()
+        .find(|l| !probes.iter().any(|p| p.0.layer == **l))
+    {
         return Err(RuntimeError::Invalid(format!(
             "the model has no attention of layer {l}"
         )));
-    }
-    for (l, k, v, ..) in &probes {
-        g.outputs.push(Output {
-            name: format!("probe.k.{l}"),
-            value: *k,
-        });
-        g.outputs.push(Output {
-            name: format!("probe.v.{l}"),
-            value: *v,
-        });
     }
     let probe = wkvc_ir::Module {
         graph: g,
@@ -144,15 +133,16 @@ pub fn kv_channels(
     let mut cache = KvCache::new(n);
     let out = it.run(&[("tokens", toks), ("positions", pos)], &mut cache)?;
     let mut res = Vec::new();
-    for (layer, _, _, head_dim, rotate, smoothing) in probes {
+    for (p, head_dim, rotate, smoothing) in probes {
+        let layer = p.layer;
         let get = |key: String| -> Result<Vec<f32>, RuntimeError> {
             out.get(&key)
                 .and_then(|t| t.as_f32())
                 .map(<[f32]>::to_vec)
                 .ok_or_else(|| RuntimeError::Invalid(format!("no probe `{key}`")))
         };
-        let mut k = get(format!("probe.k.{layer}"))?;
-        let mut v = get(format!("probe.v.{layer}"))?;
+        let mut k = get(p.k_output())?;
+        let mut v = get(p.v_output())?;
         let width = k.len() / n;
         if rotate > 0 {
             // the orthonormal Hadamard matrix is its own inverse
