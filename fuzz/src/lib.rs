@@ -72,6 +72,17 @@ pub const TARGETS: &[Target] = &[
     ("chat_template", chat_template),
 ];
 
+/// The files of `dir` (a corpus or regressions folder), sorted by name; none where it is
+/// absent.
+pub fn inputs(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.path()).collect())
+        .unwrap_or_default();
+    v.retain(|p| p.is_file());
+    v.sort();
+    v
+}
+
 /// The target called `name`.
 pub fn target(name: &str) -> Option<fn(&[u8])> {
     TARGETS.iter().find(|t| t.0 == name).map(|t| t.1)

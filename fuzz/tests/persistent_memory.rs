@@ -11,19 +11,10 @@
 //!
 //! One test in its own binary: the count is process-wide, so no other test may run beside it.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 #[global_allocator]
 static ALLOC: wkvc_fuzz::Counting = wkvc_fuzz::Counting;
-
-fn inputs(dir: &Path) -> Vec<PathBuf> {
-    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.path()).collect())
-        .unwrap_or_default();
-    v.retain(|p| p.is_file());
-    v.sort();
-    v
-}
 
 #[test]
 fn targets_leave_nothing_allocated_across_executions() {
@@ -35,7 +26,7 @@ fn targets_leave_nothing_allocated_across_executions() {
     for (name, target) in wkvc_fuzz::TARGETS {
         let data: Vec<(PathBuf, Vec<u8>)> = ["corpus", "regressions"]
             .iter()
-            .flat_map(|kind| inputs(&root.join(kind).join(name)))
+            .flat_map(|kind| wkvc_fuzz::inputs(&root.join(kind).join(name)))
             .map(|p| {
                 let d = std::fs::read(&p).expect("read input");
                 (p, d)

@@ -2,23 +2,14 @@
 //! regressions (`regressions/TARGET/`: inputs that once crashed or hung a target, each named
 //! after what it found). A target returns normally on all of them; a panic fails the test.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
-
-fn inputs(dir: &Path) -> Vec<PathBuf> {
-    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.path()).collect())
-        .unwrap_or_default();
-    v.retain(|p| p.is_file());
-    v.sort();
-    v
-}
 
 fn replay(kind: &str) -> usize {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(kind);
     let mut n = 0;
     for (name, target) in wkvc_fuzz::TARGETS {
-        for p in inputs(&root.join(name)) {
+        for p in wkvc_fuzz::inputs(&root.join(name)) {
             let data = std::fs::read(&p).expect("read input");
             let t = Instant::now();
             target(&data);
@@ -39,7 +30,7 @@ fn every_target_has_seeds_and_survives_them() {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("corpus");
     for (name, _) in wkvc_fuzz::TARGETS {
         assert!(
-            !inputs(&root.join(name)).is_empty(),
+            !wkvc_fuzz::inputs(&root.join(name)).is_empty(),
             "target {name} has no seed corpus in {}",
             root.join(name).display()
         );
@@ -66,7 +57,7 @@ fn regressions_replay() {
 #[test]
 fn seeds_are_valid_inputs() {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("corpus");
-    for p in inputs(&root.join("plan")) {
+    for p in wkvc_fuzz::inputs(&root.join("plan")) {
         let tmp = std::env::temp_dir().join(format!("wkvc-fuzz-seed-{}.wkv", std::process::id()));
         std::fs::copy(&p, &tmp).expect("copy");
         let m = wkvc_runtime::Model::open(&tmp);
@@ -74,21 +65,21 @@ fn seeds_are_valid_inputs() {
         let m = m.unwrap_or_else(|e| panic!("{}: {e}", p.display()));
         m.tokenizer().expect("the plan's tokenizer loads");
     }
-    for p in inputs(&root.join("manifest")) {
+    for p in wkvc_fuzz::inputs(&root.join("manifest")) {
         let text = std::fs::read_to_string(&p).expect("read");
         wkvc_runtime::plan::parse_manifest(&text)
             .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
     }
-    for p in inputs(&root.join("ir_text")) {
+    for p in wkvc_fuzz::inputs(&root.join("ir_text")) {
         let text = std::fs::read_to_string(&p).expect("read");
         wkvc_ir::text::parse(&text).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
     }
-    for p in inputs(&root.join("gguf")) {
+    for p in wkvc_fuzz::inputs(&root.join("gguf")) {
         let data = std::fs::read(&p).expect("read");
         wkvc_ir::gguf::parse(&data).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
     }
     let tok = wkvc_fuzz::request_tokenizer();
-    for p in inputs(&root.join("request")) {
+    for p in wkvc_fuzz::inputs(&root.join("request")) {
         let data = std::fs::read(&p).expect("read");
         let body = &data[1..];
         use wkvc_cli::serve::request as r;
@@ -100,7 +91,7 @@ fn seeds_are_valid_inputs() {
         };
         assert!(ok, "{}: rejected", p.display());
     }
-    for p in inputs(&root.join("chat_template")) {
+    for p in wkvc_fuzz::inputs(&root.join("chat_template")) {
         let tpl = std::fs::read_to_string(&p).expect("read");
         let msgs = [wkvc_runtime::Message {
             role: "user".into(),
