@@ -109,6 +109,7 @@ case "${1:-}" in
     echo "== replaying every corpus (cargo test -p wkvc-fuzz)"
     cargo test --release -q -p wkvc-fuzz
     build
+    BUILT=1
     # two targets at a time (a core each)
     fail=0 pids=()
     for t in $(targets); do
