@@ -15,7 +15,8 @@
 # its rows out). Settings (environment): KV_CHUNKS (16 chunks of 512; llama-perplexity's
 # --chunks), KV_THREADS (2), KV_ONLY (row keys to run, space-separated; default all),
 # KV_KLD=1 (also KL divergence from the FP model: twice the time), WKVC_KV_TABLE_OUT
-# (target/kv-table). Our rows run on the CPU engine's exact path (f32 activations). Rows
+# (target/kv-table), WKVC_BIN (the wkvc binary measured; target/release/wkvc). Our rows
+# run on the CPU engine's exact path (f32 activations). Rows
 # not run (KV_ONLY) keep their figures from the last run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,7 +32,7 @@ if [ -z "${KV_NO_PEER:-}" ] && [ ! -x "$PEER" ]; then
   exit 2
 fi
 cargo build --release -q -p wkvc
-WKVC=target/release/wkvc
+WKVC=${WKVC_BIN:-target/release/wkvc}
 OUT=${WKVC_KV_TABLE_OUT:-target/kv-table}
 mkdir -p "$OUT"
 N=${KV_CHUNKS:-16}; T=${KV_THREADS:-2}
@@ -63,6 +64,7 @@ ROWS+=(
   "w4kv4_rot|+rotation|W4|4|${C[*]} ${ROT[*]}"
   "w4kv4_wkvq|+learned (WKVQuant)|W4|4|${WKV[*]}"
   "w4kv4_wkvqrot|+learned+rotation|W4|4|${WKV[*]} ${ROT[*]}"
+  "w4kv4_wkvqrot_wf|+learned+rotation, weights first|W4|4|${WKV[*]} ${ROT[*]} --calib-schedule weights-first"
 )
 if [ -z "${KV_NO_PEER:-}" ]; then
   ROWS+=(
@@ -180,7 +182,7 @@ for k in ["kv3_rot", "kv3_wkvq", "kv3_wkvqrot"]:
     if k in gap and q4:
         print(f"- {by[k]['label']} KV3: gap {100 * gap[k]:.2f}% vs llama.cpp q4_0 {100 * q4:.2f}% "
               f"(target: below)")
-for k in ["w4kv4_wkvq", "w4kv4_wkvqrot"]:
+for k in ["w4kv4_wkvq", "w4kv4_wkvqrot", "w4kv4_wkvqrot_wf"]:
     for w in ["w4lwc", "w4"]:
         if k in gap and w in gap and gap[w] > 0:
             print(f"- W4KV4 {by[k]['label']}: gap {100 * gap[k]:.2f}% = {gap[k] / gap[w]:.2f}x "

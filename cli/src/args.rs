@@ -88,6 +88,16 @@ pub enum Loss {
     LocalMseCrr,
 }
 
+/// The order `--method wkvquant` learns a block's clipping and smoothing in (when both).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Schedule {
+    /// together, on the stream with the quantized cache (the paper's)
+    Joint,
+    /// the clipping first with the cache in full precision (as a weight-only calibration
+    /// learns it), then the smoothing with that clipping fixed; twice the steps
+    WeightsFirst,
+}
+
 /// Which engine runs the model.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum EngineChoice {
@@ -203,6 +213,10 @@ pub struct QuantArgs {
     /// wkvquant: keep the initial smoothing (learn only the clipping).
     #[arg(long)]
     pub no_learn_smooth: bool,
+    /// wkvquant: the order clipping and smoothing are learned in when both are (weights and
+    /// cache quantized).
+    #[arg(long, value_enum, default_value_t = Schedule::Joint)]
+    pub calib_schedule: Schedule,
     /// Keep scales and zeros in f32 (the reference definition) instead of f16; weights are
     /// then not packed. For comparisons with fake-quant figures.
     #[arg(long)]

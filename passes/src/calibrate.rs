@@ -80,8 +80,39 @@ pub struct CalibConfig {
     pub learn_smooth: bool,
     /// Initial LWC logits (sigmoid(4) = 0.982).
     pub lwc_init: f32,
+    /// How clipping and smoothing are learned when both are.
+    pub schedule: CalibSchedule,
     pub seed: u64,
     pub threads: usize,
+}
+
+/// The order in which a block's clipping and smoothing are learned (when both are).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CalibSchedule {
+    /// Together, from the quantized stream with its quantized cache (the paper's).
+    Joint,
+    /// First the clipping, with the cache in full precision on the weight-only stream (what a
+    /// weight-only calibration learns); then the smoothing with that clipping fixed, on the
+    /// weight-and-KV stream. Twice the steps.
+    WeightsFirst,
+}
+
+impl CalibSchedule {
+    pub fn parse(s: &str) -> Option<CalibSchedule> {
+        match s {
+            "joint" => Some(CalibSchedule::Joint),
+            "weights-first" => Some(CalibSchedule::WeightsFirst),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            CalibSchedule::Joint => "joint",
+            CalibSchedule::WeightsFirst => "weights-first",
+        }
+    }
 }
 
 /// The documented CPU setting (with 16 samples x 256 tokens: 64 AdamW steps per block). The
@@ -100,6 +131,7 @@ impl Default for CalibConfig {
             learn_lwc: true,
             learn_smooth: true,
             lwc_init: 4.0,
+            schedule: CalibSchedule::Joint,
             seed: 0,
             threads: 1,
         }
@@ -129,6 +161,10 @@ pub struct BlockReport {
     /// Mean training loss of the first and the last epoch.
     pub first_loss: f64,
     pub last_loss: f64,
+    /// weights-first schedule: the first and last epoch's mean loss of the clipping phase
+    /// (cache in full precision); `first_loss`/`last_loss` then span both phases
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub weight_phase: Option<[f64; 2]>,
     pub seconds: f64,
 }
 
@@ -439,6 +475,8 @@ pub fn calibrate(
     // FP chain: state j = hidden state entering block j (0 = embeddings).
     let mut fp_states: BTreeMap<usize, Vec<Vec<f32>>> = BTreeMap::new();
     fp_states.insert(0, x0.clone());
+    let two_streams = cfg.schedule == CalibSchedule::WeightsFirst;
+    let mut q_in_w = if two_streams { x0.clone() } else { Vec::new() };
     let mut q_in = x0;
     let mut report = CalibReport {
         samples: samples.len(),
@@ -446,7 +484,10 @@ pub fn calibrate(
         ..Default::default()
     };
     let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed);
-    for i in 0..nl {
+    // weights-first: the smoothing phases shuffle with their own generator, so the clipping
+    // phases see the orders of a weight-only calibration with the same seed
+    let mut rng_kv = rand::rngs::StdRng::seed_from_u64(cfg.seed ^ 0x005E_ED0F_C0DE);
+    for (i, q_span) in q_spans.iter().enumerate() {
         let bt = Instant::now();
         let k_eff = cfg.crr_k.min(nl - 1 - i);
         let need = i + k_eff + 1;
@@ -456,200 +497,92 @@ pub fn calibrate(
             fp_states.insert(j + 1, next);
         }
         fp_states.retain(|&j, _| j > i);
-        // The training graph of block i.
-        let mut weights = q.weights.clone();
-        let mut qg = block_graph(&q.graph, &q_spans[i], &format!("q.block{i}"))?;
-        let mut trainable: Vec<String> = Vec::new();
-        let mut lwc_names = Vec::new();
-        if cfg.learn_lwc {
-            lwc_names = to_lwc(&mut qg, &mut weights, cfg.lwc_init);
-            trainable.extend(lwc_names.iter().cloned());
-        }
         let smooth = smooth_names(i);
-        let has_smooth = qg.params.iter().any(|p| p.name == smooth[0]);
+        let has_smooth = q.graph.params.iter().any(|p| p.name == smooth[0]);
         let smooth_learned = cfg.learn_smooth && has_smooth;
-        if smooth_learned {
-            trainable.extend(smooth.iter().cloned());
-        }
         let mut block = BlockReport {
             layer: i,
             k_eff,
             trainable: 0,
             ..Default::default()
         };
-        if !trainable.is_empty() && cfg.epochs > 0 {
-            let mut parts = vec![qg.clone()];
-            for (j, span) in fp_spans.iter().enumerate().take(i + k_eff + 1).skip(i + 1) {
-                parts.push(block_graph(&fp.graph, span, &format!("fp.block{j}"))?);
-            }
-            let (mut g, outs) = chain(&parts, &format!("calib.block{i}"))?;
-            let hty = TensorType::f32(vec![Dim::sym("seq"), Dim::Const(d)]);
-            let mut next = g.value_bound();
-            let mut add_loss =
-                |g: &mut Graph, pred: ValueId, input: &str, kind: &str, out: &str| {
-                    let t = ValueId(next);
-                    let l = ValueId(next + 1);
-                    next += 2;
-                    g.inputs.push(Input {
-                        value: t,
-                        name: input.into(),
-                        ty: hty.clone(),
-                    });
-                    g.nodes.push(Node {
-                        out: l,
-                        op: OpKind::Loss,
-                        args: vec![Operand::Value(pred), Operand::Value(t)],
-                        attrs: wkvc_ir::graph::attrs([("kind", Attr::Str(kind.into()))]),
-                        ty: TensorType::f32(vec![Dim::Const(1)]),
-                    });
-                    g.outputs.push(Output {
-                        name: out.into(),
-                        value: l,
-                    });
-                };
-            let last = *outs.last().unwrap_or(&outs[0]);
-            let mut losses = vec!["loss"];
-            match cfg.loss {
-                CalibLoss::Mae => add_loss(&mut g, last, "target", "mae", "loss"),
-                CalibLoss::Mse => add_loss(&mut g, last, "target", "mse", "loss"),
-                CalibLoss::LocalMseCrr => {
-                    add_loss(&mut g, last, "target", "mae", "loss");
-                    add_loss(&mut g, outs[0], "target_local", "mse", "loss_local");
-                    losses.push("loss_local");
-                }
-            }
-            let g = differentiate(&g, &losses, &trainable)?;
-            let module = Module { graph: g, weights };
-            module
-                .verify()
-                .map_err(|e| fail(format!("training graph of block {i}: {e}")))?;
-            let mut it = Interpreter::new(&module, threads).map_err(|e| fail(e.to_string()))?;
-            let mut params: BTreeMap<String, Vec<f32>> = BTreeMap::new();
-            for n in &trainable {
-                params.insert(n.clone(), f32_of(&module, n)?);
-            }
-            block.trainable = params.values().map(|v| v.len()).sum();
-            let mut groups = Vec::new();
-            if !lwc_names.is_empty() {
-                groups.push(ParamGroup {
-                    names: lwc_names.clone(),
-                    lr: cfg.lr_lwc,
-                    weight_decay: cfg.weight_decay,
-                });
-            }
-            if smooth_learned {
-                groups.push(ParamGroup {
-                    names: smooth.to_vec(),
-                    lr: cfg.lr_smooth,
-                    weight_decay: cfg.weight_decay,
-                });
-            }
-            let mut opt = AdamW::new(groups);
-            let mut order: Vec<usize> = (0..samples.len()).collect();
-            for epoch in 0..cfg.epochs {
-                order.shuffle(&mut rng);
-                let mut sum = 0f64;
-                for (step, &s) in order.iter().enumerate() {
-                    if cancel.load(Ordering::Relaxed) {
-                        return Err(fail("interrupted"));
-                    }
-                    let mut inputs = vec![
-                        ("hidden", Tensor::f32(vec![tokens, d], q_in[s].clone())),
-                        ("positions", positions(tokens)),
-                        (
-                            "target",
-                            Tensor::f32(vec![tokens, d], fp_states[&need][s].clone()),
-                        ),
-                    ];
-                    if cfg.loss == CalibLoss::LocalMseCrr {
-                        inputs.push((
-                            "target_local",
-                            Tensor::f32(vec![tokens, d], fp_states[&(i + 1)][s].clone()),
-                        ));
-                    }
-                    let mut cache = KvCache::new(tokens);
-                    let out = it
-                        .run_mode(&inputs, &mut cache, RunMode::DecodeEquivalent)
-                        .map_err(|e| fail(format!("block {i}: {e}")))?;
-                    let loss: f64 = losses
-                        .iter()
-                        .map(|l| {
-                            out.get(*l)
-                                .and_then(|t| t.as_f32())
-                                .and_then(|v| v.first())
-                                .map_or(f64::NAN, |&v| v as f64)
-                        })
-                        .sum();
-                    if !loss.is_finite() {
-                        return Err(fail(format!(
-                            "block {i}, epoch {epoch}: the loss is not finite"
-                        )));
-                    }
-                    sum += loss;
-                    let mut grads = BTreeMap::new();
-                    for n in &trainable {
-                        let gv = out
-                            .get(&grad_output(n))
-                            .and_then(|t| t.as_f32())
-                            .ok_or_else(|| fail(format!("no gradient for @{n}")))?;
-                        grads.insert(n.clone(), gv.to_vec());
-                    }
-                    opt.step(&mut params, &grads)
-                        .map_err(|e| fail(format!("block {i}: {e}")))?;
-                    if smooth_learned {
-                        for n in [&smooth[1], &smooth[3]] {
-                            if let Some(v) = params.get_mut(n) {
-                                for x in v.iter_mut() {
-                                    if x.abs() < 1e-2 {
-                                        *x = if *x < 0.0 { -1e-2 } else { 1e-2 };
-                                    }
-                                }
-                            }
-                        }
-                    }
-                    it.set_params(params.iter().map(|(n, v)| (n.clone(), v.clone())).collect())
-                        .map_err(|e| fail(e.to_string()))?;
-                    progress(&CalibProgress {
-                        layer: i,
-                        layers: nl,
-                        epoch,
-                        epochs: cfg.epochs,
-                        step: step + 1,
-                        steps: order.len(),
-                        loss: sum / (step + 1) as f64,
-                        done: None,
-                    });
-                }
-                let mean = sum / order.len().max(1) as f64;
-                if epoch == 0 {
-                    block.first_loss = mean;
-                }
-                block.last_loss = mean;
-            }
-            report.steps += opt.steps();
-            drop(it);
-            // Bake the learned values into the quantized module.
-            for (n, v) in &params {
-                let clip = [(".lwc_u", "wq_gamma"), (".lwc_l", "wq_beta")]
-                    .iter()
-                    .find_map(|(suf, to)| n.strip_suffix(suf).map(|b| format!("{b}.{to}")));
-                if let Some(target) = clip {
-                    let shape = q
-                        .weights
-                        .get(&target)
-                        .map(|w| w.shape.clone())
-                        .ok_or_else(|| fail(format!("no @{target}")))?;
-                    let g: Vec<f32> = v.iter().map(|&u| sigmoid(u)).collect();
-                    q.weights.insert(target, Weight::from_f32(shape, g));
+        let ctx = LearnCtx {
+            fp,
+            fp_spans: &fp_spans,
+            i,
+            k_eff,
+            d,
+            tokens,
+            target: &fp_states[&need],
+            target_local: fp_states.get(&(i + 1)),
+            cfg,
+            cancel,
+        };
+        let q_block = block_graph(&q.graph, q_span, &format!("q.block{i}"))?;
+        let weights_first =
+            cfg.schedule == CalibSchedule::WeightsFirst && cfg.learn_lwc && smooth_learned;
+        let n_phases = if weights_first { 2 } else { 1 };
+        if cfg.epochs > 0 {
+            let phases: Vec<(bool, bool)> = if weights_first {
+                vec![(true, false), (false, true)]
+            } else {
+                vec![(cfg.learn_lwc, smooth_learned)]
+            };
+            for (ph, &(lwc, sm)) in phases.iter().enumerate() {
+                // weights-first: the clipping is learned with the cache in full precision
+                // on the weight-only stream, then the smoothing with that clipping fixed
+                let (graph, input) = if weights_first && ph == 0 {
+                    (without_kv_quant(&q_block), &q_in_w)
                 } else {
-                    q.weights
-                        .insert(n.clone(), Weight::from_f32(vec![v.len()], v.clone()));
+                    (q_block.clone(), &q_in)
+                };
+                let phase_rng = if weights_first && ph == 1 {
+                    &mut rng_kv
+                } else {
+                    &mut rng
+                };
+                let at = PhaseAt {
+                    epoch0: ph * cfg.epochs,
+                    epochs: n_phases * cfg.epochs,
+                };
+                let Learned {
+                    params,
+                    first,
+                    last,
+                    steps,
+                } = learn_block(
+                    &ctx,
+                    graph,
+                    q.weights.clone(),
+                    (lwc, sm.then_some(&smooth)),
+                    input,
+                    phase_rng,
+                    at,
+                    progress,
+                )?;
+                block.trainable += params.values().map(|v| v.len()).sum::<usize>();
+                if ph == 0 {
+                    block.first_loss = first;
                 }
+                if weights_first && ph == 0 {
+                    block.weight_phase = Some([first, last]);
+                }
+                block.last_loss = last;
+                report.steps += steps;
+                bake(q, &params)?;
             }
+        }
+        if weights_first {
+            // the weight-only stream through block i with its learned clipping
+            let qm = Module {
+                graph: without_kv_quant(&block_graph(&q.graph, q_span, "w.block")?),
+                weights: q.weights.clone(),
+            };
+            q_in_w = run_block(&qm, &q_in_w, tokens, threads)?;
         }
         // Advance the quantized chain through the (learned) block i.
         let qm = Module {
-            graph: block_graph(&q.graph, &q_spans[i], &format!("q.block{i}"))?,
+            graph: block_graph(&q.graph, q_span, &format!("q.block{i}"))?,
             weights: q.weights.clone(),
         };
         q_in = run_block(&qm, &q_in, tokens, threads)?;
@@ -657,8 +590,8 @@ pub fn calibrate(
         progress(&CalibProgress {
             layer: i,
             layers: nl,
-            epoch: cfg.epochs.saturating_sub(1),
-            epochs: cfg.epochs,
+            epoch: (n_phases * cfg.epochs).saturating_sub(1),
+            epochs: n_phases * cfg.epochs,
             step: 0,
             steps: 0,
             loss: block.last_loss,
@@ -668,6 +601,269 @@ pub fn calibrate(
     }
     report.seconds = t0.elapsed().as_secs_f64();
     Ok(report)
+}
+
+/// The fixed inputs of learning one block.
+struct LearnCtx<'a> {
+    fp: &'a Module,
+    fp_spans: &'a [BlockSpan],
+    i: usize,
+    k_eff: usize,
+    d: usize,
+    tokens: usize,
+    /// FP hidden states after block i + k_eff (the CRR target) and after block i
+    target: &'a [Vec<f32>],
+    target_local: Option<&'a Vec<Vec<f32>>>,
+    cfg: &'a CalibConfig,
+    cancel: &'a AtomicBool,
+}
+
+/// What a phase learned: values (clipping as logits), the mean loss of its first and last
+/// epoch, its optimizer steps.
+struct Learned {
+    params: BTreeMap<String, Vec<f32>>,
+    first: f64,
+    last: f64,
+    steps: u64,
+}
+
+/// Where a phase's epochs fall in the block's progress display.
+#[derive(Clone, Copy)]
+struct PhaseAt {
+    epoch0: usize,
+    epochs: usize,
+}
+
+/// Learn block `ctx.i` from `qg` (its quantized graph): the clipping logits (`lwc`) and/or
+/// the smoothing vectors `smooth`, from the quantized stream `input`. Returns the learned
+/// values (clipping as logits), the mean loss of the first and last epoch and the steps.
+#[allow(clippy::too_many_arguments)]
+fn learn_block(
+    ctx: &LearnCtx<'_>,
+    mut qg: Graph,
+    mut weights: wkvc_ir::WeightStore,
+    (lwc, smooth): (bool, Option<&[String; 4]>),
+    input: &[Vec<f32>],
+    rng: &mut rand::rngs::StdRng,
+    at: PhaseAt,
+    progress: &mut dyn FnMut(&CalibProgress),
+) -> Result<Learned, PassError> {
+    let (cfg, i, d, tokens) = (ctx.cfg, ctx.i, ctx.d, ctx.tokens);
+    let mut trainable: Vec<String> = Vec::new();
+    let mut lwc_names = Vec::new();
+    if lwc {
+        lwc_names = to_lwc(&mut qg, &mut weights, cfg.lwc_init);
+        trainable.extend(lwc_names.iter().cloned());
+    }
+    if let Some(s) = smooth {
+        trainable.extend(s.iter().cloned());
+    }
+    let mut params: BTreeMap<String, Vec<f32>> = BTreeMap::new();
+    if trainable.is_empty() {
+        return Ok(Learned {
+            params,
+            first: 0.0,
+            last: 0.0,
+            steps: 0,
+        });
+    }
+    let mut parts = vec![qg];
+    for (j, span) in ctx
+        .fp_spans
+        .iter()
+        .enumerate()
+        .take(i + ctx.k_eff + 1)
+        .skip(i + 1)
+    {
+        parts.push(block_graph(&ctx.fp.graph, span, &format!("fp.block{j}"))?);
+    }
+    let (mut g, outs) = chain(&parts, &format!("calib.block{i}"))?;
+    let hty = TensorType::f32(vec![Dim::sym("seq"), Dim::Const(d)]);
+    let mut next = g.value_bound();
+    let mut add_loss = |g: &mut Graph, pred: ValueId, input: &str, kind: &str, out: &str| {
+        let t = ValueId(next);
+        let l = ValueId(next + 1);
+        next += 2;
+        g.inputs.push(Input {
+            value: t,
+            name: input.into(),
+            ty: hty.clone(),
+        });
+        g.nodes.push(Node {
+            out: l,
+            op: OpKind::Loss,
+            args: vec![Operand::Value(pred), Operand::Value(t)],
+            attrs: wkvc_ir::graph::attrs([("kind", Attr::Str(kind.into()))]),
+            ty: TensorType::f32(vec![Dim::Const(1)]),
+        });
+        g.outputs.push(Output {
+            name: out.into(),
+            value: l,
+        });
+    };
+    let last = *outs.last().unwrap_or(&outs[0]);
+    let mut losses = vec!["loss"];
+    match cfg.loss {
+        CalibLoss::Mae => add_loss(&mut g, last, "target", "mae", "loss"),
+        CalibLoss::Mse => add_loss(&mut g, last, "target", "mse", "loss"),
+        CalibLoss::LocalMseCrr => {
+            add_loss(&mut g, last, "target", "mae", "loss");
+            add_loss(&mut g, outs[0], "target_local", "mse", "loss_local");
+            losses.push("loss_local");
+        }
+    }
+    let g = differentiate(&g, &losses, &trainable)?;
+    let module = Module { graph: g, weights };
+    module
+        .verify()
+        .map_err(|e| fail(format!("training graph of block {i}: {e}")))?;
+    let mut it = Interpreter::new(&module, cfg.threads.max(1)).map_err(|e| fail(e.to_string()))?;
+    for n in &trainable {
+        params.insert(n.clone(), f32_of(&module, n)?);
+    }
+    let mut groups = Vec::new();
+    if !lwc_names.is_empty() {
+        groups.push(ParamGroup {
+            names: lwc_names.clone(),
+            lr: cfg.lr_lwc,
+            weight_decay: cfg.weight_decay,
+        });
+    }
+    if let Some(s) = smooth {
+        groups.push(ParamGroup {
+            names: s.to_vec(),
+            lr: cfg.lr_smooth,
+            weight_decay: cfg.weight_decay,
+        });
+    }
+    let mut opt = AdamW::new(groups);
+    let mut order: Vec<usize> = (0..input.len()).collect();
+    let (mut first, mut last_loss) = (0.0, 0.0);
+    for epoch in 0..cfg.epochs {
+        order.shuffle(rng);
+        let mut sum = 0f64;
+        for (step, &s) in order.iter().enumerate() {
+            if ctx.cancel.load(Ordering::Relaxed) {
+                return Err(fail("interrupted"));
+            }
+            let mut inputs = vec![
+                ("hidden", Tensor::f32(vec![tokens, d], input[s].clone())),
+                ("positions", positions(tokens)),
+                (
+                    "target",
+                    Tensor::f32(vec![tokens, d], ctx.target[s].clone()),
+                ),
+            ];
+            if cfg.loss == CalibLoss::LocalMseCrr {
+                let local = ctx
+                    .target_local
+                    .ok_or_else(|| fail("no local target state"))?;
+                inputs.push((
+                    "target_local",
+                    Tensor::f32(vec![tokens, d], local[s].clone()),
+                ));
+            }
+            let mut cache = KvCache::new(tokens);
+            let out = it
+                .run_mode(&inputs, &mut cache, RunMode::DecodeEquivalent)
+                .map_err(|e| fail(format!("block {i}: {e}")))?;
+            let loss: f64 = losses
+                .iter()
+                .map(|l| {
+                    out.get(*l)
+                        .and_then(|t| t.as_f32())
+                        .and_then(|v| v.first())
+                        .map_or(f64::NAN, |&v| v as f64)
+                })
+                .sum();
+            if !loss.is_finite() {
+                return Err(fail(format!(
+                    "block {i}, epoch {epoch}: the loss is not finite"
+                )));
+            }
+            sum += loss;
+            let mut grads = BTreeMap::new();
+            for n in &trainable {
+                let gv = out
+                    .get(&grad_output(n))
+                    .and_then(|t| t.as_f32())
+                    .ok_or_else(|| fail(format!("no gradient for @{n}")))?;
+                grads.insert(n.clone(), gv.to_vec());
+            }
+            opt.step(&mut params, &grads)
+                .map_err(|e| fail(format!("block {i}: {e}")))?;
+            if let Some(sm) = smooth {
+                for n in [&sm[1], &sm[3]] {
+                    if let Some(v) = params.get_mut(n) {
+                        for x in v.iter_mut() {
+                            if x.abs() < 1e-2 {
+                                *x = if *x < 0.0 { -1e-2 } else { 1e-2 };
+                            }
+                        }
+                    }
+                }
+            }
+            it.set_params(params.iter().map(|(n, v)| (n.clone(), v.clone())).collect())
+                .map_err(|e| fail(e.to_string()))?;
+            progress(&CalibProgress {
+                layer: i,
+                layers: ctx.fp_spans.len(),
+                epoch: at.epoch0 + epoch,
+                epochs: at.epochs,
+                step: step + 1,
+                steps: order.len(),
+                loss: sum / (step + 1) as f64,
+                done: None,
+            });
+        }
+        let mean = sum / order.len().max(1) as f64;
+        if epoch == 0 {
+            first = mean;
+        }
+        last_loss = mean;
+    }
+    Ok(Learned {
+        params,
+        first,
+        last: last_loss,
+        steps: opt.steps(),
+    })
+}
+
+/// Bake learned values into the quantized module: clipping logits as `wq_gamma`/`wq_beta`
+/// (their sigmoid), smoothing vectors as they are.
+fn bake(q: &mut Module, params: &BTreeMap<String, Vec<f32>>) -> Result<(), PassError> {
+    for (n, v) in params {
+        let clip = [(".lwc_u", "wq_gamma"), (".lwc_l", "wq_beta")]
+            .iter()
+            .find_map(|(suf, to)| n.strip_suffix(suf).map(|b| format!("{b}.{to}")));
+        if let Some(target) = clip {
+            let shape = q
+                .weights
+                .get(&target)
+                .map(|w| w.shape.clone())
+                .ok_or_else(|| fail(format!("no @{target}")))?;
+            let g: Vec<f32> = v.iter().map(|&u| sigmoid(u)).collect();
+            q.weights.insert(target, Weight::from_f32(shape, g));
+        } else {
+            q.weights
+                .insert(n.clone(), Weight::from_f32(vec![v.len()], v.clone()));
+        }
+    }
+    Ok(())
+}
+
+/// A block graph with its K/V cache in full precision: the attentions lose `kv_bits` (and
+/// with it past-only and the parameter dtype); their smoothing operands stay and are then
+/// ignored, as smoothing is undone exactly without quantization in between.
+pub fn without_kv_quant(g: &Graph) -> Graph {
+    let mut g = g.clone();
+    for n in g.nodes.iter_mut().filter(|n| n.op == OpKind::Attention) {
+        for a in ["kv_bits", "kv_param_dtype", "past_only"] {
+            n.attrs.remove(a);
+        }
+    }
+    g
 }
 
 /// `calibrate` as a pass (no progress display, not cancellable).

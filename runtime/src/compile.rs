@@ -7,7 +7,7 @@ use crate::{CancelToken, Model, RuntimeError, Sampler, eval};
 use std::path::PathBuf;
 use wkvc_ir::Module;
 use wkvc_passes::calibrate::calibrate;
-pub use wkvc_passes::calibrate::{CalibConfig, CalibLoss};
+pub use wkvc_passes::calibrate::{CalibConfig, CalibLoss, CalibSchedule};
 use wkvc_passes::quant::{KvQuant, KvRotate, KvSmooth, KvStats, Pack, PastOnly, WeightQuant};
 use wkvc_passes::{Dce, PassManager, PassReport};
 
@@ -798,7 +798,7 @@ pub fn quantize(
         let mut steps_done = 0usize;
         let mut show = |p: &wkvc_passes::calibrate::CalibProgress| {
             if let Some(b) = &p.done {
-                let steps = cfg.epochs * p.steps.max(steps_done);
+                let steps = p.epochs * p.steps.max(steps_done);
                 progress(&format!(
                     "note: block {}/{}: {:.1}s ({:.2}s a step), loss {:.5} -> {:.5}, peak RSS \
                      {:.0} MiB",
@@ -866,6 +866,7 @@ pub fn quantize(
                 "weight_decay": short(cfg.weight_decay),
                 "learn_lwc": cfg.learn_lwc,
                 "learn_smooth": cfg.learn_smooth,
+                "schedule": cfg.schedule.name(),
                 "lwc_init": short(cfg.lwc_init),
                 "seed": cfg.seed,
                 "optimizer": "AdamW(0.9, 0.999, eps 1e-8)",

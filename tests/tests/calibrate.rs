@@ -11,7 +11,9 @@ use wkvc_ir::interp::{Interpreter, RunMode, Tensor};
 use wkvc_ir::types::{Dim, TensorType};
 use wkvc_passes::PassManager;
 use wkvc_passes::autodiff::{differentiate, grad_output};
-use wkvc_passes::calibrate::{CalibConfig, CalibLoss, block_graph, block_spans, calibrate, chain};
+use wkvc_passes::calibrate::{
+    CalibConfig, CalibLoss, CalibSchedule, block_graph, block_spans, calibrate, chain,
+};
 use wkvc_passes::quant::{KvQuant, KvSmooth, PastOnly, WeightQuant, collect_kv_stats};
 use wkvc_runtime::Model;
 use wkvc_tests::*;
@@ -386,5 +388,84 @@ fn weight_only_wkvquant_learns_clipping_only() {
     .sum();
     for b in info["blocks"].as_array().unwrap() {
         assert_eq!(b["trainable"].as_u64().unwrap() as usize, per_block);
+    }
+}
+
+#[test]
+fn weights_first_learns_the_weight_only_clipping_then_the_smoothing() {
+    let fp = tiny("wfirst");
+    let mut r = Rng(33);
+    let train = seqs(&mut r, 4, 16);
+    let cfg = CalibConfig {
+        epochs: 3,
+        crr_k: 1,
+        threads: 2,
+        seed: 9,
+        ..Default::default()
+    };
+    let run = |q: &mut Module, cfg: &CalibConfig| {
+        calibrate(&fp, q, &train, cfg, &mut |_| {}, &AtomicBool::new(false)).expect("calibrate")
+    };
+    // weight-only calibration of the same weight grid
+    let mut w_only = fp.clone();
+    PassManager::new()
+        .with(WeightQuant {
+            bits: 4,
+            group: 16,
+            f32_params: false,
+        })
+        .run(&mut w_only)
+        .unwrap();
+    run(&mut w_only, &cfg);
+    let wkv = quantize(&fp, 4, &train);
+    let mut first = wkv.clone();
+    let rep = run(
+        &mut first,
+        &CalibConfig {
+            schedule: CalibSchedule::WeightsFirst,
+            ..cfg.clone()
+        },
+    );
+    let mut joint = wkv.clone();
+    run(&mut joint, &cfg);
+    let clip: Vec<String> = w_only
+        .weights
+        .iter()
+        .map(|(n, _)| n.clone())
+        .filter(|n| n.ends_with(".wq_gamma") || n.ends_with(".wq_beta"))
+        .collect();
+    assert_eq!(
+        clip.len(),
+        2 * 7 * 2,
+        "two factors for each linear of two blocks"
+    );
+    let f = |m: &Module, n: &str| m.weights.get(n).unwrap().f32().to_vec();
+    for n in &clip {
+        assert_eq!(
+            f(&first, n),
+            f(&w_only, n),
+            "{n}: weights-first clipping differs from the weight-only calibration's"
+        );
+    }
+    // the joint schedule learns another clipping (the cache's error is in its loss)
+    assert!(clip.iter().any(|n| f(&joint, n) != f(&w_only, n)));
+    // and the smoothing was learned afterwards, in both blocks
+    for l in 0..2 {
+        let n = format!("model.layers.{l}.self_attn.kv_smooth.k_scale");
+        assert_ne!(f(&first, &n), f(&wkv, &n), "{n} not learned");
+    }
+    // two phases a block: twice the steps, the clipping phase's losses reported
+    assert_eq!(rep.steps, 2 * 2 * 3 * 4);
+    for b in &rep.blocks {
+        let [a, z] = b.weight_phase.expect("clipping phase reported");
+        assert!(
+            a.is_finite() && z.is_finite(),
+            "block {}: {a} -> {z}",
+            b.layer
+        );
+        assert_eq!(
+            b.first_loss, a,
+            "the block's first loss is the clipping phase's"
+        );
     }
 }

@@ -1,13 +1,15 @@
 //! `wkvc compile`: calibration text, the WKVQuant pipeline, the lowered plan, the quality
 //! check on held-out text, the plan file (written atomically).
 
-use crate::args::{CompileArgs, KvRotateArg, Loss, Method, QualityCheckArg, QuantArgs, Target};
+use crate::args::{
+    CompileArgs, KvRotateArg, Loss, Method, QualityCheckArg, QuantArgs, Schedule, Target,
+};
 use crate::common::{note, open, spinner, threads};
 use anyhow::{Context, Result, bail};
 use std::path::PathBuf;
 use std::time::Instant;
 use wkvc_runtime::CancelToken;
-use wkvc_runtime::compile::{self, CalibConfig, CalibLoss, CompileOptions};
+use wkvc_runtime::compile::{self, CalibConfig, CalibLoss, CalibSchedule, CompileOptions};
 
 /// The runtime's options from the command line's.
 pub fn compile_options(
@@ -56,6 +58,10 @@ pub fn compile_options(
             lr_smooth: q.lr_smooth,
             learn_lwc: !q.no_learn_lwc,
             learn_smooth: !q.no_learn_smooth,
+            schedule: match q.calib_schedule {
+                Schedule::Joint => CalibSchedule::Joint,
+                Schedule::WeightsFirst => CalibSchedule::WeightsFirst,
+            },
             ..CalibConfig::default()
         },
         calib,
@@ -194,8 +200,8 @@ pub fn run(a: CompileArgs) -> Result<()> {
             .last()
             .map(|b| b["last_loss"].as_f64().unwrap_or(f64::NAN));
         println!(
-            "  wkvquant      {} samples x {} tokens, {} epochs, k {}, loss {}, lr {}/{}: {} steps \
-             in {:.0}s, peak RSS {:.0} MiB",
+            "  wkvquant      {} samples x {} tokens, {} epochs, k {}, loss {}, lr {}/{}, {}: {} \
+             steps in {:.0}s, peak RSS {:.0} MiB",
             s["samples"],
             s["tokens_per_sample"],
             s["epochs"],
@@ -203,6 +209,7 @@ pub fn run(a: CompileArgs) -> Result<()> {
             s["loss"].as_str().unwrap_or("?"),
             s["lr_lwc"],
             s["lr_smooth"],
+            s["schedule"].as_str().unwrap_or("joint"),
             info["steps"],
             info["seconds"].as_f64().unwrap_or(0.0),
             info["peak_rss_bytes"].as_f64().unwrap_or(0.0) / 1048576.0
