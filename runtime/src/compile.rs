@@ -344,6 +344,16 @@ impl CompileOptions {
                 ));
             }
             let c = &self.calib_cfg;
+            if c.schedule == CalibSchedule::WeightsFirst
+                && !(self.wbits < 16 && self.smoothing() && c.learn_lwc && c.learn_smooth)
+            {
+                return Err(RuntimeError::Invalid(
+                    "--calib-schedule weights-first orders learning the clipping and the \
+                     smoothing: it needs both (--wbits < 16, a quantized cache with smoothing, \
+                     neither --no-learn-lwc nor --no-learn-smooth)"
+                        .into(),
+                ));
+            }
             if c.epochs == 0 {
                 return Err(RuntimeError::Invalid("--epochs must be at least 1".into()));
             }

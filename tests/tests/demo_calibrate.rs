@@ -43,6 +43,7 @@ fn wkvquant_tiny_setting_end_to_end() {
     assert_eq!(info["settings"]["epochs"], 1);
     assert_eq!(info["settings"]["crr_k"], 2);
     assert_eq!(info["settings"]["loss"], "mae");
+    assert_eq!(info["settings"]["schedule"], "joint");
     assert_eq!(info["steps"], 30 * 2);
     let blocks = info["blocks"].as_array().expect("blocks");
     assert_eq!(blocks.len(), 30);

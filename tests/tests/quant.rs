@@ -711,6 +711,39 @@ fn kv_layer_bits_parse_and_validate() {
     assert!(check(4, KvLayerBits::List(vec![4, 1])).is_err(), "1 bit");
 }
 
+/// `--calib-schedule weights-first` orders two learned things, so it needs both.
+#[test]
+fn weights_first_schedule_needs_clipping_and_smoothing_learned() {
+    use compile::{CalibConfig, CalibSchedule, Method};
+    let check = |wbits, kvbits, smooth, lwc, sm| {
+        CompileOptions {
+            wbits,
+            kvbits,
+            smooth,
+            method: Method::WkvQuant,
+            calib_cfg: CalibConfig {
+                schedule: CalibSchedule::WeightsFirst,
+                learn_lwc: lwc,
+                learn_smooth: sm,
+                ..CalibConfig::default()
+            },
+            ..Default::default()
+        }
+        .validate()
+    };
+    assert!(check(4, 4, true, true, true).is_ok());
+    for (w, kv, smooth, lwc, sm, why) in [
+        (16, 4, true, true, true, "weights in full precision"),
+        (4, 16, true, true, true, "cache in full precision"),
+        (4, 4, false, true, true, "no smoothing"),
+        (4, 4, true, false, true, "clipping not learned"),
+        (4, 4, true, true, false, "smoothing not learned"),
+    ] {
+        let e = check(w, kv, smooth, lwc, sm).expect_err(why).to_string();
+        assert!(e.contains("--calib-schedule weights-first"), "{why}: {e}");
+    }
+}
+
 /// The budget goes to the layers whose divergence grows least, never above the average asked.
 #[test]
 fn kv_budget_lowers_the_layers_that_lose_least() {
