@@ -162,7 +162,7 @@ pub struct BlockReport {
     pub first_loss: f64,
     pub last_loss: f64,
     /// weights-first schedule: the first and last epoch's mean loss of the clipping phase
-    /// (cache in full precision); `first_loss`/`last_loss` then span both phases
+    /// (cache in full precision); `first_loss`/`last_loss` are then the smoothing phase's
     #[serde(skip_serializing_if = "Option::is_none")]
     pub weight_phase: Option<[f64; 2]>,
     pub seconds: f64,
@@ -561,13 +561,12 @@ pub fn calibrate(
                     progress,
                 )?;
                 block.trainable += params.values().map(|v| v.len()).sum::<usize>();
-                if ph == 0 {
-                    block.first_loss = first;
-                }
                 if weights_first && ph == 0 {
                     block.weight_phase = Some([first, last]);
+                } else {
+                    block.first_loss = first;
+                    block.last_loss = last;
                 }
-                block.last_loss = last;
                 report.steps += steps;
                 bake(q, &params)?;
             }

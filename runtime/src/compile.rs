@@ -809,9 +809,12 @@ pub fn quantize(
         let mut show = |p: &wkvc_passes::calibrate::CalibProgress| {
             if let Some(b) = &p.done {
                 let steps = p.epochs * p.steps.max(steps_done);
+                let clip = b.weight_phase.map_or(String::new(), |[a, z]| {
+                    format!(" (clipping, cache in full precision: {a:.5} -> {z:.5})")
+                });
                 progress(&format!(
-                    "note: block {}/{}: {:.1}s ({:.2}s a step), loss {:.5} -> {:.5}, peak RSS \
-                     {:.0} MiB",
+                    "note: block {}/{}: {:.1}s ({:.2}s a step), loss {:.5} -> {:.5}{clip}, peak \
+                     RSS {:.0} MiB",
                     p.layer + 1,
                     p.layers,
                     b.seconds,
