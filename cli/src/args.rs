@@ -172,6 +172,11 @@ pub struct QuantArgs {
     /// the head dim).
     #[arg(long)]
     pub kv_rotate_block: Option<usize>,
+    /// Channels per (scale, zero) group of the quantized K/V cache: a multiple of 32 dividing
+    /// the head dim (default: one group a kv head). Smaller groups: less error, one more
+    /// pair of parameters a group in the cache.
+    #[arg(long)]
+    pub kv_group: Option<usize>,
     /// Bits of each layer's KV cache: a list, one a layer (4,4,3,...; 16 keeps that layer's
     /// cache in full precision), or auto:B, an average of B bits a cache element chosen by a
     /// sensitivity scan (each layer's KL divergence from the FP model on calibration text with

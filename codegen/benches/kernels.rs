@@ -220,6 +220,7 @@ fn benches(c: &mut Criterion) {
             past_only: true,
             smooth: true,
             layer: 0,
+            kv_group: 0,
         };
         let (f, _) = jit.compile_kernel(&spec).expect("compiles");
         let kf = rnd(kw, 4);

@@ -292,12 +292,15 @@ fn native_kernel(spec: &KernelSpec, isa: CpuIsa) -> Option<CpuKernel> {
                 _ => "logits_int8_avx2",
             },
         }),
+        // one (scale, zero) group a kv head only: a cache in smaller groups runs the
+        // generated kernel
         KernelSpec::Attention {
             heads,
             kv_heads,
             head_dim,
             kv_bits,
             smooth,
+            kv_group: 0,
             ..
         } if head_dim.is_multiple_of(32)
             && *kv_heads > 0

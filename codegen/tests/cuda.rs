@@ -40,6 +40,7 @@ fn rope(h: usize, kv: usize, hd: usize, rd: usize, bits: u32, smooth: bool) -> K
         factors: false,
         layer: 0,
         rotate: 0,
+        kv_group: 0,
     }
 }
 
@@ -60,6 +61,7 @@ fn attn(h: usize, kv: usize, hd: usize, bits: u32, po: bool, smooth: bool) -> Ke
         past_only: po,
         smooth,
         layer: 0,
+        kv_group: 0,
     }
 }
 

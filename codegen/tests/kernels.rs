@@ -400,6 +400,7 @@ fn attention_case(
         factors: false,
         layer: 0,
         rotate: rot,
+        kv_group: 0,
     };
     let attn_spec = KernelSpec::Attention {
         heads: h,
@@ -409,6 +410,7 @@ fn attention_case(
         past_only,
         smooth,
         layer: 0,
+        kv_group: 0,
     };
     let (fr, _) = jit.compile_kernel(&rope_spec).expect("rope_kv compiles");
     let (fa, _) = jit.compile_kernel(&attn_spec).expect("attention compiles");

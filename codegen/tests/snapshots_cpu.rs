@@ -51,6 +51,7 @@ fn attention_h9_kv3_d64_b4_past_only_smooth() {
         past_only: true,
         smooth: true,
         layer: 0,
+        kv_group: 0,
     }));
 }
 
@@ -66,6 +67,7 @@ fn rope_kv_h9_kv3_d64_b4_smooth() {
         factors: false,
         layer: 0,
         rotate: 0,
+        kv_group: 0,
     }));
 }
 

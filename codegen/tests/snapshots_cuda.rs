@@ -30,6 +30,7 @@ fn attention_demo() {
         past_only: true,
         smooth: true,
         layer: 0,
+        kv_group: 0,
     }));
 }
 
@@ -45,6 +46,7 @@ fn rope_kv_demo() {
         factors: false,
         layer: 0,
         rotate: 0,
+        kv_group: 0,
     }));
 }
 
@@ -61,6 +63,7 @@ fn rope_kv_demo_rot64() {
         factors: false,
         layer: 0,
         rotate: 64,
+        kv_group: 0,
     }));
 }
 

@@ -308,8 +308,21 @@ pub struct AttnSpec {
     pub head_dim: usize,
     pub causal: bool,
     pub kv_bits: Option<u32>,
+    /// channels per (scale, zero) group of the cache (0: the head dim)
+    pub kv_group: usize,
     pub past_only: bool,
     pub pd: ParamDtype,
+}
+
+impl AttnSpec {
+    /// Channels per (scale, zero) group of the cache.
+    pub fn group(&self) -> usize {
+        if self.kv_group == 0 {
+            self.head_dim
+        } else {
+            self.kv_group
+        }
+    }
 }
 
 /// `attention` of a fresh sequence under the decode-equivalent protocol (query i reads the
@@ -353,8 +366,8 @@ pub fn attention_grads(
     let vs = smooth.map(|x| (x[2], x[3]));
     let (khat, vhat) = match spec.kv_bits {
         Some(b) => (
-            kv_roundtrip(k, hd, b, spec.pd, ks, kvw),
-            kv_roundtrip(v, hd, b, spec.pd, vs, kvw),
+            kv_roundtrip(k, spec.group(), b, spec.pd, ks, kvw),
+            kv_roundtrip(v, spec.group(), b, spec.pd, vs, kvw),
         ),
         None => (k.to_vec(), v.to_vec()),
     };
@@ -458,8 +471,8 @@ pub fn attention_grads(
     let mut sm_grads = vec![vec![0f32; kvw]; 4];
     if let Some(bits) = spec.kv_bits {
         let (gk, gv) = (gather(false, false), gather(false, true));
-        let kg = kv_fake_quant_vjp(k, hd, bits, spec.pd, ks, &gk, kvw);
-        let vg = kv_fake_quant_vjp(v, hd, bits, spec.pd, vs, &gv, kvw);
+        let kg = kv_fake_quant_vjp(k, spec.group(), bits, spec.pd, ks, &gk, kvw);
+        let vg = kv_fake_quant_vjp(v, spec.group(), bits, spec.pd, vs, &gv, kvw);
         for (a, b) in dk.iter_mut().zip(&kg.dx) {
             *a += b;
         }

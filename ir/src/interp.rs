@@ -756,6 +756,7 @@ impl<'a> Interpreter<'a> {
                     head_dim: node.int_attr("head_dim").unwrap_or(1) as usize,
                     causal: node.bool_attr("causal").unwrap_or(true),
                     kv_bits: node.int_attr("kv_bits").map(|b| b as u32),
+                    kv_group: node.int_attr("kv_group").unwrap_or(0) as usize,
                     past_only: node.bool_attr("past_only").unwrap_or(false),
                     pd: param_dtype(node, "kv_param_dtype"),
                 };
@@ -884,18 +885,24 @@ impl<'a> Interpreter<'a> {
         };
         let kvw = kvh * hd;
         let s = q.len() / (h * hd);
+        // (scale, zero) groups a row: a kv head each, or `kv_group` channels
+        let gs = match node.int_attr("kv_group") {
+            Some(g) if g > 0 => g as usize,
+            _ => hd,
+        };
+        let ng = kvw / gs;
         let past = cache.len;
         let row_bytes = bits.map_or(0, |b| crate::kvcache::row_bytes(kvw, b));
         let slot = cache.layers.entry(layer).or_default();
         if slot.rows() == 0 && slot.width == 0 {
             slot.width = kvw;
             slot.row_bytes = row_bytes;
-            slot.heads = kvh;
+            slot.groups = ng;
             slot.param_bytes = pd.bytes();
         }
         let held = slot.rows();
         if slot.width != kvw
-            || slot.heads != kvh
+            || slot.groups != ng
             || slot.row_bytes != row_bytes
             || (held != past && held != past + s)
         {
@@ -916,7 +923,7 @@ impl<'a> Interpreter<'a> {
         let replay = held > past;
         let mut own = KvLayer {
             width: kvw,
-            heads: kvh,
+            groups: ng,
             row_bytes,
             param_bytes: slot.param_bytes,
             ..Default::default()
@@ -945,14 +952,14 @@ impl<'a> Interpreter<'a> {
             }
             Some(b) => {
                 let (ks, kd) = (smooth.map(|x| (x[0], x[1])), smooth.map(|x| (x[2], x[3])));
-                let (kc, kp, mut kq) = quantize_kv(k, kvh, hd, b, pd, ks);
-                let (vc, vp, mut vq) = quantize_kv(v, kvh, hd, b, pd, kd);
-                let (cp, pp) = (past * row_bytes, past * kvh);
-                let mut kall = dequantize_kv(&slot.kc[..cp], &slot.kp[..pp], kvh, hd, b, ks);
-                let mut vall = dequantize_kv(&slot.vc[..cp], &slot.vp[..pp], kvh, hd, b, kd);
+                let (kc, kp, mut kq) = quantize_kv(k, ng, gs, b, pd, ks);
+                let (vc, vp, mut vq) = quantize_kv(v, ng, gs, b, pd, kd);
+                let (cp, pp) = (past * row_bytes, past * ng);
+                let mut kall = dequantize_kv(&slot.kc[..cp], &slot.kp[..pp], ng, gs, b, ks);
+                let mut vall = dequantize_kv(&slot.vc[..cp], &slot.vp[..pp], ng, gs, b, kd);
                 if replay {
-                    kq = dequantize_kv(&slot.kc[cp..], &slot.kp[pp..], kvh, hd, b, ks);
-                    vq = dequantize_kv(&slot.vc[cp..], &slot.vp[pp..], kvh, hd, b, kd);
+                    kq = dequantize_kv(&slot.kc[cp..], &slot.kp[pp..], ng, gs, b, ks);
+                    vq = dequantize_kv(&slot.vc[cp..], &slot.vp[pp..], ng, gs, b, kd);
                     (own.kc, own.vc, own.kp, own.vp) = (kc, vc, kp, vp);
                 } else {
                     slot.kc.extend_from_slice(&kc);

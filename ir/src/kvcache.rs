@@ -1,7 +1,8 @@
 //! The KV cache of the reference interpreter, in the layout every engine shares: per attention
 //! layer, K and V as packed codes of the smoothed values (two 4-bit codes per byte, low nibble
-//! = even channel; one byte per code above 4 bits) with a (scale, zero) pair per (token, kv
-//! head), or as f32 rows for a layer without KV quantization.
+//! = even channel; one byte per code above 4 bits) with a (scale, zero) pair per (token, group)
+//! (a group is a kv head, or `kv_group` channels of one), or as f32 rows for a layer without
+//! KV quantization.
 //!
 //! A cache can be exported from one engine and loaded into another (`KvCache::layer`,
 //! `KvCache::from_layers`). A cache whose layers hold more rows than its length *replays*
@@ -14,15 +15,15 @@
 use crate::Error;
 use std::collections::BTreeMap;
 
-/// Bytes one token takes in one layer's cache (K and V): `width` values over `heads` kv
-/// heads, as f32 (`bits` 16 or more) or as codes of `bits` bits (two per byte up to 4 bits)
-/// with a (scale, zero) pair of `param_bytes` each per kv head. The one definition every
-/// engine's accounting uses.
-pub fn bytes_per_token(width: usize, heads: usize, bits: u32, param_bytes: usize) -> usize {
+/// Bytes one token takes in one layer's cache (K and V): `width` values, as f32 (`bits` 16
+/// or more) or as codes of `bits` bits (two per byte up to 4 bits) with a (scale, zero) pair
+/// of `param_bytes` each per group (`groups` a row: a kv head each, or smaller groups). The
+/// one definition every engine's accounting uses.
+pub fn bytes_per_token(width: usize, groups: usize, bits: u32, param_bytes: usize) -> usize {
     if bits >= 16 {
         2 * 4 * width
     } else {
-        2 * (row_bytes(width, bits) + heads * 2 * param_bytes)
+        2 * (row_bytes(width, bits) + groups * 2 * param_bytes)
     }
 }
 
@@ -36,8 +37,9 @@ pub fn row_bytes(width: usize, bits: u32) -> usize {
 pub struct KvLayer {
     /// f32 values per row (kv_heads * head_dim)
     pub width: usize,
-    /// kv heads (one (scale, zero) pair per token and kv head)
-    pub heads: usize,
+    /// (scale, zero) groups a row: one a kv head, or `width / groups` channels each (groups
+    /// of 32 within a head)
+    pub groups: usize,
     /// bytes per row of codes: ceil(width / 2) for <= 4 bits, width above; 0 for an FP layer
     pub row_bytes: usize,
     /// FP rows (an FP layer only), `width` floats each
@@ -67,9 +69,9 @@ impl KvLayer {
         self.row_bytes > 0
     }
 
-    /// Channels per kv head.
-    pub fn head_dim(&self) -> usize {
-        self.width / self.heads.max(1)
+    /// Channels per (scale, zero) group.
+    pub fn group_len(&self) -> usize {
+        self.width / self.groups.max(1)
     }
 
     /// Code `c` of row `r` of K (`v == false`) or V.
@@ -85,9 +87,9 @@ impl KvLayer {
         }
     }
 
-    /// (scale, zero) of row `r`, kv head `h`, of K or V.
+    /// (scale, zero) of row `r`, group `h`, of K or V.
     pub fn param(&self, v: bool, r: usize, h: usize) -> (f32, f32) {
-        (if v { &self.vp } else { &self.kp })[r * self.heads + h]
+        (if v { &self.vp } else { &self.kp })[r * self.groups + h]
     }
 
     /// Row `r` of K or V as the cache gives it back: `scale * (code - zero)` (still smoothed)
@@ -96,7 +98,7 @@ impl KvLayer {
         if !self.is_quantized() {
             return (if v { &self.v } else { &self.k })[r * self.width..][..self.width].to_vec();
         }
-        let hd = self.head_dim();
+        let hd = self.group_len();
         (0..self.width)
             .map(|c| {
                 let (s, z) = self.param(v, r, c / hd);
@@ -111,8 +113,8 @@ impl KvLayer {
         self.v.truncate(n * self.width);
         self.kc.truncate(n * self.row_bytes);
         self.vc.truncate(n * self.row_bytes);
-        self.kp.truncate(n * self.heads);
-        self.vp.truncate(n * self.heads);
+        self.kp.truncate(n * self.groups);
+        self.vp.truncate(n * self.groups);
     }
 
     /// Rows `from..` only.
@@ -122,15 +124,15 @@ impl KvLayer {
             v: self.v.get(from * self.width..).unwrap_or(&[]).to_vec(),
             kc: self.kc.get(from * self.row_bytes..).unwrap_or(&[]).to_vec(),
             vc: self.vc.get(from * self.row_bytes..).unwrap_or(&[]).to_vec(),
-            kp: self.kp.get(from * self.heads..).unwrap_or(&[]).to_vec(),
-            vp: self.vp.get(from * self.heads..).unwrap_or(&[]).to_vec(),
+            kp: self.kp.get(from * self.groups..).unwrap_or(&[]).to_vec(),
+            vp: self.vp.get(from * self.groups..).unwrap_or(&[]).to_vec(),
             ..self.clone()
         }
     }
 
     /// Are the parts' lengths consistent (the same number of rows in each)?
     fn consistent(&self) -> bool {
-        if self.heads == 0 || self.width == 0 || !self.width.is_multiple_of(self.heads) {
+        if self.groups == 0 || self.width == 0 || !self.width.is_multiple_of(self.groups) {
             return false;
         }
         let n = self.rows();
@@ -140,7 +142,7 @@ impl KvLayer {
         let parts = if self.is_quantized() {
             (self.row_bytes == self.width.div_ceil(2) || self.row_bytes == self.width)
                 && self.kc.len() == n * self.row_bytes
-                && self.kp.len() == n * self.heads
+                && self.kp.len() == n * self.groups
                 && self.k.is_empty()
         } else {
             self.k.len() == n * self.width && self.kc.is_empty() && self.kp.is_empty()
@@ -188,10 +190,10 @@ impl KvCache {
         for (id, l) in &layers {
             if !l.consistent() {
                 return Err(Error::Interp(format!(
-                    "KV cache layer {id}: inconsistent sizes (width {}, heads {}, {} bytes per \
+                    "KV cache layer {id}: inconsistent sizes (width {}, groups {}, {} bytes per \
                      row, {} codes, {} params, {} f32 values)",
                     l.width,
-                    l.heads,
+                    l.groups,
                     l.row_bytes,
                     l.kc.len(),
                     l.kp.len(),

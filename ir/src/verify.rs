@@ -376,6 +376,12 @@ pub fn infer(n: &Node, a: &[TensorType]) -> Result<TensorType, String> {
                 return Err(format!("kv_bits must be in 2..=8, found {b}"));
             }
             check_param_dtype(n, "kv_param_dtype")?;
+            if let Some(g) = n.int_attr("kv_group") {
+                let hd = n.int_attr("head_dim").unwrap_or(0);
+                if g <= 0 || hd <= 0 || hd % g != 0 {
+                    return Err(format!("kv_group must divide head_dim {hd}, found {g}"));
+                }
+            }
             if n.attr("past_only").is_some() && n.bool_attr("past_only").is_none() {
                 return Err("attribute `past_only` must be a bool".into());
             }

@@ -537,6 +537,9 @@ pub struct KvQuant {
     pub f32_params: bool,
     /// Bits of each layer's cache (`--kv-bits-per-layer`), indexed by the attention's `layer`.
     pub per_layer: Option<Vec<u32>>,
+    /// Channels per (scale, zero) group (`kv_group`): 0 for one group a kv head, else a
+    /// multiple of 32 dividing the head dim.
+    pub group: usize,
 }
 
 impl KvQuant {
@@ -546,6 +549,7 @@ impl KvQuant {
             bits,
             f32_params,
             per_layer: None,
+            group: 0,
         }
     }
 }
@@ -613,6 +617,21 @@ impl Pass for KvQuant {
                 continue;
             }
             n.attrs.insert("kv_bits".into(), Attr::Int(bits as i64));
+            let hd = n.int_attr("head_dim").unwrap_or(1) as usize;
+            if self.group != 0 && self.group != hd {
+                if !self.group.is_multiple_of(32) || !hd.is_multiple_of(self.group) {
+                    return Err(fail(
+                        self.name(),
+                        format!(
+                            "a K/V group of {} channels: it must be a multiple of 32 dividing \
+                             the head dim {hd}",
+                            self.group
+                        ),
+                    ));
+                }
+                n.attrs
+                    .insert("kv_group".into(), Attr::Int(self.group as i64));
+            }
             if self.f32_params {
                 n.attrs
                     .insert("kv_param_dtype".into(), Attr::Str("f32".into()));

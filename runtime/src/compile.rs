@@ -153,7 +153,7 @@ pub fn kv_sensitivity(
     fp: &Model,
     base: &Module,
     ids: &[u32],
-    bits: [u32; 2],
+    (bits, group): ([u32; 2], usize),
     past_only: bool,
     threads: usize,
     progress: &mut dyn FnMut(&str),
@@ -186,6 +186,7 @@ pub fn kv_sensitivity(
                 bits: b,
                 f32_params: false,
                 per_layer: Some(per),
+                group,
             });
             if past_only {
                 pm = pm.with(PastOnly);
@@ -227,6 +228,9 @@ pub struct CompileOptions {
     /// K/V rotation (`wkvc_passes::quant::KvRotate`): the Hadamard block, a power of two
     /// dividing the head dim; 0 for none.
     pub kv_rotate: usize,
+    /// Channels per (scale, zero) group of the cache: 0 for a kv head, else a multiple of 32
+    /// dividing the head dim (`--kv-group`).
+    pub kv_group: usize,
     /// Bits of each layer's cache: all `kvbits`, a list, or a budget spent by a sensitivity
     /// scan.
     pub kv_layer_bits: KvLayerBits,
@@ -270,6 +274,7 @@ impl Default for CompileOptions {
             past_only: true,
             smooth: true,
             kv_rotate: 0,
+            kv_group: 0,
             kv_layer_bits: KvLayerBits::Uniform,
             kv_scan_tokens: 256,
             method: Method::Rtn,
@@ -327,6 +332,12 @@ impl CompileOptions {
             return Err(RuntimeError::Invalid(format!(
                 "--kvbits must be 2..8 or 16, got {}",
                 self.kvbits
+            )));
+        }
+        if self.kv_group != 0 && !self.kv_group.is_multiple_of(32) {
+            return Err(RuntimeError::Invalid(format!(
+                "--kv-group must be a multiple of 32 dividing the head dim, got {}",
+                self.kv_group
             )));
         }
         if self.wgroup == 0 || self.wgroup < -1 {
@@ -756,7 +767,7 @@ pub fn quantize(
                 model,
                 &base,
                 ids,
-                [opts.kvbits - 1, opts.kvbits],
+                ([opts.kvbits - 1, opts.kvbits], opts.kv_group),
                 opts.past_only,
                 opts.threads,
                 progress,
@@ -788,6 +799,7 @@ pub fn quantize(
         bits: opts.kvbits,
         f32_params: opts.f32_params,
         per_layer: per_layer.clone(),
+        group: opts.kv_group,
     });
     if opts.past_only && opts.kv_quantized() {
         pm = pm.with(PastOnly);
@@ -926,6 +938,7 @@ pub fn quantize(
             },
             calibrate: calib_info,
             kv_rotate: opts.kv_rotate,
+            kv_group: opts.kv_group,
             kv_bits_per_layer: per_layer,
             kv_sensitivity: scan,
         },

@@ -39,7 +39,11 @@ impl InterpEngine {
                     Some(Attr::Str(s)) => Some(s.as_str()),
                     _ => None,
                 });
-                wkvc_ir::kvcache::bytes_per_token(kvh * hd, kvh, bits, pd.bytes())
+                let gl = match n.int_attr("kv_group") {
+                    Some(g) if g > 0 => g as usize,
+                    _ => hd,
+                };
+                wkvc_ir::kvcache::bytes_per_token(kvh * hd, kvh * hd / gl.max(1), bits, pd.bytes())
             })
             .sum()
     }

@@ -39,6 +39,10 @@ pub struct QuantConfig {
     /// The K/V rotation's Hadamard block (0: none; absent in plans from before it existed).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub kv_rotate: usize,
+    /// Channels per (scale, zero) group of the cache (0: one group a kv head; absent in plans
+    /// from before it existed).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub kv_group: usize,
     /// Bits of each layer's cache when they differ from `kvbits` (`--kv-bits-per-layer`;
     /// 16: that layer's cache in full precision).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -50,15 +54,19 @@ pub struct QuantConfig {
 
 impl QuantConfig {
     /// The cache's precision in words: `KV4`, or with per-layer bits
-    /// `KV per layer 4,3,4,... (average 3.50 bits)`.
+    /// `KV per layer 4,3,4,... (average 3.50 bits)`; `, groups of 32` with `kv_group`.
     pub fn kv_label(&self) -> String {
-        match &self.kv_bits_per_layer {
+        let bits = match &self.kv_bits_per_layer {
             None => format!("KV{}", self.kvbits),
             Some(l) => format!(
                 "KV per layer {} (average {:.2} bits)",
                 l.iter().map(u32::to_string).collect::<Vec<_>>().join(","),
                 l.iter().sum::<u32>() as f64 / l.len().max(1) as f64
             ),
+        };
+        match self.kv_group {
+            0 => bits,
+            g => format!("{bits}, groups of {g}"),
         }
     }
 

@@ -90,16 +90,16 @@ impl Agreement {
     /// computed for them (`own`, rows from 0).
     fn add_kv(&mut self, engine: &KvLayer, past: usize, own: &KvLayer) {
         assert_eq!(
-            (engine.width, engine.heads, engine.row_bytes),
-            (own.width, own.heads, own.row_bytes),
+            (engine.width, engine.groups, engine.row_bytes),
+            (own.width, own.groups, own.row_bytes),
             "KV layers of different shapes"
         );
-        let hd = engine.head_dim();
+        let hd = engine.group_len();
         for r in 0..own.rows() {
             for v in [false, true] {
                 let e = engine.row(v, past + r);
                 let i = own.row(v, r);
-                for h in 0..engine.heads {
+                for h in 0..engine.groups {
                     let (ce, ci) = (&e[h * hd..][..hd], &i[h * hd..][..hd]);
                     let (half, range) = if engine.is_quantized() {
                         let (se, _) = engine.param(v, past + r, h);
@@ -219,7 +219,7 @@ mod tests {
         let packed: Vec<u8> = codes.chunks(2).map(|c| c[0] | c[1] << 4).collect();
         KvLayer {
             width: 8,
-            heads: 2,
+            groups: 2,
             row_bytes: 4,
             kc: packed.clone(),
             vc: packed,

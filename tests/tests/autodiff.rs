@@ -536,14 +536,14 @@ fn fake_quant_vjp_matches_the_straight_through_function() {
 }
 
 /// Attention of a fresh sequence under the decode-equivalent protocol in f64, with the K/V
-/// round trip frozen (per (token, kv head) group) as in `fq_group`.
+/// round trip frozen (per (token, group of `gl` channels)) as in `fq_group`.
 #[allow(clippy::too_many_arguments)]
 fn attention_ref(
     q: &[f64],
     k: &[f64],
     v: &[f64],
     sm: &[Vec<f64>; 4],
-    (h, kvh, hd): (usize, usize, usize),
+    (h, kvh, hd, gl): (usize, usize, usize, usize),
     past_only: bool,
     bits: u32,
     fr: Option<&(Vec<Frozen>, Vec<Frozen>)>,
@@ -553,15 +553,16 @@ fn attention_ref(
     let rt = |x: &[f64], sh: &[f64], sc: &[f64], frz: Option<&Vec<Frozen>>| {
         let mut out = vec![0.0; x.len()];
         let mut frs = Vec::new();
+        let ng = kvw / gl;
         for row in 0..s {
-            for head in 0..kvh {
-                let base = row * kvw + head * hd;
-                let xs: Vec<f64> = (0..hd)
-                    .map(|c| (x[base + c] - sh[head * hd + c]) / sc[head * hd + c])
+            for grp in 0..ng {
+                let (base, o) = (row * kvw + grp * gl, grp * gl);
+                let xs: Vec<f64> = (0..gl)
+                    .map(|c| (x[base + c] - sh[o + c]) / sc[o + c])
                     .collect();
-                let (y, f) = fq_group(&xs, bits, 1.0, 1.0, frz.map(|v| &v[row * kvh + head]));
-                for c in 0..hd {
-                    out[base + c] = y[c] * sc[head * hd + c] + sh[head * hd + c];
+                let (y, f) = fq_group(&xs, bits, 1.0, 1.0, frz.map(|v| &v[row * ng + grp]));
+                for c in 0..gl {
+                    out[base + c] = y[c] * sc[o + c] + sh[o + c];
                 }
                 frs.push(f);
             }
@@ -603,9 +604,11 @@ fn attention_ref(
 #[test]
 fn quantized_attention_vjp_matches_the_straight_through_function() {
     let mut r = Rng(5);
-    for (h, kvh, hd, s, past_only, bits) in [
-        (4usize, 2usize, 4usize, 5usize, true, 4u32),
-        (2, 1, 6, 4, false, 3),
+    // the last: two (scale, zero) groups a head (`kv_group`)
+    for (h, kvh, hd, s, past_only, bits, gl) in [
+        (4usize, 2usize, 4usize, 5usize, true, 4u32, 4usize),
+        (2, 1, 6, 4, false, 3, 6),
+        (2, 1, 8, 4, true, 3, 4),
     ] {
         let kvw = kvh * hd;
         let q = r.vec(s * h * hd, 1.5);
@@ -624,6 +627,7 @@ fn quantized_attention_vjp_matches_the_straight_through_function() {
             head_dim: hd,
             causal: true,
             kv_bits: Some(bits),
+            kv_group: if gl == hd { 0 } else { gl },
             past_only,
             pd: wkvc_ir::quant::ParamDtype::F32,
         };
@@ -644,7 +648,7 @@ fn quantized_attention_vjp_matches_the_straight_through_function() {
                 &ops[1],
                 &ops[2],
                 &smv,
-                (h, kvh, hd),
+                (h, kvh, hd, gl),
                 past_only,
                 bits,
                 fr,
@@ -661,6 +665,9 @@ fn quantized_attention_vjp_matches_the_straight_through_function() {
         attrs.push(("kv_bits", Attr::Int(bits as i64)));
         attrs.push(("past_only", Attr::Bool(past_only)));
         attrs.push(("kv_param_dtype", Attr::Str("f32".into())));
+        if gl != hd {
+            attrs.push(("kv_group", Attr::Int(gl as i64)));
+        }
         let args = vec![
             Arg::F(vec![s, h * hd], q.clone()),
             Arg::F(vec![s, kvw], k.clone()),
@@ -684,7 +691,7 @@ fn quantized_attention_vjp_matches_the_straight_through_function() {
             &ops[1],
             &ops[2],
             &smv,
-            (h, kvh, hd),
+            (h, kvh, hd, gl),
             past_only,
             bits,
             None,

@@ -186,6 +186,7 @@ fn quantize(fp: &Module, bits: u32, samples: &[Vec<u32>]) -> Module {
             bits,
             f32_params: false,
             per_layer: None,
+            group: 0,
         })
         .with(PastOnly)
         .run(&mut q)

@@ -29,11 +29,22 @@ fn compile(
     smooth: bool,
     past_only: bool,
 ) -> wkvc_runtime::compile::Compiled {
+    compile_grouped(m, kvbits, smooth, past_only, 0)
+}
+
+fn compile_grouped(
+    m: &Model,
+    kvbits: u32,
+    smooth: bool,
+    past_only: bool,
+    kv_group: usize,
+) -> wkvc_runtime::compile::Compiled {
     let o = CompileOptions {
         wgroup: 32,
         kvbits,
         smooth,
         past_only,
+        kv_group,
         calib_tokens: Some(64),
         calib_window: 32,
         threads: 1,
@@ -151,6 +162,46 @@ fn engine_matches_interpreter_on_tiny_models() {
                 let a = agree::agreement(&it, &cpu, chunks, mode, 64);
                 assert_exact(&a, &format!("{label} {mode:?} {} chunks", chunks.len()));
             }
+        }
+    }
+}
+
+/// A cache in groups of 32 channels (two (scale, zero) pairs a head of 64) on the CPU engine
+/// and the CUDA kernels (host emulator) against the interpreter, as
+/// `engine_matches_interpreter_on_tiny_models`; the written cache has a pair a group.
+#[test]
+fn grouped_cache_matches_interpreter_on_the_cpu_and_cuda_engines() {
+    let m = tiny32("lower-eng-g32", 64);
+    for (kvbits, smooth) in [(4, true), (3, true), (4, false)] {
+        let c = compile_grouped(&m, kvbits, smooth, true, 32);
+        assert_eq!(c.quant.kv_group, 32);
+        let q = m.with_module(c.module.clone(), None);
+        let it = q.engine_kind(1, EngineKind::Interp).expect("interp");
+        let cpu = q
+            .engine_kind(2, EngineKind::Cpu { act: Act::F32 })
+            .expect("cpu engine");
+        let label = format!("cpu kv{kvbits} g32 smooth {smooth}");
+        let mut steps: Vec<&[u32]> = vec![&IDS[..7]];
+        steps.extend(IDS[7..].iter().map(std::slice::from_ref));
+        for mode in [RunMode::Prefill, RunMode::DecodeEquivalent] {
+            for chunks in [&[&IDS[..7], &IDS[7..]][..], &steps[..]] {
+                let a = agree::agreement(&it, &cpu, chunks, mode, 64);
+                assert_exact(&a, &format!("{label} {mode:?} {} chunks", chunks.len()));
+            }
+        }
+        // the written cache has 4 pairs a token and layer (2 kv heads x 2 groups)
+        let mut s = cpu.session(16);
+        s.forward_mode(&IDS[..5], RunMode::Prefill).expect("run");
+        let kv = s.kv_cache().expect("the cache");
+        for l in kv.layers().values() {
+            assert_eq!((l.groups, l.group_len(), l.kp.len()), (4, 32, 5 * 4));
+        }
+        // the CUDA kernels on the host emulator (one configuration: the emulator is slow)
+        if (kvbits, smooth) == (4, true) {
+            let cuda = q
+                .engine_kind(1, EngineKind::CudaEmulated { mma: false })
+                .expect("the CUDA engine on the host emulator");
+            matches_the_interpreter(&q, &cuda, &format!("cuda-emulated kv{kvbits} g32"));
         }
     }
 }

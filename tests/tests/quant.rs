@@ -71,6 +71,7 @@ fn pass_snapshots_on_a_tiny_model() {
             bits: 4,
             f32_params: false,
             per_layer: None,
+            group: 0,
         },
     );
     run_pass(&mut m, PastOnly);
@@ -711,6 +712,42 @@ fn kv_layer_bits_parse_and_validate() {
     assert!(check(4, KvLayerBits::List(vec![4, 1])).is_err(), "1 bit");
 }
 
+/// `--kv-group`: a multiple of 32 (the option), dividing the head dim (the pass, which knows
+/// the model).
+#[test]
+fn kv_group_must_be_a_multiple_of_32_dividing_the_head_dim() {
+    let e = CompileOptions {
+        kv_group: 48,
+        ..Default::default()
+    }
+    .validate()
+    .expect_err("48");
+    assert!(
+        e.to_string()
+            .contains("--kv-group must be a multiple of 32"),
+        "{e}"
+    );
+    let fp = Model::open(&tiny_gguf(&temp_dir("kvgroup")))
+        .expect("tiny")
+        .module
+        .clone();
+    let hd = fp
+        .graph
+        .nodes
+        .iter()
+        .find_map(|n| n.int_attr("head_dim"))
+        .expect("an attention") as usize;
+    let mut m = fp.clone();
+    let err = PassManager::new()
+        .with(KvQuant {
+            group: 2 * hd.max(32).next_multiple_of(32),
+            ..KvQuant::uniform(4, false)
+        })
+        .run(&mut m)
+        .expect_err("a group wider than the head");
+    assert!(err.to_string().contains("dividing the head dim"), "{err}");
+}
+
 /// `--calib-schedule weights-first` orders two learned things, so it needs both.
 #[test]
 fn weights_first_schedule_needs_clipping_and_smoothing_learned() {
@@ -821,6 +858,7 @@ fn kv_sensitivity_scan_measures_each_layer_alone() {
                     bits: b,
                     f32_params: false,
                     per_layer: Some(per),
+                    group: 0,
                 })
                 .with(PastOnly)
                 .run(&mut m)

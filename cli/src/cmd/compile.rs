@@ -37,6 +37,7 @@ pub fn compile_options(
         smooth: !q.no_smooth,
         // set by `kv_rotate_block` once the model (its head dim) is known
         kv_rotate: 0,
+        kv_group: q.kv_group.unwrap_or(0),
         kv_layer_bits: match &q.kv_bits_per_layer {
             Some(s) => compile::KvLayerBits::parse(s)?,
             None => compile::KvLayerBits::Uniform,

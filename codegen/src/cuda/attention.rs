@@ -10,7 +10,8 @@ use wkvc_ir::kernel::args::*;
 /// const u8* vc, const float* vp, const int* state, int decode, const float* ksh, const float* ksc,
 /// const float* vsh, const float* vsc, float* part, int splits)`: block (split, kv head g,
 /// row i) takes its share of the row's tokens: the packed past with the per-token scale/zero
-/// algebra (q' = q * k_scale; score = s (q'.codes - z sum q') + q . k_shift), then the FP
+/// algebra per (scale, zero) group of GL channels (q' = q * k_scale; score = sum over the
+/// groups of s (q'.codes - z sum q') + q . k_shift), then the FP
 /// rows, online softmax per query head, V accumulated on codes and un-smoothed at the end;
 /// writes (max, sum, unnormalised out[head_dim]) per query head to `part`.
 /// `{name}_merge(const float* part, int splits, float* out, int m)` combines the splits.
@@ -18,13 +19,10 @@ use wkvc_ir::kernel::args::*;
 /// decode-equivalent protocol): a 16-bit cache: cache rows 0..past+i+1 in FP; not past-only:
 /// past+i+1 packed tokens; past-only: past (prefill protocol) or past+i (decode) packed
 /// tokens, then the chunk's rows 0..i+1 (prefill) or i..i+1 (decode) in FP.
-#[allow(clippy::too_many_arguments)]
 pub(super) fn emit_attention(
     s: &mut String,
     name: &str,
-    heads: usize,
-    kvh: usize,
-    hd: usize,
+    (heads, kvh, hd, gl): (usize, usize, usize, usize),
     bits: u32,
     past_only: bool,
     smooth: bool,
@@ -65,6 +63,8 @@ pub(super) fn emit_attention(
 #define BITS {bits}
 #define PAST_ONLY {past_only}
 #define SMOOTH {smooth}
+#define GL {gl}
+#define NGH {ngh}
 #define TILE {tile}
 #define ACCS {accs}
 #define SCALE {scale:e}f
@@ -74,9 +74,9 @@ extern "C" __global__ void __launch_bounds__(TILE) {name}_split(const AttentionA
 {unpack_split}
     __shared__ float qr[GROUP][HD];   // q (for FP rows)
     __shared__ float qs[GROUP][HD];   // q' = q * k_scale (for packed rows)
-    __shared__ float q1[GROUP], q2[GROUP];
+    __shared__ float q1[GROUP][NGH], q2[GROUP]; // per group: sum of q'
     __shared__ float sc[GROUP][TILE]; // scores, then p
-    __shared__ float tvs[TILE], tvz[TILE];
+    __shared__ float tvs[NGH][TILE], tvz[NGH][TILE];
     __shared__ float cf[GROUP];
     __shared__ float red[32];
     int sidx = blockIdx.x, g = blockIdx.y, i = blockIdx.z, tid = threadIdx.x;
@@ -111,14 +111,17 @@ extern "C" __global__ void __launch_bounds__(TILE) {name}_split(const AttentionA
     }}
     __syncthreads();
     if (tid < GROUP) {{
-        float a = 0.0f, b = 0.0f;
-        for (int c = 0; c < HD; c++) {{
-            a += qs[tid][c];
+        float b = 0.0f;
+        for (int tg = 0; tg < NGH; tg++) {{
+            float a = 0.0f;
+            for (int c = tg * GL; c < (tg + 1) * GL; c++) {{
+                a += qs[tid][c];
 #if SMOOTH
-            b = fmaf(qr[tid][c], ksh[g * HD + c], b);
+                b = fmaf(qr[tid][c], ksh[g * HD + c], b);
 #endif
+            }}
+            q1[tid][tg] = a;
         }}
-        q1[tid] = a;
         q2[tid] = b;
     }}
     float mh[GROUP], lh[GROUP], ph[GROUP];
@@ -138,28 +141,37 @@ extern "C" __global__ void __launch_bounds__(TILE) {name}_split(const AttentionA
         if (packed) {{
 #if BITS != 16
             const uint4* kr = (const uint4*)(kc + (size_t)j * (KVH * HD / 2) + g * (HD / 2));
-            float ks = kp[((size_t)j * KVH + g) * 2], kz = kp[((size_t)j * KVH + g) * 2 + 1];
-            float d[GROUP];
+            float sg[GROUP];
 #pragma unroll
-            for (int h = 0; h < GROUP; h++) d[h] = 0.0f;
+            for (int h = 0; h < GROUP; h++) sg[h] = 0.0f;
 #pragma unroll
-            for (int b = 0; b < HD / 32; b++) {{
-                uint4 q4 = kr[b];
-                u32 words[4] = {{q4.x, q4.y, q4.z, q4.w}};
+            for (int tg = 0; tg < NGH; tg++) {{
+                size_t pi = ((size_t)j * (KVH * NGH) + g * NGH + tg) * 2;
+                float ks = kp[pi], kz = kp[pi + 1];
+                float d[GROUP];
 #pragma unroll
-                for (int t = 0; t < 4; t++)
+                for (int h = 0; h < GROUP; h++) d[h] = 0.0f;
 #pragma unroll
-                    for (int u = 0; u < 8; u++) {{
-                        float cv = (float)((words[t] >> (4 * u)) & 15);
-                        int c = 32 * b + 8 * t + u;
+                for (int b = tg * (GL / 32); b < (tg + 1) * (GL / 32); b++) {{
+                    uint4 q4 = kr[b];
+                    u32 words[4] = {{q4.x, q4.y, q4.z, q4.w}};
 #pragma unroll
-                        for (int h = 0; h < GROUP; h++) d[h] = fmaf(cv, qs[h][c], d[h]);
-                    }}
+                    for (int t = 0; t < 4; t++)
+#pragma unroll
+                        for (int u = 0; u < 8; u++) {{
+                            float cv = (float)((words[t] >> (4 * u)) & 15);
+                            int c = 32 * b + 8 * t + u;
+#pragma unroll
+                            for (int h = 0; h < GROUP; h++) d[h] = fmaf(cv, qs[h][c], d[h]);
+                        }}
+                }}
+#pragma unroll
+                for (int h = 0; h < GROUP; h++) sg[h] += ks * (d[h] - kz * q1[h][tg]);
+                tvs[tg][tid] = vp[pi];
+                tvz[tg][tid] = vp[pi + 1];
             }}
 #pragma unroll
-            for (int h = 0; h < GROUP; h++) score[h] = (ks * (d[h] - kz * q1[h]) + q2[h]) * SCALE;
-            tvs[tid] = vp[((size_t)j * KVH + g) * 2];
-            tvz[tid] = vp[((size_t)j * KVH + g) * 2 + 1];
+            for (int h = 0; h < GROUP; h++) score[h] = (sg[h] + q2[h]) * SCALE;
 #endif
         }} else if (live) {{
             const float* kr = kf + (size_t)(f0 + j - nq) * ldf + g * HD;
@@ -202,7 +214,7 @@ extern "C" __global__ void __launch_bounds__(TILE) {name}_split(const AttentionA
 #if BITS != 16
                     u8 b = vc[(size_t)jj * (KVH * HD / 2) + g * (HD / 2) + c / 2];
                     float code = (float)((c & 1) ? (b >> 4) : (b & 15));
-                    accq = fmaf(p * tvs[t], code - tvz[t], accq);
+                    accq = fmaf(p * tvs[c / GL][t], code - tvz[c / GL][t], accq);
 #endif
                 }} else {{
                     accf = fmaf(p, vf[(size_t)(f0 + jj - nq) * ldf + g * HD + c], accf);
@@ -263,6 +275,7 @@ extern "C" __global__ void {name}_merge(const AttentionArgs a) {{
         past_only = past_only as u8,
         smooth = smooth as u8,
         tile = ATTN_TILE,
+        ngh = hd / gl,
         scale = 1.0 / (hd as f32).sqrt(),
     );
 }

@@ -201,15 +201,17 @@ pub fn emit(spec: &KernelSpec) -> Result<CudaKernel, CodegenError> {
             kv_bits,
             smooth,
             rotate,
+            kv_group,
             ..
         } => {
             check_head_dim(*head_dim)?;
             crate::kernels::check_rotate(*rotate, *head_dim)?;
+            let gl = crate::kernels::check_group(*kv_group, *head_dim)?;
             rope_kv::emit_rope_kv(
                 &mut s,
                 &name,
                 (*heads, *kv_heads, *head_dim, *rope_dim),
-                *kv_bits,
+                (*kv_bits, gl),
                 *smooth,
                 *rotate,
             );
@@ -222,16 +224,23 @@ pub fn emit(spec: &KernelSpec) -> Result<CudaKernel, CodegenError> {
             kv_bits,
             past_only,
             smooth,
+            kv_group,
             ..
         } => {
             check_head_dim(*head_dim)?;
+            let gl = crate::kernels::check_group(*kv_group, *head_dim)?;
             if !heads.is_multiple_of(*kv_heads) {
                 return Err(CodegenError::Unsupported(format!(
                     "attention: {heads} heads are not a multiple of {kv_heads} kv heads"
                 )));
             }
             attention::emit_attention(
-                &mut s, &name, *heads, *kv_heads, *head_dim, *kv_bits, *past_only, *smooth,
+                &mut s,
+                &name,
+                (*heads, *kv_heads, *head_dim, gl),
+                *kv_bits,
+                *past_only,
+                *smooth,
             );
             (
                 vec![format!("{name}_split"), format!("{name}_merge")],

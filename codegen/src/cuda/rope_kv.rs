@@ -1,5 +1,5 @@
-//! `rope_kv`: RoPE on q and k in place, then K/V smoothed, quantized per (token, kv head) by
-//! one warp each and appended to the cache.
+//! `rope_kv`: RoPE on q and k in place, then K/V smoothed, quantized per (token, group) by
+//! one warp each and appended to the cache (a group: a kv head, or `GL` channels of one).
 
 use super::*;
 use std::fmt::Write;
@@ -11,7 +11,7 @@ use wkvc_ir::kernel::args::*;
 /// device memory so that a captured decode graph replays unchanged):
 /// RoPE (rotate-half, angle pos * inv_freq in f32, its cos/sin in f64) on the q and k heads of
 /// each row in place, then K and V of row i appended at cache row row0 + i: smoothed
-/// ((x - shift) / scale), per (token, kv head) min/max, scale rounded up to an f16, zero
+/// ((x - shift) / scale), per (token, group of GL channels) min/max, scale rounded up to an f16, zero
 /// round-half-even, codes clamped and packed two per byte (low nibble = even channel); a
 /// 16-bit cache stores the f32 rows in kp/vp instead. With `rotate` > 0, between the two:
 /// each q and k head times the orthonormal Hadamard matrix of `rotate`-blocks (butterflies by
@@ -20,7 +20,7 @@ pub(super) fn emit_rope_kv(
     s: &mut String,
     name: &str,
     (heads, kvh, hd, rd): (usize, usize, usize, usize),
-    bits: u32,
+    (bits, gl): (u32, usize),
     smooth: bool,
     rotate: usize,
 ) {
@@ -50,6 +50,8 @@ pub(super) fn emit_rope_kv(
 #define WIDTH {width}
 #define BITS {bits}
 #define SMOOTH {smooth}
+#define GL {gl}
+#define NG {ng}
 #define PPL {ppl}
 extern "C" __global__ void {name}(const RopeKvArgs a) {{
 {unpack}
@@ -67,13 +69,13 @@ extern "C" __global__ void {name}(const RopeKvArgs a) {{
     __syncthreads();
 {rotation}    size_t row = (size_t)state[0] + i;
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    // one warp per (K or V, kv head)
-    for (int item = warp; item < 2 * KVH; item += blockDim.x >> 5) {{
-        int t = item / KVH, g = item % KVH;
-        const float* src = xr + (HEADS + t * KVH) * HD + g * HD;
+    // one warp per (K or V, group of GL channels: NG a row)
+    for (int item = warp; item < 2 * NG; item += blockDim.x >> 5) {{
+        int t = item / NG, g = item % NG;
+        const float* src = xr + (HEADS + t * KVH) * HD + g * GL;
 #if BITS == 16
-        float* dst = (t ? vp : kp) + row * (KVH * HD) + g * HD;
-        for (int c = lane; c < HD; c += 32) dst[c] = src[c];
+        float* dst = (t ? vp : kp) + row * (KVH * HD) + g * GL;
+        for (int c = lane; c < GL; c += 32) dst[c] = src[c];
 #else
         const float* sh = t ? vsh : ksh;
         const float* sc = t ? vsc : ksc;
@@ -85,13 +87,13 @@ extern "C" __global__ void {name}(const RopeKvArgs a) {{
             int p = lane + 32 * u;
             v[2 * u] = 0.0f;
             v[2 * u + 1] = 0.0f;
-            if (p < HD / 2) {{
+            if (p < GL / 2) {{
 #pragma unroll
                 for (int e = 0; e < 2; e++) {{
                     int c = 2 * p + e;
                     float a = src[c];
 #if SMOOTH
-                    a = (a - sh[g * HD + c]) / sc[g * HD + c];
+                    a = (a - sh[g * GL + c]) / sc[g * GL + c];
 #endif
                     v[2 * u + e] = a;
                     mn = fminf(mn, a);
@@ -107,18 +109,18 @@ extern "C" __global__ void {name}(const RopeKvArgs a) {{
         float sf = h2f(h);
         if (sf < st) sf = h2f((u16)(h + 1));
         float zf = fminf(fmaxf(rintf(-mn / sf), -2048.0f), 2048.0f);
-        u8* crow = (t ? vc : kc) + row * (KVH * HD / 2) + g * (HD / 2);
+        u8* crow = (t ? vc : kc) + row * (KVH * HD / 2) + g * (GL / 2);
 #pragma unroll
         for (int u = 0; u < PPL; u++) {{
             int p = lane + 32 * u;
-            if (p < HD / 2) {{
+            if (p < GL / 2) {{
                 float q0 = fminf(fmaxf(rintf(v[2 * u] / sf) + zf, 0.0f), qmax);
                 float q1 = fminf(fmaxf(rintf(v[2 * u + 1] / sf) + zf, 0.0f), qmax);
                 crow[p] = (u8)((int)q0 | ((int)q1 << 4));
             }}
         }}
         if (lane == 0) {{
-            float* prm = (t ? vp : kp) + (row * KVH + g) * 2;
+            float* prm = (t ? vp : kp) + (row * NG + g) * 2;
             prm[0] = sf;
             prm[1] = zf;
         }}
@@ -128,7 +130,8 @@ extern "C" __global__ void {name}(const RopeKvArgs a) {{
 "#,
         half = rd / 2,
         width = (heads + 2 * kvh) * hd,
-        ppl = (hd / 2).div_ceil(32),
+        ppl = (gl / 2).div_ceil(32),
+        ng = kvh * hd / gl,
         smooth = smooth as u8,
         rotation = rotation(rotate),
     );

@@ -14,9 +14,11 @@ pub(super) fn emit_attention(
     group: usize,
     kvh: usize,
     hd: usize,
-    bits: u32,
+    (bits, gl): (u32, usize),
     smooth: bool,
 ) {
+    // (scale, zero) groups a head: 1 (a group a kv head), or hd / gl groups of gl channels
+    let ngh = hd / gl;
     use AttentionArgs as A;
     let [q, kc, kp, vc, vp, nq, kf, vf, ldf, f0, f1, g, out, scr] = e.fields([
         offset_of!(A, q),
@@ -58,6 +60,7 @@ pub(super) fn emit_attention(
     let zf = e.fc(0.0);
     let mut q1 = vec![zf; group];
     let mut q2 = vec![zf; group];
+    let mut q1t = vec![vec![zf; ngh]; group];
     let zv = e.vc(0.0);
     for h in 0..group {
         // q' = q * k_scale, permuted per block of 32 (evens then odds), and Q1, Q2
@@ -73,6 +76,9 @@ pub(super) fn emit_attention(
                 qv
             };
             q1[h] = e.b.ins().fadd(q1[h], qs);
+            if ngh > 1 {
+                q1t[h][c / gl] = e.b.ins().fadd(q1t[h][c / gl], qs);
+            }
             let (blk, w) = (c / 32, c % 32);
             let t = if w % 2 == 0 { w / 2 } else { 16 + w / 2 };
             e.st(qs, scr, hs(h) + 4 * (32 * blk + t) as i64);
@@ -82,11 +88,17 @@ pub(super) fn emit_attention(
         }
         e.st(q1[h], scr, hs(h) + 3 * hdb);
         e.st(q2[h], scr, hs(h) + 3 * hdb + 4);
+        for (t, &v) in q1t[h].iter().enumerate().filter(|_| ngh > 1) {
+            e.st(v, scr, hs(h) + 3 * hdb + 8 + 4 * t as i64);
+        }
     }
     let ninf = e.fc(f32::NEG_INFINITY);
     let mv: Vec<Variable> = (0..group).map(|_| e.var(types::F32, ninf)).collect();
     let lv: Vec<Variable> = (0..group).map(|_| e.var(types::F32, zf)).collect();
-    let av: Vec<Variable> = (0..group).map(|_| e.var(types::F32, zf)).collect();
+    // per head and group: sum of p * v_scale * v_zero
+    let av: Vec<Vec<Variable>> = (0..group)
+        .map(|_| (0..ngh).map(|_| e.var(types::F32, zf)).collect())
+        .collect();
     let pv: Vec<Variable> = (0..group).map(|_| e.var(types::F32, zf)).collect();
     let scl = e.fc(scale);
 
@@ -100,7 +112,7 @@ pub(super) fn emit_attention(
         e.b.switch_to_block(up);
         let d = e.b.ins().fsub(m, sc);
         let c = e.exp(d, false);
-        for var in [lv[h], av[h], pv[h]] {
+        for &var in [lv[h]].iter().chain(&av[h]).chain(&[pv[h]]) {
             let x = e.get(var);
             let x = e.b.ins().fmul(x, c);
             e.set(var, x);
@@ -132,66 +144,103 @@ pub(super) fn emit_attention(
                 let o = e.b.ins().imul_imm_s(g, (hd / 2) as i64);
                 e.b.ins().iadd(kr, o)
             };
-            let pidx = e.b.ins().imul_imm_s(j, kvh as i64);
-            let pidx = e.b.ins().iadd(pidx, g);
+            let pidx = e.b.ins().imul_imm_s(j, (kvh * ngh) as i64);
+            let gb = if ngh == 1 {
+                g
+            } else {
+                e.b.ins().imul_imm_s(g, ngh as i64)
+            };
+            let pidx = e.b.ins().iadd(pidx, gb);
             let kpp = e.addr(kp, pidx, 8);
             let vpp = e.addr(vp, pidx, 8);
-            let ks = e.ld_ro(types::F32, kpp, 0);
-            let kz = e.ld_ro(types::F32, kpp, 4);
-            let vs = e.ld_ro(types::F32, vpp, 0);
-            let vz = e.ld_ro(types::F32, vpp, 4);
-            // scores: a loop over the 32-channel blocks (the loop-carried accumulators keep
-            // each block's loads next to their FMAs; two chains per query head)
-            let dv: Vec<Variable> = (0..2 * group).map(|_| e.var(V4, zv)).collect();
-            let zero = e.ic(0);
-            let nblk = e.ic((hd / 32) as i64);
-            e.for_range(zero, nblk, 1, &mut |e, blk| {
-                let kb = e.addr(kr, blk, 16);
-                let cq = e.codes32_ro(kb, 0);
-                let qb = e.addr(scr, blk, 128);
-                for h in 0..group {
-                    for (t, &cv) in cq.iter().enumerate() {
-                        let qv = e.ld_ro(V4, qb, hs(h) + 16 * t as i64);
-                        let v = dv[2 * h + t % 2];
-                        let a = e.get(v);
-                        let a = e.mul_add(cv, qv, a);
-                        e.set(v, a);
-                    }
-                }
-            });
-            let dots: Vec<[Value; 2]> = (0..group)
-                .map(|h| [e.get(dv[2 * h]), e.get(dv[2 * h + 1])])
+            // each group's K scale and zero, V scale and zero
+            let prm: Vec<[Value; 4]> = (0..ngh)
+                .map(|t| {
+                    let o = 8 * t as i64;
+                    [
+                        e.ld_ro(types::F32, kpp, o),
+                        e.ld_ro(types::F32, kpp, o + 4),
+                        e.ld_ro(types::F32, vpp, o),
+                        e.ld_ro(types::F32, vpp, o + 4),
+                    ]
+                })
                 .collect();
+            // scores: per group, a loop over its 32-channel blocks (the loop-carried
+            // accumulators keep each block's loads next to their FMAs; two chains per query
+            // head)
+            let bpg = gl / 32;
+            let mut dots: Vec<Vec<[Value; 2]>> = Vec::with_capacity(ngh);
+            for t in 0..ngh {
+                let dv: Vec<Variable> = (0..2 * group).map(|_| e.var(V4, zv)).collect();
+                let b0 = e.ic((t * bpg) as i64);
+                let b1 = e.ic(((t + 1) * bpg) as i64);
+                e.for_range(b0, b1, 1, &mut |e, blk| {
+                    let kb = e.addr(kr, blk, 16);
+                    let cq = e.codes32_ro(kb, 0);
+                    let qb = e.addr(scr, blk, 128);
+                    for h in 0..group {
+                        for (t, &cv) in cq.iter().enumerate() {
+                            let qv = e.ld_ro(V4, qb, hs(h) + 16 * t as i64);
+                            let v = dv[2 * h + t % 2];
+                            let a = e.get(v);
+                            let a = e.mul_add(cv, qv, a);
+                            e.set(v, a);
+                        }
+                    }
+                });
+                dots.push(
+                    (0..group)
+                        .map(|h| [e.get(dv[2 * h]), e.get(dv[2 * h + 1])])
+                        .collect(),
+                );
+            }
             let vr = e.addr(vc, j, rb);
             let vr = {
                 let o = e.b.ins().imul_imm_s(g, (hd / 2) as i64);
                 e.b.ins().iadd(vr, o)
             };
-            let mut ps = Vec::with_capacity(group);
-            for (h, d) in dots.iter().enumerate() {
-                let s = e.b.ins().fadd(d[0], d[1]);
-                let s = e.hsum(s);
-                let q1h = e.ld_ro(types::F32, scr, hs(h) + 3 * hdb);
-                let q2h = e.ld_ro(types::F32, scr, hs(h) + 3 * hdb + 4);
-                let zq = e.b.ins().fmul(kz, q1h);
-                let s = e.b.ins().fsub(s, zq);
-                let s = e.b.ins().fmul(ks, s);
-                let s = e.b.ins().fadd(s, q2h);
+            // per head, per group: p * v_scale
+            let mut ps: Vec<Vec<Value>> = Vec::with_capacity(group);
+            for h in 0..group {
+                // sum over groups of k_scale * (dot - k_zero * Q1) (Q1: the group's sum of q')
+                let mut tot = None;
+                let mut q2h = None;
+                for (t, d) in dots.iter().enumerate() {
+                    let s = e.b.ins().fadd(d[h][0], d[h][1]);
+                    let s = e.hsum(s);
+                    let q1o = if ngh == 1 { 0 } else { 8 + 4 * t as i64 };
+                    let q1h = e.ld_ro(types::F32, scr, hs(h) + 3 * hdb + q1o);
+                    if t == 0 {
+                        q2h = Some(e.ld_ro(types::F32, scr, hs(h) + 3 * hdb + 4));
+                    }
+                    let zq = e.b.ins().fmul(prm[t][1], q1h);
+                    let s = e.b.ins().fsub(s, zq);
+                    let s = e.b.ins().fmul(prm[t][0], s);
+                    tot = Some(match tot {
+                        None => s,
+                        Some(a) => e.b.ins().fadd(a, s),
+                    });
+                }
+                let s = e.b.ins().fadd(tot.unwrap_or(zf), q2h.unwrap_or(zf));
                 let sc = e.b.ins().fmul(s, scl);
                 let p = update(e, h, sc);
-                let psv = e.b.ins().fmul(p, vs);
-                let a = e.get(av[h]);
-                let a = e.mul_add(psv, vz, a);
-                e.set(av[h], a);
+                let mut row = Vec::with_capacity(ngh);
+                for (t, pr) in prm.iter().enumerate() {
+                    let psv = e.b.ins().fmul(p, pr[2]);
+                    let a = e.get(av[h][t]);
+                    let a = e.mul_add(psv, pr[3], a);
+                    e.set(av[h][t], a);
+                    row.push(psv);
+                }
                 let pp = e.get(pv[h]);
                 let pp = e.b.ins().fadd(pp, p);
                 e.set(pv[h], pp);
-                ps.push(psv);
+                ps.push(row);
             }
             for blk in 0..hd / 32 {
                 let cv = e.codes32_ro(vr, 16 * blk as i64);
-                for (h, &psv) in ps.iter().enumerate() {
-                    let pvv = e.b.ins().splat(V4, psv);
+                for (h, row) in ps.iter().enumerate() {
+                    let pvv = e.b.ins().splat(V4, row[blk / bpg]);
                     for (t, &c) in cv.iter().enumerate() {
                         let off = hs(h) + hdb + 4 * (32 * blk + 4 * t) as i64;
                         let acc = e.ld(V4, scr, off);
@@ -229,7 +278,7 @@ pub(super) fn emit_attention(
         let l = e.get(lv[h]);
         let one = e.fc(1.0);
         let inv = e.b.ins().fdiv(one, l);
-        let aq = e.get(av[h]);
+        let aq: Vec<Value> = av[h].iter().map(|&v| e.get(v)).collect();
         let pp = e.get(pv[h]);
         let ob = e.b.ins().iadd_imm_s(out, 4 * (h * hd) as i64);
         let ob = {
@@ -242,7 +291,7 @@ pub(super) fn emit_attention(
             let accq = e.ld(types::F32, scr, hs(h) + hdb + 4 * (32 * blk + t) as i64);
             let accf = e.ld(types::F32, scr, hs(h) + 2 * hdb + 4 * c as i64);
             let mut v = if bits <= 4 {
-                let d = e.b.ins().fsub(accq, aq);
+                let d = e.b.ins().fsub(accq, aq[c / gl]);
                 if smooth {
                     let s = e.ld(types::F32, vscg, 4 * c as i64);
                     let sh = e.ld(types::F32, vshg, 4 * c as i64);

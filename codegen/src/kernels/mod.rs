@@ -316,6 +316,19 @@ pub(crate) fn check_rotate(rotate: usize, head_dim: usize) -> Result<(), Codegen
     Ok(())
 }
 
+/// The cache's (scale, zero) group length of a kernel: `kv_group`, or the head dim for 0; a
+/// multiple of 32 dividing the head dim.
+pub(crate) fn check_group(kv_group: usize, head_dim: usize) -> Result<usize, CodegenError> {
+    let g = if kv_group == 0 { head_dim } else { kv_group };
+    if g == 0 || !g.is_multiple_of(32) || !head_dim.is_multiple_of(g) {
+        return Err(CodegenError::Unsupported(format!(
+            "the K/V cache's group must be a multiple of 32 dividing the head dim {head_dim}, \
+             got {g}"
+        )));
+    }
+    Ok(g)
+}
+
 /// Build the function of `spec` (Cranelift IR, not yet compiled).
 pub fn build(
     spec: &KernelSpec,
@@ -403,6 +416,7 @@ pub fn build(
                 kv_bits,
                 smooth,
                 rotate,
+                kv_group,
                 ..
             } => {
                 if !head_dim.is_multiple_of(32) {
@@ -411,10 +425,11 @@ pub fn build(
                     )));
                 }
                 check_rotate(*rotate, *head_dim)?;
+                let group = check_group(*kv_group, *head_dim)?;
                 rope_kv::emit_rope_kv(
                     &mut e,
                     (*heads, *kv_heads, *head_dim, *rope_dim),
-                    *kv_bits,
+                    (*kv_bits, group),
                     *smooth,
                     *rotate,
                     helper,
@@ -426,8 +441,10 @@ pub fn build(
                 head_dim,
                 kv_bits,
                 smooth,
+                kv_group,
                 ..
             } => {
+                let group = check_group(*kv_group, *head_dim)?;
                 if !head_dim.is_multiple_of(32) || !heads.is_multiple_of(*kv_heads) {
                     return Err(CodegenError::Unsupported(format!(
                         "attention needs a head dim that is a multiple of 32 and heads a \
@@ -439,7 +456,7 @@ pub fn build(
                     heads / kv_heads,
                     *kv_heads,
                     *head_dim,
-                    *kv_bits,
+                    (*kv_bits, group),
                     *smooth,
                 );
             }

@@ -1,5 +1,5 @@
 //! `rope_kv`: RoPE on q and k in place (and the K/V rotation: Hadamard blocks on each q and k
-//! head), then K/V smoothed, quantized per (token, kv head) and appended to the cache.
+//! head), then K/V smoothed, quantized per (token, group of channels) and appended to the cache.
 
 use super::{Emitter, M_RNE, P, V4};
 use cranelift_codegen::ir::{InstBuilder, MemFlagsData, Value, types};
@@ -23,7 +23,7 @@ pub unsafe extern "C" fn wkvc_kv_params(min: f32, max: f32, bits: u32, out: *mut
 pub(super) fn emit_rope_kv(
     e: &mut Emitter,
     (heads, kvh, hd, rd): (usize, usize, usize, usize),
-    bits: u32,
+    (bits, group): (u32, usize),
     smooth: bool,
     rotate: usize,
     helper: Option<cranelift_codegen::ir::FuncRef>,
@@ -103,12 +103,13 @@ pub(super) fn emit_rope_kv(
                 continue;
             }
             let rb = kvw.div_ceil(2) as i64;
+            let ng = kvw / group;
             let crow = e.addr(cache, row, rb);
-            let prow = e.addr(params, row, 8 * kvh as i64);
+            let prow = e.addr(params, row, 8 * ng as i64);
             let buf = e.b.ins().stack_addr(P, slot, 0);
-            for g in 0..kvh {
+            for g in 0..ng {
                 quantize_group_vec(
-                    e, xr, src, g, hd, smooth, sh, sc, buf, slot, helper, bits, crow, prow,
+                    e, xr, src, g, group, smooth, sh, sc, buf, slot, helper, bits, crow, prow,
                 );
             }
         }
@@ -149,7 +150,8 @@ fn emit_hadamard_heads(e: &mut Emitter, xr: Value, n: usize, hd: usize, block: u
     });
 }
 
-/// `rope_kv`'s quantize-append of one kv head (head dim a multiple of 32) with f32x4: smooth
+/// `rope_kv`'s quantize-append of group `g` of `hd` channels (a kv head, or a smaller group;
+/// a multiple of 32) with f32x4: smooth
 /// ((x - shift) / scale, the interpreter's division), min and max, the stored scale/zero (host
 /// helper: f16 rounding), codes by round-half-even, clamped, narrowed to bytes and packed
 /// two per byte (low nibble = even channel).

@@ -88,6 +88,8 @@ pub enum KernelSpec {
         factors: bool,
         layer: i64,
         rotate: usize,
+        /// channels per (scale, zero) group of the cache; 0: one group a kv head
+        kv_group: usize,
     },
     /// `(qkv: f32[s,(H+2KV)*hd] [, smoothing x4]) -> f32[s,H*hd]` = causal `attention` of the
     /// chunk's q over the cached past (read packed, smoothing undone in registers) and the
@@ -100,6 +102,8 @@ pub enum KernelSpec {
         past_only: bool,
         smooth: bool,
         layer: i64,
+        /// channels per (scale, zero) group of the cache; 0: one group a kv head
+        kv_group: usize,
     },
     /// `(x: f32[s,dim], @w: f32[V,dim]) -> f32[s,V]` = the final `linear` (the engine may run
     /// only the rows it needs).
@@ -200,6 +204,7 @@ impl KernelSpec {
                     Some(r) if r >= 0 => r as usize,
                     Some(r) => return Err(format!("attribute `rotate` must be >= 0, found {r}")),
                 },
+                kv_group: kv_group(n)?,
             },
             "attention" => KernelSpec::Attention {
                 heads: uint(n, "heads")?,
@@ -209,6 +214,7 @@ impl KernelSpec {
                 past_only: boolean(n, "past_only")?,
                 smooth: boolean(n, "smooth")?,
                 layer: int(n, "layer")?,
+                kv_group: kv_group(n)?,
             },
             "logits" => KernelSpec::Logits {
                 vocab: uint(n, "vocab")?,
@@ -272,6 +278,7 @@ impl KernelSpec {
                 factors,
                 layer,
                 rotate,
+                kv_group,
             } => {
                 put("heads", Attr::Int(*heads as i64));
                 put("kv_heads", Attr::Int(*kv_heads as i64));
@@ -284,6 +291,9 @@ impl KernelSpec {
                 if *rotate > 0 {
                     put("rotate", Attr::Int(*rotate as i64));
                 }
+                if *kv_group > 0 {
+                    put("kv_group", Attr::Int(*kv_group as i64));
+                }
             }
             KernelSpec::Attention {
                 heads,
@@ -293,6 +303,7 @@ impl KernelSpec {
                 past_only,
                 smooth,
                 layer,
+                kv_group,
             } => {
                 put("heads", Attr::Int(*heads as i64));
                 put("kv_heads", Attr::Int(*kv_heads as i64));
@@ -301,6 +312,9 @@ impl KernelSpec {
                 put("past_only", Attr::Bool(*past_only));
                 put("smooth", Attr::Bool(*smooth));
                 put("layer", Attr::Int(*layer));
+                if *kv_group > 0 {
+                    put("kv_group", Attr::Int(*kv_group as i64));
+                }
             }
         }
         a
@@ -390,15 +404,17 @@ impl KernelSpec {
                 kv_bits,
                 smooth,
                 rotate,
+                kv_group,
                 ..
             } => format!(
-                "rope_kv_h{heads}_kv{kv_heads}_d{head_dim}_r{rope_dim}_b{kv_bits}{}{}",
+                "rope_kv_h{heads}_kv{kv_heads}_d{head_dim}_r{rope_dim}_b{kv_bits}{}{}{}",
                 if *smooth { "_smooth" } else { "" },
                 if *rotate > 0 {
                     format!("_rot{rotate}")
                 } else {
                     String::new()
-                }
+                },
+                group_suffix(*kv_group)
             ),
             KernelSpec::Attention {
                 heads,
@@ -407,13 +423,36 @@ impl KernelSpec {
                 kv_bits,
                 past_only,
                 smooth,
+                kv_group,
                 ..
             } => format!(
-                "attention_h{heads}_kv{kv_heads}_d{head_dim}_b{kv_bits}{}{}",
+                "attention_h{heads}_kv{kv_heads}_d{head_dim}_b{kv_bits}{}{}{}",
                 if *past_only { "_po" } else { "" },
-                if *smooth { "_smooth" } else { "" }
+                if *smooth { "_smooth" } else { "" },
+                group_suffix(*kv_group)
             ),
             KernelSpec::Logits { dim, act, .. } => format!("logits_d{dim}_{}", act.name()),
         }
+    }
+}
+
+fn group_suffix(g: usize) -> String {
+    if g > 0 {
+        format!("_g{g}")
+    } else {
+        String::new()
+    }
+}
+
+/// `kv_group`: absent (one group a kv head, and in plans from before it existed) or a
+/// multiple of 32 dividing `head_dim`.
+fn kv_group(n: &crate::graph::Node) -> Result<usize, String> {
+    let hd = n.int_attr("head_dim").unwrap_or(0);
+    match n.int_attr("kv_group") {
+        None => Ok(0),
+        Some(g) if g > 0 && g % 32 == 0 && hd > 0 && hd % g == 0 => Ok(g as usize),
+        Some(g) => Err(format!(
+            "attribute `kv_group` must be a multiple of 32 dividing head_dim {hd}, found {g}"
+        )),
     }
 }

@@ -79,15 +79,21 @@ impl MemoryPlan {
 }
 
 /// KV bytes per token of one layer for an attention kernel, as the compiled engines keep it:
-/// codes as `wkvc_ir::kvcache` lays them out, f32 scale and zero per (token, kv head).
+/// codes as `wkvc_ir::kvcache` lays them out, f32 scale and zero per (token, group: a kv
+/// head, or `kv_group` channels).
 pub fn kv_bytes_per_token(spec: &KernelSpec) -> usize {
     match spec {
         KernelSpec::Attention {
             kv_heads,
             head_dim,
             kv_bits,
+            kv_group,
             ..
-        } => wkvc_ir::kvcache::bytes_per_token(kv_heads * head_dim, *kv_heads, *kv_bits, 4),
+        } => {
+            let w = kv_heads * head_dim;
+            let gl = if *kv_group > 0 { *kv_group } else { *head_dim };
+            wkvc_ir::kvcache::bytes_per_token(w, w / gl.max(1), *kv_bits, 4)
+        }
         _ => 0,
     }
 }

@@ -412,6 +412,10 @@ fn try_attention(
     let smooth = att.args.len() == 7;
     let factors = rq.args.len() > 2;
     let layer = att.int_attr("layer").unwrap_or(0);
+    let kv_group = match att.int_attr("kv_group") {
+        Some(g) if g > 0 && kv_bits < 16 => g as usize,
+        _ => 0,
+    };
     let (gemm, gargs) = make(cx, &[qi, ki, vi], None)?;
     let qkv = cx.emit(gemm, gargs, seq.clone(), &[]);
     let mut rargs = vec![Operand::Value(qkv), cx.operand(&rq.args[1])?];
@@ -437,6 +441,7 @@ fn try_attention(
         factors,
         layer,
         rotate: rq.int_attr("rotate").unwrap_or(0).max(0) as usize,
+        kv_group,
     };
     let r = cx.emit(rk_spec, rargs, seq.clone(), &rope_extra);
     let mut aargs = vec![Operand::Value(r)];
@@ -451,6 +456,7 @@ fn try_attention(
         past_only: att.bool_attr("past_only").unwrap_or(false),
         smooth,
         layer,
+        kv_group,
     };
     let a = cx.emit(a_spec, aargs, seq, &[]);
     cx.map.insert(att.out, a);

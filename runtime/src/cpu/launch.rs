@@ -422,6 +422,7 @@ impl CpuEngine {
                 past_only,
                 smooth,
                 layer,
+                ..
             } => {
                 let (h, kvh, hd) = (*heads, *kv_heads, *head_dim);
                 let width = (h + 2 * kvh) * hd;

@@ -278,21 +278,24 @@ impl CpuEngine {
                 kv_heads,
                 head_dim,
                 kv_bits,
+                kv_group,
                 ..
             } = &s.spec
             {
                 let w = kv_heads * head_dim;
+                // (scale, zero) pairs a row: a kv head each, or groups of `kv_group` channels
+                let groups = w / if *kv_group > 0 { *kv_group } else { *head_dim };
                 let (codes, params) = if *kv_bits == 16 {
                     ([Vec::new(), Vec::new()], max_ctx * w)
                 } else {
                     let c = max_ctx * w.div_ceil(2);
-                    ([vec![0u8; c], vec![0u8; c]], max_ctx * kv_heads * 2)
+                    ([vec![0u8; c], vec![0u8; c]], max_ctx * groups * 2)
                 };
                 layers.insert(
                     *layer,
                     LayerCache {
                         width: w,
-                        heads: *kv_heads,
+                        groups: if *kv_bits == 16 { *kv_heads } else { groups },
                         codes,
                         params: [vec![0f32; params], vec![0f32; params]],
                     },
@@ -355,10 +358,11 @@ impl Workspace {
 }
 
 /// One layer's cache: K and V codes (none for an f32 cache) and their (scale, zero) pairs per
-/// (token, kv head), or the f32 rows of a 16-bit cache.
+/// (token, group), or the f32 rows of a 16-bit cache.
 struct LayerCache {
     width: usize,
-    heads: usize,
+    /// (scale, zero) groups a row (kv heads for an f32 cache)
+    groups: usize,
     codes: [Vec<u8>; 2],
     params: [Vec<f32>; 2],
 }
@@ -402,14 +406,14 @@ impl CpuKv {
                 let l = if lc.quantized() {
                     let rb = lc.width.div_ceil(2);
                     let pairs = |p: &[f32]| {
-                        p[..2 * n * lc.heads]
+                        p[..2 * n * lc.groups]
                             .chunks(2)
                             .map(|c| (c[0], c[1]))
                             .collect()
                     };
                     KvLayer {
                         width: lc.width,
-                        heads: lc.heads,
+                        groups: lc.groups,
                         row_bytes: rb,
                         kc: lc.codes[0][..n * rb].to_vec(),
                         vc: lc.codes[1][..n * rb].to_vec(),
@@ -421,7 +425,7 @@ impl CpuKv {
                 } else {
                     KvLayer {
                         width: lc.width,
-                        heads: lc.heads,
+                        groups: lc.groups,
                         k: lc.params[0][..n * lc.width].to_vec(),
                         v: lc.params[1][..n * lc.width].to_vec(),
                         ..Default::default()
@@ -438,7 +442,7 @@ impl CpuKv {
         let n = cache.len();
         let fits = |lc: &LayerCache, l: &KvLayer| {
             l.width == lc.width
-                && l.heads == lc.heads
+                && l.groups == lc.groups
                 && l.rows() == n
                 && l.is_quantized() == lc.quantized()
                 && (!l.is_quantized() || l.row_bytes == lc.width.div_ceil(2))

@@ -97,7 +97,8 @@ type LoadFn<'a> = dyn Fn(&cg::CudaKernel, &KernelSpec) -> Result<Vec<Func>, Runt
 struct KvShape {
     layer: i64,
     width: usize,
-    heads: usize,
+    /// (scale, zero) groups a row (kv heads for an f32 cache)
+    groups: usize,
     quantized: bool,
 }
 
@@ -334,12 +335,18 @@ impl CudaEngine {
                     head_dim,
                     kv_bits,
                     layer,
+                    kv_group,
                     ..
                 } => {
+                    let gl = if *kv_group > 0 { *kv_group } else { *head_dim };
                     kv_shapes.push(KvShape {
                         layer: *layer,
                         width: kv_heads * head_dim,
-                        heads: *kv_heads,
+                        groups: if *kv_bits != 16 {
+                            kv_heads * head_dim / gl
+                        } else {
+                            *kv_heads
+                        },
                         quantized: *kv_bits != 16,
                     });
                     part = part.max(kv_heads * heads / kv_heads * (head_dim + 2));
@@ -457,7 +464,7 @@ impl CudaKv {
                 let (c, p) = if s.quantized {
                     (
                         self.max_ctx * s.width.div_ceil(2),
-                        self.max_ctx * s.heads * 2 * 4,
+                        self.max_ctx * s.groups * 2 * 4,
                     )
                 } else {
                     (0, self.max_ctx * s.width * 4)
@@ -504,14 +511,14 @@ impl CudaKv {
                     Ok(v)
                 };
                 let pairs = |b: &DevBuf| -> Result<Vec<(f32, f32)>, RuntimeError> {
-                    Ok(f32s(b, 2 * n * s.heads)?
+                    Ok(f32s(b, 2 * n * s.groups)?
                         .chunks(2)
                         .map(|c| (c[0], c[1]))
                         .collect())
                 };
                 KvLayer {
                     width: s.width,
-                    heads: s.heads,
+                    groups: s.groups,
                     row_bytes: rb,
                     kc: codes(&l.bufs[0])?,
                     kp: pairs(&l.bufs[1])?,
@@ -523,7 +530,7 @@ impl CudaKv {
             } else {
                 KvLayer {
                     width: s.width,
-                    heads: s.heads,
+                    groups: s.groups,
                     k: f32s(&l.bufs[1], n * s.width)?,
                     v: f32s(&l.bufs[3], n * s.width)?,
                     ..Default::default()
@@ -538,7 +545,7 @@ impl CudaKv {
                     s.layer,
                     KvLayer {
                         width: s.width,
-                        heads: s.heads,
+                        groups: s.groups,
                         row_bytes: if s.quantized { s.width.div_ceil(2) } else { 0 },
                         param_bytes: 4,
                         ..Default::default()
@@ -554,7 +561,7 @@ impl CudaKv {
         let n = cache.len();
         let fits = |s: &KvShape, l: &KvLayer| {
             l.width == s.width
-                && l.heads == s.heads
+                && l.groups == s.groups
                 && l.rows() == n
                 && l.is_quantized() == s.quantized
                 && (!s.quantized || l.row_bytes == s.width.div_ceil(2))
