@@ -64,6 +64,19 @@ const CONFIGS: [(u32, bool, bool); 4] = [
 
 const IDS: [u32; 12] = [5, 17, 290, 3, 3, 100, 42, 7, 255, 1, 0, 64];
 
+/// A compiled plan's interpreter and CPU engine (exact path), and IDS as a 7-token chunk then
+/// one token at a time.
+fn interp_and_cpu(m: &Model, c: &compile::Compiled) -> (Engine, Engine, Vec<&'static [u32]>) {
+    let q = m.with_module(c.module.clone(), None);
+    let it = q.engine_kind(1, EngineKind::Interp).expect("interp");
+    let cpu = q
+        .engine_kind(2, EngineKind::Cpu { act: Act::F32 })
+        .expect("cpu engine");
+    let mut steps: Vec<&'static [u32]> = vec![&IDS[..7]];
+    steps.extend(IDS[7..].iter().map(std::slice::from_ref));
+    (it, cpu, steps)
+}
+
 #[test]
 fn lowered_graph_and_memory_plan() {
     let m = tiny32("lower-snap", 32);
@@ -140,14 +153,8 @@ fn engine_matches_interpreter_on_tiny_models() {
     let m = tiny32("lower-eng", 32);
     for &(kvbits, smooth, past_only) in &CONFIGS {
         let c = compile(&m, kvbits, smooth, past_only);
-        let q = m.with_module(c.module.clone(), None);
-        let it = q.engine_kind(1, EngineKind::Interp).expect("interp");
-        let cpu = q
-            .engine_kind(2, EngineKind::Cpu { act: Act::F32 })
-            .expect("cpu engine");
+        let (it, cpu, steps) = interp_and_cpu(&m, &c);
         let label = format!("cpu kv{kvbits} smooth {smooth} po {past_only}");
-        let mut steps: Vec<&[u32]> = vec![&IDS[..7]];
-        steps.extend(IDS[7..].iter().map(std::slice::from_ref));
         for mode in [RunMode::Prefill, RunMode::DecodeEquivalent] {
             // the replay is faithful: the interpreter replaying its own cache computes what
             // it computed, bit for bit
@@ -175,14 +182,8 @@ fn grouped_cache_matches_interpreter_on_the_cpu_and_cuda_engines() {
     for (kvbits, smooth) in [(4, true), (3, true), (4, false)] {
         let c = compile_grouped(&m, kvbits, smooth, true, 32);
         assert_eq!(c.quant.kv_group, 32);
-        let q = m.with_module(c.module.clone(), None);
-        let it = q.engine_kind(1, EngineKind::Interp).expect("interp");
-        let cpu = q
-            .engine_kind(2, EngineKind::Cpu { act: Act::F32 })
-            .expect("cpu engine");
+        let (it, cpu, steps) = interp_and_cpu(&m, &c);
         let label = format!("cpu kv{kvbits} g32 smooth {smooth}");
-        let mut steps: Vec<&[u32]> = vec![&IDS[..7]];
-        steps.extend(IDS[7..].iter().map(std::slice::from_ref));
         for mode in [RunMode::Prefill, RunMode::DecodeEquivalent] {
             for chunks in [&[&IDS[..7], &IDS[7..]][..], &steps[..]] {
                 let a = agree::agreement(&it, &cpu, chunks, mode, 64);
@@ -198,6 +199,7 @@ fn grouped_cache_matches_interpreter_on_the_cpu_and_cuda_engines() {
         }
         // the CUDA kernels on the host emulator (one configuration: the emulator is slow)
         if (kvbits, smooth) == (4, true) {
+            let q = m.with_module(c.module.clone(), None);
             let cuda = q
                 .engine_kind(1, EngineKind::CudaEmulated { mma: false })
                 .expect("the CUDA engine on the host emulator");
