@@ -571,17 +571,18 @@ pub fn calibrate(
                 bake(q, &params)?;
             }
         }
+        // (learning changes weights only: `q_block` is still block i's graph)
         if weights_first {
             // the weight-only stream through block i with its learned clipping
             let qm = Module {
-                graph: without_kv_quant(&block_graph(&q.graph, q_span, "w.block")?),
+                graph: without_kv_quant(&q_block),
                 weights: q.weights.clone(),
             };
             q_in_w = run_block(&qm, &q_in_w, tokens, threads)?;
         }
         // Advance the quantized chain through the (learned) block i.
         let qm = Module {
-            graph: block_graph(&q.graph, q_span, &format!("q.block{i}"))?,
+            graph: q_block,
             weights: q.weights.clone(),
         };
         q_in = run_block(&qm, &q_in, tokens, threads)?;
