@@ -286,3 +286,55 @@ fn build_dot_f32(
     b.seal_all_blocks();
     b.finalize(module.target_config());
 }
+
+#[cfg(test)]
+mod cache_word_tests {
+    use super::*;
+
+    /// The generated kernels' and the native attention's reading of a KV cache word (two f16:
+    /// scale, zero) equals `half`'s conversion for every finite f16 in either half: normals,
+    /// subnormals (tiny scales), signed zeros, negative zero-points.
+    #[test]
+    fn cache_words_convert_as_f16_for_every_finite_value() {
+        let mut jit = CpuJit::host().expect("host JIT");
+        let f = crate::kernels::build_f16_pairs(&jit.module, &mut jit.fctx);
+        let mut ctx = jit.module.make_context();
+        ctx.func = f;
+        let id = jit
+            .module
+            .declare_function("f16_pairs", Linkage::Local, &ctx.func.signature)
+            .expect("declare");
+        ctx.func.name = UserFuncName::user(0, id.as_u32());
+        jit.module.define_function(id, &mut ctx).expect("define");
+        jit.module.finalize_definitions().expect("finalize");
+        // SAFETY: built with the kernels' signature fn(*const u64).
+        let conv: KernelFn = unsafe { std::mem::transmute(jit.module.get_finalized_function(id)) };
+        // finite: exponent field below 31
+        let finite: Vec<u16> = (0..=u16::MAX).filter(|&h| h & 0x7c00 != 0x7c00).collect();
+        // each finite value as the scale (low half) and, reversed, as the zero (high half)
+        let words: Vec<u32> = finite
+            .iter()
+            .zip(finite.iter().rev())
+            .map(|(&lo, &hi)| lo as u32 | (hi as u32) << 16)
+            .collect();
+        let mut out = vec![f32::NAN; 2 * words.len()];
+        let args = [
+            words.as_ptr() as u64,
+            out.as_mut_ptr() as u64,
+            words.len() as u64,
+        ];
+        // SAFETY: the argument words point to `words` and to `out` of twice its length.
+        unsafe { conv(args.as_ptr()) };
+        for (i, &w) in words.iter().enumerate() {
+            let (s, z) = wkvc_ir::kvcache::unpack_params(w);
+            assert_eq!(out[2 * i].to_bits(), s.to_bits(), "scale of {w:#010x}");
+            assert_eq!(out[2 * i + 1].to_bits(), z.to_bits(), "zero of {w:#010x}");
+            let (ns, nz) = crate::native::cache_word_params(w);
+            assert_eq!(
+                (ns.to_bits(), nz.to_bits()),
+                (s.to_bits(), z.to_bits()),
+                "{w:#010x}"
+            );
+        }
+    }
+}

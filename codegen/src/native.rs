@@ -915,6 +915,19 @@ macro_rules! int8_kernels {
     };
 }
 
+/// A KV group's (scale, zero) from its cache word (`wkvc_ir::kvcache::pack_params`: two f16,
+/// the scale in the low half), as the generated kernels convert it: the magnitude's bits
+/// shifted into an f32 and scaled by 2^112 (subnormals included), then the sign. The words
+/// hold no infinities or NaNs.
+#[inline]
+pub(crate) fn cache_word_params(w: u32) -> (f32, f32) {
+    let f = |h: u32| {
+        let m = f32::from_bits((h & 0x7fff) << 13) * f32::from_bits(0x7780_0000);
+        f32::from_bits(m.to_bits() | ((h & 0x8000) << 16))
+    };
+    (f(w & 0xffff), f(w >> 16))
+}
+
 // The micro-kernels index several register arrays and pointers by the same row and column
 // numbers; index loops say that more plainly than zipped iterators.
 #[allow(clippy::needless_range_loop)]
@@ -1214,11 +1227,7 @@ mod avx2 {
             // scores of the packed past
             for j in 0..nq {
                 let kr = (a.kc as *const u8).add(j * rb + g * hd / 2);
-                let pp = (j * kvh + g) * 2;
-                let (ks, kz) = (
-                    *(a.kp as *const f32).add(pp),
-                    *(a.kp as *const f32).add(pp + 1),
-                );
+                let (ks, kz) = super::cache_word_params(*(a.kp as *const u32).add(j * kvh + g));
                 // the token's codes, unpacked once for every head (up to 128 channels in
                 // registers; wider heads in chunks of 128)
                 for b0 in (0..nblk).step_by(4) {
@@ -1318,11 +1327,7 @@ mod avx2 {
             // V of the packed past: per 32 channels, every head at once
             if nq > 0 {
                 for j in 0..nq {
-                    let pp = (j * kvh + g) * 2;
-                    let (vs, vz) = (
-                        *(a.vp as *const f32).add(pp),
-                        *(a.vp as *const f32).add(pp + 1),
-                    );
+                    let (vs, vz) = super::cache_word_params(*(a.vp as *const u32).add(j * kvh + g));
                     for h in 0..group {
                         let p = sc[h * np + j];
                         let psv = p * vs;
@@ -1337,7 +1342,8 @@ mod avx2 {
                         for j in 0..nq {
                             let vr = (a.vc as *const u8).add(j * rb + g * hd / 2 + 16 * blk);
                             let cv = codes32(vr);
-                            let vs = *(a.vp as *const f32).add((j * kvh + g) * 2);
+                            let vs =
+                                super::cache_word_params(*(a.vp as *const u32).add(j * kvh + g)).0;
                             for hh in 0..hn {
                                 let psv = _mm256_set1_ps(sc[(h0 + hh) * np + j] * vs);
                                 for t in 0..4 {

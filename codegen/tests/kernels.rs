@@ -415,7 +415,8 @@ fn attention_case(
     let (fr, _) = jit.compile_kernel(&rope_spec).expect("rope_kv compiles");
     let (fa, _) = jit.compile_kernel(&attn_spec).expect("attention compiles");
     // the CUDA kernels on the host emulator, with their own cache in the CUDA layout (codes
-    // as the CPU's; an f32 scale and zero per token and kv head, or the f32 rows at 16 bits)
+    // as the CPU's; a word of two f16 (scale, zero) per token and kv head, or the f32 rows at
+    // 16 bits; the parameter buffers are sized for 8 bytes a kv head, more than they need)
     let (_, cr) = emulated(&rope_spec);
     let (_, ca) = emulated(&attn_spec);
     let cmax = max;
@@ -450,8 +451,19 @@ fn attention_case(
     let mut past = 0;
     for &s in chunks {
         let q = rng.vec(s * qw, 1.0);
-        let k = rng.vec(s * kw, 1.0);
-        let v = rng.vec(s * kw, 1.0);
+        let mut k = rng.vec(s * kw, 1.0);
+        let mut v = rng.vec(s * kw, 1.0);
+        // kv head 0 of every third token in a range of 1e-4 (a subnormal f16 scale: the
+        // cache words' conversion), of the next one shifted to all-positive values (a negative
+        // zero-point)
+        for i in 0..s {
+            let (kr, vr) = (&mut k[i * kw..][..hd], &mut v[i * kw..][..hd]);
+            match (past + i) % 3 {
+                1 => kr.iter_mut().chain(vr.iter_mut()).for_each(|x| *x *= 1e-4),
+                2 => vr.iter_mut().for_each(|x| *x = 3.0 + 0.5 * *x),
+                _ => {}
+            }
+        }
         let pos: Vec<i32> = (0..s).map(|i| (past + i) as i32).collect();
         let want = {
             let mut out = it

@@ -27,6 +27,20 @@ pub fn bytes_per_token(width: usize, groups: usize, bits: u32, param_bytes: usiz
     }
 }
 
+/// A group's (scale, zero) as the compiled engines store it: one 4-byte word, the f16 scale in
+/// the low half and the f16 zero in the high half. Both values are f16-exact (`ParamDtype::F16`
+/// rounds them so), so the word holds them without loss.
+pub fn pack_params(scale: f32, zero: f32) -> u32 {
+    let h = |v: f32| half::f16::from_f32(v).to_bits() as u32;
+    h(scale) | (h(zero) << 16)
+}
+
+/// The (scale, zero) of a word written by `pack_params`.
+pub fn unpack_params(word: u32) -> (f32, f32) {
+    let f = |b: u32| half::f16::from_bits(b as u16).to_f32();
+    (f(word & 0xffff), f(word >> 16))
+}
+
 /// Bytes of one row of `width` codes of `bits` bits.
 pub fn row_bytes(width: usize, bits: u32) -> usize {
     if bits <= 4 { width.div_ceil(2) } else { width }

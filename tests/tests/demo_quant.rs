@@ -256,9 +256,9 @@ fn plan_round_trip_matches_in_memory_compile() {
     assert_eq!(ev(&opened), ev(&q));
     let man = opened.plan.as_ref().expect("manifest");
     // per layer and token, K and V: 192 channels as 4-bit codes (96 bytes) and 3 kv heads'
-    // (scale, zero) in f32, as the compiled engines keep them
+    // (scale, zero) in f16, as the compiled engines keep them (q4_0's 18 bytes a 32 values)
     let lowered = man.lowered.as_ref().expect("the plan's lowered record");
-    assert_eq!(lowered.memory.kv_bytes_per_token, 30 * 2 * (96 + 3 * 2 * 4));
+    assert_eq!(lowered.memory.kv_bytes_per_token, 30 * 2 * (96 + 3 * 2 * 2));
     assert!(man.quant.calibration.contains("wikitext2-calib.txt"));
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -102,9 +102,9 @@ fn lowered_graph_and_memory_plan() {
     assert_eq!(g.nodes.len(), 2 * 9 + 3);
     let pb = |p: &str| c.module.weights.get(p).map(|w| w.size()).unwrap_or((0, 0));
     let mp = wkvc_passes::lower::memplan(g, 8, 100, &pb).expect("plans");
-    // per layer and token: K and V, 2 kv heads x 32 channels as 4-bit codes, f32 scale and
+    // per layer and token: K and V, 2 kv heads x 32 channels as 4-bit codes, f16 scale and
     // zero per kv head
-    assert_eq!(mp.kv_bytes_per_token, 2 * 2 * (64 / 2 + 2 * 8));
+    assert_eq!(mp.kv_bytes_per_token, 2 * 2 * (64 / 2 + 2 * 4));
     assert_eq!(mp.kv_bytes, 100 * mp.kv_bytes_per_token);
     // buffers reuse: fewer bytes than one buffer per kernel
     let all: usize = mp.buffers.values().map(|b| b.1).sum();

@@ -628,7 +628,7 @@ fn per_layer_kv_bits_reach_each_attention_the_plan_and_the_engine() {
                     fp.config.num_kv_heads * fp.config.head_dim,
                     fp.config.num_kv_heads,
                     b,
-                    4,
+                    2,
                 )
             })
             .sum();

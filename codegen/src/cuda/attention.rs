@@ -146,8 +146,10 @@ extern "C" __global__ void __launch_bounds__(TILE) {name}_split(const AttentionA
             for (int h = 0; h < GROUP; h++) sg[h] = 0.0f;
 #pragma unroll
             for (int tg = 0; tg < NGH; tg++) {{
-                size_t pi = ((size_t)j * (KVH * NGH) + g * NGH + tg) * 2;
-                float ks = kp[pi], kz = kp[pi + 1];
+                // the group's words: f16 scale (low half) and f16 zero (high half)
+                size_t pi = (size_t)j * (KVH * NGH) + g * NGH + tg;
+                u32 kw = ((const u32*)kp)[pi], vw = ((const u32*)vp)[pi];
+                float ks = h2f((u16)(kw & 0xffffu)), kz = h2f((u16)(kw >> 16));
                 float d[GROUP];
 #pragma unroll
                 for (int h = 0; h < GROUP; h++) d[h] = 0.0f;
@@ -167,8 +169,8 @@ extern "C" __global__ void __launch_bounds__(TILE) {name}_split(const AttentionA
                 }}
 #pragma unroll
                 for (int h = 0; h < GROUP; h++) sg[h] += ks * (d[h] - kz * q1[h][tg]);
-                tvs[tg][tid] = vp[pi];
-                tvz[tg][tid] = vp[pi + 1];
+                tvs[tg][tid] = h2f((u16)(vw & 0xffffu));
+                tvz[tg][tid] = h2f((u16)(vw >> 16));
             }}
 #pragma unroll
             for (int h = 0; h < GROUP; h++) score[h] = (sg[h] + q2[h]) * SCALE;

@@ -1,8 +1,8 @@
 //! CUDA C emitter: one translation unit per kernel spec of the lowered graph, every constant
 //! of the spec folded in (widths, group, bits, head dim, GQA ratio, smoothing). Activations
 //! are f32 and every sum accumulates in f32; weights and the KV cache keep the plan's formats
-//! (packed int4 rows, f16 scale/zero; the cache as packed codes with f32 scale/zero per token
-//! and kv head, like the CPU engine's). No header is included, so NVRTC needs no include path:
+//! (packed int4 rows, f16 scale/zero; the cache as packed codes with an f16 scale and zero per
+//! token and group in one word, like the CPU engine's). No header is included, so NVRTC needs no include path:
 //! f16 conversions and the tensor-core product are PTX helpers (`h2f`, `f2h`, `pack_h2`,
 //! `mma_16816`), left out under `WKVC_HOST_EMULATION`, where `crate::cuda_host` brings host
 //! versions to run the same source on a CPU.

@@ -12,7 +12,8 @@ use wkvc_ir::kernel::args::*;
 /// RoPE (rotate-half, angle pos * inv_freq in f32, its cos/sin in f64) on the q and k heads of
 /// each row in place, then K and V of row i appended at cache row row0 + i: smoothed
 /// ((x - shift) / scale), per (token, group of GL channels) min/max, scale rounded up to an f16, zero
-/// round-half-even, codes clamped and packed two per byte (low nibble = even channel); a
+/// round-half-even, codes clamped and packed two per byte (low nibble = even channel), the
+/// group's scale and zero stored as one word of two f16 (scale in the low half) in kp/vp; a
 /// 16-bit cache stores the f32 rows in kp/vp instead. With `rotate` > 0, between the two:
 /// each q and k head times the orthonormal Hadamard matrix of `rotate`-blocks (butterflies by
 /// stride 1, 2, 4, .., then the scale, as `wkvc_ir::math::hadamard_in_place`).
@@ -105,9 +106,12 @@ extern "C" __global__ void {name}(const RopeKvArgs a) {{
         mx = warp_max(mx);
         const float qmax = (float)((1 << BITS) - 1);
         float st = fmaxf((mx - mn) / qmax, 1e-8f);
-        u16 h = f2h(st);
-        float sf = h2f(h);
-        if (sf < st) sf = h2f((u16)(h + 1));
+        u16 hs = f2h(st);
+        float sf = h2f(hs);
+        if (sf < st) {{
+            hs = (u16)(hs + 1);
+            sf = h2f(hs);
+        }}
         float zf = fminf(fmaxf(rintf(-mn / sf), -2048.0f), 2048.0f);
         u8* crow = (t ? vc : kc) + row * (KVH * HD / 2) + g * (GL / 2);
 #pragma unroll
@@ -119,11 +123,8 @@ extern "C" __global__ void {name}(const RopeKvArgs a) {{
                 crow[p] = (u8)((int)q0 | ((int)q1 << 4));
             }}
         }}
-        if (lane == 0) {{
-            float* prm = (t ? vp : kp) + (row * NG + g) * 2;
-            prm[0] = sf;
-            prm[1] = zf;
-        }}
+        // the group's word: f16 scale (low half) and f16 zero (an integer of at most 2048)
+        if (lane == 0) ((u32*)(t ? vp : kp))[row * NG + g] = (u32)hs | ((u32)f2h(zf) << 16);
 #endif
     }}
 }}

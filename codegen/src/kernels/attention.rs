@@ -151,18 +151,15 @@ pub(super) fn emit_attention(
                 e.b.ins().imul_imm_s(g, ngh as i64)
             };
             let pidx = e.b.ins().iadd(pidx, gb);
-            let kpp = e.addr(kp, pidx, 8);
-            let vpp = e.addr(vp, pidx, 8);
-            // each group's K scale and zero, V scale and zero
+            let kpp = e.addr(kp, pidx, 4);
+            let vpp = e.addr(vp, pidx, 4);
+            // each group's K scale and zero, V scale and zero (a word of two f16 each)
             let prm: Vec<[Value; 4]> = (0..ngh)
                 .map(|t| {
-                    let o = 8 * t as i64;
-                    [
-                        e.ld_ro(types::F32, kpp, o),
-                        e.ld_ro(types::F32, kpp, o + 4),
-                        e.ld_ro(types::F32, vpp, o),
-                        e.ld_ro(types::F32, vpp, o + 4),
-                    ]
+                    let o = 4 * t as i64;
+                    let [ks, kz] = e.f16_pair_ro(kpp, o);
+                    let [vs, vz] = e.f16_pair_ro(vpp, o);
+                    [ks, kz, vs, vz]
                 })
                 .collect();
             // scores: per group, a loop over its 32-channel blocks (the loop-carried

@@ -98,6 +98,25 @@ impl<'a> Emitter<'a> {
     fn ld_ro(&mut self, ty: Type, p: Value, off: i64) -> Value {
         self.b.ins().load(ty, mem_ro(), p, off as i32)
     }
+    /// The two f16 of the 4-byte word at `p + off` (low half first) as f32, exactly: the
+    /// magnitude's bits shifted into an f32 and scaled by 2^112 (subnormals included), then the
+    /// sign. Infinities and NaNs do not occur in the words converted (KV scales and zeros).
+    fn f16_pair_ro(&mut self, p: Value, off: i64) -> [Value; 2] {
+        let w = self.ld_ro(types::I32, p, off);
+        let hi = self.b.ins().ushr_imm_u(w, 16);
+        [w, hi].map(|h| {
+            let mag = self.b.ins().band_imm_u(h, 0x7fff);
+            let mag = self.b.ins().ishl_imm_u(mag, 13);
+            let f = self.b.ins().bitcast(types::F32, MemFlagsData::new(), mag);
+            let k = self.fc(f32::from_bits(0x7780_0000));
+            let f = self.b.ins().fmul(f, k);
+            let fi = self.b.ins().bitcast(types::I32, MemFlagsData::new(), f);
+            let sign = self.b.ins().band_imm_u(h, 0x8000);
+            let sign = self.b.ins().ishl_imm_u(sign, 16);
+            let r = self.b.ins().bor(fi, sign);
+            self.b.ins().bitcast(types::F32, MemFlagsData::new(), r)
+        })
+    }
     fn st(&mut self, x: Value, p: Value, off: i64) {
         self.b.ins().store(mem(), x, p, off as i32);
     }
@@ -327,6 +346,39 @@ pub(crate) fn check_group(kv_group: usize, head_dim: usize) -> Result<usize, Cod
         )));
     }
     Ok(g)
+}
+
+/// Test aid: a function of the kernels' signature whose argument words are (`*const u32`
+/// cache words, `*mut f32` out, n) writing each word's (scale, zero) as `f16_pair_ro` converts
+/// it.
+#[cfg(test)]
+pub(crate) fn build_f16_pairs(module: &JITModule, fctx: &mut FunctionBuilderContext) -> Function {
+    let mut func = new_func(module);
+    {
+        let mut b = FunctionBuilder::new(&mut func, fctx);
+        let entry = b.create_block();
+        b.append_block_params_for_function_params(entry);
+        b.switch_to_block(entry);
+        let args = b.block_params(entry)[0];
+        let mut e = Emitter {
+            b,
+            fma: false,
+            args,
+        };
+        let [inp, out, n] = e.fields([0, 8, 16]);
+        let zero = e.ic(0);
+        e.for_range(zero, n, 1, &mut |e, i| {
+            let w = e.addr(inp, i, 4);
+            let [s, z] = e.f16_pair_ro(w, 0);
+            let o = e.addr(out, i, 8);
+            e.st(s, o, 0);
+            e.st(z, o, 4);
+        });
+        e.b.ins().return_(&[]);
+        e.b.seal_all_blocks();
+        e.b.finalize(module.target_config());
+    }
+    func
 }
 
 /// Build the function of `spec` (Cranelift IR, not yet compiled).

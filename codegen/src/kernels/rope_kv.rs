@@ -6,17 +6,21 @@ use cranelift_codegen::ir::{InstBuilder, MemFlagsData, Value, types};
 use std::mem::offset_of;
 use wkvc_ir::kernel::args::*;
 
-/// Host helper the KV quantizer calls: the stored (f16-rounded) scale and zero of a group.
+/// Host helper the KV quantizer calls: the stored (f16-rounded) scale and zero of a group, as
+/// two f32 (for the codes) and as the cache's word (f16 scale in the low half, f16 zero in the
+/// high half: the same two values).
 ///
 /// # Safety
-/// `out` must point to two writable f32.
+/// `out` must point to three writable 4-byte words.
 pub unsafe extern "C" fn wkvc_kv_params(min: f32, max: f32, bits: u32, out: *mut f32) {
     let (s, z) =
         wkvc_ir::quant::params_in(min, max, bits, 1.0, 1.0, wkvc_ir::quant::ParamDtype::F16);
-    // SAFETY: the caller passes a pointer to two f32 (a stack slot of the kernel).
+    let word = wkvc_ir::kvcache::pack_params(s, z);
+    // SAFETY: the caller passes a pointer to three 4-byte words (a stack slot of the kernel).
     unsafe {
         *out = s;
         *out.add(1) = z;
+        *(out.add(2) as *mut u32) = word;
     }
 }
 
@@ -105,7 +109,7 @@ pub(super) fn emit_rope_kv(
             let rb = kvw.div_ceil(2) as i64;
             let ng = kvw / group;
             let crow = e.addr(cache, row, rb);
-            let prow = e.addr(params, row, 8 * ng as i64);
+            let prow = e.addr(params, row, 4 * ng as i64);
             let buf = e.b.ins().stack_addr(P, slot, 0);
             for g in 0..ng {
                 quantize_group_vec(
@@ -153,7 +157,7 @@ fn emit_hadamard_heads(e: &mut Emitter, xr: Value, n: usize, hd: usize, block: u
 /// `rope_kv`'s quantize-append of group `g` of `hd` channels (a kv head, or a smaller group;
 /// a multiple of 32) with f32x4: smooth
 /// ((x - shift) / scale, the interpreter's division), min and max, the stored scale/zero (host
-/// helper: f16 rounding), codes by round-half-even, clamped, narrowed to bytes and packed
+/// helper: f16 rounding; stored as one word of two f16), codes by round-half-even, clamped, narrowed to bytes and packed
 /// two per byte (low nibble = even channel).
 #[allow(clippy::too_many_arguments)]
 fn quantize_group_vec(
@@ -211,8 +215,8 @@ fn quantize_group_vec(
     }
     let s = e.ld(types::F32, outp, 0);
     let z = e.ld(types::F32, outp, 4);
-    e.st(s, prow, 8 * g as i64);
-    e.st(z, prow, 8 * g as i64 + 4);
+    let word = e.ld(types::I32, outp, 8);
+    e.st(word, prow, 4 * g as i64);
     let sv = e.b.ins().splat(V4, s);
     let zv = e.b.ins().splat(V4, z);
     let mrne = e.vc(M_RNE);

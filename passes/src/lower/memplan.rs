@@ -29,7 +29,7 @@ pub struct MemoryPlan {
     pub embed_rows: usize,
     #[serde(default)]
     pub embed_row_bytes: usize,
-    /// KV cache bytes per token (all layers, K and V, codes plus f32 scale/zero per kv head).
+    /// KV cache bytes per token (all layers, K and V, codes plus f16 scale/zero per group).
     pub kv_bytes_per_token: usize,
     /// KV cache at `max_ctx`.
     pub kv_bytes: usize,
@@ -79,7 +79,7 @@ impl MemoryPlan {
 }
 
 /// KV bytes per token of one layer for an attention kernel, as the compiled engines keep it:
-/// codes as `wkvc_ir::kvcache` lays them out, f32 scale and zero per (token, group: a kv
+/// codes as `wkvc_ir::kvcache` lays them out, an f16 scale and zero per (token, group: a kv
 /// head, or `kv_group` channels).
 pub fn kv_bytes_per_token(spec: &KernelSpec) -> usize {
     match spec {
@@ -92,7 +92,7 @@ pub fn kv_bytes_per_token(spec: &KernelSpec) -> usize {
         } => {
             let w = kv_heads * head_dim;
             let gl = if *kv_group > 0 { *kv_group } else { *head_dim };
-            wkvc_ir::kvcache::bytes_per_token(w, w / gl.max(1), *kv_bits, 4)
+            wkvc_ir::kvcache::bytes_per_token(w, w / gl.max(1), *kv_bits, 2)
         }
         _ => 0,
     }

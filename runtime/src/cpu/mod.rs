@@ -289,7 +289,7 @@ impl CpuEngine {
                     ([Vec::new(), Vec::new()], max_ctx * w)
                 } else {
                     let c = max_ctx * w.div_ceil(2);
-                    ([vec![0u8; c], vec![0u8; c]], max_ctx * groups * 2)
+                    ([vec![0u8; c], vec![0u8; c]], max_ctx * groups)
                 };
                 layers.insert(
                     *layer,
@@ -297,7 +297,7 @@ impl CpuEngine {
                         width: w,
                         groups: if *kv_bits == 16 { *kv_heads } else { groups },
                         codes,
-                        params: [vec![0f32; params], vec![0f32; params]],
+                        params: [vec![0u32; params], vec![0u32; params]],
                     },
                 );
             }
@@ -364,7 +364,9 @@ struct LayerCache {
     /// (scale, zero) groups a row (kv heads for an f32 cache)
     groups: usize,
     codes: [Vec<u8>; 2],
-    params: [Vec<f32>; 2],
+    /// K and V: a word per (token, group) for a quantized cache (f16 scale and zero,
+    /// `wkvc_ir::kvcache::pack_params`), or the f32 rows' bits
+    params: [Vec<u32>; 2],
 }
 
 impl LayerCache {
@@ -405,10 +407,10 @@ impl CpuKv {
             .map(|(&id, lc)| {
                 let l = if lc.quantized() {
                     let rb = lc.width.div_ceil(2);
-                    let pairs = |p: &[f32]| {
-                        p[..2 * n * lc.groups]
-                            .chunks(2)
-                            .map(|c| (c[0], c[1]))
+                    let pairs = |p: &[u32]| {
+                        p[..n * lc.groups]
+                            .iter()
+                            .map(|&w| wkvc_ir::kvcache::unpack_params(w))
                             .collect()
                     };
                     KvLayer {
@@ -419,15 +421,21 @@ impl CpuKv {
                         vc: lc.codes[1][..n * rb].to_vec(),
                         kp: pairs(&lc.params[0]),
                         vp: pairs(&lc.params[1]),
-                        param_bytes: 4,
+                        param_bytes: 2,
                         ..Default::default()
                     }
                 } else {
                     KvLayer {
                         width: lc.width,
                         groups: lc.groups,
-                        k: lc.params[0][..n * lc.width].to_vec(),
-                        v: lc.params[1][..n * lc.width].to_vec(),
+                        k: lc.params[0][..n * lc.width]
+                            .iter()
+                            .map(|&b| f32::from_bits(b))
+                            .collect(),
+                        v: lc.params[1][..n * lc.width]
+                            .iter()
+                            .map(|&b| f32::from_bits(b))
+                            .collect(),
                         ..Default::default()
                     }
                 };
@@ -445,7 +453,8 @@ impl CpuKv {
                 && l.groups == lc.groups
                 && l.rows() == n
                 && l.is_quantized() == lc.quantized()
-                && (!l.is_quantized() || l.row_bytes == lc.width.div_ceil(2))
+                && (!l.is_quantized()
+                    || (l.row_bytes == lc.width.div_ceil(2) && l.param_bytes == 2))
         };
         if let Some(id) = self
             .layers
@@ -464,14 +473,15 @@ impl CpuKv {
                     dst[..src.len()].copy_from_slice(src);
                 }
                 for (dst, src) in lc.params.iter_mut().zip([&l.kp, &l.vp]) {
-                    for (d, &(s, z)) in dst.chunks_mut(2).zip(src.iter()) {
-                        d[0] = s;
-                        d[1] = z;
+                    for (d, &(s, z)) in dst.iter_mut().zip(src.iter()) {
+                        *d = wkvc_ir::kvcache::pack_params(s, z);
                     }
                 }
             } else {
                 for (dst, src) in lc.params.iter_mut().zip([&l.k, &l.v]) {
-                    dst[..src.len()].copy_from_slice(src);
+                    for (d, s) in dst.iter_mut().zip(src.iter()) {
+                        *d = s.to_bits();
+                    }
                 }
             }
         }

@@ -464,7 +464,8 @@ impl CudaKv {
                 let (c, p) = if s.quantized {
                     (
                         self.max_ctx * s.width.div_ceil(2),
-                        self.max_ctx * s.groups * 2 * 4,
+                        // a word (two f16) per (token, group)
+                        self.max_ctx * s.groups * 4,
                     )
                 } else {
                     (0, self.max_ctx * s.width * 4)
@@ -511,9 +512,10 @@ impl CudaKv {
                     Ok(v)
                 };
                 let pairs = |b: &DevBuf| -> Result<Vec<(f32, f32)>, RuntimeError> {
-                    Ok(f32s(b, 2 * n * s.groups)?
-                        .chunks(2)
-                        .map(|c| (c[0], c[1]))
+                    // a word per (token, group): f16 scale and zero
+                    Ok(f32s(b, n * s.groups)?
+                        .iter()
+                        .map(|w| wkvc_ir::kvcache::unpack_params(w.to_bits()))
                         .collect())
                 };
                 KvLayer {
@@ -524,7 +526,7 @@ impl CudaKv {
                     kp: pairs(&l.bufs[1])?,
                     vc: codes(&l.bufs[2])?,
                     vp: pairs(&l.bufs[3])?,
-                    param_bytes: 4,
+                    param_bytes: 2,
                     ..Default::default()
                 }
             } else {
@@ -547,7 +549,7 @@ impl CudaKv {
                         width: s.width,
                         groups: s.groups,
                         row_bytes: if s.quantized { s.width.div_ceil(2) } else { 0 },
-                        param_bytes: 4,
+                        param_bytes: 2,
                         ..Default::default()
                     },
                 );
@@ -564,7 +566,7 @@ impl CudaKv {
                 && l.groups == s.groups
                 && l.rows() == n
                 && l.is_quantized() == s.quantized
-                && (!s.quantized || l.row_bytes == s.width.div_ceil(2))
+                && (!s.quantized || (l.row_bytes == s.width.div_ceil(2) && l.param_bytes == 2))
         };
         if let Some(s) = self
             .shapes
@@ -580,8 +582,7 @@ impl CudaKv {
         let bytes = |v: &[f32]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
         let pairs = |p: &[(f32, f32)]| -> Vec<u8> {
             p.iter()
-                .flat_map(|&(s, z)| [s.to_le_bytes(), z.to_le_bytes()])
-                .flatten()
+                .flat_map(|&(s, z)| wkvc_ir::kvcache::pack_params(s, z).to_le_bytes())
                 .collect()
         };
         for d in self.layers()?.iter_mut() {
