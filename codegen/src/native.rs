@@ -292,17 +292,18 @@ fn native_kernel(spec: &KernelSpec, isa: CpuIsa) -> Option<CpuKernel> {
                 _ => "logits_int8_avx2",
             },
         }),
-        // one (scale, zero) group a kv head only: a cache in smaller groups runs the
-        // generated kernel
+        // a (scale, zero) group a kv head, or groups of a multiple of 32 channels dividing it
         KernelSpec::Attention {
             heads,
             kv_heads,
             head_dim,
             kv_bits,
             smooth,
-            kv_group: 0,
+            kv_group,
             ..
         } if head_dim.is_multiple_of(32)
+            && (*kv_group == 0
+                || (kv_group.is_multiple_of(32) && head_dim.is_multiple_of(*kv_group)))
             && *kv_heads > 0
             && heads.is_multiple_of(*kv_heads)
             && (*kv_bits <= 4 || *kv_bits == 16) =>
@@ -315,6 +316,11 @@ fn native_kernel(spec: &KernelSpec, isa: CpuIsa) -> Option<CpuKernel> {
                     head_dim: *head_dim,
                     packed: *kv_bits <= 4,
                     smooth: *smooth,
+                    gl: if *kv_group > 0 && *kv_bits <= 4 {
+                        *kv_group
+                    } else {
+                        *head_dim
+                    },
                     ..Default::default()
                 },
                 name: "attention_avx2",
@@ -1167,11 +1173,15 @@ mod avx2 {
         let (f0, f1) = (a.f0 as usize, (a.f1 as usize).max(a.f0 as usize));
         let n = nq + (f1 - f0);
         let np = n.next_multiple_of(8);
+        // (scale, zero) groups a head: one, or hd / gl groups of gl channels
+        let gl = if sh.gl == 0 { hd } else { sh.gl };
+        let ngh = hd / gl;
+        let bpg = gl / 32;
         // scores [group][np], q' [group][hd] (per 32 channels: evens then odds), packed V
         // sums [group][hd] (the same order), FP V sums [group][hd]
-        // and per head: Q1, Q2, the softmax sum, A and P (the packed V's zero-point terms),
-        // a score's partial dot products
-        let need = group * (np + 3 * hd + 6);
+        // and per head: Q1 and A per (scale, zero) group, Q2, the softmax sum, P (A and P:
+        // the packed V's zero-point terms), a score's partial dot products
+        let need = group * (np + 3 * hd + 2 * ngh + 4);
         if buf.len() < need {
             buf.resize(need, 0.0);
         }
@@ -1179,10 +1189,10 @@ mod avx2 {
         let (qp, rest) = rest.split_at_mut(group * hd);
         let (accq, rest) = rest.split_at_mut(group * hd);
         let (accf, rest) = rest.split_at_mut(group * hd);
-        let (q1s, rest) = rest.split_at_mut(group);
+        let (q1s, rest) = rest.split_at_mut(group * ngh);
         let (q2s, rest) = rest.split_at_mut(group);
         let (ls, rest) = rest.split_at_mut(group);
-        let (av, rest) = rest.split_at_mut(group);
+        let (av, rest) = rest.split_at_mut(group * ngh);
         let (pv, rest) = rest.split_at_mut(group);
         let dots = &mut rest[..group];
         for v in [
@@ -1217,41 +1227,53 @@ mod avx2 {
                     } else {
                         qv
                     };
-                    q1s[h] += qs;
+                    q1s[h * ngh + c / gl] += qs;
                     let (blk, w) = (c / 32, c % 32);
                     let t = if w % 2 == 0 { w / 2 } else { 16 + w / 2 };
                     qp[h * hd + 32 * blk + t] = qs;
                 }
             }
             let nblk = hd / 32;
-            // scores of the packed past
+            // the (scale, zero) word of token j's group t of this kv head
+            let word = |p: u64, j: usize, t: usize| {
+                super::cache_word_params(*(p as *const u32).add((j * kvh + g) * ngh + t))
+            };
+            // scores of the packed past: per (scale, zero) group, k_scale (q'.codes - k_zero Q1)
             for j in 0..nq {
                 let kr = (a.kc as *const u8).add(j * rb + g * hd / 2);
-                let (ks, kz) = super::cache_word_params(*(a.kp as *const u32).add(j * kvh + g));
-                // the token's codes, unpacked once for every head (up to 128 channels in
-                // registers; wider heads in chunks of 128)
-                for b0 in (0..nblk).step_by(4) {
-                    let bn = (nblk - b0).min(4);
-                    let mut cqs = [[_mm256_setzero_ps(); 4]; 4];
-                    for (bb, cq) in cqs.iter_mut().enumerate().take(bn) {
-                        *cq = codes32(kr.add(16 * (b0 + bb)));
+                for h in 0..group {
+                    sc[h * np + j] = 0.0;
+                }
+                for t in 0..ngh {
+                    let (ks, kz) = word(a.kp, j, t);
+                    // the group's codes, unpacked once for every head (up to 128 channels in
+                    // registers; wider groups in chunks of 128)
+                    for b0 in (t * bpg..(t + 1) * bpg).step_by(4) {
+                        let bn = ((t + 1) * bpg - b0).min(4);
+                        let mut cqs = [[_mm256_setzero_ps(); 4]; 4];
+                        for (bb, cq) in cqs.iter_mut().enumerate().take(bn) {
+                            *cq = codes32(kr.add(16 * (b0 + bb)));
+                        }
+                        for h in 0..group {
+                            let mut d0 = _mm256_setzero_ps();
+                            let mut d1 = _mm256_setzero_ps();
+                            for (bb, cq) in cqs.iter().enumerate().take(bn) {
+                                let qb = qp.as_ptr().add(h * hd + 32 * (b0 + bb));
+                                d0 = _mm256_fmadd_ps(cq[0], _mm256_loadu_ps(qb), d0);
+                                d1 = _mm256_fmadd_ps(cq[1], _mm256_loadu_ps(qb.add(8)), d1);
+                                d0 = _mm256_fmadd_ps(cq[2], _mm256_loadu_ps(qb.add(16)), d0);
+                                d1 = _mm256_fmadd_ps(cq[3], _mm256_loadu_ps(qb.add(24)), d1);
+                            }
+                            dots[h] += hsum8(_mm256_add_ps(d0, d1));
+                        }
                     }
                     for h in 0..group {
-                        let mut d0 = _mm256_setzero_ps();
-                        let mut d1 = _mm256_setzero_ps();
-                        for (bb, cq) in cqs.iter().enumerate().take(bn) {
-                            let qb = qp.as_ptr().add(h * hd + 32 * (b0 + bb));
-                            d0 = _mm256_fmadd_ps(cq[0], _mm256_loadu_ps(qb), d0);
-                            d1 = _mm256_fmadd_ps(cq[1], _mm256_loadu_ps(qb.add(8)), d1);
-                            d0 = _mm256_fmadd_ps(cq[2], _mm256_loadu_ps(qb.add(16)), d0);
-                            d1 = _mm256_fmadd_ps(cq[3], _mm256_loadu_ps(qb.add(24)), d1);
-                        }
-                        dots[h] += hsum8(_mm256_add_ps(d0, d1));
+                        sc[h * np + j] += ks * (dots[h] - kz * q1s[h * ngh + t]);
+                        dots[h] = 0.0;
                     }
                 }
                 for h in 0..group {
-                    sc[h * np + j] = (ks * (dots[h] - kz * q1s[h]) + q2s[h]) * scale;
-                    dots[h] = 0.0;
+                    sc[h * np + j] = (sc[h * np + j] + q2s[h]) * scale;
                 }
             }
             // scores of the FP rows, 8 tokens at a time: one accumulator per token over the
@@ -1327,12 +1349,15 @@ mod avx2 {
             // V of the packed past: per 32 channels, every head at once
             if nq > 0 {
                 for j in 0..nq {
-                    let (vs, vz) = super::cache_word_params(*(a.vp as *const u32).add(j * kvh + g));
+                    for t in 0..ngh {
+                        let (vs, vz) = word(a.vp, j, t);
+                        for h in 0..group {
+                            let psv = sc[h * np + j] * vs;
+                            av[h * ngh + t] = f32::mul_add(psv, vz, av[h * ngh + t]);
+                        }
+                    }
                     for h in 0..group {
-                        let p = sc[h * np + j];
-                        let psv = p * vs;
-                        av[h] = f32::mul_add(psv, vz, av[h]);
-                        pv[h] += p;
+                        pv[h] += sc[h * np + j];
                     }
                 }
                 for blk in 0..nblk {
@@ -1342,8 +1367,7 @@ mod avx2 {
                         for j in 0..nq {
                             let vr = (a.vc as *const u8).add(j * rb + g * hd / 2 + 16 * blk);
                             let cv = codes32(vr);
-                            let vs =
-                                super::cache_word_params(*(a.vp as *const u32).add(j * kvh + g)).0;
+                            let vs = word(a.vp, j, blk / bpg).0;
                             for hh in 0..hn {
                                 let psv = _mm256_set1_ps(sc[(h0 + hh) * np + j] * vs);
                                 for t in 0..4 {
@@ -1428,7 +1452,7 @@ mod avx2 {
                     let t = if w % 2 == 0 { w / 2 } else { 16 + w / 2 };
                     let mut v = 0f32;
                     if sh.packed {
-                        let d = accq[h * hd + 32 * blk + t] - av[h];
+                        let d = accq[h * hd + 32 * blk + t] - av[h * ngh + c / gl];
                         v = if sh.smooth {
                             f32::mul_add(
                                 *(a.vsh as *const f32).add(goff + c),

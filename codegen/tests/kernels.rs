@@ -253,29 +253,34 @@ fn logits_int8_is_the_int8_dot() {
 fn rope_kv_and_attention_match_rope_and_attention() {
     let mut jit = CpuJit::host().expect("host JIT");
     let mut rng = Rng(21);
-    // heads, kv heads, head dim, rope dim, kv bits, smooth, past-only, K/V rotation
-    type Case = (usize, usize, usize, usize, u32, bool, bool, usize);
+    // heads, kv heads, head dim, rope dim, kv bits, smooth, past-only, K/V rotation, K/V
+    // (scale, zero) group (0: a kv head)
+    type Case = (usize, usize, usize, usize, u32, bool, bool, usize, usize);
     let cases: &[Case] = &[
-        // heads, kv heads, head dim, rope dim, kv bits, smooth, past-only, K/V rotation
-        (4, 2, 32, 32, 4, true, true, 0),
-        (6, 1, 64, 64, 4, false, true, 0),
-        (3, 3, 32, 16, 3, true, false, 0),
-        (2, 1, 64, 64, 16, false, false, 0),
-        (4, 2, 32, 32, 4, false, false, 0),
-        (4, 2, 32, 32, 4, true, false, 0),
-        (9, 3, 64, 64, 4, true, true, 0),
+        (4, 2, 32, 32, 4, true, true, 0, 0),
+        (6, 1, 64, 64, 4, false, true, 0, 0),
+        (3, 3, 32, 16, 3, true, false, 0, 0),
+        (2, 1, 64, 64, 16, false, false, 0, 0),
+        (4, 2, 32, 32, 4, false, false, 0, 0),
+        (4, 2, 32, 32, 4, true, false, 0, 0),
+        (9, 3, 64, 64, 4, true, true, 0, 0),
         // rotated: the block the head dim (the default), smaller blocks, partial rotary
-        (9, 3, 64, 64, 4, true, true, 64),
-        (4, 2, 32, 32, 3, false, false, 8),
-        (3, 3, 32, 16, 4, true, true, 2),
-        (2, 1, 64, 64, 16, false, true, 32),
+        (9, 3, 64, 64, 4, true, true, 64, 0),
+        (4, 2, 32, 32, 3, false, false, 8, 0),
+        (3, 3, 32, 16, 4, true, true, 2, 0),
+        (2, 1, 64, 64, 16, false, true, 32, 0),
+        // groups of 32 or 64 channels within a head (2 or 4 a head)
+        (9, 3, 64, 64, 4, true, true, 64, 32),
+        (4, 2, 64, 64, 3, false, false, 0, 32),
+        (6, 1, 128, 128, 4, true, false, 0, 64),
+        (2, 1, 128, 128, 4, false, true, 0, 32),
     ];
-    for &(h, kvh, hd, rd, bits, smooth, past_only, rot) in cases {
+    for &(h, kvh, hd, rd, bits, smooth, past_only, rot, kvg) in cases {
         for mode in [RunMode::Prefill, RunMode::DecodeEquivalent] {
             attention_case(
                 &mut jit,
                 &mut rng,
-                (h, kvh, hd, rd, rot),
+                (h, kvh, hd, rd, rot, kvg),
                 bits,
                 smooth,
                 past_only,
@@ -288,7 +293,7 @@ fn rope_kv_and_attention_match_rope_and_attention() {
     attention_case(
         &mut jit,
         &mut rng,
-        (4, 2, 32, 32, 0),
+        (4, 2, 32, 32, 0, 0),
         4,
         true,
         true,
@@ -301,7 +306,7 @@ fn rope_kv_and_attention_match_rope_and_attention() {
 fn attention_case(
     jit: &mut CpuJit,
     rng: &mut Rng,
-    (h, kvh, hd, rd, rot): (usize, usize, usize, usize, usize),
+    (h, kvh, hd, rd, rot, kvg): (usize, usize, usize, usize, usize, usize),
     bits: u32,
     smooth: bool,
     past_only: bool,
@@ -371,6 +376,9 @@ fn attention_case(
     ]);
     if bits < 16 {
         at.insert("kv_bits".into(), Attr::Int(bits as i64));
+        if kvg > 0 {
+            at.insert("kv_group".into(), Attr::Int(kvg as i64));
+        }
     }
     let y = b.push(OpKind::Attention, args, at, seq_f32(qw));
     b.output("y", y);
@@ -400,7 +408,7 @@ fn attention_case(
         factors: false,
         layer: 0,
         rotate: rot,
-        kv_group: 0,
+        kv_group: if bits < 16 { kvg } else { 0 },
     };
     let attn_spec = KernelSpec::Attention {
         heads: h,
@@ -410,13 +418,13 @@ fn attention_case(
         past_only,
         smooth,
         layer: 0,
-        kv_group: 0,
+        kv_group: if bits < 16 { kvg } else { 0 },
     };
     let (fr, _) = jit.compile_kernel(&rope_spec).expect("rope_kv compiles");
     let (fa, _) = jit.compile_kernel(&attn_spec).expect("attention compiles");
     // the CUDA kernels on the host emulator, with their own cache in the CUDA layout (codes
-    // as the CPU's; a word of two f16 (scale, zero) per token and kv head, or the f32 rows at
-    // 16 bits; the parameter buffers are sized for 8 bytes a kv head, more than they need)
+    // as the CPU's; a word of two f16 (scale, zero) per token and group, or the f32 rows at
+    // 16 bits)
     let (_, cr) = emulated(&rope_spec);
     let (_, ca) = emulated(&attn_spec);
     let cmax = max;
@@ -424,7 +432,9 @@ fn attention_case(
         HBuf::new(cmax * kw.div_ceil(2)),
         HBuf::new(cmax * kw.div_ceil(2)),
     );
-    let gp = if bits == 16 { kw } else { kvh * 2 };
+    // (scale, zero) words a row
+    let words = kw / if kvg > 0 { kvg } else { hd };
+    let gp = if bits == 16 { kw } else { words };
     let (gkp, gvp) = (HBuf::new(4 * cmax * gp), HBuf::new(4 * cmax * gp));
     let gsm: Vec<HBuf> = ["ksh", "ksc", "vsh", "vsc"]
         .iter()
@@ -434,7 +444,7 @@ fn attention_case(
 
     let inv = wkvc_ir::interp::rope_inv_freq(&rope_node, rd, None);
     let ginv = HBuf::from_f32(&inv);
-    let (rb, np) = (kw.div_ceil(2), kvh * 2);
+    let (rb, np) = (kw.div_ceil(2), words);
     let (mut kc, mut vc) = (vec![0u8; max * rb], vec![0u8; max * rb]);
     let cache_f = if bits == 16 { kw } else { np };
     let (mut kp, mut vp) = (vec![0f32; max * cache_f], vec![0f32; max * cache_f]);
