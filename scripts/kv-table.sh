@@ -4,7 +4,8 @@
 # of 512 with the second half of each scored) on the eval text, KV-only rows (weights in full
 # precision) at 4 and 3 bits and W4KV4 rows:
 #   ours: RTN / +POQ / +smoothing / +rotation / rotation without smoothing / +learned
-#         (WKVQuant) / +learned+rotation
+#         (WKVQuant) / +learned+rotation, and +rotation / +learned+rotation with a (scale,
+#         zero) pair per 32 channels (--kv-group 32)
 #   llama.cpp (an F32 GGUF of the same weights): f16 cache (its default), q8_0, q4_0 (its
 #         Hadamard rotation on, its default) and q4_0 unrotated (LLAMA_ATTN_ROT_DISABLE=1)
 # with the gap to each engine's own full-precision cache and the cache's bytes a token.
@@ -39,6 +40,7 @@ N=${KV_CHUNKS:-16}; T=${KV_THREADS:-2}
 C=(--calib "$CALIB")
 WKV=(--method wkvquant --calib "$CALIB")
 ROT=(--kv-rotate hadamard)
+G32=(--kv-group 32)
 
 # key|label|weights|kv bits|compile arguments (fp: the model itself; llama rows: -ctk/-ctv)
 ROWS=(
@@ -53,6 +55,8 @@ for b in 4 3; do
     "kv${b}_rotonly|rotation, no smoothing|FP|$b|--wbits 16 --kvbits $b --no-smooth ${ROT[*]}"
     "kv${b}_wkvq|+learned (WKVQuant)|FP|$b|--wbits 16 --kvbits $b ${WKV[*]}"
     "kv${b}_wkvqrot|+learned+rotation|FP|$b|--wbits 16 --kvbits $b ${WKV[*]} ${ROT[*]}"
+    "kv${b}_g32rot|+rotation, groups of 32|FP|$b|--wbits 16 --kvbits $b ${C[*]} ${ROT[*]} ${G32[*]}"
+    "kv${b}_g32wkvqrot|+learned+rotation, groups of 32|FP|$b|--wbits 16 --kvbits $b ${WKV[*]} ${ROT[*]} ${G32[*]}"
   )
 done
 ROWS+=(
@@ -65,6 +69,7 @@ ROWS+=(
   "w4kv4_wkvq|+learned (WKVQuant)|W4|4|${WKV[*]}"
   "w4kv4_wkvqrot|+learned+rotation|W4|4|${WKV[*]} ${ROT[*]}"
   "w4kv4_wkvqrot_wf|+learned+rotation, weights first|W4|4|${WKV[*]} ${ROT[*]} --calib-schedule weights-first"
+  "w4kv4_g32wkvqrot|+learned+rotation, groups of 32|W4|4|${WKV[*]} ${ROT[*]} ${G32[*]}"
 )
 if [ -z "${KV_NO_PEER:-}" ]; then
   ROWS+=(
@@ -174,15 +179,15 @@ for r in rows:
     print(f'| {r["weights"]} | {kv} | {r["label"]} | {r["perplexity"]:.4f} | {g} | {kld} | {r["kv_bytes_per_token"]} |')
 print()
 q4 = gap.get("llama_q4_0")
-for k in ["kv4_rot", "kv4_wkvq", "kv4_wkvqrot"]:
+for k in ["kv4_rot", "kv4_wkvq", "kv4_wkvqrot", "kv4_g32rot", "kv4_g32wkvqrot"]:
     if k in gap and q4:
         print(f"- {by[k]['label']} KV4: gap {100 * gap[k]:.2f}% (target <= 1.9%), "
               f"{gap[k] / q4:.2f}x llama.cpp q4_0's {100 * q4:.2f}% (target <= 0.5x)")
-for k in ["kv3_rot", "kv3_wkvq", "kv3_wkvqrot"]:
+for k in ["kv3_rot", "kv3_wkvq", "kv3_wkvqrot", "kv3_g32rot", "kv3_g32wkvqrot"]:
     if k in gap and q4:
         print(f"- {by[k]['label']} KV3: gap {100 * gap[k]:.2f}% vs llama.cpp q4_0 {100 * q4:.2f}% "
               f"(target: below)")
-for k in ["w4kv4_wkvq", "w4kv4_wkvqrot", "w4kv4_wkvqrot_wf"]:
+for k in ["w4kv4_wkvq", "w4kv4_wkvqrot", "w4kv4_wkvqrot_wf", "w4kv4_g32wkvqrot"]:
     for w in ["w4lwc", "w4"]:
         if k in gap and w in gap and gap[w] > 0:
             print(f"- W4KV4 {by[k]['label']}: gap {100 * gap[k]:.2f}% = {gap[k] / gap[w]:.2f}x "
