@@ -303,7 +303,9 @@ fn native_kernel(spec: &KernelSpec, isa: CpuIsa) -> Option<CpuKernel> {
             ..
         } if head_dim.is_multiple_of(32)
             && (*kv_group == 0
-                || (kv_group.is_multiple_of(32) && head_dim.is_multiple_of(*kv_group)))
+                || (kv_group.is_multiple_of(32)
+                    && head_dim.is_multiple_of(*kv_group)
+                    && head_dim / kv_group <= MAX_KV_GROUPS))
             && *kv_heads > 0
             && heads.is_multiple_of(*kv_heads)
             && (*kv_bits <= 4 || *kv_bits == 16) =>
@@ -921,6 +923,10 @@ macro_rules! int8_kernels {
     };
 }
 
+/// Most (scale, zero) groups a head the native attention takes (a head of 512 channels in
+/// groups of 32).
+const MAX_KV_GROUPS: usize = 16;
+
 /// A KV group's (scale, zero) from its cache word (`wkvc_ir::kvcache::pack_params`: two f16,
 /// the scale in the low half), as the generated kernels convert it: the magnitude's bits
 /// shifted into an f32 and scaled by 2^112 (subnormals included), then the sign. The words
@@ -1238,42 +1244,55 @@ mod avx2 {
             let word = |p: u64, j: usize, t: usize| {
                 super::cache_word_params(*(p as *const u32).add((j * kvh + g) * ngh + t))
             };
-            // scores of the packed past: per (scale, zero) group, k_scale (q'.codes - k_zero Q1)
+            // scores of the packed past: k_scale (q'.codes - k_zero Q1) + Q2 with one (scale,
+            // zero) a head; with groups, each block's codes scaled by its group's k_scale so
+            // that one reduction a head covers every group, minus the sum over the groups of
+            // k_scale k_zero Q1
+            let mut ksz = [(0f32, 0f32); super::MAX_KV_GROUPS];
             for j in 0..nq {
                 let kr = (a.kc as *const u8).add(j * rb + g * hd / 2);
-                for h in 0..group {
-                    sc[h * np + j] = 0.0;
+                for (t, p) in ksz.iter_mut().enumerate().take(ngh) {
+                    *p = word(a.kp, j, t);
                 }
-                for t in 0..ngh {
-                    let (ks, kz) = word(a.kp, j, t);
-                    // the group's codes, unpacked once for every head (up to 128 channels in
-                    // registers; wider groups in chunks of 128)
-                    for b0 in (t * bpg..(t + 1) * bpg).step_by(4) {
-                        let bn = ((t + 1) * bpg - b0).min(4);
-                        let mut cqs = [[_mm256_setzero_ps(); 4]; 4];
-                        for (bb, cq) in cqs.iter_mut().enumerate().take(bn) {
-                            *cq = codes32(kr.add(16 * (b0 + bb)));
-                        }
-                        for h in 0..group {
-                            let mut d0 = _mm256_setzero_ps();
-                            let mut d1 = _mm256_setzero_ps();
-                            for (bb, cq) in cqs.iter().enumerate().take(bn) {
-                                let qb = qp.as_ptr().add(h * hd + 32 * (b0 + bb));
-                                d0 = _mm256_fmadd_ps(cq[0], _mm256_loadu_ps(qb), d0);
-                                d1 = _mm256_fmadd_ps(cq[1], _mm256_loadu_ps(qb.add(8)), d1);
-                                d0 = _mm256_fmadd_ps(cq[2], _mm256_loadu_ps(qb.add(16)), d0);
-                                d1 = _mm256_fmadd_ps(cq[3], _mm256_loadu_ps(qb.add(24)), d1);
+                // the token's codes, unpacked once for every head (up to 128 channels in
+                // registers; wider heads in chunks of 128)
+                for b0 in (0..nblk).step_by(4) {
+                    let bn = (nblk - b0).min(4);
+                    let mut cqs = [[_mm256_setzero_ps(); 4]; 4];
+                    for (bb, cq) in cqs.iter_mut().enumerate().take(bn) {
+                        *cq = codes32(kr.add(16 * (b0 + bb)));
+                        if ngh > 1 {
+                            let ks = _mm256_set1_ps(ksz[(b0 + bb) / bpg].0);
+                            for c in cq.iter_mut() {
+                                *c = _mm256_mul_ps(*c, ks);
                             }
-                            dots[h] += hsum8(_mm256_add_ps(d0, d1));
                         }
                     }
                     for h in 0..group {
-                        sc[h * np + j] += ks * (dots[h] - kz * q1s[h * ngh + t]);
-                        dots[h] = 0.0;
+                        let mut d0 = _mm256_setzero_ps();
+                        let mut d1 = _mm256_setzero_ps();
+                        for (bb, cq) in cqs.iter().enumerate().take(bn) {
+                            let qb = qp.as_ptr().add(h * hd + 32 * (b0 + bb));
+                            d0 = _mm256_fmadd_ps(cq[0], _mm256_loadu_ps(qb), d0);
+                            d1 = _mm256_fmadd_ps(cq[1], _mm256_loadu_ps(qb.add(8)), d1);
+                            d0 = _mm256_fmadd_ps(cq[2], _mm256_loadu_ps(qb.add(16)), d0);
+                            d1 = _mm256_fmadd_ps(cq[3], _mm256_loadu_ps(qb.add(24)), d1);
+                        }
+                        dots[h] += hsum8(_mm256_add_ps(d0, d1));
                     }
                 }
                 for h in 0..group {
-                    sc[h * np + j] = (sc[h * np + j] + q2s[h]) * scale;
+                    sc[h * np + j] = if ngh == 1 {
+                        let (ks, kz) = ksz[0];
+                        (ks * (dots[h] - kz * q1s[h]) + q2s[h]) * scale
+                    } else {
+                        let mut zt = 0f32;
+                        for (t, &(ks, kz)) in ksz.iter().enumerate().take(ngh) {
+                            zt = f32::mul_add(ks * kz, q1s[h * ngh + t], zt);
+                        }
+                        (dots[h] - zt + q2s[h]) * scale
+                    };
+                    dots[h] = 0.0;
                 }
             }
             // scores of the FP rows, 8 tokens at a time: one accumulator per token over the
