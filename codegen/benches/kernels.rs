@@ -204,9 +204,8 @@ fn benches(c: &mut Criterion) {
         let rb = kw / 2;
         let kc: Vec<u8> = (0..ctx * rb).map(|i| (i * 29 % 251) as u8).collect();
         let vc = kc.clone();
-        let kp: Vec<f32> = (0..ctx * kvh * 2)
-            .map(|i| if i % 2 == 0 { 0.05 } else { 7.0 })
-            .collect();
+        // a (scale, zero) word a token and kv head, as the engines store it
+        let kp: Vec<u32> = vec![wkvc_ir::kvcache::pack_params(0.05, 7.0); ctx * kvh];
         let vp = kp.clone();
         let q = rnd(h * hd, 9);
         let mut out = vec![0f32; h * hd];
@@ -248,8 +247,8 @@ fn benches(c: &mut Criterion) {
             ..Default::default()
         };
         let mut g = c.benchmark_group(format!("attention_decode_ctx{ctx}"));
-        // the kv head's codes and params read: K and V
-        g.throughput(Throughput::Bytes((2 * ctx * (hd / 2 + 8)) as u64));
+        // the kv head's codes and (scale, zero) words read: K and V
+        g.throughput(Throughput::Bytes((2 * ctx * (hd / 2 + 4)) as u64));
         g.bench_function("kv_head", |b| b.iter(|| call(f, black_box(&a))));
         g.finish();
     }

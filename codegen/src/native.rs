@@ -154,7 +154,8 @@ pub type NativeFn = unsafe fn(&NativeShape, *const u64);
 pub struct NativeShape {
     /// GEMMs: columns of the dot products
     pub k: usize,
-    /// GEMMs: group length of the weights' scales
+    /// GEMMs: group length of the weights' scales; attention: channels a (scale, zero) group
+    /// of the packed cache (the head dim, or `kv_group`)
     pub gl: usize,
     /// attention: query heads per kv head, kv heads, head dim, packed (<= 4-bit) past,
     /// smoothing
@@ -929,8 +930,8 @@ const MAX_KV_GROUPS: usize = 16;
 
 /// A KV group's (scale, zero) from its cache word (`wkvc_ir::kvcache::pack_params`: two f16,
 /// the scale in the low half), as the generated kernels convert it: the magnitude's bits
-/// shifted into an f32 and scaled by 2^112 (subnormals included), then the sign. The words
-/// hold no infinities or NaNs.
+/// shifted into an f32 and scaled by 2^112 (subnormals included), then the sign. Exact for
+/// every finite f16 (an infinite scale would read as 65536, as in the generated kernels).
 #[inline]
 pub(crate) fn cache_word_params(w: u32) -> (f32, f32) {
     let f = |h: u32| {

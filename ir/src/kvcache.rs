@@ -62,7 +62,7 @@ pub struct KvLayer {
     /// codes of the smoothed K/V, `row_bytes` per row
     pub kc: Vec<u8>,
     pub vc: Vec<u8>,
-    /// per (token, kv head): scale and zero
+    /// per (token, group): scale and zero
     pub kp: Vec<(f32, f32)>,
     pub vp: Vec<(f32, f32)>,
     /// bytes per stored scale or zero (2 for f16 values, 4 for f32)

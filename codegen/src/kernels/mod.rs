@@ -100,7 +100,8 @@ impl<'a> Emitter<'a> {
     }
     /// The two f16 of the 4-byte word at `p + off` (low half first) as f32, exactly: the
     /// magnitude's bits shifted into an f32 and scaled by 2^112 (subnormals included), then the
-    /// sign. Infinities and NaNs do not occur in the words converted (KV scales and zeros).
+    /// sign. Exact for every finite f16; an infinite scale (a group spanning more than 65504
+    /// quantization steps: activations far outside any working range) would read as 65536.
     fn f16_pair_ro(&mut self, p: Value, off: i64) -> [Value; 2] {
         let w = self.ld_ro(types::I32, p, off);
         let hi = self.b.ins().ushr_imm_u(w, 16);
