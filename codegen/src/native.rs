@@ -1187,8 +1187,9 @@ mod avx2 {
         // scores [group][np], q' [group][hd] (per 32 channels: evens then odds), packed V
         // sums [group][hd] (the same order), FP V sums [group][hd]
         // and per head: Q1 and A per (scale, zero) group, Q2, the softmax sum, P (A and P:
-        // the packed V's zero-point terms), a score's partial dot products
-        let need = group * (np + 3 * hd + 2 * ngh + 4);
+        // the packed V's zero-point terms), a score's partial dot products; then the packed
+        // past's V scales [np][ngh] (converted from their words once)
+        let need = group * (np + 3 * hd + 2 * ngh + 4) + np * ngh;
         if buf.len() < need {
             buf.resize(need, 0.0);
         }
@@ -1201,7 +1202,8 @@ mod avx2 {
         let (ls, rest) = rest.split_at_mut(group);
         let (av, rest) = rest.split_at_mut(group * ngh);
         let (pv, rest) = rest.split_at_mut(group);
-        let dots = &mut rest[..group];
+        let (dots, rest) = rest.split_at_mut(group);
+        let vss = &mut rest[..np * ngh];
         for v in [
             &mut *accq, &mut *accf, &mut *q1s, &mut *q2s, &mut *av, &mut *pv, &mut *dots,
         ] {
@@ -1371,6 +1373,7 @@ mod avx2 {
                 for j in 0..nq {
                     for t in 0..ngh {
                         let (vs, vz) = word(a.vp, j, t);
+                        vss[j * ngh + t] = vs;
                         for h in 0..group {
                             let psv = sc[h * np + j] * vs;
                             av[h * ngh + t] = f32::mul_add(psv, vz, av[h * ngh + t]);
@@ -1387,7 +1390,7 @@ mod avx2 {
                         for j in 0..nq {
                             let vr = (a.vc as *const u8).add(j * rb + g * hd / 2 + 16 * blk);
                             let cv = codes32(vr);
-                            let vs = word(a.vp, j, blk / bpg).0;
+                            let vs = vss[j * ngh + blk / bpg];
                             for hh in 0..hn {
                                 let psv = _mm256_set1_ps(sc[(h0 + hh) * np + j] * vs);
                                 for t in 0..4 {
