@@ -319,8 +319,9 @@ fn native_kernel(spec: &KernelSpec, isa: CpuIsa) -> Option<CpuKernel> {
                     head_dim: *head_dim,
                     packed: *kv_bits <= 4,
                     smooth: *smooth,
-                    gl: if *kv_group > 0 && *kv_bits <= 4 {
-                        *kv_group
+                    // an f32 cache (16 bits) has no groups: the head dim
+                    gl: if *kv_bits <= 4 {
+                        wkvc_ir::kvcache::group_len(*kv_group, *head_dim)
                     } else {
                         *head_dim
                     },

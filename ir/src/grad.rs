@@ -317,11 +317,7 @@ pub struct AttnSpec {
 impl AttnSpec {
     /// Channels per (scale, zero) group of the cache.
     pub fn group(&self) -> usize {
-        if self.kv_group == 0 {
-            self.head_dim
-        } else {
-            self.kv_group
-        }
+        crate::kvcache::group_len(self.kv_group, self.head_dim)
     }
 }
 

@@ -886,10 +886,7 @@ impl<'a> Interpreter<'a> {
         let kvw = kvh * hd;
         let s = q.len() / (h * hd);
         // (scale, zero) groups a row: a kv head each, or `kv_group` channels
-        let gs = match node.int_attr("kv_group") {
-            Some(g) if g > 0 => g as usize,
-            _ => hd,
-        };
+        let gs = crate::kvcache::node_group_len(node, hd);
         let ng = kvw / gs;
         let past = cache.len;
         let row_bytes = bits.map_or(0, |b| crate::kvcache::row_bytes(kvw, b));

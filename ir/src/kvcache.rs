@@ -41,6 +41,24 @@ pub fn unpack_params(word: u32) -> (f32, f32) {
     (f(word & 0xffff), f(word >> 16))
 }
 
+/// Channels per (scale, zero) group of a cache row: `kv_group` when set (non-zero), else the
+/// head dim (a pair a kv head). The one rule every engine and the memory plan read a group's
+/// length by.
+pub fn group_len(kv_group: usize, head_dim: usize) -> usize {
+    if kv_group > 0 { kv_group } else { head_dim }
+}
+
+/// `group_len` of an attention node: its `kv_group` attribute (absent, or not positive: a pair
+/// a kv head).
+pub fn node_group_len(node: &crate::graph::Node, head_dim: usize) -> usize {
+    group_len(
+        node.int_attr("kv_group")
+            .and_then(|g| usize::try_from(g).ok())
+            .unwrap_or(0),
+        head_dim,
+    )
+}
+
 /// Bytes of one row of `width` codes of `bits` bits.
 pub fn row_bytes(width: usize, bits: u32) -> usize {
     if bits <= 4 { width.div_ceil(2) } else { width }

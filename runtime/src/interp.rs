@@ -39,10 +39,7 @@ impl InterpEngine {
                     Some(Attr::Str(s)) => Some(s.as_str()),
                     _ => None,
                 });
-                let gl = match n.int_attr("kv_group") {
-                    Some(g) if g > 0 => g as usize,
-                    _ => hd,
-                };
+                let gl = wkvc_ir::kvcache::node_group_len(n, hd);
                 wkvc_ir::kvcache::bytes_per_token(kvh * hd, kvh * hd / gl.max(1), bits, pd.bytes())
             })
             .sum()

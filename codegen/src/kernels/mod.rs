@@ -339,7 +339,7 @@ pub(crate) fn check_rotate(rotate: usize, head_dim: usize) -> Result<(), Codegen
 /// The cache's (scale, zero) group length of a kernel: `kv_group`, or the head dim for 0; a
 /// multiple of 32 dividing the head dim.
 pub(crate) fn check_group(kv_group: usize, head_dim: usize) -> Result<usize, CodegenError> {
-    let g = if kv_group == 0 { head_dim } else { kv_group };
+    let g = wkvc_ir::kvcache::group_len(kv_group, head_dim);
     if g == 0 || !g.is_multiple_of(32) || !head_dim.is_multiple_of(g) {
         return Err(CodegenError::Unsupported(format!(
             "the K/V cache's group must be a multiple of 32 dividing the head dim {head_dim}, \

@@ -91,7 +91,7 @@ pub fn kv_bytes_per_token(spec: &KernelSpec) -> usize {
             ..
         } => {
             let w = kv_heads * head_dim;
-            let gl = if *kv_group > 0 { *kv_group } else { *head_dim };
+            let gl = wkvc_ir::kvcache::group_len(*kv_group, *head_dim);
             wkvc_ir::kvcache::bytes_per_token(w, w / gl.max(1), *kv_bits, 2)
         }
         _ => 0,

@@ -284,7 +284,7 @@ impl CpuEngine {
             {
                 let w = kv_heads * head_dim;
                 // (scale, zero) pairs a row: a kv head each, or groups of `kv_group` channels
-                let groups = w / if *kv_group > 0 { *kv_group } else { *head_dim };
+                let groups = w / wkvc_ir::kvcache::group_len(*kv_group, *head_dim);
                 let (codes, params) = if *kv_bits == 16 {
                     ([Vec::new(), Vec::new()], max_ctx * w)
                 } else {

@@ -338,7 +338,7 @@ impl CudaEngine {
                     kv_group,
                     ..
                 } => {
-                    let gl = if *kv_group > 0 { *kv_group } else { *head_dim };
+                    let gl = wkvc_ir::kvcache::group_len(*kv_group, *head_dim);
                     kv_shapes.push(KvShape {
                         layer: *layer,
                         width: kv_heads * head_dim,
