@@ -750,13 +750,14 @@ impl<'a> Interpreter<'a> {
                 self.rope(node, vals, dyi, true)?
             }
             OpKind::Attention => {
+                let head_dim = node.int_attr("head_dim").unwrap_or(1) as usize;
                 let spec = gr::AttnSpec {
                     heads: node.int_attr("heads").unwrap_or(1) as usize,
                     kv_heads: node.int_attr("kv_heads").unwrap_or(1) as usize,
-                    head_dim: node.int_attr("head_dim").unwrap_or(1) as usize,
+                    head_dim,
                     causal: node.bool_attr("causal").unwrap_or(true),
                     kv_bits: node.int_attr("kv_bits").map(|b| b as u32),
-                    kv_group: node.int_attr("kv_group").unwrap_or(0) as usize,
+                    kv_group: crate::kvcache::node_group_len(node, head_dim),
                     past_only: node.bool_attr("past_only").unwrap_or(false),
                     pd: param_dtype(node, "kv_param_dtype"),
                 };
