@@ -177,6 +177,12 @@ pub struct QuantArgs {
     /// pair of parameters a group in the cache.
     #[arg(long)]
     pub kv_group: Option<usize>,
+    /// Past-only attention's recent window: each position reads the K/V of the last R
+    /// positions (itself included) in full precision and older ones from the quantized cache
+    /// (default 1: its own only). The window's R - 1 earlier positions are kept in full
+    /// precision beside the cache.
+    #[arg(long, default_value_t = 1)]
+    pub kv_window: usize,
     /// Bits of each layer's KV cache: a list, one a layer (4,4,3,...; 16 keeps that layer's
     /// cache in full precision), or auto:B, an average of B bits a cache element chosen by a
     /// sensitivity scan (each layer's KL divergence from the FP model on calibration text with

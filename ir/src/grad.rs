@@ -311,6 +311,9 @@ pub struct AttnSpec {
     /// channels per (scale, zero) group of the cache (0: the head dim)
     pub kv_group: usize,
     pub past_only: bool,
+    /// with past-only: the last `window` positions (the reader included) read in full
+    /// precision (1: the reader only)
+    pub window: usize,
     pub pd: ParamDtype,
 }
 
@@ -367,7 +370,9 @@ pub fn attention_grads(
         ),
         None => (k.to_vec(), v.to_vec()),
     };
-    let quantized = |i: usize, j: usize| spec.kv_bits.is_some() && (j != i || !spec.past_only);
+    let quantized = |i: usize, j: usize| {
+        spec.kv_bits.is_some() && !(spec.past_only && j <= i && i - j < spec.window.max(1))
+    };
     // Per query head: dq, and dK/dV split by whether the row was read full-precision or as
     // its round trip.
     struct HeadGrads {

@@ -270,6 +270,13 @@ impl<'a> Interpreter<'a> {
     ) -> Result<BTreeMap<String, Tensor>, Error> {
         let before = cache.len;
         cache.computed.clear();
+        // the recent windows' tails, which a run replaces: restored when it fails
+        let tails: BTreeMap<i64, (Vec<f32>, Vec<f32>)> = cache
+            .layers
+            .iter()
+            .filter(|(_, l)| !l.wk.is_empty())
+            .map(|(&id, l)| (id, (l.wk.clone(), l.wv.clone())))
+            .collect();
         let r = self.pool.install(|| self.run_inner(inputs, cache, mode));
         match r {
             Ok((out, seq)) => {
@@ -280,6 +287,9 @@ impl<'a> Interpreter<'a> {
                 // Layers already run appended this chunk: cut every slot back.
                 cache.len = before;
                 cache.truncate(before);
+                for (id, l) in cache.layers.iter_mut() {
+                    (l.wk, l.wv) = tails.get(id).cloned().unwrap_or_default();
+                }
                 Err(e)
             }
         }
@@ -759,6 +769,7 @@ impl<'a> Interpreter<'a> {
                     kv_bits: node.int_attr("kv_bits").map(|b| b as u32),
                     kv_group: crate::kvcache::node_group_len(node, head_dim),
                     past_only: node.bool_attr("past_only").unwrap_or(false),
+                    window: crate::kvcache::node_window(node),
                     pd: param_dtype(node, "kv_param_dtype"),
                 };
                 let smooth = if dyi == 7 {
@@ -874,6 +885,8 @@ impl<'a> Interpreter<'a> {
             _ => None,
         });
         let past_only = node.bool_attr("past_only").unwrap_or(false);
+        // with past-only: the last `window` positions (the reader included) in full precision
+        let window = crate::kvcache::node_window(node);
         let smooth = if node.args.len() == 7 {
             Some([
                 self.arg_f32(node, vals, 3)?,
@@ -928,6 +941,24 @@ impl<'a> Interpreter<'a> {
         };
         // Keys/values as attention reads them: past rows from the cache, then the chunk's rows
         // in full precision (fp) and as they come back from the cache (deq).
+        // the recent window's full-precision tail: the last min(window - 1, past) positions
+        // before this chunk (a quantized past-only layer with a window only)
+        let tail_rows = if bits.is_some() && past_only {
+            (window - 1).min(past)
+        } else {
+            0
+        };
+        if slot.window_rows() != tail_rows {
+            return Err(ierr(
+                node,
+                format!(
+                    "KV cache slot holds {} full-precision rows of the recent window, expected \
+                     {tail_rows} (a window of {window} after {past} tokens)",
+                    slot.window_rows()
+                ),
+            ));
+        }
+        let (tk, tv) = (std::mem::take(&mut slot.wk), std::mem::take(&mut slot.wv));
         let (kall, vall, kdeq, vdeq) = match bits {
             None if replay => {
                 own.k = k.to_vec();
@@ -967,22 +998,30 @@ impl<'a> Interpreter<'a> {
                 }
                 kall.extend_from_slice(k);
                 vall.extend_from_slice(v);
+                if past_only && window > 1 {
+                    // the next tail: the last window - 1 positions of the old one and the chunk
+                    let keep = (window - 1).min(past + s);
+                    let next = |old: &[f32], new: &[f32]| {
+                        let mut t = old.to_vec();
+                        t.extend_from_slice(new);
+                        t.split_off(t.len() - keep * kvw)
+                    };
+                    (slot.wk, slot.wv) = (next(&tk, k), next(&tv, v));
+                }
                 (Cow::Owned(kall), Cow::Owned(vall), Some(kq), Some(vq))
             }
         };
         if replay {
             cache.computed.insert(layer, own);
         }
-        // Does chunk position j (as seen by chunk query i) read the quantized value?
-        let quantized = |i: usize, j: usize| -> bool {
-            if bits.is_none() {
-                return false;
-            }
-            if j == i || mode == RunMode::Prefill {
-                !past_only
-            } else {
-                true
-            }
+        // Does chunk query i (position past + i) read position j in full precision? All of
+        // them without KV quantization; with past-only, the last `window` positions up to its
+        // own and, in prefill, the whole chunk; the rest as the cache gives them back.
+        let fp = |i: usize, j: usize| -> bool {
+            let p = past + i;
+            bits.is_none()
+                || past_only
+                    && ((mode == RunMode::Prefill && j >= past) || (j <= p && p - j < window))
         };
         let total = past + s;
         let group = h / kvh;
@@ -991,6 +1030,7 @@ impl<'a> Interpreter<'a> {
         let krows = Rows {
             all: &kall,
             deq: kdeq.as_deref(),
+            tail: &tk,
             past,
             kvw,
             hd,
@@ -998,6 +1038,7 @@ impl<'a> Interpreter<'a> {
         let vrows = Rows {
             all: &vall,
             deq: vdeq.as_deref(),
+            tail: &tv,
             past,
             kvw,
             hd,
@@ -1008,13 +1049,12 @@ impl<'a> Interpreter<'a> {
             let qr = &q[i * h * hd + head * hd..][..hd];
             let n = if causal { past + i + 1 } else { total };
             let off = kh * hd;
-            let qz = |j: usize| j >= past && quantized(i, j - past);
             let mut sc: Vec<f32> = (0..n)
-                .map(|j| dot(qr, krows.get(j, qz(j), off)) * scale)
+                .map(|j| dot(qr, krows.get(j, fp(i, j), off)) * scale)
                 .collect();
             softmax_in_place(&mut sc);
             for (j, &p) in sc.iter().enumerate() {
-                let vr = vrows.get(j, qz(j), off);
+                let vr = vrows.get(j, fp(i, j), off);
                 for (a, &b) in o.iter_mut().zip(vr) {
                     *a += p * b;
                 }
@@ -1025,20 +1065,27 @@ impl<'a> Interpreter<'a> {
 }
 
 /// K or V rows as attention reads them: past rows (dequantized cache) and the chunk's FP rows
-/// in `all`, the chunk's dequantized rows in `deq`.
+/// in `all`, the chunk's dequantized rows in `deq`, the last `tail.len() / kvw` past rows in
+/// full precision in `tail` (the recent window's).
 struct Rows<'a> {
     all: &'a [f32],
     deq: Option<&'a [f32]>,
+    tail: &'a [f32],
     past: usize,
     kvw: usize,
     hd: usize,
 }
 
 impl<'a> Rows<'a> {
-    /// Row `j`, head offset `off`: the chunk's dequantized row when `quantized`.
-    fn get(&self, j: usize, quantized: bool, off: usize) -> &'a [f32] {
+    /// Row `j`, head offset `off`, in full precision (`fp`: the chunk's own row, or a past
+    /// row of the window's tail) or as the cache gives it back.
+    fn get(&self, j: usize, fp: bool, off: usize) -> &'a [f32] {
+        let t0 = self.past - self.tail.len() / self.kvw;
         match self.deq {
-            Some(d) if quantized => &d[(j - self.past) * self.kvw + off..][..self.hd],
+            Some(d) if !fp && j >= self.past => &d[(j - self.past) * self.kvw + off..][..self.hd],
+            _ if fp && j < self.past && j >= t0 => {
+                &self.tail[(j - t0) * self.kvw + off..][..self.hd]
+            }
             _ => &self.all[j * self.kvw + off..][..self.hd],
         }
     }

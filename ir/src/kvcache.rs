@@ -59,6 +59,16 @@ pub fn node_group_len(node: &crate::graph::Node, head_dim: usize) -> usize {
     )
 }
 
+/// The recent window of a past-only attention node: a position reads the K/V of the last
+/// `kv_window` positions (itself included) in full precision and older ones from the cache;
+/// 1 (the attribute absent) is past-only as the paper has it.
+pub fn node_window(node: &crate::graph::Node) -> usize {
+    node.int_attr("kv_window")
+        .and_then(|w| usize::try_from(w).ok())
+        .filter(|&w| w >= 1)
+        .unwrap_or(1)
+}
+
 /// Bytes of one row of `width` codes of `bits` bits.
 pub fn row_bytes(width: usize, bits: u32) -> usize {
     if bits <= 4 { width.div_ceil(2) } else { width }
@@ -85,6 +95,11 @@ pub struct KvLayer {
     pub vp: Vec<(f32, f32)>,
     /// bytes per stored scale or zero (2 for f16 values, 4 for f32)
     pub param_bytes: usize,
+    /// a quantized layer of an attention with a recent window R > 1: the full-precision K/V
+    /// of the last min(R - 1, len) positions before the cache's length (not its held rows:
+    /// a replaying cache holds the tail from before the replayed chunk), `width` floats a row
+    pub wk: Vec<f32>,
+    pub wv: Vec<f32>,
 }
 
 impl KvLayer {
@@ -139,7 +154,12 @@ impl KvLayer {
             .collect()
     }
 
-    /// Keep the first `n` rows.
+    /// Rows of the recent window's full-precision tail.
+    pub fn window_rows(&self) -> usize {
+        self.wk.len().checked_div(self.width).unwrap_or(0)
+    }
+
+    /// Keep the first `n` rows (the window's tail is the caller's to restore).
     pub fn truncate(&mut self, n: usize) {
         self.k.truncate(n * self.width);
         self.v.truncate(n * self.width);
@@ -158,6 +178,9 @@ impl KvLayer {
             vc: self.vc.get(from * self.row_bytes..).unwrap_or(&[]).to_vec(),
             kp: self.kp.get(from * self.groups..).unwrap_or(&[]).to_vec(),
             vp: self.vp.get(from * self.groups..).unwrap_or(&[]).to_vec(),
+            // a window's tail belongs to the whole cache's length, not to these rows
+            wk: Vec::new(),
+            wv: Vec::new(),
             ..self.clone()
         }
     }
@@ -170,7 +193,10 @@ impl KvLayer {
         let n = self.rows();
         let same = self.kc.len() == self.vc.len()
             && self.kp.len() == self.vp.len()
-            && self.k.len() == self.v.len();
+            && self.k.len() == self.v.len()
+            && self.wk.len() == self.wv.len()
+            && self.wk.len().is_multiple_of(self.width)
+            && (self.is_quantized() || self.wk.is_empty());
         let parts = if self.is_quantized() {
             (self.row_bytes == self.width.div_ceil(2) || self.row_bytes == self.width)
                 && self.kc.len() == n * self.row_bytes
@@ -183,7 +209,7 @@ impl KvLayer {
     }
 
     pub(crate) fn bytes(&self) -> usize {
-        4 * (self.k.len() + self.v.len())
+        4 * (self.k.len() + self.v.len() + self.wk.len() + self.wv.len())
             + self.kc.len()
             + self.vc.len()
             + 2 * self.param_bytes * (self.kp.len() + self.vp.len())
@@ -232,6 +258,13 @@ impl KvCache {
                     l.k.len()
                 )));
             }
+            if l.window_rows() > len {
+                return Err(Error::Interp(format!(
+                    "KV cache layer {id}: a recent window of {} full-precision rows before a \
+                     length of {len}",
+                    l.window_rows()
+                )));
+            }
             let rows = l.rows();
             if rows < len || held.is_some_and(|h| h != rows) || rows > max_len {
                 return Err(Error::Interp(format!(
@@ -278,10 +311,16 @@ impl KvCache {
         &self.computed
     }
 
-    /// Forget everything after the first `n` tokens.
+    /// Forget everything after the first `n` tokens. A recent window's tail (the full-precision
+    /// rows before the length) cannot be rebuilt for a shorter length: it is dropped, and a
+    /// plan with a window then refuses to run on the cache until it is cleared.
     pub fn truncate(&mut self, n: usize) {
+        let shorter = n < self.len;
         for l in self.layers.values_mut() {
             l.truncate(n);
+            if shorter || n == 0 {
+                (l.wk, l.wv) = (Vec::new(), Vec::new());
+            }
         }
         self.len = self.len.min(n);
     }

@@ -385,6 +385,15 @@ pub fn infer(n: &Node, a: &[TensorType]) -> Result<TensorType, String> {
             if n.attr("past_only").is_some() && n.bool_attr("past_only").is_none() {
                 return Err("attribute `past_only` must be a bool".into());
             }
+            if n.attr("kv_window").is_some() {
+                match n.int_attr("kv_window") {
+                    Some(w) if w >= 1 => {}
+                    _ => return Err("attribute `kv_window` must be an integer >= 1".into()),
+                }
+                if n.bool_attr("past_only") != Some(true) {
+                    return Err("attribute `kv_window` needs past-only attention".into());
+                }
+            }
             let h = need_pos(n, "heads")?;
             let kvh = need_pos(n, "kv_heads")?;
             let hd = need_pos(n, "head_dim")?;

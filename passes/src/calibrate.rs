@@ -854,12 +854,12 @@ fn bake(q: &mut Module, params: &BTreeMap<String, Vec<f32>>) -> Result<(), PassE
 }
 
 /// A block graph with its K/V cache in full precision: the attentions lose `kv_bits` (and
-/// with it past-only and the parameter dtype); their smoothing operands stay and are then
+/// with it past-only, its window and the parameter dtype); their smoothing operands stay and are then
 /// ignored, as smoothing is undone exactly without quantization in between.
 pub fn without_kv_quant(g: &Graph) -> Graph {
     let mut g = g.clone();
     for n in g.nodes.iter_mut().filter(|n| n.op == OpKind::Attention) {
-        for a in ["kv_bits", "kv_param_dtype", "past_only"] {
+        for a in ["kv_bits", "kv_param_dtype", "past_only", "kv_window"] {
             n.attrs.remove(a);
         }
     }

@@ -669,6 +669,39 @@ impl Pass for PastOnly {
     }
 }
 
+/// A recent window for past-only attentions (after `PastOnly`): a position reads the K/V of
+/// the last `.0` positions (itself included) in full precision, older ones from the cache
+/// (KIVI's full-precision residual; 1 is past-only as the paper has it). Sets `kv_window`.
+#[derive(Clone, Debug)]
+pub struct KvWindow(pub usize);
+
+impl Pass for KvWindow {
+    fn name(&self) -> &str {
+        "kv_window"
+    }
+
+    fn run(&self, m: &mut Module, report: &mut PassReport) -> Result<(), PassError> {
+        if self.0 == 0 {
+            return Err(PassError::Failed {
+                pass: self.name().into(),
+                msg: "a recent window must be at least 1 position".into(),
+            });
+        }
+        let mut count = 0;
+        for n in m
+            .graph
+            .nodes
+            .iter_mut()
+            .filter(|n| n.op == OpKind::Attention && n.bool_attr("past_only") == Some(true))
+        {
+            n.attrs.insert("kv_window".into(), Attr::Int(self.0 as i64));
+            count += 1;
+        }
+        report.stats.insert("attentions".into(), count as f64);
+        Ok(())
+    }
+}
+
 /// Real storage: `linear(x, fake_quant(@W, @g, @b))` becomes `qlinear(x, @W.codes, @W.scales,
 /// @W.zeros)` with codes packed two per byte and f16 scales/zeros; the FP weight and the
 /// clipping factors leave the store. Only 2..4-bit weights are packed.

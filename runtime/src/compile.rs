@@ -8,7 +8,9 @@ use std::path::PathBuf;
 use wkvc_ir::Module;
 use wkvc_passes::calibrate::calibrate;
 pub use wkvc_passes::calibrate::{CalibConfig, CalibLoss, CalibSchedule};
-use wkvc_passes::quant::{KvQuant, KvRotate, KvSmooth, KvStats, Pack, PastOnly, WeightQuant};
+use wkvc_passes::quant::{
+    KvQuant, KvRotate, KvSmooth, KvStats, KvWindow, Pack, PastOnly, WeightQuant,
+};
 use wkvc_passes::{Dce, PassManager, PassReport};
 
 /// How weights are quantized.
@@ -147,14 +149,15 @@ impl KvScan {
 /// The KV sensitivity scan of `--kv-bits-per-layer auto:B`: for each layer and each width of
 /// `bits`, the mean KL divergence from `fp` over every prediction of `ids` (decode-equivalent
 /// protocol) when only that layer's cache is quantized in `base` (the FP weights with the K/V
-/// rotation and smoothing the plan will have; `past_only` as the plan). On the interpreter:
+/// rotation and smoothing the plan will have; `past_only` as the plan: its recent window, or
+/// None without past-only attention). On the interpreter:
 /// `2 x layers + 1` forward passes over `ids`.
 pub fn kv_sensitivity(
     fp: &Model,
     base: &Module,
     ids: &[u32],
     (bits, group): ([u32; 2], usize),
-    past_only: bool,
+    past_only: Option<usize>,
     threads: usize,
     progress: &mut dyn FnMut(&str),
 ) -> Result<KvScan, RuntimeError> {
@@ -188,8 +191,11 @@ pub fn kv_sensitivity(
                 per_layer: Some(per),
                 group,
             });
-            if past_only {
+            if let Some(window) = past_only {
                 pm = pm.with(PastOnly);
+                if window > 1 {
+                    pm = pm.with(KvWindow(window));
+                }
             }
             pm.run(&mut m)?;
             let logits = run(&fp.with_module(m, None))?;
@@ -231,6 +237,9 @@ pub struct CompileOptions {
     /// Channels per (scale, zero) group of the cache: 0 for a kv head, else a multiple of 32
     /// dividing the head dim (`--kv-group`).
     pub kv_group: usize,
+    /// Past-only attention's recent window (`--kv-window`): positions read in full precision,
+    /// the reader's own included; 1 is past-only as the paper has it.
+    pub kv_window: usize,
     /// Bits of each layer's cache: all `kvbits`, a list, or a budget spent by a sensitivity
     /// scan.
     pub kv_layer_bits: KvLayerBits,
@@ -275,6 +284,7 @@ impl Default for CompileOptions {
             smooth: true,
             kv_rotate: 0,
             kv_group: 0,
+            kv_window: 1,
             kv_layer_bits: KvLayerBits::Uniform,
             kv_scan_tokens: 256,
             method: Method::Rtn,
@@ -338,6 +348,18 @@ impl CompileOptions {
             return Err(RuntimeError::Invalid(format!(
                 "--kv-group must be a multiple of 32 dividing the head dim, got {}",
                 self.kv_group
+            )));
+        }
+        if self.kv_window == 0 {
+            return Err(RuntimeError::Invalid(
+                "--kv-window must be at least 1 (the position's own K/V)".into(),
+            ));
+        }
+        if self.kv_window > 1 && !(self.past_only && self.kv_quantized()) {
+            return Err(RuntimeError::Invalid(format!(
+                "--kv-window {} needs past-only attention on a quantized cache (drop --no-poq, \
+                 or --kvbits below 16)",
+                self.kv_window
             )));
         }
         if self.wgroup == 0 || self.wgroup < -1 {
@@ -768,7 +790,7 @@ pub fn quantize(
                 &base,
                 ids,
                 ([opts.kvbits - 1, opts.kvbits], opts.kv_group),
-                opts.past_only,
+                opts.past_only.then_some(opts.kv_window),
                 opts.threads,
                 progress,
             )?;
@@ -803,6 +825,9 @@ pub fn quantize(
     });
     if opts.past_only && opts.kv_quantized() {
         pm = pm.with(PastOnly);
+        if opts.kv_window > 1 {
+            pm = pm.with(KvWindow(opts.kv_window));
+        }
     }
     progress("running passes");
     let mut reports = rotate_report.unwrap_or_default();
@@ -924,6 +949,11 @@ pub fn quantize(
             wgroup: opts.wgroup,
             kvbits: opts.kvbits,
             past_only: opts.past_only && opts.kv_quantized(),
+            kv_window: if opts.past_only && opts.kv_quantized() {
+                opts.kv_window
+            } else {
+                1
+            },
             smooth: opts.smoothing(),
             method: opts.method.name().into(),
             calibration: if opts.needs_calibration() {

@@ -180,6 +180,24 @@ impl Engine {
             threads: opts.threads.max(1),
             ..opts
         };
+        if matches!(
+            kind,
+            EngineKind::Cuda { .. } | EngineKind::CudaEmulated { .. }
+        ) && let Some(w) = model
+            .module
+            .graph
+            .nodes
+            .iter()
+            .filter(|n| n.op == wkvc_ir::OpKind::Attention)
+            .map(wkvc_ir::kvcache::node_window)
+            .find(|&w| w > 1)
+        {
+            return Err(RuntimeError::Invalid(format!(
+                "the CUDA engine does not keep a recent window's full-precision rows yet (this \
+                 plan's attention reads the last {w} positions so, --kv-window); run it on the \
+                 CPU engine or the interpreter"
+            )));
+        }
         let backend = match kind {
             EngineKind::Interp => Backend::Interp(interp::InterpEngine::new(model, opts)?),
             EngineKind::Cpu { act } => {
@@ -335,8 +353,10 @@ impl Session {
     /// Forget the sequence (the cache's memory stays allocated).
     pub fn reset(&mut self) {
         self.len = 0;
-        if let Kv::Interp(c) = &mut self.kv {
-            c.clear();
+        match &mut self.kv {
+            Kv::Interp(c) => c.clear(),
+            Kv::Cpu(k) => k.reset(),
+            Kv::Cuda(_) => {}
         }
     }
 

@@ -26,6 +26,10 @@ pub struct QuantConfig {
     pub wgroup: i64,
     pub kvbits: u32,
     pub past_only: bool,
+    /// Past-only attention's recent window (1: the position's own K/V only; absent in plans
+    /// from before it existed).
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub kv_window: usize,
     pub smooth: bool,
     pub method: String,
     /// Where calibration text came from ("file PATH", "sampled from the FP model (data-free)",
@@ -70,6 +74,14 @@ impl QuantConfig {
         }
     }
 
+    /// Past-only attention in words: `true`, `true (window 16)` or `false`.
+    pub fn past_only_label(&self) -> String {
+        match (self.past_only, self.kv_window) {
+            (true, w) if w > 1 => format!("true (window {w})"),
+            (p, _) => p.to_string(),
+        }
+    }
+
     /// The K/V rotation in words: `none` or `hadamard/64`.
     pub fn rotation_label(&self) -> String {
         match self.kv_rotate {
@@ -77,6 +89,14 @@ impl QuantConfig {
             b => format!("hadamard/{b}"),
         }
     }
+}
+
+fn one() -> usize {
+    1
+}
+
+fn is_one(v: &usize) -> bool {
+    *v == 1
 }
 
 fn is_zero(v: &usize) -> bool {

@@ -149,20 +149,28 @@ pub fn kld(p: &[f32], q: &[f32]) -> f64 {
 /// Check one call of an engine: `chunk` ran under `mode` after `past` cached tokens, the
 /// engine's cache is now `written` and its logits `got` (the last rows of the chunk: all, or
 /// only the last). The interpreter replays the engine's cache (module docs) and the result
-/// is added to `a`.
+/// is added to `a`. A plan with a recent window also needs the cache from before the call
+/// (`before`), whose full-precision tails the replay starts from.
+#[allow(clippy::too_many_arguments)]
 pub fn check_call(
     interp: &Engine,
     ctx: usize,
     past: usize,
     written: &KvCache,
+    before: Option<&KvCache>,
     (chunk, mode): (&[u32], RunMode),
     got: &[f32],
     a: &mut Agreement,
 ) {
     let vocab = interp.vocab_size();
     let mut is = interp.session(ctx);
-    let replay = KvCache::from_layers(ctx, past, written.layers().clone())
-        .expect("the engine's cache replays");
+    let mut layers = written.layers().clone();
+    for (id, l) in layers.iter_mut() {
+        let b = before.and_then(|b| b.layer(*id));
+        l.wk = b.map(|b| b.wk.clone()).unwrap_or_default();
+        l.wv = b.map(|b| b.wv.clone()).unwrap_or_default();
+    }
+    let replay = KvCache::from_layers(ctx, past, layers).expect("the engine's cache replays");
     is.load_kv(&replay)
         .expect("the interpreter takes the cache");
     let reference = is.forward_mode(chunk, mode).expect("interpreter run");
@@ -199,13 +207,23 @@ pub fn agreement(
     let mut es = engine.session(ctx);
     for chunk in chunks {
         let past = es.len();
+        let before = es.kv_cache().expect("the engine's cache");
         let got = if chunk.len() == 1 {
             es.step(chunk).expect("engine step").to_vec()
         } else {
             es.forward_mode(chunk, mode).expect("engine run")
         };
         let written = es.kv_cache().expect("the engine's cache");
-        check_call(interp, ctx, past, &written, (chunk, mode), &got, &mut a);
+        check_call(
+            interp,
+            ctx,
+            past,
+            &written,
+            Some(&before),
+            (chunk, mode),
+            &got,
+            &mut a,
+        );
     }
     a
 }

@@ -544,7 +544,7 @@ fn attention_ref(
     v: &[f64],
     sm: &[Vec<f64>; 4],
     (h, kvh, hd, gl): (usize, usize, usize, usize),
-    past_only: bool,
+    window: usize,
     bits: u32,
     fr: Option<&(Vec<Frozen>, Vec<Frozen>)>,
 ) -> (Vec<f64>, (Vec<Frozen>, Vec<Frozen>)) {
@@ -578,7 +578,8 @@ fn attention_ref(
             let off = (head / (h / kvh)) * hd;
             let qi = &q[i * h * hd + head * hd..][..hd];
             let pick = |m: &[f64], mh: &[f64], j: usize| -> Vec<f64> {
-                let src = if j == i && past_only { m } else { mh };
+                // past-only (window >= 1): the last `window` positions in full precision
+                let src = if i - j < window { m } else { mh };
                 src[j * kvw + off..][..hd].to_vec()
             };
             let sc: Vec<f64> = (0..=i)
@@ -604,12 +605,15 @@ fn attention_ref(
 #[test]
 fn quantized_attention_vjp_matches_the_straight_through_function() {
     let mut r = Rng(5);
-    // the last: two (scale, zero) groups a head (`kv_group`)
-    for (h, kvh, hd, s, past_only, bits, gl) in [
-        (4usize, 2usize, 4usize, 5usize, true, 4u32, 4usize),
-        (2, 1, 6, 4, false, 3, 6),
-        (2, 1, 8, 4, true, 3, 4),
+    // window: 0 without past-only, else the positions read in full precision; the third: two
+    // (scale, zero) groups a head (`kv_group`); the last: a recent window of 3
+    for (h, kvh, hd, s, window, bits, gl) in [
+        (4usize, 2usize, 4usize, 5usize, 1usize, 4u32, 4usize),
+        (2, 1, 6, 4, 0, 3, 6),
+        (2, 1, 8, 4, 1, 3, 4),
+        (2, 1, 8, 6, 3, 3, 4),
     ] {
+        let past_only = window > 0;
         let kvw = kvh * hd;
         let q = r.vec(s * h * hd, 1.5);
         let k: Vec<f32> = r.vec(s * kvw, 1.5).iter().map(|x| x + 0.3).collect();
@@ -629,6 +633,7 @@ fn quantized_attention_vjp_matches_the_straight_through_function() {
             kv_bits: Some(bits),
             kv_group: if gl == hd { 0 } else { gl },
             past_only,
+            window: window.max(1),
             pd: wkvc_ir::quant::ParamDtype::F32,
         };
         let to64 = |x: &[f32]| x.iter().map(|&a| a as f64).collect::<Vec<f64>>();
@@ -649,7 +654,7 @@ fn quantized_attention_vjp_matches_the_straight_through_function() {
                 &ops[2],
                 &smv,
                 (h, kvh, hd, gl),
-                past_only,
+                window,
                 bits,
                 fr,
             );
@@ -664,6 +669,9 @@ fn quantized_attention_vjp_matches_the_straight_through_function() {
         let mut attrs = attn_attrs(h as i64, kvh as i64, hd as i64, true);
         attrs.push(("kv_bits", Attr::Int(bits as i64)));
         attrs.push(("past_only", Attr::Bool(past_only)));
+        if window > 1 {
+            attrs.push(("kv_window", Attr::Int(window as i64)));
+        }
         attrs.push(("kv_param_dtype", Attr::Str("f32".into())));
         if gl != hd {
             attrs.push(("kv_group", Attr::Int(gl as i64)));
@@ -692,7 +700,7 @@ fn quantized_attention_vjp_matches_the_straight_through_function() {
             &ops[2],
             &smv,
             (h, kvh, hd, gl),
-            past_only,
+            window,
             bits,
             None,
         );
@@ -726,7 +734,7 @@ fn quantized_attention_vjp_matches_the_straight_through_function() {
                 let tol = 2e-3 * scale;
                 assert!(
                     (ad[e] as f64 - fd).abs() <= tol,
-                    "attention h{h} kvh{kvh} past_only={past_only} wrt {wrt}[{e}]: {} vs {fd} (tol {tol:.1e})",
+                    "attention h{h} kvh{kvh} window={window} wrt {wrt}[{e}]: {} vs {fd} (tol {tol:.1e})",
                     ad[e]
                 );
             }

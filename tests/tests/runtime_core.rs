@@ -164,6 +164,7 @@ fn batch_equals_serial(engine: &Engine, label: &str, check: Check) {
                     64,
                     past[s],
                     &written,
+                    None,
                     (&toks[s], RunMode::Prefill),
                     sess.logits(),
                     &mut agree,

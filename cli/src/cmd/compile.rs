@@ -38,6 +38,7 @@ pub fn compile_options(
         // set by `kv_rotate_block` once the model (its head dim) is known
         kv_rotate: 0,
         kv_group: q.kv_group.unwrap_or(0),
+        kv_window: q.kv_window,
         kv_layer_bits: match &q.kv_bits_per_layer {
             Some(s) => compile::KvLayerBits::parse(s)?,
             None => compile::KvLayerBits::Uniform,
@@ -185,7 +186,7 @@ pub fn run(a: CompileArgs) -> Result<()> {
         opts.wbits,
         opts.wgroup,
         c.quant.kv_label(),
-        c.quant.past_only,
+        c.quant.past_only_label(),
         c.quant.smooth,
         c.quant.rotation_label(),
         opts.method.name()

@@ -173,7 +173,7 @@ pub fn run(a: InspectArgs) -> Result<()> {
                 q.wbits,
                 q.wgroup,
                 q.kv_label(),
-                q.past_only,
+                q.past_only_label(),
                 q.smooth,
                 q.rotation_label(),
                 q.method

@@ -458,7 +458,14 @@ fn try_attention(
         layer,
         kv_group,
     };
-    let a = cx.emit(a_spec, aargs, seq, &[]);
+    // the recent window is the engine's (which rows it hands the kernel), not the kernel's
+    let window = wkvc_ir::kvcache::node_window(att);
+    let extra: Vec<(&str, Attr)> = if window > 1 {
+        vec![("kv_window", Attr::Int(window as i64))]
+    } else {
+        Vec::new()
+    };
+    let a = cx.emit(a_spec, aargs, seq, &extra);
     cx.map.insert(att.out, a);
     Ok(Some(vec![
         qi,

@@ -44,6 +44,9 @@ pub struct Step {
     /// The next step is the only reader of this step's output, as its first operand (a
     /// back end may fuse this step into the next one's prologue).
     pub feeds_next_only: bool,
+    /// `attention` with past-only: the recent window, positions read in full precision
+    /// (the row's own included; 1: its own only)
+    pub window: usize,
 }
 
 impl Step {
@@ -161,6 +164,7 @@ impl LoweredPlan {
                 out,
                 inv_freq,
                 feeds_next_only: false,
+                window: wkvc_ir::kvcache::node_window(n),
             });
         }
         if vocab == 0 {

@@ -89,8 +89,15 @@ impl CpuEngine {
             }
         }
         let mut segs = Vec::with_capacity(work.len());
+        // the recent windows' tails advance round by round: restored when a round fails
+        let tails: Vec<Vec<Vec<f32>>> = work.iter().map(|w| w.kv.tails()).collect();
         while next_round(work, &done, &mut segs) {
-            self.round(&mut ws, work, &segs, &done)?;
+            if let Err(e) = self.round(&mut ws, work, &segs, &done) {
+                for (w, t) in work.iter_mut().zip(tails) {
+                    w.kv.restore_tails(t);
+                }
+                return Err(e);
+            }
             for s in &segs {
                 done[s.item] += s.rows;
             }
@@ -438,6 +445,39 @@ impl CpuEngine {
                 let per = ws.attn.len() / threads;
                 let scr = SendPtr(ws.attn.as_mut_ptr() as *mut u8);
                 let po = *past_only;
+                // a recent window: per segment, its tail and its rows' K and V in full
+                // precision, one row each (K then V), the source the rows' window reads
+                let kvw = kvh * hd;
+                let window = if po && !q16 { st.window } else { 1 };
+                let fpsrc: Vec<Vec<f32>> = if window > 1 {
+                    segs.iter()
+                        .map(|sg| {
+                            let lc = work[sg.item].kv.layers.get(layer);
+                            let mut b = lc.map(|l| l.tail.clone()).unwrap_or_default();
+                            if b.len() != (window - 1).min(sg.past) * 2 * kvw {
+                                return Err(err(format!(
+                                    "layer {layer}: the recent window's tail holds {} rows \
+                                     after {} tokens",
+                                    b.len() / (2 * kvw),
+                                    sg.past
+                                )));
+                            }
+                            for r in sg.at..sg.at + sg.rows {
+                                // SAFETY: rows of the round's qkv output, `width` floats each
+                                let row = unsafe {
+                                    std::slice::from_raw_parts(
+                                        (x + (r * width * 4) as u64) as *const f32,
+                                        width,
+                                    )
+                                };
+                                b.extend_from_slice(&row[h * hd..(h + 2 * kvh) * hd]);
+                            }
+                            Ok(b)
+                        })
+                        .collect::<Result<_, RuntimeError>>()?
+                } else {
+                    Vec::new()
+                };
                 // (kv head, row) items, kv head first: consecutive items read one kv head's
                 // FP rows (a 512-token chunk's K and V of one head stay in L2; of all heads,
                 // they would not); a row's segment gives its cache and past
@@ -462,6 +502,26 @@ impl CpuEngine {
                                     (0, kp, vp, (kvh * hd) as u64, 0, (past + i + 1) as u64)
                                 } else if !po {
                                     (past + i + 1, 0, 0, 0, 0, 0)
+                                } else if window > 1 {
+                                    // full precision from position a to the row's own (p);
+                                    // the source's first row is position past - t
+                                    let p = past + i;
+                                    let a = (p + 1).saturating_sub(window);
+                                    let a = if sg.mode == RunMode::Prefill {
+                                        a.min(past)
+                                    } else {
+                                        a
+                                    };
+                                    let t = (window - 1).min(past);
+                                    let b0 = fpsrc[si].as_ptr() as u64;
+                                    (
+                                        a,
+                                        b0,
+                                        b0 + (kvw * 4) as u64,
+                                        (2 * kvw) as u64,
+                                        (a + t - past) as u64,
+                                        (p + t - past + 1) as u64,
+                                    )
                                 } else if sg.mode == RunMode::Prefill {
                                     (past, kf, vf, width as u64, 0, (i + 1) as u64)
                                 } else {
@@ -495,6 +555,14 @@ impl CpuEngine {
                         });
                     }
                 });
+                // the tails after these rows: the last window - 1 rows of each source
+                for (sg, src) in segs.iter().zip(&fpsrc) {
+                    if let Some(lc) = work[sg.item].kv.layers.get_mut(layer) {
+                        let keep = (window - 1).min(sg.past + sg.rows) * 2 * kvw;
+                        lc.tail.clear();
+                        lc.tail.extend_from_slice(&src[src.len() - keep..]);
+                    }
+                }
             }
         }
         Ok(())

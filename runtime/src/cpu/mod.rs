@@ -47,6 +47,8 @@ struct CpuStep {
     head: Option<(Ptr, Ptr)>,
     /// embedding from a table nothing else reads: its rows' pages are released after use
     release: Option<wkvc_ir::Weight>,
+    /// `attention`: its recent window (1: the row's own K/V only in full precision)
+    window: usize,
 }
 
 /// The JIT module that holds the kernels' code.
@@ -202,6 +204,7 @@ impl CpuEngine {
                 rope,
                 head,
                 release: None,
+                window: st.window,
             });
         }
         // an embedding table that only the embedding reads (the int8 head has its own copy)
@@ -279,10 +282,16 @@ impl CpuEngine {
                 head_dim,
                 kv_bits,
                 kv_group,
+                past_only,
                 ..
             } = &s.spec
             {
                 let w = kv_heads * head_dim;
+                let window = if *past_only && *kv_bits < 16 {
+                    s.window
+                } else {
+                    1
+                };
                 // (scale, zero) pairs a row: a kv head each, or groups of `kv_group` channels
                 let groups = w / wkvc_ir::kvcache::group_len(*kv_group, *head_dim);
                 let (codes, params) = if *kv_bits == 16 {
@@ -298,6 +307,8 @@ impl CpuEngine {
                         groups: if *kv_bits == 16 { *kv_heads } else { groups },
                         codes,
                         params: [vec![0u32; params], vec![0u32; params]],
+                        window,
+                        tail: Vec::with_capacity((window - 1) * 2 * w),
                     },
                 );
             }
@@ -367,11 +378,36 @@ struct LayerCache {
     /// K and V: a word per (token, group) for a quantized cache (f16 scale and zero,
     /// `wkvc_ir::kvcache::pack_params`), or the f32 rows' bits
     params: [Vec<u32>; 2],
+    /// the attention's recent window (1: none)
+    window: usize,
+    /// with a window: the full-precision K and V (`width` each, K first) of the last
+    /// min(window - 1, length) positions before the cache's length
+    tail: Vec<f32>,
 }
 
 impl LayerCache {
     fn quantized(&self) -> bool {
         !self.codes[0].is_empty()
+    }
+
+    /// Rows of the recent window's tail a cache of `len` tokens has.
+    fn tail_len(&self, len: usize) -> usize {
+        (self.window - 1).min(len)
+    }
+
+    /// Rows the tail holds now.
+    fn tail_rows(&self) -> usize {
+        self.tail.len() / (2 * self.width)
+    }
+
+    /// The tail as K rows and V rows.
+    fn split_tail(&self) -> (Vec<f32>, Vec<f32>) {
+        let (mut k, mut v) = (Vec::new(), Vec::new());
+        for r in self.tail.chunks(2 * self.width) {
+            k.extend_from_slice(&r[..self.width]);
+            v.extend_from_slice(&r[self.width..]);
+        }
+        (k, v)
     }
 
     /// Pointers the kernels take: K codes (or rows), K params, V codes (or rows), V params.
@@ -399,6 +435,24 @@ pub struct CpuKv {
 }
 
 impl CpuKv {
+    /// Back to an empty cache (the rows need no clearing: the length says what is held).
+    pub(crate) fn reset(&mut self) {
+        for lc in self.layers.values_mut() {
+            lc.tail.clear();
+        }
+    }
+
+    /// Every layer's recent-window tail (restored when a run fails).
+    pub(crate) fn tails(&self) -> Vec<Vec<f32>> {
+        self.layers.values().map(|lc| lc.tail.clone()).collect()
+    }
+
+    pub(crate) fn restore_tails(&mut self, tails: Vec<Vec<f32>>) {
+        for (lc, t) in self.layers.values_mut().zip(tails) {
+            lc.tail = t;
+        }
+    }
+
     /// The first `n` tokens in the interpreter's form (the layout is the same).
     pub(crate) fn export(&self, n: usize, max_ctx: usize) -> Result<KvCache, RuntimeError> {
         let layers = self
@@ -413,6 +467,15 @@ impl CpuKv {
                             .map(|&w| wkvc_ir::kvcache::unpack_params(w))
                             .collect()
                     };
+                    if lc.tail_rows() != lc.tail_len(n) {
+                        return Err(err(format!(
+                            "layer {id}: the recent window's tail holds {} rows, not the {} \
+                             before token {n}",
+                            lc.tail_rows(),
+                            lc.tail_len(n)
+                        )));
+                    }
+                    let (wk, wv) = lc.split_tail();
                     KvLayer {
                         width: lc.width,
                         groups: lc.groups,
@@ -422,6 +485,8 @@ impl CpuKv {
                         kp: pairs(&lc.params[0]),
                         vp: pairs(&lc.params[1]),
                         param_bytes: 2,
+                        wk,
+                        wv,
                         ..Default::default()
                     }
                 } else {
@@ -439,9 +504,9 @@ impl CpuKv {
                         ..Default::default()
                     }
                 };
-                (id, l)
+                Ok((id, l))
             })
-            .collect();
+            .collect::<Result<_, RuntimeError>>()?;
         Ok(KvCache::from_layers(max_ctx, n, layers)?)
     }
 
@@ -452,6 +517,7 @@ impl CpuKv {
             l.width == lc.width
                 && l.groups == lc.groups
                 && l.rows() == n
+                && l.window_rows() == lc.tail_len(n)
                 && l.is_quantized() == lc.quantized()
                 && (!l.is_quantized()
                     || (l.row_bytes == lc.width.div_ceil(2) && l.param_bytes == 2))
@@ -469,6 +535,11 @@ impl CpuKv {
         for (id, lc) in self.layers.iter_mut() {
             let Some(l) = cache.layer(*id) else { continue };
             if l.is_quantized() {
+                lc.tail.clear();
+                for (k, v) in l.wk.chunks(lc.width).zip(l.wv.chunks(lc.width)) {
+                    lc.tail.extend_from_slice(k);
+                    lc.tail.extend_from_slice(v);
+                }
                 for (dst, src) in lc.codes.iter_mut().zip([&l.kc, &l.vc]) {
                     dst[..src.len()].copy_from_slice(src);
                 }

@@ -565,6 +565,8 @@ impl CudaKv {
             l.width == s.width
                 && l.groups == s.groups
                 && l.rows() == n
+                // no recent window's tail: this engine does not keep one
+                && l.wk.is_empty()
                 && l.is_quantized() == s.quantized
                 && (!s.quantized || (l.row_bytes == s.width.div_ceil(2) && l.param_bytes == 2))
         };

@@ -1,0 +1,190 @@
+//! Past-only attention's recent window (`--kv-window`, the `kv_window` attribute) on the
+//! reference interpreter: decoding token by token equals the decode-equivalent protocol (the
+//! window's full-precision tail carried from step to step reads as the chunk's own rows), a
+//! window covering the context equals the full-precision cache, the CPU engine keeps the
+//! window as the interpreter does, and the CUDA engine, which does not keep it yet, refuses
+//! such a plan with an error naming it.
+
+use std::sync::OnceLock;
+use wkvc_ir::{Act, RunMode};
+use wkvc_runtime::compile::{self, CompileOptions};
+use wkvc_runtime::{EngineKind, Model};
+use wkvc_tests::agree::agreement;
+use wkvc_tests::{demo_model, max_abs_diff};
+
+fn model() -> Option<&'static Model> {
+    static M: OnceLock<Option<Model>> = OnceLock::new();
+    M.get_or_init(|| demo_model().map(|p| Model::open(&p).expect("demo model opens")))
+        .as_ref()
+}
+
+/// FP weights, RTN KV cache without smoothing (no calibration text needed), `window`.
+fn plan(m: &Model, kvbits: u32, window: usize) -> Model {
+    let o = CompileOptions {
+        wbits: 16,
+        kvbits,
+        smooth: false,
+        kv_window: window,
+        threads: 2,
+        ..Default::default()
+    };
+    let c = compile::quantize(m, &o, None, &mut |_| {}).expect("quantize");
+    m.with_module(c.module, None)
+}
+
+fn tokens(m: &Model, n: usize) -> Vec<u32> {
+    let text = "The quick brown fox jumps over the lazy dog, and the dog sleeps on. ".repeat(8);
+    let ids = m
+        .tokenizer()
+        .expect("tok")
+        .encode(&text, false)
+        .expect("encode");
+    assert!(ids.len() >= n, "{} tokens", ids.len());
+    ids[..n].to_vec()
+}
+
+/// Logits of every position: the first `chunk` tokens as one prefill, then one at a time.
+fn stepped(q: &Model, ids: &[u32], chunk: usize) -> Vec<f32> {
+    let e = q.engine(2).expect("engine");
+    let mut s = e.session(ids.len());
+    let mut all = s.forward(&ids[..chunk]).expect("prefill");
+    for &id in &ids[chunk..] {
+        all.extend(s.prefill(&[id]).expect("step"));
+    }
+    all
+}
+
+#[test]
+fn decoding_with_a_window_equals_the_decode_equivalent_protocol() {
+    let Some(m) = model() else {
+        return;
+    };
+    let ids = tokens(m, 40);
+    let q = plan(m, 4, 8);
+    let e = q.engine(2).expect("engine");
+    let mut s = e.session(ids.len());
+    let de = s
+        .forward_mode(&ids, RunMode::DecodeEquivalent)
+        .expect("decode-equivalent");
+    // a reset session starts without a tail (as `wkvc eval` runs window after window)
+    s.reset();
+    let again = s
+        .forward_mode(&ids, RunMode::DecodeEquivalent)
+        .expect("after a reset");
+    assert_eq!(again, de);
+    // token by token from the first position: every step reads its window's earlier rows from
+    // the tail the previous steps left
+    let (d, _) = max_abs_diff(&stepped(&q, &ids, 1), &de);
+    assert!(d <= 1e-4, "token by token differs by {d}");
+    // the window matters: the same plan with a window of 1 reads differently
+    let de1 = plan(m, 4, 1)
+        .engine(2)
+        .expect("engine")
+        .session(ids.len())
+        .forward_mode(&ids, RunMode::DecodeEquivalent)
+        .expect("decode-equivalent");
+    let (d1, _) = max_abs_diff(&de1, &de);
+    assert!(
+        d1 > 1e-2,
+        "a window of 8 reads as a window of 1 (difference {d1})"
+    );
+}
+
+#[test]
+fn a_window_covering_the_context_is_the_full_precision_cache() {
+    let Some(m) = model() else {
+        return;
+    };
+    let ids = tokens(m, 24);
+    let fp = plan(m, 16, 1)
+        .engine(2)
+        .expect("engine")
+        .session(ids.len())
+        .forward_mode(&ids, RunMode::DecodeEquivalent)
+        .expect("fp");
+    let q = plan(m, 3, 24);
+    let de = q
+        .engine(2)
+        .expect("engine")
+        .session(ids.len())
+        .forward_mode(&ids, RunMode::DecodeEquivalent)
+        .expect("decode-equivalent");
+    let (d, _) = max_abs_diff(&de, &fp);
+    assert!(d <= 1e-4, "decode-equivalent differs from FP by {d}");
+    // a prefill of 10, then decoding: the tail holds every earlier position
+    let (d, _) = max_abs_diff(&stepped(&q, &ids, 10), &fp);
+    assert!(d <= 1e-4, "prefill + decode differs from FP by {d}");
+}
+
+#[test]
+fn the_cuda_engine_refuses_a_window_plan_by_name() {
+    let Some(m) = model() else {
+        return;
+    };
+    let q = plan(m, 4, 8);
+    let err = q
+        .engine_kind(1, EngineKind::CudaEmulated { mma: false })
+        .err()
+        .expect("the CUDA engine refuses a window plan");
+    assert!(err.to_string().contains("recent window"), "{err}");
+    // a window of 1 is past-only as before: no attribute
+    assert!(
+        plan(m, 4, 1)
+            .module
+            .graph
+            .nodes
+            .iter()
+            .all(|n| n.attr("kv_window").is_none())
+    );
+}
+
+#[test]
+fn the_cpu_engine_keeps_the_window_as_the_interpreter_does() {
+    let Some(m) = model() else {
+        return;
+    };
+    // smoothing from text sampled by the model is not needed: RTN without smoothing, and
+    // with the rotation (the window's rows are read in the rotated basis)
+    let o = CompileOptions {
+        wbits: 16,
+        kvbits: 4,
+        smooth: false,
+        kv_rotate: 64,
+        kv_window: 8,
+        threads: 2,
+        ..Default::default()
+    };
+    let c = compile::quantize(m, &o, None, &mut |_| {}).expect("quantize");
+    let q = m.with_module(c.module, None);
+    let it = q.engine_kind(2, EngineKind::Interp).expect("interpreter");
+    let eng = q
+        .engine_kind(2, EngineKind::Cpu { act: Act::F32 })
+        .expect("the CPU engine takes a window plan");
+    let prompt = tokens(m, 20);
+    let more = tokens(m, 32)[20..].to_vec();
+    let mut steps: Vec<&[u32]> = vec![&prompt[..5], &prompt[5..]];
+    steps.extend(more.iter().map(std::slice::from_ref));
+    // prefill chunks (the second reads the first's tail), then decode steps crossing the
+    // window's length; and the decode-equivalent protocol in two chunks; each call against
+    // the interpreter replaying the engine's cache (the bounds of demo_cpu's exact path)
+    for (mode, chunks) in [
+        (RunMode::Prefill, &steps[..]),
+        (
+            RunMode::DecodeEquivalent,
+            &[&prompt[..12], &prompt[12..]][..],
+        ),
+    ] {
+        let a = agreement(&it, &eng, chunks, mode, 64);
+        eprintln!("window 8 {mode:?}: {}", a.summary());
+        assert!(a.max_abs <= 1e-3, "max |diff| {}", a.max_abs);
+        assert!(a.kv_excess <= 1e-3, "K/V {}", a.summary());
+    }
+    // a cache exported after a prefill and loaded into a fresh session decodes the same
+    let mut s = eng.session(64);
+    s.forward(&prompt).expect("prefill");
+    let cache = s.kv_cache().expect("export");
+    let next = s.prefill(&more[..1]).expect("step").to_vec();
+    let mut t = eng.session(64);
+    t.load_kv(&cache).expect("load");
+    assert_eq!(t.prefill(&more[..1]).expect("step"), &next[..]);
+}
