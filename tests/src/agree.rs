@@ -86,6 +86,25 @@ impl Agreement {
         )
     }
 
+    /// Compare the full-precision tails of a recent window (`KvLayer::wk/wv`): the same
+    /// number of rows, each value within `kv_excess` of the row's max |value|.
+    fn add_tail(&mut self, engine: &KvLayer, own: &KvLayer) {
+        assert_eq!(
+            engine.window_rows(),
+            own.window_rows(),
+            "the engine's recent window holds another number of rows"
+        );
+        for (e, i) in [(&engine.wk, &own.wk), (&engine.wv, &own.wv)] {
+            for (re, ri) in e.chunks(own.width).zip(i.chunks(own.width)) {
+                let m = ri.iter().fold(0f32, |a, x| a.max(x.abs())).max(1e-6) as f64;
+                for (x, y) in re.iter().zip(ri) {
+                    self.kv_values += 1;
+                    self.kv_excess = self.kv_excess.max((x - y).abs() as f64 / m);
+                }
+            }
+        }
+    }
+
     /// Compare the rows `past..` that the engine wrote (`engine`) with those the interpreter
     /// computed for them (`own`, rows from 0).
     fn add_kv(&mut self, engine: &KvLayer, past: usize, own: &KvLayer) {
@@ -189,6 +208,11 @@ pub fn check_call(
     );
     for (id, l) in own.computed() {
         a.add_kv(&written.layers()[id], past, l);
+    }
+    // a recent window's tail after the call: the engine's against the interpreter's (both
+    // the full-precision K/V of the same positions: only their f32 inputs differ)
+    for (id, l) in own.layers() {
+        a.add_tail(&written.layers()[id], l);
     }
 }
 

@@ -308,7 +308,8 @@ impl CpuEngine {
                         codes,
                         params: [vec![0u32; params], vec![0u32; params]],
                         window,
-                        tail: Vec::with_capacity((window - 1) * 2 * w),
+                        // at most the context's rows (a window may exceed it)
+                        tail: Vec::with_capacity((window - 1).min(max_ctx) * 2 * w),
                     },
                 );
             }
@@ -529,7 +530,8 @@ impl CpuKv {
             .map(|(id, _)| *id)
         {
             return Err(err(format!(
-                "the cache has no layer {id} of this plan's shape with {n} rows"
+                "the cache has no layer {id} of this plan's shape with {n} rows (and, for a \
+                 plan with a recent window, the full-precision rows of the window before them)"
             )));
         }
         for (id, lc) in self.layers.iter_mut() {
