@@ -54,6 +54,15 @@ fn stepped(q: &Model, ids: &[u32], chunk: usize) -> Vec<f32> {
     all
 }
 
+/// Logits of every position under the decode-equivalent protocol, a fresh session.
+fn decode_equivalent(q: &Model, ids: &[u32]) -> Vec<f32> {
+    q.engine(2)
+        .expect("engine")
+        .session(ids.len())
+        .forward_mode(ids, RunMode::DecodeEquivalent)
+        .expect("decode-equivalent")
+}
+
 #[test]
 fn decoding_with_a_window_equals_the_decode_equivalent_protocol() {
     let Some(m) = model() else {
@@ -77,12 +86,7 @@ fn decoding_with_a_window_equals_the_decode_equivalent_protocol() {
     let (d, _) = max_abs_diff(&stepped(&q, &ids, 1), &de);
     assert!(d <= 1e-4, "token by token differs by {d}");
     // the window matters: the same plan with a window of 1 reads differently
-    let de1 = plan(m, 4, 1)
-        .engine(2)
-        .expect("engine")
-        .session(ids.len())
-        .forward_mode(&ids, RunMode::DecodeEquivalent)
-        .expect("decode-equivalent");
+    let de1 = decode_equivalent(&plan(m, 4, 1), &ids);
     let (d1, _) = max_abs_diff(&de1, &de);
     assert!(
         d1 > 1e-2,
@@ -96,19 +100,9 @@ fn a_window_covering_the_context_is_the_full_precision_cache() {
         return;
     };
     let ids = tokens(m, 24);
-    let fp = plan(m, 16, 1)
-        .engine(2)
-        .expect("engine")
-        .session(ids.len())
-        .forward_mode(&ids, RunMode::DecodeEquivalent)
-        .expect("fp");
+    let fp = decode_equivalent(&plan(m, 16, 1), &ids);
     let q = plan(m, 3, 24);
-    let de = q
-        .engine(2)
-        .expect("engine")
-        .session(ids.len())
-        .forward_mode(&ids, RunMode::DecodeEquivalent)
-        .expect("decode-equivalent");
+    let de = decode_equivalent(&q, &ids);
     let (d, _) = max_abs_diff(&de, &fp);
     assert!(d <= 1e-4, "decode-equivalent differs from FP by {d}");
     // a prefill of 10, then decoding: the tail holds every earlier position
