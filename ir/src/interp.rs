@@ -268,28 +268,16 @@ impl<'a> Interpreter<'a> {
         cache: &mut KvCache,
         mode: RunMode,
     ) -> Result<BTreeMap<String, Tensor>, Error> {
-        let before = cache.len;
-        cache.computed.clear();
-        // the recent windows' tails, which a run replaces: restored when it fails
-        let tails: BTreeMap<i64, (Vec<f32>, Vec<f32>)> = cache
-            .layers
-            .iter()
-            .filter(|(_, l)| !l.wk.is_empty())
-            .map(|(&id, l)| (id, (l.wk.clone(), l.wv.clone())))
-            .collect();
+        let before = cache.checkpoint();
         let r = self.pool.install(|| self.run_inner(inputs, cache, mode));
         match r {
             Ok((out, seq)) => {
-                cache.len = before + seq;
+                cache.len += seq;
                 Ok(out)
             }
             Err(e) => {
-                // Layers already run appended this chunk: cut every slot back.
-                cache.len = before;
-                cache.truncate(before);
-                for (id, l) in cache.layers.iter_mut() {
-                    (l.wk, l.wv) = tails.get(id).cloned().unwrap_or_default();
-                }
+                // Layers already run appended this chunk (and replaced their windows' tails)
+                cache.rollback(before);
                 Err(e)
             }
         }
@@ -915,13 +903,13 @@ impl<'a> Interpreter<'a> {
         if slot.width != kvw
             || slot.groups != ng
             || slot.row_bytes != row_bytes
-            || (held != past && held != past + s)
+            || (held != past && held < past + s)
         {
             return Err(ierr(
                 node,
                 format!(
                     "KV cache slot holds {held} rows of {} values ({} bytes each), expected \
-                     {past} (or {} to replay) of {kvw} ({row_bytes} bytes)",
+                     {past} (or at least {} to replay) of {kvw} ({row_bytes} bytes)",
                     slot.width,
                     slot.row_bytes,
                     past + s
@@ -987,8 +975,11 @@ impl<'a> Interpreter<'a> {
                 let mut kall = dequantize_kv(&slot.kc[..cp], &slot.kp[..pp], ng, gs, b, ks);
                 let mut vall = dequantize_kv(&slot.vc[..cp], &slot.vp[..pp], ng, gs, b, kd);
                 if replay {
-                    kq = dequantize_kv(&slot.kc[cp..], &slot.kp[pp..], ng, gs, b, ks);
-                    vq = dequantize_kv(&slot.vc[cp..], &slot.vp[pp..], ng, gs, b, kd);
+                    // the held rows of this chunk's positions (a call in chunks replays its
+                    // held rows chunk by chunk)
+                    let (ce, pe) = (cp + s * row_bytes, pp + s * ng);
+                    kq = dequantize_kv(&slot.kc[cp..ce], &slot.kp[pp..pe], ng, gs, b, ks);
+                    vq = dequantize_kv(&slot.vc[cp..ce], &slot.vp[pp..pe], ng, gs, b, kd);
                     (own.kc, own.vc, own.kp, own.vp) = (kc, vc, kp, vp);
                 } else {
                     slot.kc.extend_from_slice(&kc);
@@ -1002,9 +993,13 @@ impl<'a> Interpreter<'a> {
                     // the next tail: the last window - 1 positions of the old one and the chunk
                     let keep = (window - 1).min(past + s);
                     let next = |old: &[f32], new: &[f32]| {
-                        let mut t = old.to_vec();
-                        t.extend_from_slice(new);
-                        t.split_off(t.len() - keep * kvw)
+                        // the last `keep` rows of old ++ new
+                        let from_new = keep.min(s) * kvw;
+                        let from_old = keep * kvw - from_new;
+                        let mut t = Vec::with_capacity(keep * kvw);
+                        t.extend_from_slice(&old[old.len() - from_old..]);
+                        t.extend_from_slice(&new[new.len() - from_new..]);
+                        t
                     };
                     (slot.wk, slot.wv) = (next(&tk, k), next(&tv, v));
                 }
@@ -1012,16 +1007,18 @@ impl<'a> Interpreter<'a> {
             }
         };
         if replay {
-            cache.computed.insert(layer, own);
+            cache.computed.entry(layer).or_default().append(own);
         }
         // Does chunk query i (position past + i) read position j in full precision? All of
         // them without KV quantization; with past-only, the last `window` positions up to its
         // own and, in prefill, the whole chunk; the rest as the cache gives them back.
+        let prefill = mode == RunMode::Prefill;
         let fp = |i: usize, j: usize| -> bool {
             let p = past + i;
             bits.is_none()
                 || past_only
-                    && ((mode == RunMode::Prefill && j >= past) || (j <= p && p - j < window))
+                    && (j <= p || prefill)
+                    && j >= crate::kvcache::window_start(p, window, past, prefill)
         };
         let total = past + s;
         let group = h / kvh;

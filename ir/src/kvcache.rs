@@ -6,9 +6,9 @@
 //!
 //! A cache can be exported from one engine and loaded into another (`KvCache::layer`,
 //! `KvCache::from_layers`). A cache whose layers hold more rows than its length *replays*
-//! them: the next run's attention reads those rows wherever it would read its own quantized
+//! them: the next runs' attention reads those rows wherever it would read its own quantized
 //! K/V of the chunk, and keeps what it computed itself in `KvCache::computed` instead of
-//! appending it. Replaying another engine's cache makes the interpreter's output a
+//! appending it (a call run in chunks replays the held rows chunk by chunk). Replaying another engine's cache makes the interpreter's output a
 //! deterministic function of that engine's cache contents, which is how the engines are
 //! checked against it without depending on where 4-bit rounding boundaries fall.
 
@@ -67,6 +67,16 @@ pub fn node_window(node: &crate::graph::Node) -> usize {
         .and_then(|w| usize::try_from(w).ok())
         .filter(|&w| w >= 1)
         .unwrap_or(1)
+}
+
+/// The recent window's read rule: the first position a past-only reader at position `p`
+/// reads in full precision with a window of `window` positions (its own included; 1: itself
+/// only); older ones come from the quantized cache. In prefill the chunk's own positions (from
+/// `past` on) are read in full precision as well. The reference interpreter, the autodiff
+/// rule and the compiled engines all read by this one rule.
+pub fn window_start(p: usize, window: usize, past: usize, prefill: bool) -> usize {
+    let a = (p + 1).saturating_sub(window.max(1));
+    if prefill { a.min(past) } else { a }
 }
 
 /// Bytes of one row of `width` codes of `bits` bits.
@@ -169,6 +179,20 @@ impl KvLayer {
         self.vp.truncate(n * self.groups);
     }
 
+    /// Append `other`'s rows (the same layout; an empty layer takes `other`'s).
+    pub fn append(&mut self, other: KvLayer) {
+        if self.width == 0 {
+            *self = other;
+            return;
+        }
+        self.k.extend_from_slice(&other.k);
+        self.v.extend_from_slice(&other.v);
+        self.kc.extend_from_slice(&other.kc);
+        self.vc.extend_from_slice(&other.vc);
+        self.kp.extend_from_slice(&other.kp);
+        self.vp.extend_from_slice(&other.vp);
+    }
+
     /// Rows `from..` only.
     pub fn tail(&self, from: usize) -> KvLayer {
         KvLayer {
@@ -220,10 +244,17 @@ impl KvLayer {
 #[derive(Clone, Debug)]
 pub struct KvCache {
     pub(crate) layers: BTreeMap<i64, KvLayer>,
-    /// what a replaying run computed itself for the replayed rows
+    /// what the replaying runs computed themselves for the replayed rows
     pub(crate) computed: BTreeMap<i64, KvLayer>,
     pub(crate) len: usize,
     pub(crate) max_len: usize,
+}
+
+/// What `KvCache::rollback` returns a cache to: its length and its recent windows' tails.
+#[derive(Clone, Debug)]
+pub struct KvCheckpoint {
+    len: usize,
+    tails: BTreeMap<i64, (Vec<f32>, Vec<f32>)>,
 }
 
 impl KvCache {
@@ -282,6 +313,29 @@ impl KvCache {
         })
     }
 
+    /// The cache as it is now, to return to when runs that follow fail.
+    pub fn checkpoint(&self) -> KvCheckpoint {
+        KvCheckpoint {
+            len: self.len,
+            tails: self
+                .layers
+                .iter()
+                .filter(|(_, l)| !l.wk.is_empty())
+                .map(|(&id, l)| (id, (l.wk.clone(), l.wv.clone())))
+                .collect(),
+        }
+    }
+
+    /// Back to `c`: the rows appended since cut off, the windows' tails restored (rows held
+    /// for replay past the checkpoint's length are dropped with them).
+    pub fn rollback(&mut self, c: KvCheckpoint) {
+        self.truncate(c.len);
+        self.len = c.len;
+        for (id, l) in self.layers.iter_mut() {
+            (l.wk, l.wv) = c.tails.get(id).cloned().unwrap_or_default();
+        }
+    }
+
     /// Tokens held (the `past` length).
     pub fn len(&self) -> usize {
         self.len
@@ -305,8 +359,9 @@ impl KvCache {
         self.layers.get(&layer)
     }
 
-    /// After a run that replayed held rows: per layer, the rows it computed itself for them
-    /// (codes and scale/zero of its own K/V, or its f32 rows), which it did not store.
+    /// After runs that replayed held rows: per layer, the rows they computed themselves for
+    /// them (codes and scale/zero of their own K/V, or their f32 rows), which they did not
+    /// store; in order, since the cache was made.
     pub fn computed(&self) -> &BTreeMap<i64, KvLayer> {
         &self.computed
     }
