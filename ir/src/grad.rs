@@ -371,7 +371,10 @@ pub fn attention_grads(
         None => (k.to_vec(), v.to_vec()),
     };
     let quantized = |i: usize, j: usize| {
-        spec.kv_bits.is_some() && !(spec.past_only && j <= i && i - j < spec.window.max(1))
+        spec.kv_bits.is_some()
+            && !(spec.past_only
+                && j <= i
+                && j >= crate::kvcache::window_start(i, spec.window, 0, false))
     };
     // Per query head: dq, and dK/dV split by whether the row was read full-precision or as
     // its round trip.

@@ -235,6 +235,12 @@ pub fn run(a: CompileArgs) -> Result<()> {
             mib(mem.kv_bytes),
             mem.max_ctx
         );
+        if mem.kv_tail_bytes > 0 {
+            println!(
+                "                + {} bytes a session: the recent window's rows in f32",
+                mem.kv_tail_bytes
+            );
+        }
     }
     let q = |k: &str| quality[k].as_f64().unwrap_or(f64::NAN);
     if opts.quality_check == compile::QualityCheck::None {

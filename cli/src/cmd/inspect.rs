@@ -81,6 +81,12 @@ pub fn run(a: InspectArgs) -> Result<()> {
                 ctx,
                 mib(mp.kv_bytes)
             );
+            if mp.kv_tail_bytes > 0 {
+                println!(
+                    "KV cache       {:>12} bytes a session (the recent window's rows in f32)",
+                    mp.kv_tail_bytes
+                );
+            }
             println!(
                 "arena          {:>12} bytes ({} buffers, chunk {} rows)",
                 mp.arena_bytes,
@@ -199,6 +205,12 @@ pub fn run(a: InspectArgs) -> Result<()> {
                     l.memory.max_ctx
                 );
                 let lp = m.lowered(l.act)?;
+                if lp.memory.kv_tail_bytes > 0 {
+                    println!(
+                        "             + {} bytes a session: the recent window's rows in f32",
+                        lp.memory.kv_tail_bytes
+                    );
+                }
                 println!(
                     "lowered      {} kernel launches ({} distinct kernels), {} activations",
                     lp.steps.len(),

@@ -33,6 +33,11 @@ pub struct MemoryPlan {
     pub kv_bytes_per_token: usize,
     /// KV cache at `max_ctx`.
     pub kv_bytes: usize,
+    /// The recent windows' full-precision tails (`--kv-window R`: the K and V of the last
+    /// R - 1 positions of each past-only layer in f32), at their full length: a session's
+    /// fixed reservation beside the per-token cache; 0 without a window.
+    #[serde(default)]
+    pub kv_tail_bytes: usize,
     /// The activation arena (kernel outputs).
     pub arena_bytes: usize,
     /// Per-call scratch with one worker: activation prep of the GEMMs (int8 codes, sums), rope
@@ -55,13 +60,14 @@ impl MemoryPlan {
             + embed(ctx)
             + self.derived_bytes
             + self.kv_bytes_per_token * ctx
+            + self.kv_tail_bytes
             + self.arena_bytes
             + self.scratch(threads)
     }
 
     /// Bytes one decode step reads from memory at `ctx` tokens of context: every weight the
     /// kernels read (the engine's copies and the params read as stored), one row of an
-    /// embedding-only table, and the KV cache of `ctx` tokens. Activations stay in cache and
+    /// embedding-only table, and the KV cache of `ctx` tokens (with the recent windows' tails). Activations stay in cache and
     /// are not counted: this is the floor a decode step at memory bandwidth needs.
     pub fn decode_bytes(&self, ctx: usize) -> usize {
         let embed_all = self.embed_rows.min(self.max_ctx) * self.embed_row_bytes;
@@ -70,6 +76,7 @@ impl MemoryPlan {
             + embed_one
             + self.derived_bytes
             + self.kv_bytes_per_token * ctx
+            + self.kv_tail_bytes
     }
 
     /// Per-call scratch on `threads` workers.
@@ -93,6 +100,24 @@ pub fn kv_bytes_per_token(spec: &KernelSpec) -> usize {
             let w = kv_heads * head_dim;
             let gl = wkvc_ir::kvcache::group_len(*kv_group, *head_dim);
             wkvc_ir::kvcache::bytes_per_token(w, w / gl.max(1), *kv_bits, 2)
+        }
+        _ => 0,
+    }
+}
+
+/// Bytes of a past-only attention's recent-window tail at its full length: the f32 K and V of
+/// the last R - 1 positions (at most `max_ctx`), as the CPU engine reserves it.
+pub fn kv_tail_bytes(spec: &KernelSpec, node: &wkvc_ir::graph::Node, max_ctx: usize) -> usize {
+    match spec {
+        KernelSpec::Attention {
+            kv_heads,
+            head_dim,
+            kv_bits,
+            past_only: true,
+            ..
+        } if *kv_bits < 16 => {
+            let rows = (wkvc_ir::kvcache::node_window(node) - 1).min(max_ctx);
+            rows * 2 * kv_heads * head_dim * 4
         }
         _ => 0,
     }
@@ -189,6 +214,7 @@ pub fn memplan(
             _ => {}
         }
         plan.kv_bytes_per_token += kv_bytes_per_token(&spec);
+        plan.kv_tail_bytes += kv_tail_bytes(&spec, n, max_ctx);
         // a value that dies here and may be overwritten in place
         let mut slot = None;
         for (ai, a) in n.args.iter().enumerate() {
@@ -264,6 +290,7 @@ pub fn memplan(
     plan.total_bytes = plan.weights_bytes
         + plan.derived_bytes
         + plan.kv_bytes
+        + plan.kv_tail_bytes
         + plan.arena_bytes
         + plan.scratch_bytes;
     Ok(plan)

@@ -89,18 +89,21 @@ impl CpuEngine {
             }
         }
         let mut segs = Vec::with_capacity(work.len());
-        // the recent windows' tails advance round by round: restored when a round fails
-        let tails: Vec<Vec<Vec<f32>>> = work.iter().map(|w| w.kv.tails()).collect();
+        // the recent windows' tails advance round by round as staged copies: committed when
+        // every round has run, dropped when one fails
         while next_round(work, &done, &mut segs) {
             if let Err(e) = self.round(&mut ws, work, &segs, &done) {
-                for (w, t) in work.iter_mut().zip(tails) {
-                    w.kv.restore_tails(t);
+                for w in work.iter_mut() {
+                    w.kv.drop_staged_tails();
                 }
                 return Err(e);
             }
             for s in &segs {
                 done[s.item] += s.rows;
             }
+        }
+        for w in work.iter_mut() {
+            w.kv.commit_tails();
         }
         if self.profile {
             tracing::info!(
@@ -449,35 +452,39 @@ impl CpuEngine {
                 // precision, one row each (K then V), the source the rows' window reads
                 let kvw = kvh * hd;
                 let window = if po && !q16 { st.window } else { 1 };
-                let fpsrc: Vec<Vec<f32>> = if window > 1 {
-                    segs.iter()
-                        .map(|sg| {
-                            let lc = work[sg.item].kv.layers.get(layer);
-                            let mut b = lc.map(|l| l.tail.clone()).unwrap_or_default();
-                            if b.len() != (window - 1).min(sg.past) * 2 * kvw {
-                                return Err(err(format!(
-                                    "layer {layer}: the recent window's tail holds {} rows \
-                                     after {} tokens",
-                                    b.len() / (2 * kvw),
-                                    sg.past
-                                )));
-                            }
-                            for r in sg.at..sg.at + sg.rows {
-                                // SAFETY: rows of the round's qkv output, `width` floats each
-                                let row = unsafe {
-                                    std::slice::from_raw_parts(
-                                        (x + (r * width * 4) as u64) as *const f32,
-                                        width,
-                                    )
-                                };
-                                b.extend_from_slice(&row[h * hd..(h + 2 * kvh) * hd]);
-                            }
-                            Ok(b)
-                        })
-                        .collect::<Result<_, RuntimeError>>()?
-                } else {
-                    Vec::new()
-                };
+                if window > 1 {
+                    if ws.fpsrc.len() < segs.len() {
+                        ws.fpsrc.resize_with(segs.len(), Vec::new);
+                    }
+                    for (sg, b) in segs.iter().zip(ws.fpsrc.iter_mut()) {
+                        b.clear();
+                        let tail = work[sg.item]
+                            .kv
+                            .layers
+                            .get(layer)
+                            .map_or(&[][..], |l| l.current_tail());
+                        if tail.len() != (window - 1).min(sg.past) * 2 * kvw {
+                            return Err(err(format!(
+                                "layer {layer}: the recent window's tail holds {} rows after {} \
+                                 tokens",
+                                tail.len() / (2 * kvw),
+                                sg.past
+                            )));
+                        }
+                        b.extend_from_slice(tail);
+                        for r in sg.at..sg.at + sg.rows {
+                            // SAFETY: rows of the round's qkv output, `width` floats each
+                            let row = unsafe {
+                                std::slice::from_raw_parts(
+                                    (x + (r * width * 4) as u64) as *const f32,
+                                    width,
+                                )
+                            };
+                            b.extend_from_slice(&row[h * hd..(h + 2 * kvh) * hd]);
+                        }
+                    }
+                }
+                let fpsrc = &ws.fpsrc;
                 // (kv head, row) items, kv head first: consecutive items read one kv head's
                 // FP rows (a 512-token chunk's K and V of one head stay in L2; of all heads,
                 // they would not); a row's segment gives its cache and past
@@ -506,12 +513,12 @@ impl CpuEngine {
                                     // full precision from position a to the row's own (p);
                                     // the source's first row is position past - t
                                     let p = past + i;
-                                    let a = (p + 1).saturating_sub(window);
-                                    let a = if sg.mode == RunMode::Prefill {
-                                        a.min(past)
-                                    } else {
-                                        a
-                                    };
+                                    let a = wkvc_ir::kvcache::window_start(
+                                        p,
+                                        window,
+                                        past,
+                                        sg.mode == RunMode::Prefill,
+                                    );
                                     let t = (window - 1).min(past);
                                     let b0 = fpsrc[si].as_ptr() as u64;
                                     (
@@ -556,11 +563,11 @@ impl CpuEngine {
                     }
                 });
                 // the tails after these rows: the last window - 1 rows of each source
-                for (sg, src) in segs.iter().zip(&fpsrc) {
-                    if let Some(lc) = work[sg.item].kv.layers.get_mut(layer) {
-                        let keep = (window - 1).min(sg.past + sg.rows) * 2 * kvw;
-                        lc.tail.clear();
-                        lc.tail.extend_from_slice(&src[src.len() - keep..]);
+                if window > 1 {
+                    for (sg, src) in segs.iter().zip(fpsrc) {
+                        if let Some(lc) = work[sg.item].kv.layers.get_mut(layer) {
+                            lc.stage_tail(src, (window - 1).min(sg.past + sg.rows));
+                        }
                     }
                 }
             }

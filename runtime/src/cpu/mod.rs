@@ -82,6 +82,8 @@ pub(crate) struct Workspace {
     lout: Vec<f32>,
     /// per-round bindings of the sessions' caches (reused, no allocation per step)
     segkv: Vec<[u64; 4]>,
+    /// a recent window's full-precision source per segment: its tail, then its rows' K and V
+    fpsrc: Vec<Vec<f32>>,
 }
 
 /// A compiled plan, ready to make sessions. `Send + Sync`: threads share it, and its calls
@@ -272,6 +274,24 @@ impl CpuEngine {
         self.threads
     }
 
+    /// Bytes of a session's recent-window tails (f32 K and V of the last R - 1 positions per
+    /// past-only layer) once it holds `ctx` tokens.
+    pub(crate) fn kv_tail_bytes(&self, ctx: usize) -> usize {
+        self.steps
+            .iter()
+            .map(|s| match &s.spec {
+                KernelSpec::Attention {
+                    kv_heads,
+                    head_dim,
+                    kv_bits,
+                    past_only: true,
+                    ..
+                } if *kv_bits < 16 => (s.window - 1).min(ctx) * 2 * kv_heads * head_dim * 4,
+                _ => 0,
+            })
+            .sum()
+    }
+
     /// An empty KV cache of `max_ctx` tokens for a session.
     pub(crate) fn new_kv(&self, max_ctx: usize) -> CpuKv {
         let mut layers = BTreeMap::new();
@@ -310,6 +330,8 @@ impl CpuEngine {
                         window,
                         // at most the context's rows (a window may exceed it)
                         tail: Vec::with_capacity((window - 1).min(max_ctx) * 2 * w),
+                        next: Vec::with_capacity((window - 1).min(max_ctx) * 2 * w),
+                        staged: false,
                     },
                 );
             }
@@ -365,6 +387,7 @@ impl Workspace {
             lx: vec![0f32; dim],
             lout: Vec::new(),
             segkv: Vec::new(),
+            fpsrc: Vec::new(),
         })
     }
 }
@@ -384,6 +407,10 @@ struct LayerCache {
     /// with a window: the full-precision K and V (`width` each, K first) of the last
     /// min(window - 1, length) positions before the cache's length
     tail: Vec<f32>,
+    /// the tail as the running call has advanced it (`staged`): it becomes `tail` when the
+    /// call succeeds and is dropped when it fails, so a failed call leaves the cache as it was
+    next: Vec<f32>,
+    staged: bool,
 }
 
 impl LayerCache {
@@ -394,6 +421,19 @@ impl LayerCache {
     /// Rows of the recent window's tail a cache of `len` tokens has.
     fn tail_len(&self, len: usize) -> usize {
         (self.window - 1).min(len)
+    }
+
+    /// The tail the running call reads: as advanced by its earlier rounds, or the cache's.
+    fn current_tail(&self) -> &[f32] {
+        if self.staged { &self.next } else { &self.tail }
+    }
+
+    /// Advance the running call's tail to the last `rows` rows of `src`.
+    fn stage_tail(&mut self, src: &[f32], rows: usize) {
+        self.next.clear();
+        self.next
+            .extend_from_slice(&src[src.len() - rows * 2 * self.width..]);
+        self.staged = true;
     }
 
     /// Rows the tail holds now.
@@ -440,18 +480,28 @@ impl CpuKv {
     pub(crate) fn reset(&mut self) {
         for lc in self.layers.values_mut() {
             lc.tail.clear();
+            lc.staged = false;
         }
     }
 
-    /// Every layer's recent-window tail (restored when a run fails).
-    pub(crate) fn tails(&self) -> Vec<Vec<f32>> {
-        self.layers.values().map(|lc| lc.tail.clone()).collect()
+    /// The call succeeded: the recent-window tails it advanced become the cache's.
+    pub(crate) fn commit_tails(&mut self) {
+        for lc in self.layers.values_mut().filter(|lc| lc.staged) {
+            std::mem::swap(&mut lc.tail, &mut lc.next);
+            lc.staged = false;
+        }
     }
 
-    pub(crate) fn restore_tails(&mut self, tails: Vec<Vec<f32>>) {
-        for (lc, t) in self.layers.values_mut().zip(tails) {
-            lc.tail = t;
+    /// The call failed: the tails it advanced are dropped, the cache's stay.
+    pub(crate) fn drop_staged_tails(&mut self) {
+        for lc in self.layers.values_mut() {
+            lc.staged = false;
         }
+    }
+
+    /// Bytes the recent windows' tails hold now.
+    pub(crate) fn tail_bytes(&self) -> usize {
+        self.layers.values().map(|lc| 4 * lc.tail.len()).sum()
     }
 
     /// The first `n` tokens in the interpreter's form (the layout is the same).
@@ -536,6 +586,7 @@ impl CpuKv {
         }
         for (id, lc) in self.layers.iter_mut() {
             let Some(l) = cache.layer(*id) else { continue };
+            lc.staged = false;
             if l.is_quantized() {
                 lc.tail.clear();
                 for (k, v) in l.wk.chunks(lc.width).zip(l.wv.chunks(lc.width)) {
