@@ -180,24 +180,6 @@ impl Engine {
             threads: opts.threads.max(1),
             ..opts
         };
-        if matches!(
-            kind,
-            EngineKind::Cuda { .. } | EngineKind::CudaEmulated { .. }
-        ) && let Some(w) = model
-            .module
-            .graph
-            .nodes
-            .iter()
-            .filter(|n| n.op == wkvc_ir::OpKind::Attention)
-            .map(wkvc_ir::kvcache::node_window)
-            .find(|&w| w > 1)
-        {
-            return Err(RuntimeError::Invalid(format!(
-                "the CUDA engine does not keep a recent window's full-precision rows yet (this \
-                 plan's attention reads the last {w} positions so, --kv-window); run it on the \
-                 CPU engine or the interpreter"
-            )));
-        }
         let backend = match kind {
             EngineKind::Interp => Backend::Interp(interp::InterpEngine::new(model, opts)?),
             EngineKind::Cpu { act } => {
@@ -261,6 +243,17 @@ impl Engine {
             Backend::Interp(i) => i.kv_bytes_per_token(),
             Backend::Cpu(c) => c.memory_plan().kv_bytes_per_token,
             Backend::Cuda(c) => c.memory_plan().kv_bytes_per_token,
+        }
+    }
+
+    /// Bytes of the recent windows' full-precision tails (`--kv-window`) beside the per-token
+    /// cache once a session holds `ctx` tokens: constant from R - 1 tokens on; 0 without a
+    /// window.
+    pub fn kv_tail_bytes(&self, ctx: usize) -> usize {
+        match &self.0.backend {
+            Backend::Interp(i) => i.kv_tail_bytes(ctx),
+            Backend::Cpu(c) => c.kv_tail_bytes(ctx),
+            Backend::Cuda(c) => c.kv_tail_bytes(ctx),
         }
     }
 
@@ -360,17 +353,18 @@ impl Session {
         }
     }
 
-    /// Bytes the KV cache holds now.
+    /// Bytes the KV cache holds now (with the recent windows' full-precision tails).
     pub fn kv_bytes(&self) -> usize {
         match &self.kv {
             Kv::Interp(c) => c.bytes(),
-            _ => self.len * self.engine.kv_bytes_per_token(),
+            Kv::Cpu(k) => self.len * self.engine.kv_bytes_per_token() + k.tail_bytes(),
+            Kv::Cuda(k) => self.len * self.engine.kv_bytes_per_token() + k.tail_bytes(self.len),
         }
     }
 
-    /// Bytes allocated for the cache (at its maximum context).
+    /// Bytes allocated for the cache (at its maximum context, with the windows' tails).
     pub fn kv_capacity_bytes(&self) -> usize {
-        self.max_ctx * self.engine.kv_bytes_per_token()
+        self.max_ctx * self.engine.kv_bytes_per_token() + self.engine.kv_tail_bytes(self.max_ctx)
     }
 
     /// The logits of the last token run.

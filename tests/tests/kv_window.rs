@@ -2,15 +2,16 @@
 //! reference interpreter: decoding token by token equals the decode-equivalent protocol (the
 //! window's full-precision tail carried from step to step reads as the chunk's own rows), a
 //! window covering the context equals the full-precision cache, the CPU engine keeps the
-//! window as the interpreter does, and the CUDA engine, which does not keep it yet, refuses
-//! such a plan with an error naming it.
+//! window as the interpreter does (also across the rounds of a call longer than a chunk, and
+//! counts the tail's bytes), and so does the CUDA engine on the host emulator. Batched window
+//! sessions: `runtime_core.rs`.
 
 use std::sync::OnceLock;
 use wkvc_ir::{Act, RunMode};
 use wkvc_runtime::compile::{self, CompileOptions};
 use wkvc_runtime::{EngineKind, Model};
 use wkvc_tests::agree::agreement;
-use wkvc_tests::{demo_model, max_abs_diff};
+use wkvc_tests::{demo_model, max_abs_diff, temp_dir, tiny_config, tiny_weights, write_gguf};
 
 fn model() -> Option<&'static Model> {
     static M: OnceLock<Option<Model>> = OnceLock::new();
@@ -111,16 +112,10 @@ fn a_window_covering_the_context_is_the_full_precision_cache() {
 }
 
 #[test]
-fn the_cuda_engine_refuses_a_window_plan_by_name() {
+fn a_window_of_one_is_no_attribute() {
     let Some(m) = model() else {
         return;
     };
-    let q = plan(m, 4, 8);
-    let err = q
-        .engine_kind(1, EngineKind::CudaEmulated { mma: false })
-        .err()
-        .expect("the CUDA engine refuses a window plan");
-    assert!(err.to_string().contains("recent window"), "{err}");
     // a window of 1 is past-only as before: no attribute
     assert!(
         plan(m, 4, 1)
@@ -129,6 +124,14 @@ fn the_cuda_engine_refuses_a_window_plan_by_name() {
             .nodes
             .iter()
             .all(|n| n.attr("kv_window").is_none())
+    );
+    assert!(
+        plan(m, 4, 8)
+            .module
+            .graph
+            .nodes
+            .iter()
+            .any(|n| n.attr("kv_window").is_some())
     );
 }
 
@@ -181,4 +184,68 @@ fn the_cpu_engine_keeps_the_window_as_the_interpreter_does() {
     let mut t = eng.session(64);
     t.load_kv(&cache).expect("load");
     assert_eq!(t.prefill(&more[..1]).expect("step"), &next[..]);
+}
+
+#[test]
+fn a_call_longer_than_a_chunk_carries_the_window_from_round_to_round() {
+    // a tiny model with a context beyond the engine's chunk of 512 rows: one call of 700
+    // tokens runs in two rounds, the second reading the tails the first staged
+    let mut cfg = tiny_config("llama");
+    cfg.max_position_embeddings = 1024;
+    // the CPU engine's rope_kv takes head dims in multiples of 32
+    cfg.head_dim = 32;
+    cfg.hidden_size = 128;
+    cfg.intermediate_size = 160;
+    let dir = temp_dir("kv-window-long");
+    write_gguf(&dir.join("tiny.gguf"), &cfg, &tiny_weights(&cfg, 5), false);
+    let m = Model::open(&dir.join("tiny.gguf")).expect("open tiny");
+    let window = 6;
+    let q = plan(&m, 4, window);
+    let it = q.engine_kind(1, EngineKind::Interp).expect("interpreter");
+    let eng = q
+        .engine_kind(2, EngineKind::Cpu { act: Act::F32 })
+        .expect("CPU engine");
+    let cuda = q
+        .engine_kind(1, EngineKind::CudaEmulated { mma: false })
+        .expect("the CUDA engine on the host emulator");
+    let ids: Vec<u32> = (0..720).map(|i| ((i * 37 + 11) % 300) as u32).collect();
+    let mut chunks: Vec<&[u32]> = vec![&ids[..700]];
+    chunks.extend(ids[700..710].chunks(1));
+    for e in [&eng, &cuda] {
+        for (mode, chunks) in [
+            (RunMode::Prefill, &chunks[..]),
+            (RunMode::DecodeEquivalent, &[&ids[..600], &ids[600..]][..]),
+        ] {
+            let a = agreement(&it, e, chunks, mode, 1024);
+            let what = format!("{}: 700-token call, window {window} {mode:?}", e.describe());
+            eprintln!("{what}: {}", a.summary());
+            assert!(a.max_abs <= 1e-3, "{what}: max |diff| {}", a.max_abs);
+            assert!(a.kv_excess <= 1e-3, "{what}: K/V {}", a.summary());
+        }
+    }
+    // the tail's bytes: (window - 1) rows of K and V in f32 per layer, beside the codes
+    let mut s = eng.session(1024);
+    s.forward(&ids[..3]).expect("prefill");
+    let kvw = cfg.num_kv_heads * cfg.head_dim;
+    let row = cfg.num_layers * 2 * kvw * 4;
+    assert_eq!(s.kv_bytes(), 3 * eng.kv_bytes_per_token() + 3 * row);
+    s.forward(&ids[3..40]).expect("more");
+    let tail = (window - 1) * row;
+    assert_eq!(s.kv_bytes(), 40 * eng.kv_bytes_per_token() + tail);
+    assert_eq!(eng.kv_tail_bytes(1024), tail);
+    assert_eq!(it.kv_tail_bytes(1024), tail);
+    assert_eq!(cuda.kv_tail_bytes(1024), tail);
+    let memory = eng.cpu().expect("a CPU engine").memory_plan();
+    assert_eq!(memory.kv_tail_bytes, tail);
+    assert_eq!(
+        s.kv_capacity_bytes(),
+        1024 * eng.kv_bytes_per_token() + tail
+    );
+    // without a window there is no tail
+    let q1 = plan(&m, 4, 1);
+    let e1 = q1
+        .engine_kind(1, EngineKind::Cpu { act: Act::F32 })
+        .expect("CPU engine");
+    assert_eq!(e1.kv_tail_bytes(1024), 0);
+    assert_eq!(e1.cpu().expect("cpu").memory_plan().kv_tail_bytes, 0);
 }

@@ -45,6 +45,11 @@ fn handles_have_the_bounds_a_service_needs() {
 
 /// A tiny LLaMA with head dim 32, compiled W4 with a `kvbits` cache.
 fn plan(tag: &str, kvbits: u32) -> Model {
+    plan_window(tag, kvbits, 1)
+}
+
+/// `plan` with a recent window of `window` positions read in full precision.
+fn plan_window(tag: &str, kvbits: u32, window: usize) -> Model {
     let mut cfg = tiny_config("llama");
     cfg.head_dim = 32;
     cfg.hidden_size = 128;
@@ -58,6 +63,7 @@ fn plan(tag: &str, kvbits: u32) -> Model {
         kvbits,
         calib_tokens: Some(64),
         calib_window: 32,
+        kv_window: window,
         threads: 1,
         ..Default::default()
     };
@@ -144,6 +150,14 @@ fn batch_equals_serial(engine: &Engine, label: &str, check: Check) {
             })
             .collect();
         let past: Vec<usize> = ss.iter().map(Session::len).collect();
+        // the caches before the call (a recent window's tail is replayed from them)
+        let before: Vec<_> = match check {
+            Check::Replay(_) => ss
+                .iter()
+                .map(|s| Some(s.kv_cache().expect("the engine's cache")))
+                .collect(),
+            Check::Exact => vec![None; ss.len()],
+        };
         let mut batch: Vec<BatchItem> = ss
             .iter_mut()
             .zip(&toks)
@@ -164,7 +178,7 @@ fn batch_equals_serial(engine: &Engine, label: &str, check: Check) {
                     64,
                     past[s],
                     &written,
-                    None,
+                    before[s].as_ref(),
                     (&toks[s], RunMode::Prefill),
                     sess.logits(),
                     &mut agree,
@@ -250,6 +264,19 @@ fn batched_steps_equal_one_session_at_a_time() {
             Check::Replay(&it),
         );
     }
+    // a recent window of 4: each session's tail advances in its own segment of the batched
+    // calls, crossing the window's length as the sessions decode
+    let m = plan_window("core-batch-window", 4, 4);
+    for act in [Act::F32, Act::Int8] {
+        let e = m.engine_kind(2, EngineKind::Cpu { act }).expect("engine");
+        batch_equals_serial(&e, &format!("cpu {act:?} kv4 window 4"), Check::Exact);
+    }
+    let it = m.engine_kind(1, EngineKind::Interp).expect("interp");
+    batch_equals_serial(&it, "interp kv4 window 4", Check::Exact);
+    let e = m
+        .engine_kind(1, EngineKind::CudaEmulated { mma: false })
+        .expect("the CUDA engine on the host emulator");
+    batch_equals_serial(&e, "cuda (emulated) kv4 window 4", Check::Replay(&it));
 }
 
 #[test]

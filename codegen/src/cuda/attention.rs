@@ -18,7 +18,11 @@ use wkvc_ir::kernel::args::*;
 /// Which tokens row i sees (past = state[0], the cached tokens before the chunk; `decode` = the
 /// decode-equivalent protocol): a 16-bit cache: cache rows 0..past+i+1 in FP; not past-only:
 /// past+i+1 packed tokens; past-only: past (prefill protocol) or past+i (decode) packed
-/// tokens, then the chunk's rows 0..i+1 (prefill) or i..i+1 (decode) in FP.
+/// tokens, then the chunk's rows 0..i+1 (prefill) or i..i+1 (decode) in FP; with a recent
+/// window of `win` > 1 positions (`--kv-window`): the packed tokens below
+/// `ir::kvcache::window_start`, then FP rows of `wsrc`, which `{name}_wput` fills before (the
+/// tail's rows, then the chunk's) and from which `{name}_wkeep` takes the next tail after
+/// (both emitted for past-only quantized caches only).
 pub(super) fn emit_attention(
     s: &mut String,
     name: &str,
@@ -43,6 +47,8 @@ pub(super) fn emit_attention(
         ("const float*", "vsc", "vsc"),
         ("float*", "part", "part"),
         ("int", "splits", "splits"),
+        ("const float*", "wsrc", "wsrc"),
+        ("int", "win", "win"),
     ]);
     let unpack_merge = unpack(&[
         ("const float*", "part", "part"),
@@ -91,10 +97,20 @@ extern "C" __global__ void __launch_bounds__(TILE) {name}_split(const AttentionA
 #elif !PAST_ONLY
     nq = past + i + 1; f0 = 0; f1 = 0; kf = 0; vf = 0; ldf = 0;
 #else
-    nq = decode ? past + i : past;
-    f0 = decode ? i : 0;
-    f1 = i + 1;
-    kf = x + HEADS * HD; vf = x + (HEADS + KVH) * HD; ldf = WIDTH;
+    if (win > 1) {{
+        // full precision from position a0 (ir::kvcache::window_start) to the row's own, p;
+        // the source's first row is position past - t
+        int p = past + i, t = min(win - 1, past);
+        int a0 = max(p + 1 - win, 0);
+        if (!decode) a0 = min(a0, past);
+        nq = a0; f0 = a0 + t - past; f1 = p + t - past + 1;
+        kf = wsrc; vf = wsrc + KVH * HD; ldf = 2 * KVH * HD;
+    }} else {{
+        nq = decode ? past + i : past;
+        f0 = decode ? i : 0;
+        f1 = i + 1;
+        kf = x + HEADS * HD; vf = x + (HEADS + KVH) * HD; ldf = WIDTH;
+    }}
 #endif
     int total = nq + (f1 - f0);
     int per = (total + splits - 1) / splits;
@@ -279,5 +295,54 @@ extern "C" __global__ void {name}_merge(const AttentionArgs a) {{
         tile = ATTN_TILE,
         ngh = hd / gl,
         scale = 1.0 / (hd as f32).sqrt(),
+    );
+    if past_only && bits != 16 {
+        emit_window(s, name);
+    }
+}
+
+/// The recent window's two kernels (the `#define`s of `emit_attention` before them), one
+/// block a row of `2 * KVH * HD` floats (K then V). `{name}_wput` (grid: win - 1 + m): the
+/// segment's full-precision source `wsrc`: rows r < t = min(win - 1, past) from the tail
+/// `wbuf`, then the segment's m rows' K and V from the rope'd qkv rows `x`. `{name}_wkeep`
+/// (grid: win - 1): the last min(win - 1, t + m) rows of the source to `wbuf`, the next tail.
+fn emit_window(s: &mut String, name: &str) {
+    let unpack_put = unpack(&[
+        ("const float*", "x", "q"),
+        ("int", "m", "m"),
+        ("const int*", "state", "state"),
+        ("int", "win", "win"),
+        ("float*", "wsrc", "wsrc"),
+        ("const float*", "wbuf", "wbuf"),
+    ]);
+    let unpack_keep = unpack(&[
+        ("int", "m", "m"),
+        ("const int*", "state", "state"),
+        ("int", "win", "win"),
+        ("const float*", "wsrc", "wsrc"),
+        ("float*", "wbuf", "wbuf"),
+    ]);
+    let _ = write!(
+        s,
+        r#"
+extern "C" __global__ void {name}_wput(const AttentionArgs a) {{
+{unpack_put}
+    int past = state[0], t = min(win - 1, past), r = blockIdx.x;
+    if (r >= t + m) return;
+    const float* src = r < t ? wbuf + (size_t)r * (2 * KVH * HD)
+                             : x + (size_t)(r - t) * WIDTH + HEADS * HD;
+    float* dst = wsrc + (size_t)r * (2 * KVH * HD);
+    for (int c = threadIdx.x; c < 2 * KVH * HD; c += blockDim.x) dst[c] = src[c];
+}}
+
+extern "C" __global__ void {name}_wkeep(const AttentionArgs a) {{
+{unpack_keep}
+    int past = state[0], t = min(win - 1, past), keep = min(win - 1, t + m), r = blockIdx.x;
+    if (r >= keep) return;
+    const float* src = wsrc + (size_t)(t + m - keep + r) * (2 * KVH * HD);
+    float* dst = wbuf + (size_t)r * (2 * KVH * HD);
+    for (int c = threadIdx.x; c < 2 * KVH * HD; c += blockDim.x) dst[c] = src[c];
+}}
+"#
     );
 }

@@ -242,10 +242,12 @@ pub fn emit(spec: &KernelSpec) -> Result<CudaKernel, CodegenError> {
                 *past_only,
                 *smooth,
             );
-            (
-                vec![format!("{name}_split"), format!("{name}_merge")],
-                Launch::Attention { splits_max: 64 },
-            )
+            let mut entries = vec![format!("{name}_split"), format!("{name}_merge")];
+            if *past_only && *kv_bits != 16 {
+                // the recent window's source and tail (`attention::emit_window`)
+                entries.extend([format!("{name}_wput"), format!("{name}_wkeep")]);
+            }
+            (entries, Launch::Attention { splits_max: 64 })
         }
     };
     Ok(CudaKernel {

@@ -185,6 +185,12 @@ kernel_args! {
         ksc,
         vsh,
         vsc,
+        /// CUDA, a recent window (`--kv-window`): its length R (0 or 1: none), the segment's
+        /// full-precision source (the tail's rows, then the chunk's; K then V a row) and the
+        /// tail the source is built from or the next tail is written to
+        win,
+        wsrc,
+        wbuf,
     }
 }
 

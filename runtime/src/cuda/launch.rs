@@ -23,6 +23,9 @@ struct Round<'a> {
     /// rows whose logits are computed, in order (rows of the round)
     picked: Vec<usize>,
     splits: usize,
+    /// per segment: its item's first round in this call (its window's rows come from the
+    /// cache's tail, later rounds' from the tail the earlier ones staged)
+    first: Vec<bool>,
 }
 
 impl CudaEngine {
@@ -40,6 +43,11 @@ impl CudaEngine {
             for s in &segs {
                 done[s.item] += s.rows;
             }
+        }
+        // the recent windows' staged tails become the caches' (a failed call never gets
+        // here: its sessions keep the tails they had)
+        for w in work.iter() {
+            w.kv.commit_tails()?;
         }
         if self.profile {
             tracing::info!(
@@ -96,6 +104,7 @@ impl CudaEngine {
             segs,
             picked,
             splits,
+            first: segs.iter().map(|s| done[s.item] == 0).collect(),
         };
         // device memory of the sessions first (never inside a graph capture)
         for s in segs {
@@ -374,7 +383,8 @@ impl CudaEngine {
                     let splits = round.splits as u64;
                     for (si, s) in segs.iter().enumerate() {
                         let [kc, kp, vc, vp] = kvs[si].words(*layer)?;
-                        let a = AttentionArgs {
+                        let win = kvs[si].window(*layer)?;
+                        let mut a = AttentionArgs {
                             q: p(0) + (4 * s.at * width) as u64,
                             m: s.rows as u64,
                             kc,
@@ -392,6 +402,24 @@ impl CudaEngine {
                             vsc: sm[3],
                             ..Default::default()
                         };
+                        // a recent window: its full-precision source from the tail and the
+                        // rows (`_wput`), the next tail from the source after (`_wkeep`)
+                        let entry = |suffix: &str| {
+                            st.entry(suffix).ok_or_else(|| {
+                                err(format!("{}: no entry point *{suffix}", st.spec.code_name()))
+                            })
+                        };
+                        if let Some(w) = win {
+                            a.win = w.win as u64;
+                            a.wsrc = w.src;
+                            a.wbuf = if round.first[si] { w.tail } else { w.next };
+                            gpu.launch(
+                                entry("_wput")?,
+                                ((w.win - 1 + s.rows) as u32, 1, 1),
+                                128,
+                                &a,
+                            )?;
+                        }
                         gpu.launch(
                             &f[0],
                             (splits as u32, *kv_heads as u32, s.rows as u32),
@@ -404,6 +432,10 @@ impl CudaEngine {
                             *head_dim as u32,
                             &a,
                         )?;
+                        if let Some(w) = win {
+                            a.wbuf = w.next;
+                            gpu.launch(entry("_wkeep")?, ((w.win - 1) as u32, 1, 1), 128, &a)?;
+                        }
                     }
                 }
             }

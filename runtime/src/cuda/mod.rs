@@ -100,6 +100,15 @@ struct KvShape {
     /// (scale, zero) groups a row (kv heads for an f32 cache)
     groups: usize,
     quantized: bool,
+    /// past-only attention's recent window (1: none)
+    window: usize,
+}
+
+impl KvShape {
+    /// Bytes of the window's tail: K and V of window - 1 positions in f32.
+    fn tail_bytes(&self) -> usize {
+        (self.window - 1) * 2 * self.width * 4
+    }
 }
 
 /// The compiled CUDA engine of a plan. `Send + Sync`; calls take turns on its workspace.
@@ -336,10 +345,23 @@ impl CudaEngine {
                     kv_bits,
                     layer,
                     kv_group,
+                    past_only,
                     ..
                 } => {
                     let gl = wkvc_ir::kvcache::group_len(*kv_group, *head_dim);
+                    let window = if *past_only && *kv_bits != 16 {
+                        st.window.max(1)
+                    } else {
+                        1
+                    };
+                    if window > 1 && (k.entries.len() < 4 || window - 1 > CHUNK) {
+                        return Err(err(format!(
+                            "layer {layer}: a recent window of {window} positions needs the \
+                             attention's window kernels and at most {CHUNK} + 1 positions"
+                        )));
+                    }
                     kv_shapes.push(KvShape {
+                        window,
                         layer: *layer,
                         width: kv_heads * head_dim,
                         groups: if *kv_bits != 16 {
@@ -412,6 +434,14 @@ impl CudaEngine {
         &self.plan
     }
 
+    /// Bytes of a session's recent-window tails once it holds `ctx` tokens.
+    pub(crate) fn kv_tail_bytes(&self, ctx: usize) -> usize {
+        self.kv_shapes
+            .iter()
+            .map(|s| (s.window - 1).min(ctx) * 2 * s.width * 4)
+            .sum()
+    }
+
     /// Is the engine on the CUDA host emulator rather than a GPU?
     pub fn is_emulated(&self) -> bool {
         matches!(*self.gpu, Gpu::Host { .. })
@@ -423,6 +453,7 @@ impl CudaEngine {
             gpu: self.gpu.clone(),
             shapes: self.kv_shapes.clone(),
             max_ctx,
+            wsrc: None,
             // attention splits: enough blocks to fill the GPU at long contexts
             splits: max_ctx.div_ceil(256).clamp(1, SPLITS_MAX),
             layers: None,
@@ -436,6 +467,19 @@ impl CudaEngine {
 struct DevLayer {
     shape: KvShape,
     bufs: [DevBuf; 4],
+    /// a recent window's tail (K and V of the last min(window - 1, len) positions in f32, a
+    /// row each) and the next one a call stages: copied over the tail when the call succeeds
+    tail: Option<[DevBuf; 2]>,
+}
+
+/// The device pointers of a layer's recent window in a call.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct DevWindow {
+    pub win: usize,
+    pub tail: u64,
+    pub next: u64,
+    /// the session's full-precision source (`_wput`), shared by its layers
+    pub src: u64,
 }
 
 /// A captured one-token step of a session.
@@ -452,6 +496,9 @@ pub struct CudaKv {
     /// attention splits of this session's one-token steps
     splits: usize,
     layers: Option<Vec<DevLayer>>,
+    /// with a recent window: the segment's full-precision source of the layer at hand (the
+    /// tail's rows and a chunk's, `2 * width` floats each)
+    wsrc: Option<DevBuf>,
     graph: Option<Captured>,
 }
 
@@ -471,10 +518,25 @@ impl CudaKv {
                     (0, self.max_ctx * s.width * 4)
                 };
                 let g = &self.gpu;
+                let tail = if s.window > 1 {
+                    Some([g.alloc(s.tail_bytes())?, g.alloc(s.tail_bytes())?])
+                } else {
+                    None
+                };
                 layers.push(DevLayer {
                     shape: *s,
                     bufs: [g.alloc(c)?, g.alloc(p)?, g.alloc(c)?, g.alloc(p)?],
+                    tail,
                 });
+            }
+            let src = self
+                .shapes
+                .iter()
+                .filter(|s| s.window > 1)
+                .map(|s| (s.window - 1 + CHUNK) * 2 * s.width * 4)
+                .max();
+            if let Some(n) = src {
+                self.wsrc = Some(self.gpu.alloc(n)?);
             }
             self.layers = Some(layers);
         }
@@ -491,6 +553,43 @@ impl CudaKv {
             .find(|l| l.shape.layer == layer)
             .ok_or_else(|| err(format!("no cache for layer {layer}")))?;
         Ok([0, 1, 2, 3].map(|i| l.bufs[i].ptr))
+    }
+
+    /// Layer `layer`'s recent window, if it has one.
+    pub(crate) fn window(&mut self, layer: i64) -> Result<Option<DevWindow>, RuntimeError> {
+        let l = self
+            .layers()?
+            .iter()
+            .find(|l| l.shape.layer == layer)
+            .ok_or_else(|| err(format!("no cache for layer {layer}")))?;
+        let (win, t) = (l.shape.window, l.tail.as_ref().map(|[t, n]| (t.ptr, n.ptr)));
+        Ok(match (t, &self.wsrc) {
+            (Some((tail, next)), Some(src)) => Some(DevWindow {
+                win,
+                tail,
+                next,
+                src: src.ptr,
+            }),
+            _ => None,
+        })
+    }
+
+    /// The call succeeded: the tails it staged become the cache's.
+    pub(crate) fn commit_tails(&self) -> Result<(), RuntimeError> {
+        for l in self.layers.iter().flatten() {
+            if let Some([t, n]) = &l.tail {
+                self.gpu.dtod(n.ptr, t.ptr, l.shape.tail_bytes())?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Bytes the recent windows' tails hold once the cache holds `n` tokens.
+    pub(crate) fn tail_bytes(&self, n: usize) -> usize {
+        self.shapes
+            .iter()
+            .map(|s| (s.window - 1).min(n) * 2 * s.width * 4)
+            .sum()
     }
 
     /// The first `n` tokens in the interpreter's form (copied from the device).
@@ -518,6 +617,15 @@ impl CudaKv {
                         .map(|w| wkvc_ir::kvcache::unpack_params(w.to_bits()))
                         .collect())
                 };
+                // the window's tail: rows of K then V, split into the two
+                let (mut wk, mut wv) = (Vec::new(), Vec::new());
+                if let Some([t, _]) = &l.tail {
+                    let rows = (s.window - 1).min(n);
+                    for r in f32s(t, rows * 2 * s.width)?.chunks(2 * s.width) {
+                        wk.extend_from_slice(&r[..s.width]);
+                        wv.extend_from_slice(&r[s.width..]);
+                    }
+                }
                 KvLayer {
                     width: s.width,
                     groups: s.groups,
@@ -527,6 +635,8 @@ impl CudaKv {
                     vc: codes(&l.bufs[2])?,
                     vp: pairs(&l.bufs[3])?,
                     param_bytes: 2,
+                    wk,
+                    wv,
                     ..Default::default()
                 }
             } else {
@@ -565,8 +675,12 @@ impl CudaKv {
             l.width == s.width
                 && l.groups == s.groups
                 && l.rows() == n
-                // no recent window's tail: this engine does not keep one
-                && l.wk.is_empty()
+                && l.window_rows()
+                    == if l.is_quantized() {
+                        (s.window - 1).min(n)
+                    } else {
+                        0
+                    }
                 && l.is_quantized() == s.quantized
                 && (!s.quantized || (l.row_bytes == s.width.div_ceil(2) && l.param_bytes == 2))
         };
@@ -576,7 +690,8 @@ impl CudaKv {
             .find(|s| !cache.layer(s.layer).is_some_and(|l| fits(s, l)))
         {
             return Err(err(format!(
-                "the cache has no layer {} of this plan's shape with {n} rows",
+                "the cache has no layer {} of this plan's shape with {n} rows (and, for a plan \
+                 with a recent window, the full-precision rows of the window before them)",
                 s.layer
             )));
         }
@@ -591,6 +706,13 @@ impl CudaKv {
             let Some(l) = cache.layer(d.shape.layer) else {
                 continue;
             };
+            if let Some([t, _]) = &mut d.tail {
+                let mut rows = Vec::with_capacity(4 * (l.wk.len() + l.wv.len()));
+                for (k, v) in l.wk.chunks(d.shape.width).zip(l.wv.chunks(d.shape.width)) {
+                    rows.extend(k.iter().chain(v).flat_map(|x| x.to_le_bytes()));
+                }
+                gpu.htod(&rows, t)?;
+            }
             let [kc, kp, vc, vp] = &mut d.bufs;
             if d.shape.quantized {
                 gpu.htod(&l.kc, kc)?;
