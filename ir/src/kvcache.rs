@@ -250,11 +250,13 @@ pub struct KvCache {
     pub(crate) max_len: usize,
 }
 
-/// What `KvCache::rollback` returns a cache to: its length and its recent windows' tails.
+/// What `KvCache::rollback` returns a cache to: its length, its recent windows' tails and
+/// what replaying runs computed so far.
 #[derive(Clone, Debug)]
 pub struct KvCheckpoint {
     len: usize,
     tails: BTreeMap<i64, (Vec<f32>, Vec<f32>)>,
+    computed: BTreeMap<i64, KvLayer>,
 }
 
 impl KvCache {
@@ -323,17 +325,20 @@ impl KvCache {
                 .filter(|(_, l)| !l.wk.is_empty())
                 .map(|(&id, l)| (id, (l.wk.clone(), l.wv.clone())))
                 .collect(),
+            computed: self.computed.clone(),
         }
     }
 
-    /// Back to `c`: the rows appended since cut off, the windows' tails restored (rows held
-    /// for replay past the checkpoint's length are dropped with them).
+    /// Back to `c`: the rows appended since cut off, the windows' tails and the replays'
+    /// computed rows restored (rows held for replay past the checkpoint's length are dropped
+    /// with the appended ones).
     pub fn rollback(&mut self, c: KvCheckpoint) {
         self.truncate(c.len);
         self.len = c.len;
         for (id, l) in self.layers.iter_mut() {
             (l.wk, l.wv) = c.tails.get(id).cloned().unwrap_or_default();
         }
+        self.computed = c.computed;
     }
 
     /// Tokens held (the `past` length).

@@ -10,7 +10,7 @@ use std::sync::OnceLock;
 use wkvc_ir::{Act, RunMode};
 use wkvc_runtime::compile::{self, CompileOptions};
 use wkvc_runtime::{EngineKind, Model};
-use wkvc_tests::agree::agreement;
+use wkvc_tests::agree::{Agreement, agreement, check_call};
 use wkvc_tests::{demo_model, max_abs_diff, temp_dir, tiny_config, tiny_weights, write_gguf};
 
 fn model() -> Option<&'static Model> {
@@ -222,6 +222,45 @@ fn a_call_longer_than_a_chunk_carries_the_window_from_round_to_round() {
             assert!(a.max_abs <= 1e-3, "{what}: max |diff| {}", a.max_abs);
             assert!(a.kv_excess <= 1e-3, "{what}: K/V {}", a.summary());
         }
+    }
+    // last-token calls, as `wkvc run` makes them: decode steps (the CUDA engine records a
+    // session's one-token graph on the first), then a prefill of 513 tokens whose second
+    // round is one token after the staged tail of the first (not the graph's), then steps
+    for e in [&eng, &cuda] {
+        let mut s = e.session(1024);
+        let mut a = Agreement::default();
+        let calls: Vec<&[u32]> = vec![
+            &ids[..3],
+            &ids[3..4],
+            &ids[4..5],
+            &ids[5..518],
+            &ids[518..519],
+            &ids[519..520],
+        ];
+        for c in calls {
+            let past = s.len();
+            let before = s.kv_cache().expect("the engine's cache");
+            let got = s.prefill(c).expect("call");
+            let written = s.kv_cache().expect("the engine's cache");
+            let call = (c, RunMode::Prefill);
+            check_call(&it, 1024, past, &written, Some(&before), call, &got, &mut a);
+        }
+        let what = format!("{}: steps, a 513-token prefill, steps", e.describe());
+        eprintln!("{what}: {}", a.summary());
+        assert!(a.max_abs <= 1e-3, "{what}: max |diff| {}", a.max_abs);
+        assert!(a.kv_excess <= 1e-3, "{what}: K/V {}", a.summary());
+        // the cache (with its tail) loaded into a fresh session, and into one whose graph was
+        // recorded on another sequence, decodes as the session it came from
+        let cache = s.kv_cache().expect("export");
+        let next = s.prefill(&ids[520..521]).expect("step");
+        let mut fresh = e.session(1024);
+        fresh.load_kv(&cache).expect("load");
+        assert_eq!(fresh.prefill(&ids[520..521]).expect("step"), next);
+        let mut used = e.session(1024);
+        used.prefill(&ids[600..601]).expect("step");
+        used.prefill(&ids[601..602]).expect("step");
+        used.load_kv(&cache).expect("load");
+        assert_eq!(used.prefill(&ids[520..521]).expect("step"), next);
     }
     // the tail's bytes: (window - 1) rows of K and V in f32 per layer, beside the codes
     let mut s = eng.session(1024);

@@ -34,8 +34,10 @@ pub struct MemoryPlan {
     /// KV cache at `max_ctx`.
     pub kv_bytes: usize,
     /// The recent windows' full-precision tails (`--kv-window R`: the K and V of the last
-    /// R - 1 positions of each past-only layer in f32), at their full length: a session's
-    /// fixed reservation beside the per-token cache; 0 without a window.
+    /// R - 1 positions of each past-only layer in f32), at their full length: what a session
+    /// holds beside the per-token cache; 0 without a window. Not counted: the copy a call
+    /// stages beside it (the same size) and, on the CUDA engine, a session's source buffer
+    /// of R - 1 + `chunk` rows of one layer.
     #[serde(default)]
     pub kv_tail_bytes: usize,
     /// The activation arena (kernel outputs).

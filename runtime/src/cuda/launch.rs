@@ -110,7 +110,9 @@ impl CudaEngine {
         for s in segs {
             work[s.item].kv.layers()?;
         }
-        let one_step = segs.len() == 1 && m == 1 && !segs[0].all;
+        // the first round of its call: a recent window's rows come from the cache's tail,
+        // which the graph's arguments name (a later round reads the staged tail instead)
+        let one_step = segs.len() == 1 && m == 1 && !segs[0].all && round.first[0];
         if one_step {
             // one session, one token: its captured graph (the same launches every step; for
             // one row the prefill and decode-equivalent protocols see the same tokens)
@@ -178,7 +180,18 @@ impl CudaEngine {
         (0..self.steps.len())
             .filter(|&si| !self.fused_away(si, m, 1))
             .map(|si| match self.steps[si].spec {
-                KernelSpec::Attention { .. } => 2,
+                // split and merge, and a recent window's source and tail
+                KernelSpec::Attention { layer, .. } => {
+                    if self
+                        .kv_shapes
+                        .iter()
+                        .any(|k| k.layer == layer && k.window > 1)
+                    {
+                        4
+                    } else {
+                        2
+                    }
+                }
                 _ => 1,
             })
             .sum()

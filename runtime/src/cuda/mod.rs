@@ -105,9 +105,10 @@ struct KvShape {
 }
 
 impl KvShape {
-    /// Bytes of the window's tail: K and V of window - 1 positions in f32.
-    fn tail_bytes(&self) -> usize {
-        (self.window - 1) * 2 * self.width * 4
+    /// Bytes of the window's tail in a cache of at most `max_ctx` tokens: K and V of
+    /// min(window - 1, max_ctx) positions in f32.
+    fn tail_bytes(&self, max_ctx: usize) -> usize {
+        (self.window - 1).min(max_ctx) * 2 * self.width * 4
     }
 }
 
@@ -354,10 +355,10 @@ impl CudaEngine {
                     } else {
                         1
                     };
-                    if window > 1 && (k.entries.len() < 4 || window - 1 > CHUNK) {
+                    if window > 1 && k.entries.len() < 4 {
                         return Err(err(format!(
                             "layer {layer}: a recent window of {window} positions needs the \
-                             attention's window kernels and at most {CHUNK} + 1 positions"
+                             attention's window kernels (_wput, _wkeep)"
                         )));
                     }
                     kv_shapes.push(KvShape {
@@ -519,7 +520,8 @@ impl CudaKv {
                 };
                 let g = &self.gpu;
                 let tail = if s.window > 1 {
-                    Some([g.alloc(s.tail_bytes())?, g.alloc(s.tail_bytes())?])
+                    let n = s.tail_bytes(self.max_ctx);
+                    Some([g.alloc(n)?, g.alloc(n)?])
                 } else {
                     None
                 };
@@ -533,7 +535,7 @@ impl CudaKv {
                 .shapes
                 .iter()
                 .filter(|s| s.window > 1)
-                .map(|s| (s.window - 1 + CHUNK) * 2 * s.width * 4)
+                .map(|s| s.tail_bytes(self.max_ctx) + CHUNK * 2 * s.width * 4)
                 .max();
             if let Some(n) = src {
                 self.wsrc = Some(self.gpu.alloc(n)?);
@@ -578,7 +580,8 @@ impl CudaKv {
     pub(crate) fn commit_tails(&self) -> Result<(), RuntimeError> {
         for l in self.layers.iter().flatten() {
             if let Some([t, n]) = &l.tail {
-                self.gpu.dtod(n.ptr, t.ptr, l.shape.tail_bytes())?;
+                self.gpu
+                    .dtod(n.ptr, t.ptr, l.shape.tail_bytes(self.max_ctx))?;
             }
         }
         Ok(())
