@@ -70,9 +70,11 @@ fn cuda_engine_matches_the_interpreter_on_the_demo_shapes() {
     }
     let m = demo_shaped();
     let ids: Vec<u32> = (0..48).map(|i| (1000 + i * 7919 % 20000) as u32).collect();
-    for kvbits in [16u32, 4] {
+    // KV16, KV4, and KV4 with a recent window of 8 (the 16 steps cross its length)
+    for (kvbits, window) in [(16u32, 1usize), (4, 1), (4, 8)] {
         let o = CompileOptions {
             kvbits,
+            kv_window: window,
             calib_tokens: Some(64),
             calib_window: 64,
             threads: 8,
@@ -96,10 +98,16 @@ fn cuda_engine_matches_the_interpreter_on_the_demo_shapes() {
         chunks.extend(ids[32..].iter().map(std::slice::from_ref));
         let ag = agreement(&it, &cu, &chunks, RunMode::Prefill, 128);
         let de = agreement(&it, &cu, &[&ids[..32]], RunMode::DecodeEquivalent, 128);
+        let tag = if window > 1 {
+            format!("kv{kvbits}_window{window}")
+        } else {
+            format!("kv{kvbits}")
+        };
         report(
-            &format!("logits_kv{kvbits}"),
+            &format!("logits_{tag}"),
             serde_json::json!({
                 "kv_bits": kvbits,
+                "kv_window": window,
                 "rows": ag.rows + de.rows,
                 "max_abs_diff": ag.max_abs.max(de.max_abs),
                 "mean_kld": (ag.mean_kld() + de.mean_kld()) / 2.0,
@@ -110,8 +118,8 @@ fn cuda_engine_matches_the_interpreter_on_the_demo_shapes() {
         );
         // f32 summation order only, as the CPU engine's exact path (tests/demo_cpu.rs)
         for (what, a) in [("prefill + steps", &ag), ("decode-equivalent", &de)] {
-            assert!(a.max_abs < 1e-3, "kv{kvbits} {what}: {}", a.summary());
-            assert!(a.kv_excess < 1e-3, "kv{kvbits} {what}: {}", a.summary());
+            assert!(a.max_abs < 1e-3, "{tag} {what}: {}", a.summary());
+            assert!(a.kv_excess < 1e-3, "{tag} {what}: {}", a.summary());
         }
         if kvbits == 16 {
             let v = q.config.vocab_size;
