@@ -4,8 +4,8 @@
 #      (16/4/3-bit caches, smoothing, past-only or not, both protocols, graph-replayed steps);
 #   2. a model of the demo model's shapes (the demo model when WKVC_DEMO_MODEL is set, else
 #      random weights of its architecture): CUDA logits against the interpreter's (W4 KV16,
-#      W4KV4 and W4KV4 with a recent window of 8, replaying the engine's cache), and the int4 GEMV bandwidth on 4096 x 11008
-#      against the device's copy bandwidth;
+#      W4KV4 and W4KV4 with a recent window of 8, replaying the engine's cache), and the
+#      int4 GEMV bandwidth on 4096 x 11008 against the device's copy bandwidth;
 #   3. `wkvc bench --engine cuda` on that model's W4KV4 plan: prefill 512, decode 128, decode
 #      at 2048 tokens of context.
 # Writes $OUT/gpu-check.json (OUT defaults to ./gpu-check-out) with every figure, beside the

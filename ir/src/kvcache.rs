@@ -8,9 +8,10 @@
 //! `KvCache::from_layers`). A cache whose layers hold more rows than its length *replays*
 //! them: the next runs' attention reads those rows wherever it would read its own quantized
 //! K/V of the chunk, and keeps what it computed itself in `KvCache::computed` instead of
-//! appending it (a call run in chunks replays the held rows chunk by chunk). Replaying another engine's cache makes the interpreter's output a
-//! deterministic function of that engine's cache contents, which is how the engines are
-//! checked against it without depending on where 4-bit rounding boundaries fall.
+//! appending it (a call run in chunks replays the held rows chunk by chunk). Replaying
+//! another engine's cache makes the interpreter's output a deterministic function of that
+//! engine's cache contents, which is how the engines are checked against it without
+//! depending on where 4-bit rounding boundaries fall.
 
 use crate::Error;
 use std::collections::BTreeMap;

@@ -69,8 +69,9 @@ impl MemoryPlan {
 
     /// Bytes one decode step reads from memory at `ctx` tokens of context: every weight the
     /// kernels read (the engine's copies and the params read as stored), one row of an
-    /// embedding-only table, and the KV cache of `ctx` tokens (with the recent windows' tails). Activations stay in cache and
-    /// are not counted: this is the floor a decode step at memory bandwidth needs.
+    /// embedding-only table, and the KV cache of `ctx` tokens (with the recent windows'
+    /// tails). Activations stay in cache and are not counted: this is the floor a decode step
+    /// at memory bandwidth needs.
     pub fn decode_bytes(&self, ctx: usize) -> usize {
         let embed_all = self.embed_rows.min(self.max_ctx) * self.embed_row_bytes;
         let embed_one = self.embed_row_bytes.min(embed_all);
